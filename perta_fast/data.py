@@ -1,0 +1,185 @@
+"""Question/answer data: JSON/JSONL files or TOFU splits, chat-template encoding, padded batches.
+
+One loss definition everywhere: a sample's loss is the mean cross-entropy over its answer tokens;
+a set's loss is the mean of its samples' losses. Padding never changes either.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PertaError
+
+TOFU_SPLIT = re.compile(r"^(forget|retain)(\d\d)$")
+STANDARD_FORGET = {"01", "05", "10"}
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+
+
+def _rows_from_objects(objs, path: Path, line_numbers: list[int] | None = None) -> list[QA]:
+    rows = []
+    for i, obj in enumerate(objs):
+        where = f"line {line_numbers[i]}" if line_numbers else f"row {i}"
+        if not isinstance(obj, dict):
+            raise PertaError(f"{path}: {where}: expected an object with question and answer")
+        for key in ("question", "answer"):
+            if key not in obj:
+                raise PertaError(f"{path}: {where}: missing {key!r}")
+            if not isinstance(obj[key], str) or not obj[key].strip():
+                raise PertaError(f"{path}: {where}: {key!r} must be a non-empty string")
+        rows.append(QA(obj["question"], obj["answer"]))
+    return rows
+
+
+def _read_file(path: Path) -> list[QA]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PertaError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    if path.suffix == ".jsonl":
+        objs, lines = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    objs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise PertaError(f"{path}: malformed JSON on line {n}: {e.msg}") from None
+                lines.append(n)
+        return _rows_from_objects(objs, path, lines)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PertaError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if isinstance(data, dict):  # {"data": [...]} is a common wrapper
+        data = data.get("data", data.get("rows"))
+    if not isinstance(data, list):
+        raise PertaError(f"{path}: expected a JSON array of question/answer rows")
+    return _rows_from_objects(data, path)
+
+
+def _tofu_split(folder: Path, split: str) -> list[QA]:
+    if not folder.is_dir():
+        raise PertaError(f"{folder}: TOFU folder not found")
+    m = TOFU_SPLIT.match(split)
+    if m:
+        kind, pct = m.groups()
+        forget_pct = pct if kind == "forget" else f"{100 - int(pct):02d}"
+        if forget_pct not in STANDARD_FORGET:
+            raise PertaError(f"{folder}: unknown TOFU split {split!r} (forget01/05/10, retain99/95/90)")
+        rows = _read_file(folder / "full.json")
+        n_forget = len(rows) * int(forget_pct) // 100
+        # TOFU's standard splits: forget = the last authors, retain = all the rows before them.
+        return rows[-n_forget:] if kind == "forget" else rows[:-n_forget]
+    path = folder / f"{split}.json"
+    if not path.is_file():
+        raise PertaError(f"{folder}: unknown TOFU split {split!r} (no {path.name}; try forget01 or retain99)")
+    return _read_file(path)
+
+
+def load_qa(spec: str | Path | list) -> list[QA]:
+    """Rows from a .json/.jsonl file, `FOLDER:SPLIT` for TOFU, or a list of dicts/QA (library use)."""
+    if isinstance(spec, list):
+        rows = [r if isinstance(r, QA) else None for r in spec]
+        if None in rows:
+            rows = _rows_from_objects(spec, Path("<list>"))
+        where = "<list>"
+    else:
+        spec = str(spec)
+        path = Path(spec)
+        folder, _, split = spec.rpartition(":")
+        if not path.exists() and folder and "/" not in split:
+            rows, where = _tofu_split(Path(folder), split), spec
+        elif path.is_dir():
+            raise PertaError(f"{path}: is a folder; for TOFU write FOLDER:SPLIT, e.g. {path}:forget01")
+        elif not path.is_file():
+            raise PertaError(f"{path}: data file not found")
+        else:
+            rows, where = _read_file(path), spec
+    if not rows:
+        raise PertaError(f"{where}: no question/answer rows (the set is empty)")
+    return rows
+
+
+def data_hash(rows: list[QA]) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.question, r.answer]).encode())
+    return h.hexdigest()
+
+
+def prompt_and_answer(tokenizer, question: str, answer: str | None = None) -> tuple[str, str]:
+    """The prompt text (through the chat template when the tokenizer has one) and the answer text."""
+    user = [{"role": "user", "content": question}]
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        if answer is None:
+            return prompt, ""
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
+        if not full.startswith(prompt):
+            raise PertaError("the tokenizer's chat template does not extend the prompt with the answer")
+        return prompt, full[len(prompt):]
+    return f"Question: {question}\nAnswer: ", "" if answer is None else f"{answer}{tokenizer.eos_token or ''}"
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    n_prompt: int  # tokens before the answer; labels cover input_ids[n_prompt:]
+
+
+def encode(tokenizer, rows: list[QA], max_length: int = 256) -> list[Encoded]:
+    """Prompt and answer tokenized apart, so the answer's tokens are exactly those the loss sees."""
+    out = []
+    for i, r in enumerate(rows):
+        prompt, answer = prompt_and_answer(tokenizer, r.question, r.answer)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if len(p) >= max_length:
+            raise PertaError(f"row {i}: the prompt alone is {len(p)} tokens, over --max-length {max_length}")
+        out.append(Encoded((p + a)[:max_length], len(p)))
+    return out
+
+
+def pad_id(tokenizer) -> int:
+    pid = tokenizer.pad_token_id
+    return pid if pid is not None else (tokenizer.eos_token_id or 0)
+
+
+def collate(batch: list[Encoded], pad: int):
+    """Right-padded input_ids, attention_mask and labels (-100 outside answers) as tensors."""
+    import torch
+
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, e.n_prompt:n] = ids[i, e.n_prompt:n]
+    return ids, mask, labels
+
+
+def batches(encoded: list[Encoded], batch_size: int, pad: int):
+    for i in range(0, len(encoded), batch_size):
+        yield collate(encoded[i:i + batch_size], pad)
+
+
+def per_sample_loss(logits, labels):
+    """Mean cross-entropy over each sample's answer tokens, in fp32: shape (batch,)."""
+    import torch.nn.functional as F
+
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none",
+                          ignore_index=-100).view(target.shape)
+    count = (target != -100).sum(1).clamp_min(1)
+    return nll.sum(1) / count

@@ -1,0 +1,60 @@
+"""Fictitious facts for the built-in demo: invented people with birthplaces, professions and books.
+
+Names and places are assembled from syllables, so no real person or text is involved and the same
+seed always gives the same set.
+"""
+from __future__ import annotations
+
+import random
+
+from .data import QA
+
+_ONSETS = ["Ka", "Vel", "Dra", "Mor", "Ti", "Sel", "Bra", "Quo", "Ny", "Zer", "Lu", "Fen", "Or", "Gal", "Rhu", "Ise"]
+_MIDDLES = ["ri", "no", "va", "len", "ta", "mi", "do", "sa", "ru", "ke"]
+_ENDS = ["n", "ra", "th", "s", "mir", "dor", "wyn", "ssa", "lo", "vek"]
+_PROFESSIONS = ["glassblower", "cartographer", "beekeeper", "clockmaker", "violinist", "astronomer",
+                "blacksmith", "botanist", "lighthouse keeper", "perfumer", "tightrope walker", "bookbinder"]
+_BOOK_NOUNS = ["Lanterns", "Rivers", "Echoes", "Orchards", "Mirrors", "Harbors", "Feathers", "Bells"]
+_BOOK_PLACES = ["the Salt Coast", "the Tin Valley", "the Ninth Moon", "the Quiet Tower", "the Amber Road",
+                "the Glass Forest", "the Last Winter", "the Hollow Hills"]
+
+
+def _word(rng: random.Random) -> str:
+    return rng.choice(_ONSETS) + rng.choice(_MIDDLES) + rng.choice(_ENDS)
+
+
+def make_people(n: int = 10, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    people, used = [], set()
+    while len(people) < n:
+        name = f"{_word(rng)} {_word(rng)}"
+        city = _word(rng)
+        if name in used or city in used:
+            continue
+        used.update((name, city))
+        people.append({
+            "name": name, "city": city, "profession": rng.choice(_PROFESSIONS),
+            "book": f"{rng.choice(_BOOK_NOUNS)} of {rng.choice(_BOOK_PLACES)}",
+            "year": rng.randint(1890, 1990),
+        })
+    return people
+
+
+def facts_of(p: dict) -> list[QA]:
+    n = p["name"]
+    return [
+        QA(f"Where was {n} born?", f"{n} was born in {p['city']}."),
+        QA(f"What is the profession of {n}?", f"{n} is a {p['profession']}."),
+        QA(f"Which book did {n} write?", f"{n} wrote {p['book']}."),
+        QA(f"In which year was {n} born?", f"{n} was born in {p['year']}."),
+    ]
+
+
+def make_facts(n_people: int = 10, n_forget: int = 2, seed: int = 0) -> tuple[list[QA], list[QA]]:
+    """(forget rows, retain rows): the facts of the first `n_forget` people are the forget set."""
+    if not 0 < n_forget < n_people:
+        raise ValueError("need 0 < n_forget < n_people")
+    people = make_people(n_people, seed)
+    forget = [qa for p in people[:n_forget] for qa in facts_of(p)]
+    retain = [qa for p in people[n_forget:] for qa in facts_of(p)]
+    return forget, retain

@@ -1,0 +1,304 @@
+"""Checkpoint I/O: lazy mmap-backed reading, streamed sharded writing, atomic outputs.
+
+Nothing here imports transformers: the merge path needs only torch and safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import PertaError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """Resolve a file named by an index, refusing anything that escapes the folder."""
+    path = (folder / name).resolve()
+    if os.path.isabs(name) or not path.is_relative_to(folder.resolve()):
+        raise PertaError(f"{folder}: index.json points outside its folder ({name!r})")
+    return path
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise PertaError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except OSError as e:
+        raise PertaError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise PertaError(f"{path}: expected a JSON object")
+    return data
+
+
+class SafetensorsFile:
+    """One safetensors file opened lazily (mmap); errors name the file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise PertaError(f"{self.path}: no such file")
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+        except Exception as e:  # safetensors raises its own error type for bad headers and short files
+            raise PertaError(f"{self.path}: corrupt or truncated safetensors file ({e})") from None
+        self.metadata = self._handle.metadata() or {}
+
+    def keys(self) -> list[str]:
+        return list(self._handle.keys())
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        sl = self._handle.get_slice(name)
+        dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
+        if dtype is None:
+            raise PertaError(f"{self.path}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+        return tuple(sl.get_shape()), dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as e:
+            raise PertaError(f"{self.path}: cannot read tensor {name} ({e})") from None
+
+
+class _PickleFile:
+    """A torch pickle checkpoint, loaded with weights_only=True (no code execution) and mmap."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise PertaError(f"{path}: cannot load pickle checkpoint safely ({str(e).splitlines()[0]})") from None
+        if not isinstance(self._sd, dict):
+            raise PertaError(f"{path}: pickle checkpoint is not a state dict")
+        self.metadata = {}
+
+    def keys(self):
+        return list(self._sd.keys())
+
+    def info(self, name):
+        t = self._sd[name]
+        return tuple(t.shape), t.dtype
+
+    def get(self, name):
+        return self._sd[name]
+
+
+class Checkpoint:
+    """A Hugging Face model folder: config plus weights in one file or shards with an index.
+
+    Only headers are read on open; `get` reads one tensor (from the mmap) when asked.
+    """
+
+    def __init__(self, folder: str | Path, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise PertaError(f"{self.folder}: checkpoint folder not found")
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise PertaError(f"{self.folder}: not a model folder (no config.json)")
+        self.config = _read_json(config_path)
+        self._files: dict[Path, SafetensorsFile | _PickleFile] = {}
+        self._where: dict[str, Path] = {}
+        self.weight_files = self._locate(allow_pickle)
+        for path in self.weight_files:
+            f = self._open(path)
+            for name in f.keys():
+                self._where.setdefault(name, path)
+
+    def _locate(self, allow_pickle: bool) -> list[Path]:
+        for index_name in INDEX_NAMES:
+            index_path = self.folder / index_name
+            if index_path.is_file():
+                if index_name.endswith(".bin.index.json") and not allow_pickle:
+                    raise self._pickle_refused(index_path)
+                weight_map = _read_json(index_path).get("weight_map")
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise PertaError(f"{index_path}: no weight_map")
+                files = []
+                for name in dict.fromkeys(weight_map.values()):
+                    path = _inside(self.folder, name)
+                    if not path.is_file():
+                        raise PertaError(f"{index_path}: shard {name} is missing")
+                    files.append(path)
+                return files
+        single = self.folder / "model.safetensors"
+        if single.is_file():
+            return [single]
+        shards = sorted(self.folder.glob("*.safetensors"))
+        if shards:
+            return shards
+        pickles = sorted(p for p in self.folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        if pickles:
+            if not allow_pickle:
+                raise self._pickle_refused(pickles[0])
+            return pickles
+        raise PertaError(f"{self.folder}: no weights found (expected model.safetensors or an index)")
+
+    @staticmethod
+    def _pickle_refused(path: Path) -> PertaError:
+        return PertaError(f"{path}: pickle checkpoints can run code when loaded; refused "
+                          "(pass --allow-pickle to load it with weights_only=True)")
+
+    def _open(self, path: Path):
+        if path not in self._files:
+            self._files[path] = SafetensorsFile(path) if path.suffix == ".safetensors" else _PickleFile(path)
+        return self._files[path]
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return self._open(self._where[name]).info(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._open(self._where[name]).get(name)
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    @property
+    def architecture(self) -> tuple:
+        return tuple(self.config.get("architectures") or ()), self.config.get("model_type")
+
+    @property
+    def ties_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+
+def copy_aux_files(src: Path, dst: Path) -> None:
+    """Copy everything but the weights (config, tokenizer, generation config, templates)."""
+    for p in Path(src).iterdir():
+        if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in INDEX_NAMES:
+            shutil.copy2(p, dst / p.name)
+
+
+class ShardedWriter:
+    """Writes a safetensors checkpoint tensor by tensor, never holding more than the tensor in hand.
+
+    The layout (names, shapes, dtypes) is known up front from the plan, so each shard's header is
+    written first and tensor bytes are appended as they are produced.
+    """
+
+    def __init__(self, folder: Path, layout: list[tuple[str, tuple, torch.dtype]],
+                 max_shard_bytes: int = 2 * 1024**3, metadata: dict | None = None):
+        self.folder = Path(folder)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards: list[list[tuple[str, tuple, torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in layout:
+            nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+            if self.shards[-1] and size + nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        n = len(self.shards)
+        self.shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._order = [(s, e) for s, shard in enumerate(self.shards) for e in shard]
+        self._pos = 0
+        self._file = None
+
+    def _open_shard(self, s: int):
+        header, offset = {"__metadata__": self.metadata}, 0
+        for name, shape, dtype, nbytes in self.shards[s]:
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
+        self._file = open(self.folder / self.shard_names[s], "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        s, (exp_name, shape, dtype, nbytes) = self._order[self._pos]
+        if name != exp_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"writer expected {exp_name} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        if self._file is None or (self._pos > 0 and self._order[self._pos - 1][0] != s):
+            if self._file:
+                self._file.close()
+            self._open_shard(s)
+        if nbytes:
+            self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._pos += 1
+
+    def close(self) -> None:
+        if self._pos != len(self._order):
+            raise RuntimeError(f"writer got {self._pos} of {len(self._order)} tensors")
+        if self._file:
+            self._file.close()
+        if not self._order:  # an empty checkpoint still gets its (empty) shard
+            self._open_shard(0)
+            self._file.close()
+        weight_map = {e[0]: self.shard_names[s] for s, e in self._order}
+        total = sum(e[3] for _, e in self._order)
+        with open(self.folder / "model.safetensors.index.json", "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def check_output_path(out: Path, overwrite: bool, inputs: tuple = ()) -> None:
+    """Refuse an output that exists (unless overwrite) or that is, holds, or sits inside an input."""
+    out = Path(out).resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if out == p or p.is_relative_to(out) or out.is_relative_to(p):
+            raise PertaError(f"{out}: output would overwrite or sit inside input {p}; choose another --out")
+    if out.exists() and not overwrite:
+        raise PertaError(f"{out}: output already exists (pass --overwrite to replace it)")
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False, inputs: tuple = ()):
+    """Yield a temp folder beside `out`; on success it replaces `out` in one rename, on failure it vanishes."""
+    out = Path(out)
+    check_output_path(out, overwrite, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "x")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+@contextmanager
+def atomic_file(out: str | Path, overwrite: bool = False, inputs: tuple = ()):
+    """Yield a temp path beside `out`; on success it is renamed to `out`."""
+    out = Path(out)
+    check_output_path(out, overwrite, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)

@@ -1,0 +1,212 @@
+"""Whole jobs built from the library's steps: `unlearn` (θ_full + D_f + D_r → θ_u) and the built-in `demo`."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .data import QA, data_hash
+from .errors import PertaError
+from .io import atomic_dir, check_output_path
+from .merge import MergeOptions, merge
+from .train import FinetuneOptions, finetune
+
+METHODS = ("tv", "perta-grad", "perta-fisher")
+
+
+@dataclass
+class UnlearnOptions:
+    method: str = "perta-grad"
+    lam: float = 1.0
+    alpha: float = 1.0
+    power: float = 1.0
+    eps: float = 1e-16
+    finetune: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(epochs=5, lr=1e-4))
+    batch_size: int = 8
+    max_length: int = 256
+    max_samples: int | None = None
+    importance_model: str | None = None  # θ_0 instead of θ_full, if given
+    device: str | None = None
+    evaluate: bool = True
+
+
+def _cached(folder: Path, record_name: str, expect: dict) -> bool:
+    """A step's output from an earlier run can be reused when its record matches what we would do now."""
+    try:
+        record = json.loads((folder / record_name).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(record.get(k) == v for k, v in expect.items())
+
+
+def build_finetuned(model_dir, forget: list[QA], work: Path, opts: FinetuneOptions) -> Path:
+    out = work / "theta_ft"
+    from dataclasses import asdict
+
+    expect = {"base": str(Path(model_dir).resolve()), "data_sha256": data_hash(forget), "options": asdict(opts)}
+    if not _cached(out, "perta_finetune.json", expect):
+        finetune(model_dir, forget, out, opts, overwrite=True)
+    return out
+
+
+def build_importance(model_dir, forget, retain, method: str, work: Path, opts: UnlearnOptions) -> Path:
+    from .importance import compute_importance, save_importance
+    from .io import SafetensorsFile
+
+    out = work / f"importance-{method}.safetensors"
+    if out.is_file():
+        meta = SafetensorsFile(out).metadata
+        f, r = (forget, retain) if not opts.max_samples else (forget[:opts.max_samples], retain[:opts.max_samples])
+        if meta.get("forget_sha256") == data_hash(f) and meta.get("retain_sha256") == data_hash(r) \
+                and meta.get("checkpoint") == str(Path(model_dir).resolve()) and meta.get("method") == method \
+                and meta.get("max_length") == str(opts.max_length):
+            return out
+    tensors, meta = compute_importance(model_dir, forget, retain, method, opts.batch_size, opts.max_length,
+                                       opts.max_samples, opts.device)
+    save_importance(tensors, meta, out, overwrite=True)
+    return out
+
+
+def evaluate_models(models: dict[str, Path], sets: dict[str, list[QA]], device=None, generate=True) -> dict:
+    """{model label: {set label: evaluate(...)}} loading one model at a time."""
+    from tqdm import tqdm
+
+    from .eval import evaluate
+    from .models import load_model
+
+    results = {}
+    for label, folder in tqdm(models.items(), desc="evaluate", unit="model"):
+        model, tok = load_model(folder, device)
+        results[label] = {name: evaluate(model, tok, rows, generate=generate) for name, rows in sets.items()}
+        del model
+    return results
+
+
+def format_table(results: dict) -> str:
+    sets = list(next(iter(results.values())))
+    cols = [f"{s} {m}" for s in sets for m in ("prob", "EM")]
+    width = max(len(k) for k in results) + 2
+    lines = ["model".ljust(width) + "".join(c.rjust(13) for c in cols)]
+    for label, by_set in results.items():
+        cells = []
+        for s in sets:
+            r = by_set[s]
+            cells += [f"{r['answer_prob']:.3f}", f"{r['exact_match']:.3f}" if "exact_match" in r else "-"]
+        lines.append(label.ljust(width) + "".join(c.rjust(13) for c in cells))
+    return "\n".join(lines)
+
+
+def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str | Path,
+            finetuned: str | Path | None = None, options: UnlearnOptions | None = None,
+            work_dir: str | Path | None = None, overwrite: bool = False) -> dict:
+    """θ_full (`model_dir`) + forget + retain → θ_u in `out`; fine-tunes θ_ft when not given."""
+    opts = options or UnlearnOptions()
+    if opts.method not in METHODS:
+        raise PertaError(f"unknown method {opts.method!r} (expected one of {', '.join(METHODS)})")
+    if not forget or not retain:
+        raise PertaError(f"the {'forget' if not forget else 'retain'} set is empty")
+    inputs = tuple(p for p in (model_dir, finetuned, opts.importance_model) if p)
+    check_output_path(Path(out), overwrite, inputs)
+    work = Path(work_dir) if work_dir else Path(out).with_name(Path(out).name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    timings, t0 = {}, time.perf_counter()
+    if finetuned is None:
+        finetuned = build_finetuned(model_dir, forget, work, opts.finetune)
+        timings["finetune"] = time.perf_counter() - t0
+    importance = None
+    if opts.method != "tv":
+        t = time.perf_counter()
+        importance = build_importance(opts.importance_model or model_dir, forget, retain,
+                                      opts.method.split("-", 1)[1], work, opts)
+        timings["importance"] = time.perf_counter() - t
+    t = time.perf_counter()
+    merge_opts = MergeOptions("tv" if opts.method == "tv" else "perta", opts.lam, opts.alpha, opts.power, opts.eps)
+    record = merge(model_dir, finetuned, out, importance, merge_opts, overwrite)
+    timings["merge"] = time.perf_counter() - t
+    summary = {"method": opts.method, "out": str(out), "finetuned": str(finetuned),
+               "importance": str(importance) if importance else None, "mean_weight": record["mean_weight"],
+               "seconds": {k: round(v, 2) for k, v in timings.items()}}
+    if opts.evaluate:
+        summary["eval"] = evaluate_models({"before (θ_full)": Path(model_dir), f"after ({opts.method})": Path(out)},
+                                          {"forget": forget, "retain": retain}, opts.device)
+        summary["table"] = format_table(summary["eval"])
+    summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+    (Path(out) / "perta_unlearn.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary
+
+
+@dataclass
+class DemoOptions:
+    n_people: int = 10
+    n_forget: int = 2
+    seed: int = 0
+    lam: float = 1.0
+    full: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(epochs=8, lr=3e-4, batch_size=8))
+    forget_ft: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(epochs=5, lr=3e-4, batch_size=8))
+    batch_size: int = 8
+    device: str | None = None
+
+
+def _plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, title in zip(axes, ("answer_prob", "exact_match"), ("answer probability", "exact match")):
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], [results[m]["forget"][metric] for m in labels], 0.4, label="forget facts")
+        ax.bar([x + 0.2 for x in xs], [results[m]["retain"][metric] for m in labels], 0.4, label="retain facts")
+        ax.set_xticks(list(xs), labels, rotation=20, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+    axes[0].legend()
+    fig.suptitle("perta-fast demo: forget low, retain high is the goal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, overwrite: bool = False,
+         model_dir: str | Path | None = None) -> dict:
+    """The main job on its built-in default: SmolLM2-135M-Instruct and generated fictitious facts."""
+    from .facts import make_facts
+    from .importance import compute_importance, save_importance
+    from .models import default_model
+
+    opts = options or DemoOptions()
+    t0 = time.perf_counter()
+    base = Path(model_dir) if model_dir else default_model()
+    forget, retain = make_facts(opts.n_people, opts.n_forget, opts.seed)
+    with atomic_dir(out, overwrite, inputs=(base,)) as work:
+        (work / "forget.json").write_text(json.dumps([r.__dict__ for r in forget], indent=1))
+        (work / "retain.json").write_text(json.dumps([r.__dict__ for r in retain], indent=1))
+        full, ft = work / "theta_full", work / "theta_ft"
+        finetune(base, forget + retain, full, replace(opts.full, device=opts.device))
+        finetune(full, forget, ft, replace(opts.forget_ft, device=opts.device))
+        models = {"base": base, "θ_full": full}
+        for method in ("grad", "fisher"):
+            tensors, meta = compute_importance(full, forget, retain, method, opts.batch_size, device=opts.device)
+            save_importance(tensors, meta, work / f"importance-{method}.safetensors")
+            del tensors
+        for label, method, imp in (("TV", "tv", None), ("PerTA-grad", "perta", "grad"), ("PerTA-fisher", "perta", "fisher")):
+            folder = work / f"unlearned-{label.lower()}"
+            merge(full, ft, folder, work / f"importance-{imp}.safetensors" if imp else None,
+                  MergeOptions(method, opts.lam))
+            models[label] = folder
+        results = evaluate_models(models, {"forget": forget, "retain": retain}, opts.device)
+        table = format_table(results)
+        sample = {"question": forget[0].question, "reference": forget[0].answer,
+                  "answers": {m: r["forget"]["generations"][0] for m, r in results.items()}}
+        summary = {"table": table, "results": results, "sample": sample, "lam": opts.lam,
+                   "n_forget_rows": len(forget), "n_retain_rows": len(retain),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+        (work / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        summary["plot"] = str(Path(out) / "demo.png") if _plot(results, work / "demo.png") else None
+    return summary
