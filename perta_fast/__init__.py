@@ -1,16 +1,18 @@
 """perta-fast: make a fine-tuned LLM forget chosen data by per-parameter task arithmetic (PerTA).
 
-The public API is imported lazily so that `import perta_fast` (and the merge path) stays free of
-transformers until a function that needs it is called.
+The merge path is imported eagerly (torch and safetensors only); everything that needs
+transformers is imported lazily, when a function that needs it is first used.
 """
 __version__ = "0.1.0"
 
+# The merge path needs only torch and safetensors, so it is imported eagerly (this also keeps the
+# function `merge` from being shadowed by its module); everything that needs transformers is lazy.
+from .errors import PertaError  # noqa: E402
+from .io import Checkpoint  # noqa: E402
+from .merge import MergeOptions, execute_merge, merge, merge_tensor, plan_merge, ratio_weights  # noqa: E402
+from .data import QA, load_qa  # noqa: E402
+
 _API = {
-    "PertaError": "errors",
-    "Checkpoint": "io",
-    "merge": "merge", "plan_merge": "merge", "execute_merge": "merge", "MergeOptions": "merge",
-    "ratio_weights": "merge", "merge_tensor": "merge",
-    "QA": "data", "load_qa": "data",
     "make_facts": "facts",
     "load_model": "models", "convert_gguf": "models", "default_model": "models",
     "finetune": "train", "FinetuneOptions": "train",
@@ -19,7 +21,8 @@ _API = {
     "unlearn": "pipeline", "demo": "pipeline",
 }
 
-__all__ = ["__version__", *_API]
+__all__ = ["__version__", "PertaError", "Checkpoint", "MergeOptions", "execute_merge", "merge",
+           "merge_tensor", "plan_merge", "ratio_weights", "QA", "load_qa", *_API]
 
 
 def __getattr__(name):

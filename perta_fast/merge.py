@@ -156,6 +156,24 @@ def _finite(t: torch.Tensor, where: Path, name: str, nan_to_zero: bool) -> torch
     return t
 
 
+def _release_freed_memory():
+    """glibc raises its mmap threshold after large frees and then keeps freed tensor buffers on
+    its heap, so private memory creeps up with the number of tensors; hand those pages back."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def execute_merge(plan: MergePlan, out_folder: Path, progress: bool = True) -> dict:
     """Stream every tensor through the merge into `out_folder` (which must exist and be empty)."""
     from tqdm import tqdm
@@ -185,6 +203,7 @@ def execute_merge(plan: MergePlan, out_folder: Path, progress: bool = True) -> d
             w_count += w.numel()
         writer.write(step.name, merge_tensor(base, ft, w, opts.lam))
         del base, ft, w
+        _release_freed_memory()
     writer.close()
     return {"tensors": len(plan.steps), "mean_weight": (w_sum / w_count) if w_count else 1.0,
             "shards": len(writer.shard_names)}

@@ -51,7 +51,7 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc
                 optim.step()
                 total += float(losses.detach().sum())
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             epoch_losses.append(total / len(encoded))
     model.eval()
     return epoch_losses

@@ -1,0 +1,58 @@
+"""Synthetic checkpoint folders for merge tests: no model code, just config + tensors."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False}
+
+
+def random_tensors(shapes: dict, dtype=torch.float32, seed=0, scale=1.0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {n: (scale * torch.randn(s, generator=g)).to(dtype) for n, s in shapes.items()}
+
+
+def write_checkpoint(folder: Path, tensors: dict, shards: int = 1, config: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config or CONFIG))
+    (folder / "tokenizer_config.json").write_text("{}")
+    names = list(tensors)
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"))
+        return folder
+    weight_map = {}
+    for i in range(shards):
+        part = names[i::shards]
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: tensors[n] for n in part}, str(folder / fname))
+        weight_map.update({n: fname for n in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def write_importance(path: Path, forget: dict, retain: dict, method="fisher") -> Path:
+    tensors = {f"forget/{n}": t.float().clone() for n, t in forget.items()}
+    tensors.update({f"retain/{n}": t.float().clone() for n, t in retain.items()})
+    save_file(tensors, str(path), metadata={"method": method, "n_forget": "4", "n_retain": "16"})
+    return path
+
+
+def load_folder(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + p.read_bytes())
+    return h.hexdigest()

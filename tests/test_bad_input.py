@@ -1,0 +1,218 @@
+"""Every bad input: a one-line error naming the file and the problem, exit code 2, nothing written."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from helpers import random_tensors, tree_digest, write_checkpoint, write_importance
+from perta_fast.cli import main
+
+SHAPES = {"a.weight": (6, 4), "b.weight": (4,)}
+
+
+def cli_error(capsys, args):
+    code = main(args)
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    err = stderr.strip().splitlines()[-1]  # progress bars may precede it; the error is one line
+    assert err.startswith("perta-fast: error:"), stderr
+    return err
+
+
+@pytest.fixture
+def pair(tmp_path):
+    base = random_tensors(SHAPES, seed=0)
+    full = write_checkpoint(tmp_path / "full", base)
+    ft = write_checkpoint(tmp_path / "ft", {n: t + 1 for n, t in base.items()})
+    imp = write_importance(tmp_path / "imp.safetensors", random_tensors(SHAPES, seed=1).copy(),
+                           {n: t.abs() for n, t in random_tensors(SHAPES, seed=2).items()})
+    return full, ft, imp
+
+
+def merge_args(full, ft, out, imp=None, *extra):
+    return ["merge", "--base", str(full), "--finetuned", str(ft), "--out", str(out)] + \
+        (["--importance", str(imp)] if imp else ["--method", "tv"]) + list(extra)
+
+
+def assert_nothing_written(tmp_path, out):
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_missing_checkpoint(tmp_path, capsys, pair):
+    full, ft, imp = pair
+    err = cli_error(capsys, merge_args(tmp_path / "nope", ft, tmp_path / "out", imp))
+    assert "nope" in err and "not found" in err
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_unreadable_checkpoint_without_config(tmp_path, capsys, pair):
+    full, ft, imp = pair
+    (full / "config.json").unlink()
+    err = cli_error(capsys, merge_args(full, ft, tmp_path / "out", imp))
+    assert str(full) in err and "config.json" in err
+
+
+def test_tensor_names_differ(tmp_path, capsys, pair):
+    full, ft, imp = pair
+    other = write_checkpoint(tmp_path / "other", random_tensors({"a.weight": (6, 4), "c.weight": (4,)}))
+    err = cli_error(capsys, merge_args(full, other, tmp_path / "out", imp))
+    assert "names differ" in err
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_tensor_shapes_differ(tmp_path, capsys, pair):
+    full, ft, imp = pair
+    other = write_checkpoint(tmp_path / "other", random_tensors({"a.weight": (6, 5), "b.weight": (4,)}))
+    err = cli_error(capsys, merge_args(full, other, tmp_path / "out", imp))
+    assert "a.weight" in err and "shape" in err
+
+
+def test_architectures_differ(tmp_path, capsys, pair):
+    full, ft, imp = pair
+    cfg = {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+    other = write_checkpoint(tmp_path / "other", random_tensors(SHAPES), config=cfg)
+    err = cli_error(capsys, merge_args(full, other, tmp_path / "out", imp))
+    assert "architecture" in err and "Mistral" in err
+
+
+def test_truncated_safetensors(tmp_path, capsys, pair):
+    full, ft, imp = pair
+    f = ft / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    err = cli_error(capsys, merge_args(full, ft, tmp_path / "out", imp))
+    assert str(f) in err and "truncated" in err
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_corrupt_safetensors(tmp_path, capsys, pair):
+    full, ft, imp = pair
+    (ft / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    err = cli_error(capsys, merge_args(full, ft, tmp_path / "out", imp))
+    assert "model.safetensors" in err and "corrupt" in err
+
+
+def test_importance_from_another_model(tmp_path, capsys, pair):
+    full, ft, _ = pair
+    imp = write_importance(tmp_path / "other.safetensors", {"x.weight": torch.rand(3)}, {"x.weight": torch.rand(3)})
+    err = cli_error(capsys, merge_args(full, ft, tmp_path / "out", imp))
+    assert "other.safetensors" in err and "another model" in err
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_importance_with_wrong_shape(tmp_path, capsys, pair):
+    full, ft, _ = pair
+    bad = {"a.weight": torch.rand(4, 6), "b.weight": torch.rand(4)}
+    imp = write_importance(tmp_path / "other.safetensors", bad, bad)
+    err = cli_error(capsys, merge_args(full, ft, tmp_path / "out", imp))
+    assert "a.weight" in err and "shape" in err
+
+
+def test_nan_in_input_is_an_error(tmp_path, capsys, pair):
+    full, ft, imp = pair
+    t = random_tensors(SHAPES, seed=5)
+    t["b.weight"][1] = float("nan")
+    write_checkpoint(ft, t)
+    err = cli_error(capsys, merge_args(full, ft, tmp_path / "out", imp))
+    assert "b.weight" in err and "NaN" in err and "--nan-to-zero" in err
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_inf_in_importance_is_an_error_unless_flagged(tmp_path, capsys, pair):
+    full, ft, _ = pair
+    sf = random_tensors(SHAPES, seed=6)
+    sf["a.weight"][0, 0] = float("inf")
+    imp = write_importance(tmp_path / "inf.safetensors", sf, sf)
+    err = cli_error(capsys, merge_args(full, ft, tmp_path / "out", imp))
+    assert "inf.safetensors" in err and "a.weight" in err
+    assert main(merge_args(full, ft, tmp_path / "out", imp, "--nan-to-zero")) == 0
+    from helpers import load_folder
+
+    assert all(torch.isfinite(t).all() for t in load_folder(tmp_path / "out").values())
+
+
+def test_output_exists_is_refused_without_overwrite(tmp_path, capsys, pair):
+    full, ft, imp = pair
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    err = cli_error(capsys, merge_args(full, ft, out, imp))
+    assert "already exists" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(merge_args(full, ft, out, imp, "--overwrite")) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors.index.json").is_file()
+
+
+def test_output_inside_an_input_is_refused(tmp_path, capsys, pair):
+    full, ft, imp = pair
+    before = tree_digest(full)
+    err = cli_error(capsys, merge_args(full, ft, full, imp, "--overwrite"))
+    assert "input" in err
+    assert tree_digest(full) == before
+
+
+def test_pickle_checkpoint_refused_unless_allowed(tmp_path, capsys, pair):
+    full, ft, imp = pair
+    sd = {n: t + 2 for n, t in random_tensors(SHAPES, seed=0).items()}
+    (ft / "model.safetensors").unlink()
+    torch.save(sd, ft / "pytorch_model.bin")
+    err = cli_error(capsys, merge_args(full, ft, tmp_path / "out", imp))
+    assert "pytorch_model.bin" in err and "--allow-pickle" in err
+    assert_nothing_written(tmp_path, tmp_path / "out")
+    assert main(merge_args(full, ft, tmp_path / "out", imp, "--allow-pickle")) == 0
+
+
+def test_pickle_with_code_is_rejected_even_when_allowed(tmp_path, capsys, pair):
+    import pickle
+
+    full, ft, imp = pair
+    (ft / "model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(ft / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"a.weight": Evil()}, f)
+    err = cli_error(capsys, merge_args(full, ft, tmp_path / "out", imp, "--allow-pickle"))
+    assert "pytorch_model.bin" in err and "safely" in err
+
+
+def test_index_pointing_outside_its_folder(tmp_path, capsys, pair):
+    full, ft, imp = pair
+    save_file(random_tensors(SHAPES), str(tmp_path / "elsewhere.safetensors"))
+    (ft / "model.safetensors").unlink()
+    (ft / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a.weight": "../elsewhere.safetensors", "b.weight": "../elsewhere.safetensors"}}))
+    err = cli_error(capsys, merge_args(full, ft, tmp_path / "out", imp))
+    assert "outside its folder" in err and "elsewhere" in err
+
+
+def test_malformed_json_data(tmp_path, capsys):
+    bad = tmp_path / "forget.json"
+    bad.write_text('[{"question": "q", "answer": "a"},\n {"question": ')
+    err = cli_error(capsys, ["importance", "--model", str(tmp_path), "--forget", str(bad), "--retain", str(bad),
+                             "--out", str(tmp_path / "imp.safetensors")])
+    assert "forget.json" in err and "malformed JSON" in err and "line 2" in err
+
+
+def test_bad_row_names_file_and_row(tmp_path, capsys):
+    bad = tmp_path / "retain.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{"question": "q2"}\n')
+    err = cli_error(capsys, ["finetune", "--model", str(tmp_path), "--data", str(bad), "--out", str(tmp_path / "o")])
+    assert "retain.jsonl" in err and "line 2" in err and "answer" in err
+
+
+@pytest.mark.parametrize("which", ["forget", "retain"])
+def test_empty_set(tmp_path, capsys, tiny_dir, which):
+    good, empty = tmp_path / "good.json", tmp_path / "empty.json"
+    good.write_text('[{"question": "q", "answer": "a"}]')
+    empty.write_text("[]")
+    sets = {"forget": good, "retain": good, which: empty}
+    out = tmp_path / "imp.safetensors"
+    err = cli_error(capsys, ["importance", "--model", str(tiny_dir), "--forget", str(sets["forget"]),
+                             "--retain", str(sets["retain"]), "--out", str(out)])
+    assert "empty.json" in err and "empty" in err
+    assert not out.exists()

@@ -1,0 +1,116 @@
+"""The CLI end to end on a tiny Llama: finetune, importance, merge, unlearn; outputs checked against
+the formula and against each other, not against themselves."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from helpers import load_folder, tree_digest
+from perta_fast.cli import main
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_dir, facts):
+    ws = tmp_path_factory.mktemp("cli")
+    forget, retain = facts
+    (ws / "forget.json").write_text(json.dumps([r.__dict__ for r in forget]))
+    (ws / "retain.jsonl").write_text("\n".join(json.dumps(r.__dict__) for r in retain[:12]))
+    assert main(["finetune", "--model", str(tiny_dir), "--data", str(ws / "forget.json"), "--out", str(ws / "ft"),
+                 "--epochs", "3", "--lr", "3e-3", "--batch-size", "4"]) == 0
+    return ws
+
+
+def test_finetune_lowers_the_loss_and_writes_a_checkpoint(workspace, tiny_dir):
+    rec = json.loads((workspace / "ft" / "perta_finetune.json").read_text())
+    assert rec["epoch_losses"][-1] < rec["epoch_losses"][0]
+    assert (workspace / "ft" / "tokenizer.json").is_file()
+    base, ft = load_folder(tiny_dir), load_folder(workspace / "ft")
+    assert set(base) == set(ft) and any(not torch.equal(base[n], ft[n]) for n in base)
+
+
+def test_importance_file_format(workspace, tiny_dir):
+    out = workspace / "grad.safetensors"
+    assert main(["importance", "--model", str(tiny_dir), "--forget", str(workspace / "forget.json"),
+                 "--retain", str(workspace / "retain.jsonl"), "--method", "grad", "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    names = set(load_folder(tiny_dir))
+    assert keys == {f"forget/{n}" for n in names} | {f"retain/{n}" for n in names}
+    assert meta["method"] == "grad" and meta["n_forget"] == "8" and meta["n_retain"] == "12"
+    assert len(meta["forget_sha256"]) == 64 and "torch" in json.loads(meta["versions"])
+    assert all(t.dtype == torch.float32 and (t >= 0).all() for t in load_file(str(out)).values())
+
+
+def test_fisher_file_does_not_depend_on_batch_size(workspace, tiny_dir):
+    files = {}
+    for bs in (1, 8):
+        files[bs] = workspace / f"fisher{bs}.safetensors"
+        assert main(["importance", "--model", str(tiny_dir), "--forget", str(workspace / "forget.json"),
+                     "--retain", str(workspace / "retain.jsonl"), "--method", "fisher", "--batch-size", str(bs),
+                     "--out", str(files[bs])]) == 0
+    one, eight = load_file(str(files[1])), load_file(str(files[8]))
+    for k in one:
+        torch.testing.assert_close(eight[k], one[k], rtol=1e-4, atol=1e-6 * one[k].abs().max().item(), msg=k)
+
+
+def test_merge_cli_applies_the_formula(workspace, tiny_dir):
+    imp = workspace / "fisher1.safetensors"
+    if not imp.exists():
+        pytest.skip("needs test_fisher_file_does_not_depend_on_batch_size first")
+    out = workspace / "merged"
+    assert main(["merge", "--base", str(tiny_dir), "--finetuned", str(workspace / "ft"), "--out", str(out),
+                 "--importance", str(imp), "--lam", "0.8", "--alpha", "2"]) == 0
+    base, ft, got, s = load_folder(tiny_dir), load_folder(workspace / "ft"), load_folder(out), load_file(str(imp))
+    for n in base:
+        sf, sr = s[f"forget/{n}"].double(), s[f"retain/{n}"].double()
+        w = sf / (sf + 2 * sr + 1e-16)
+        want = base[n].double() - 0.8 * w * (ft[n].double() - base[n].double())
+        torch.testing.assert_close(got[n], want.float(), msg=n)
+
+
+def test_unlearn_end_to_end_and_reuses_work(workspace, tiny_dir):
+    before = tree_digest(tiny_dir)
+    args = ["unlearn", "--model", str(tiny_dir), "--forget", str(workspace / "forget.json"),
+            "--retain", str(workspace / "retain.jsonl"), "--out", str(workspace / "unlearned"),
+            "--method", "perta-fisher", "--epochs", "2", "--lr", "3e-3", "--lam", "1.0"]
+    assert main(args) == 0
+    summary = json.loads((workspace / "unlearned" / "perta_unlearn.json").read_text())
+    assert set(summary["eval"]) == {"before (θ_full)", "after (perta-fisher)"}
+    assert 0 < summary["mean_weight"] < 1
+    work = workspace / "unlearned.work"
+    assert (work / "theta_ft" / "config.json").is_file() and (work / "importance-fisher.safetensors").is_file()
+    # the merged weights are θ_full − λ·w·(θ_ft − θ_full) with the intermediate θ_ft and importance
+    s, base, ft = load_file(str(work / "importance-fisher.safetensors")), load_folder(tiny_dir), load_folder(work / "theta_ft")
+    got = load_folder(workspace / "unlearned")
+    n = "model.layers.1.mlp.down_proj.weight"
+    w = s[f"forget/{n}"] / (s[f"forget/{n}"] + s[f"retain/{n}"] + 1e-16)
+    torch.testing.assert_close(got[n], base[n] - w * (ft[n] - base[n]))
+    # a second run reuses θ_ft and the importance file (same data, options and checkpoint)
+    stamp = (work / "importance-fisher.safetensors").stat().st_mtime_ns
+    assert main(args + ["--overwrite", "--no-eval"]) == 0
+    assert (work / "importance-fisher.safetensors").stat().st_mtime_ns == stamp
+    assert tree_digest(tiny_dir) == before
+
+
+def test_unlearned_model_loads_in_transformers(workspace):
+    from transformers import AutoModelForCausalLM
+
+    out = workspace / "unlearned"
+    if not out.exists():
+        pytest.skip("needs test_unlearn_end_to_end_and_reuses_work first")
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    sd = load_folder(out)
+    torch.testing.assert_close(model.model.embed_tokens.weight.detach(), sd["model.embed_tokens.weight"])
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+
+
+def test_console_script_exit_code_and_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "perta_fast", "merge", "--base", str(tmp_path / "x"), "--finetuned",
+                        str(tmp_path / "y"), "--out", str(tmp_path / "z"), "--method", "tv"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "x: checkpoint folder not found" in r.stderr

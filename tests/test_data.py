@@ -1,0 +1,88 @@
+"""Data loading: JSON/JSONL rows, TOFU splits derived from full.json, encoding and padding."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from perta_fast.data import QA, batches, encode, load_qa, pad_id, per_sample_loss
+from perta_fast.errors import PertaError
+from perta_fast.facts import make_facts
+
+TOFU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"
+
+
+def test_json_and_jsonl_give_the_same_rows(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"a{i}", "extra": 1} for i in range(3)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    want = [QA(f"q{i}", f"a{i}") for i in range(3)]
+    assert load_qa(tmp_path / "d.json") == want == load_qa(str(tmp_path / "d.jsonl"))
+
+
+def test_non_string_answer_names_row(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([{"question": "q", "answer": "a"}, {"question": "q", "answer": 3}]))
+    with pytest.raises(PertaError, match=r"d\.json: row 1: 'answer' must be a non-empty string"):
+        load_qa(tmp_path / "d.json")
+
+
+def test_folder_without_split_is_explained(tmp_path):
+    with pytest.raises(PertaError, match="FOLDER:SPLIT"):
+        load_qa(tmp_path)
+
+
+def test_facts_are_seeded_and_disjoint():
+    f1, r1 = make_facts(10, 2, seed=3)
+    f2, r2 = make_facts(10, 2, seed=3)
+    assert (f1, r1) == (f2, r2) and len(f1) == 8 and len(r1) == 32
+    names = {q.answer.split(" was ")[0] for q in f1 if " was born in " in q.answer}
+    assert not any(n in q.question for n in names for q in r1)
+    assert make_facts(10, 2, seed=4) != (f1, r1)
+
+
+def test_padding_never_changes_the_loss(tiny_tokenizer, facts):
+    """A sample's loss is the same alone and padded in a batch with longer samples."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import build_model
+
+    model = build_model(len(tiny_tokenizer)).eval()
+    rows = facts[0][:5]
+    enc = encode(tiny_tokenizer, rows)
+    assert len({len(e.input_ids) for e in enc}) > 1  # the batch really is padded
+    with torch.no_grad():
+        ids, mask, labels = next(batches(enc, 5, pad_id(tiny_tokenizer)))
+        batched = per_sample_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+        alone = torch.cat([per_sample_loss(model(input_ids=i, attention_mask=m).logits, lab)
+                           for i, m, lab in batches(enc, 1, pad_id(tiny_tokenizer))])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+    # labels cover exactly the answer tokens
+    assert (labels[0] != -100).sum() == len(enc[0].input_ids) - enc[0].n_prompt
+
+
+needs_tofu = pytest.mark.skipif(not (TOFU / "full.json").is_file(), reason=f"TOFU data not found at {TOFU}")
+
+
+@needs_tofu
+@pytest.mark.parametrize("forget,retain,n", [("forget01", "retain99", 40), ("forget05", "retain95", 200),
+                                             ("forget10", "retain90", 400)])
+def test_tofu_splits_derive_from_full(forget, retain, n):
+    full = load_qa(TOFU / "full.json")
+    f, r = load_qa(f"{TOFU}:{forget}"), load_qa(f"{TOFU}:{retain}")
+    assert len(f) == n and len(r) == len(full) - n and r + f == full  # retain = first rows, forget = last
+    assert not set(f) & set(r)
+
+
+@needs_tofu
+def test_tofu_forget01_matches_the_perturbed_file():
+    f = load_qa(f"{TOFU}:forget01")
+    perturbed = json.loads((TOFU / "forget01_perturbed.json").read_text())
+    assert [q.question for q in f] == [row["question"] for row in perturbed]
+
+
+@needs_tofu
+def test_tofu_named_file_split_and_unknown_split():
+    assert len(load_qa(f"{TOFU}:world_facts_perturbed")) == 117
+    with pytest.raises(PertaError, match="unknown TOFU split 'forget07'"):
+        load_qa(f"{TOFU}:forget07")

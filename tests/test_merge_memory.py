@@ -1,0 +1,66 @@
+"""Peak private memory of the merge stays at a few tensors, whatever the number of tensors.
+
+safetensors mmaps its files; those pages are page cache, not the bound. RssAnon (private anonymous
+memory) is polled from a thread during the merge in a fresh process, and tracemalloc covers the
+Python side.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from helpers import random_tensors, write_checkpoint, write_importance
+
+TENSOR = (512, 1024)  # 2 MiB in fp32
+PROBE = textwrap.dedent("""
+    import json, sys, threading, time, tracemalloc
+    import perta_fast
+    from perta_fast.merge import merge
+
+    def rss_anon():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    peak, done = [0], [False]
+    def poll():
+        while not done[0]:
+            peak[0] = max(peak[0], rss_anon())
+            time.sleep(0.0005)
+    base_rss = rss_anon()
+    t = threading.Thread(target=poll); t.start()
+    tracemalloc.start()
+    merge(sys.argv[1], sys.argv[2], sys.argv[4], sys.argv[3], progress=False)
+    py_peak = tracemalloc.get_traced_memory()[1]
+    done[0] = True; t.join()
+    print(json.dumps({"growth": peak[0] - base_rss, "python_peak": py_peak}))
+""")
+
+
+def peak_growth(tmp_path: Path, n_tensors: int) -> dict:
+    shapes = {f"layers.{i}.weight": TENSOR for i in range(n_tensors)}
+    base = random_tensors(shapes, seed=0)
+    folder = tmp_path / f"n{n_tensors}"
+    write_checkpoint(folder / "full", base, shards=4)
+    write_checkpoint(folder / "ft", {n: t + 0.5 for n, t in base.items()}, shards=4)
+    scores = {n: torch.rand(TENSOR) for n in shapes}
+    write_importance(folder / "imp.safetensors", scores, scores)
+    del base, scores
+    out = subprocess.run([sys.executable, "-c", PROBE, str(folder / "full"), str(folder / "ft"),
+                          str(folder / "imp.safetensors"), str(folder / "out")],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_merge_memory_does_not_grow_with_model_size(tmp_path):
+    tensor_bytes = TENSOR[0] * TENSOR[1] * 4
+    small, large = peak_growth(tmp_path, 8), peak_growth(tmp_path, 64)
+    checkpoint_bytes = 64 * tensor_bytes  # 128 MiB per input, 256 MiB of importance
+    # A merge step holds base, finetuned, s_f, s_r, w and fp32 temporaries: about ten tensors.
+    assert large["growth"] < 12 * tensor_bytes, large
+    assert large["growth"] < checkpoint_bytes / 4, large
+    # 8× the tensors must not cost more than a few tensors more
+    assert large["growth"] < small["growth"] + 4 * tensor_bytes, (small, large)
+    assert large["python_peak"] < 4 * 1024**2, large  # Python objects: headers and bookkeeping only
