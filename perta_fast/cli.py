@@ -146,6 +146,7 @@ def run(a) -> None:
         print(f"\nperta-fast demo: {s['n_forget_rows']} forget / {s['n_retain_rows']} retain facts, λ={s['lam']}, "
               f"{s['seconds']} s\n")
         print(s["table"])
+        print(f"\nover λ (merged in memory):\n{s['sweep_table']}")
         print(f"\nsample (forget set): {s['sample']['question']}\n  reference: {s['sample']['reference']}")
         for m, ans in s["sample"]["answers"].items():
             print(f"  {m:>14}: {ans}")

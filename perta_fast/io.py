@@ -267,6 +267,12 @@ def check_output_path(out: Path, overwrite: bool, inputs: tuple = ()) -> None:
         raise PertaError(f"{out}: output already exists (pass --overwrite to replace it)")
 
 
+def _umask_mode(mode: int) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False, inputs: tuple = ()):
     """Yield a temp folder beside `out`; on success it replaces `out` in one rename, on failure it vanishes."""
@@ -274,6 +280,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False, inputs: tuple = ()):
     check_output_path(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes it private; the result should not be
     try:
         yield tmp
     except BaseException:
@@ -296,6 +303,7 @@ def atomic_file(out: str | Path, overwrite: bool = False, inputs: tuple = ()):
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
+    os.chmod(tmp, _umask_mode(0o666))
     try:
         yield Path(tmp)
     except BaseException:

@@ -77,6 +77,13 @@ def default_model() -> Path:
     return convert_gguf()
 
 
+def _quiet_transformers():
+    """transformers draws a bar per load and save; ours already show the progress that matters."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
 
@@ -91,6 +98,7 @@ def load_model(folder: str | Path, device: str | None = None, dtype=None, allow_
     import torch
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     Checkpoint(folder, allow_pickle)  # clear errors for missing, corrupt or pickle weights
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32,

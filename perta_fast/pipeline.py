@@ -136,19 +136,56 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
     return summary
 
 
+def lambda_sweep(full: Path, finetuned: Path, importance: dict[str, Path | None], lams, sets: dict,
+                 device=None) -> dict:
+    """Answer probability of θ_full − λ·(w ⊙ τ) over a λ grid for each method, merged in memory
+    (same formula as `merge`, without writing a checkpoint per point): {method: [{lam, set: prob}]}."""
+    import torch
+    from tqdm import tqdm
+
+    from .eval import answer_probabilities
+    from .io import Checkpoint, SafetensorsFile
+    from .merge import merge_tensor, ratio_weights
+    from .models import load_model
+
+    model, tok = load_model(full, device)
+    params = dict(model.named_parameters())
+    base_ck, ft_ck = Checkpoint(full), Checkpoint(finetuned)
+    base = {n: base_ck.get(n) for n in params}
+    tuned = {n: ft_ck.get(n) for n in params}
+    curves = {}
+    with tqdm(total=len(importance) * len(lams), desc="λ sweep", unit="point") as bar:
+        for method, imp_path in importance.items():
+            imp = SafetensorsFile(imp_path) if imp_path else None
+            w = {n: ratio_weights(imp.get("forget/" + n), imp.get("retain/" + n)) if imp else None for n in params}
+            curves[method] = []
+            for lam in lams:
+                with torch.no_grad():
+                    for n, p in params.items():
+                        p.copy_(merge_tensor(base[n], tuned[n], w[n], lam))
+                point = {"lam": lam}
+                for name, rows in sets.items():
+                    probs = answer_probabilities(model, tok, rows)
+                    point[name] = sum(probs) / len(probs)
+                curves[method].append(point)
+                bar.update(1)
+    return curves
+
+
 @dataclass
 class DemoOptions:
     n_people: int = 10
     n_forget: int = 2
     seed: int = 0
     lam: float = 1.0
+    sweep: tuple = (0.25, 0.5, 1.0, 2.0, 4.0)
     full: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(epochs=8, lr=3e-4, batch_size=8))
     forget_ft: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(epochs=5, lr=3e-4, batch_size=8))
     batch_size: int = 8
     device: str | None = None
 
 
-def _plot(results: dict, path: Path) -> bool:
+def _plot(results: dict, curves: dict, path: Path) -> bool:
     try:
         import matplotlib
 
@@ -156,21 +193,41 @@ def _plot(results: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for method, points in curves.items():
+        xs, ys = [p["forget"] for p in points], [p["retain"] for p in points]
+        left.plot(xs, ys, marker="o", label=method)
+        for p in points:
+            left.annotate(f"λ={p['lam']:g}", (p["forget"], p["retain"]), fontsize=7, xytext=(3, 3),
+                          textcoords="offset points")
+    full = results.get("θ_full")
+    if full:
+        left.scatter([full["forget"]["answer_prob"]], [full["retain"]["answer_prob"]], marker="*", s=150,
+                     color="black", label="θ_full (before)", zorder=3)
+    left.set_xlabel("forget facts: answer probability (lower = forgotten)")
+    left.set_ylabel("retain facts: answer probability (higher = kept)")
+    left.set_title("trade-off over λ (upper left is best)")
+    left.legend(fontsize=8)
     labels = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric, title in zip(axes, ("answer_prob", "exact_match"), ("answer probability", "exact match")):
-        xs = range(len(labels))
-        ax.bar([x - 0.2 for x in xs], [results[m]["forget"][metric] for m in labels], 0.4, label="forget facts")
-        ax.bar([x + 0.2 for x in xs], [results[m]["retain"][metric] for m in labels], 0.4, label="retain facts")
-        ax.set_xticks(list(xs), labels, rotation=20, ha="right")
-        ax.set_ylim(0, 1)
-        ax.set_title(title)
-    axes[0].legend()
-    fig.suptitle("perta-fast demo: forget low, retain high is the goal")
+    xs = range(len(labels))
+    right.bar([x - 0.2 for x in xs], [results[m]["forget"]["exact_match"] for m in labels], 0.4, label="forget facts")
+    right.bar([x + 0.2 for x in xs], [results[m]["retain"]["exact_match"] for m in labels], 0.4, label="retain facts")
+    right.set_xticks(list(xs), labels, rotation=20, ha="right")
+    right.set_ylim(0, 1.05)
+    right.set_title("exact match of greedy answers at the table's λ")
+    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def format_sweep(curves: dict) -> str:
+    lams = [p["lam"] for p in next(iter(curves.values()))]
+    head = "forget / retain answer prob".ljust(28) + "".join(f"λ={lam:g}".rjust(14) for lam in lams)
+    rows = [m.ljust(28) + "".join(f"{p['forget']:.3f} / {p['retain']:.3f}".rjust(14) for p in pts)
+            for m, pts in curves.items()]
+    return "\n".join([head] + rows)
 
 
 def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, overwrite: bool = False,
@@ -200,13 +257,18 @@ def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, ove
             merge(full, ft, folder, work / f"importance-{imp}.safetensors" if imp else None,
                   MergeOptions(method, opts.lam))
             models[label] = folder
-        results = evaluate_models(models, {"forget": forget, "retain": retain}, opts.device)
+        sets = {"forget": forget, "retain": retain}
+        results = evaluate_models(models, sets, opts.device)
+        curves = lambda_sweep(full, ft, {"TV": None, "PerTA-grad": work / "importance-grad.safetensors",
+                                         "PerTA-fisher": work / "importance-fisher.safetensors"},
+                              opts.sweep, sets, opts.device)
         table = format_table(results)
         sample = {"question": forget[0].question, "reference": forget[0].answer,
                   "answers": {m: r["forget"]["generations"][0] for m, r in results.items()}}
         summary = {"table": table, "results": results, "sample": sample, "lam": opts.lam,
+                   "sweep": curves, "sweep_table": format_sweep(curves),
                    "n_forget_rows": len(forget), "n_retain_rows": len(retain),
                    "seconds": round(time.perf_counter() - t0, 1)}
         (work / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        summary["plot"] = str(Path(out) / "demo.png") if _plot(results, work / "demo.png") else None
+        summary["plot"] = str(Path(out) / "demo.png") if _plot(results, curves, work / "demo.png") else None
     return summary

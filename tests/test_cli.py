@@ -114,3 +114,20 @@ def test_console_script_exit_code_and_one_line_error(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "x: checkpoint folder not found" in r.stderr
+
+
+def test_demo_pipeline_on_the_tiny_model(tmp_path, tiny_dir, capsys):
+    """The demo's code path (not its quality, which needs the real model) end to end."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(tiny_dir), "--out", str(out), "--people", "3", "--forget-people", "1",
+                 "--epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["results"]) == {"base", "θ_full", "TV", "PerTA-grad", "PerTA-fisher"}
+    assert [p["lam"] for p in results["sweep"]["TV"]] == [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert results["n_forget_rows"] == 4 and results["n_retain_rows"] == 8
+    # the in-memory λ=1 point of the sweep equals the streamed λ=1 merge evaluated from disk
+    for method in ("TV", "PerTA-grad", "PerTA-fisher"):
+        at_one = next(p for p in results["sweep"][method] if p["lam"] == 1.0)
+        assert abs(at_one["forget"] - results["results"][method]["forget"]["answer_prob"]) < 1e-5
+    assert (out / "demo.png").stat().st_size > 10_000 and "PerTA-fisher" in printed
