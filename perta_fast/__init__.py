@@ -16,7 +16,7 @@ _API = {
     "make_facts": "facts",
     "load_model": "models", "convert_gguf": "models", "default_model": "models",
     "finetune": "train", "FinetuneOptions": "train",
-    "compute_importance": "importance", "save_importance": "importance", "estimate_importance": "importance",
+    "importance_file": "importance", "compute_importance": "importance", "save_importance": "importance", "estimate_importance": "importance",
     "evaluate": "eval",
     "unlearn": "pipeline", "demo": "pipeline",
 }

@@ -114,10 +114,8 @@ def run(a) -> None:
         rec = pf.finetune(a.model, pf.load_qa(a.data), a.out, _finetune_opts(a), a.overwrite)
         print(f"wrote {a.out} ({rec['n_rows']} rows, final loss {rec['epoch_losses'][-1]:.4f}, {rec['seconds']} s)")
     elif a.command == "importance":
-        forget, retain = pf.load_qa(a.forget), pf.load_qa(a.retain)
-        tensors, meta = pf.compute_importance(a.model, forget, retain, a.method, a.batch_size, a.max_length,
-                                              a.max_samples, a.device)
-        pf.save_importance(tensors, meta, a.out, a.overwrite, inputs=(a.model,))
+        meta = pf.importance_file(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, a.method, a.batch_size,
+                                  a.max_length, a.max_samples, a.device, a.overwrite)
         print(f"wrote {a.out} ({a.method}, {meta['n_forget']} forget / {meta['n_retain']} retain rows, {meta['seconds']} s)")
     elif a.command == "merge":
         opts = pf.MergeOptions(a.method, a.lam, a.alpha, a.power, a.eps, a.nan_to_zero, int(a.max_shard_size * 1024**3))

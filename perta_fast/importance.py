@@ -19,7 +19,7 @@ from torch import nn
 from . import __version__
 from .data import QA, batches, data_hash, encode, pad_id, per_sample_loss
 from .errors import PertaError
-from .io import Checkpoint, atomic_file
+from .io import Checkpoint, atomic_file, check_output_path
 
 METHODS = ("grad", "fisher")
 CHUNK_ELEMENTS = 1 << 25  # per-sample gradients held at once: 128 MiB of fp32
@@ -252,6 +252,8 @@ def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA]
     for label, rows in (("forget", forget), ("retain", retain)):
         scores = estimate_importance(model, tok, rows, method, batch_size, max_length, progress, desc=f"{method} {label}")
         for name, s in scores.items():
+            if not torch.isfinite(s).all():
+                raise PertaError(f"{model_dir}: {label} importance of {name} is NaN/Inf (does the checkpoint hold NaN weights?)")
             if name not in names_in_checkpoint:
                 raise PertaError(f"{model_dir}: parameter {name} is not stored in the checkpoint under that name")
             tensors[f"{label}/{name}"] = s
@@ -274,3 +276,14 @@ def save_importance(tensors: dict, metadata: dict, out: str | Path, overwrite: b
     with atomic_file(out, overwrite, inputs) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(out)
+
+
+def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str | Path, method: str = "grad",
+               batch_size: int = 8, max_length: int = 256, max_samples: int | None = None, device: str | None = None,
+               overwrite: bool = False, progress: bool = True) -> dict:
+    """Estimate and write an importance file; the output is checked before any work is done."""
+    check_output_path(Path(out), overwrite, (model_dir,))
+    tensors, meta = compute_importance(model_dir, forget, retain, method, batch_size, max_length, max_samples,
+                                       device, progress)
+    save_importance(tensors, meta, out, overwrite, inputs=(model_dir,))
+    return meta

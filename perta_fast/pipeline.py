@@ -51,7 +51,7 @@ def build_finetuned(model_dir, forget: list[QA], work: Path, opts: FinetuneOptio
 
 
 def build_importance(model_dir, forget, retain, method: str, work: Path, opts: UnlearnOptions) -> Path:
-    from .importance import compute_importance, save_importance
+    from .importance import importance_file
     from .io import SafetensorsFile
 
     out = work / f"importance-{method}.safetensors"
@@ -62,9 +62,8 @@ def build_importance(model_dir, forget, retain, method: str, work: Path, opts: U
                 and meta.get("checkpoint") == str(Path(model_dir).resolve()) and meta.get("method") == method \
                 and meta.get("max_length") == str(opts.max_length):
             return out
-    tensors, meta = compute_importance(model_dir, forget, retain, method, opts.batch_size, opts.max_length,
-                                       opts.max_samples, opts.device)
-    save_importance(tensors, meta, out, overwrite=True)
+    importance_file(model_dir, forget, retain, out, method, opts.batch_size, opts.max_length, opts.max_samples,
+                    opts.device, overwrite=True)
     return out
 
 
@@ -234,7 +233,7 @@ def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, ove
          model_dir: str | Path | None = None) -> dict:
     """The main job on its built-in default: SmolLM2-135M-Instruct and generated fictitious facts."""
     from .facts import make_facts
-    from .importance import compute_importance, save_importance
+    from .importance import importance_file
     from .models import default_model
 
     opts = options or DemoOptions()
@@ -249,9 +248,8 @@ def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, ove
         finetune(full, forget, ft, replace(opts.forget_ft, device=opts.device))
         models = {"base": base, "θ_full": full}
         for method in ("grad", "fisher"):
-            tensors, meta = compute_importance(full, forget, retain, method, opts.batch_size, device=opts.device)
-            save_importance(tensors, meta, work / f"importance-{method}.safetensors")
-            del tensors
+            importance_file(full, forget, retain, work / f"importance-{method}.safetensors", method, opts.batch_size,
+                            device=opts.device)
         for label, method, imp in (("TV", "tv", None), ("PerTA-grad", "perta", "grad"), ("PerTA-fisher", "perta", "fisher")):
             folder = work / f"unlearned-{label.lower()}"
             merge(full, ft, folder, work / f"importance-{imp}.safetensors" if imp else None,

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .data import QA, batches, data_hash, encode, pad_id, per_sample_loss
+from .errors import PertaError
+from .io import check_output_path
 from .models import load_model, save_model
 
 
@@ -22,7 +24,8 @@ class FinetuneOptions:
     device: str | None = None
 
 
-def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc: str = "finetune") -> list[float]:
+def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc: str = "finetune",
+                   source: str = "model") -> list[float]:
     """AdamW on the set's loss (mean of per-sample answer losses); returns the mean loss of each epoch."""
     import torch
     from tqdm import tqdm
@@ -46,6 +49,8 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc
                 ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
                 losses = per_sample_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
                 loss = losses.mean()
+                if not torch.isfinite(loss):
+                    raise PertaError(f"{source}: training loss is NaN/Inf (NaN weights in the checkpoint, or --lr too high?)")
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()
@@ -61,9 +66,10 @@ def finetune(model_dir: str | Path, rows: list[QA], out: str | Path, options: Fi
              overwrite: bool = False) -> dict:
     """Fine-tune the checkpoint in `model_dir` on `rows`, writing a new checkpoint folder to `out`."""
     opts = options or FinetuneOptions()
+    check_output_path(Path(out), overwrite, (model_dir,))  # refuse before training, not after
     t0 = time.perf_counter()
     model, tok = load_model(model_dir, opts.device)
-    losses = train_in_place(model, tok, rows, opts)
+    losses = train_in_place(model, tok, rows, opts, source=str(model_dir))
     record = {"base": str(Path(model_dir).resolve()), "n_rows": len(rows), "data_sha256": data_hash(rows),
               "options": asdict(opts), "epoch_losses": losses, "seconds": round(time.perf_counter() - t0, 2)}
     save_model(model, tok, out, overwrite, inputs=(model_dir,),

@@ -216,3 +216,44 @@ def test_empty_set(tmp_path, capsys, tiny_dir, which):
                              "--retain", str(sets["retain"]), "--out", str(out)])
     assert "empty.json" in err and "empty" in err
     assert not out.exists()
+
+
+@pytest.fixture
+def nan_model(tmp_path, tiny_dir):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    bad = tmp_path / "nan_model"
+    shutil.copytree(tiny_dir, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(sd, str(bad / "model.safetensors"))
+    data = tmp_path / "d.json"
+    data.write_text('[{"question": "Where was Ordon Nyrussa born?", "answer": "In Ortassa."}]')
+    return bad, data
+
+
+def test_nan_checkpoint_in_importance(tmp_path, capsys, nan_model):
+    bad, data = nan_model
+    out = tmp_path / "imp.safetensors"
+    err = cli_error(capsys, ["importance", "--model", str(bad), "--forget", str(data), "--retain", str(data),
+                             "--out", str(out), "--method", "fisher"])
+    assert "nan_model" in err and "NaN" in err
+    assert not out.exists()
+
+
+def test_nan_checkpoint_in_finetune(tmp_path, capsys, nan_model):
+    bad, data = nan_model
+    err = cli_error(capsys, ["finetune", "--model", str(bad), "--data", str(data), "--out", str(tmp_path / "o")])
+    assert "nan_model" in err and "NaN" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_refused_before_training(tmp_path, capsys, tiny_dir):
+    data = tmp_path / "d.json"
+    data.write_text('[{"question": "q", "answer": "a"}]')
+    (tmp_path / "o").mkdir()
+    err = cli_error(capsys, ["finetune", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "o")])
+    assert "already exists" in err
+    assert "finetune" not in capsys.readouterr().err  # no training step ran

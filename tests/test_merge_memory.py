@@ -16,26 +16,14 @@ from helpers import random_tensors, write_checkpoint, write_importance
 
 TENSOR = (512, 1024)  # 2 MiB in fp32
 PROBE = textwrap.dedent("""
-    import json, sys, threading, time, tracemalloc
-    import perta_fast
+    import json, sys, tracemalloc
     from perta_fast.merge import merge
+    from perta_fast.profiling import PeakRssAnon
 
-    def rss_anon():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    peak, done = [0], [False]
-    def poll():
-        while not done[0]:
-            peak[0] = max(peak[0], rss_anon())
-            time.sleep(0.0005)
-    base_rss = rss_anon()
-    t = threading.Thread(target=poll); t.start()
     tracemalloc.start()
-    merge(sys.argv[1], sys.argv[2], sys.argv[4], sys.argv[3], progress=False)
-    py_peak = tracemalloc.get_traced_memory()[1]
-    done[0] = True; t.join()
-    print(json.dumps({"growth": peak[0] - base_rss, "python_peak": py_peak}))
+    with PeakRssAnon() as mem:
+        merge(sys.argv[1], sys.argv[2], sys.argv[4], sys.argv[3], progress=False)
+    print(json.dumps({"growth": mem.growth, "python_peak": tracemalloc.get_traced_memory()[1]}))
 """)
 
 
