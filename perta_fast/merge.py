@@ -22,21 +22,25 @@ IMPORTANCE_PREFIXES = ("forget/", "retain/", "weight/")
 
 def ratio_weights(s_f: torch.Tensor, s_r: torch.Tensor, alpha: float = 1.0, power: float = 1.0,
                   eps: float = 1e-16) -> torch.Tensor:
-    """w = s_f^p / (s_f^p + α·s_r^p + ε) in fp32 (the torch reference for the ratio kernel)."""
-    s_f, s_r = s_f.float(), s_r.float()
+    """w = s_f^p / (s_f^p + α·s_r^p + ε) in fp32 (the torch reference for the ratio kernel).
+
+    Inputs are never written (the streamed merge reads them as views of a shared mmap); the result
+    is built in one fresh fp32 buffer so a merge step holds as few tensor-sized buffers as possible.
+    """
     if power != 1.0:
-        s_f, s_r = s_f.pow(power), s_r.pow(power)
-    denom = s_f + alpha * s_r + eps
-    # 0/0 (a parameter that neither set touches) means "no evidence it serves the forget set": keep it.
-    return torch.where(denom > 0, s_f / denom, torch.zeros_like(s_f))
+        s_f, s_r = s_f.float().pow(power), s_r.float().pow(power)
+    w = s_r.to(torch.float32, copy=True).mul_(alpha).add_(s_f).add_(eps)
+    torch.div(s_f, w, out=w)
+    # 0/0 (a parameter neither set touches, with ε = 0): no evidence it serves the forget set, so w = 0.
+    return w.nan_to_num_(nan=0.0)
 
 
 def merge_tensor(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor | None, lam: float) -> torch.Tensor:
-    """θ_full − λ·(w ⊙ (θ_ft − θ_full)) in fp32, returned in the base tensor's dtype."""
-    b = base.float()
-    tau = finetuned.float() - b
-    step = tau if w is None else w.float() * tau
-    return (b - lam * step).to(base.dtype)
+    """θ_full − λ·(w ⊙ (θ_ft − θ_full)) in fp32, returned in the base tensor's dtype (inputs untouched)."""
+    out = finetuned.to(torch.float32, copy=True).sub_(base)
+    if w is not None:
+        out.mul_(w)
+    return out.mul_(-lam).add_(base).to(base.dtype)
 
 
 @dataclass

@@ -120,3 +120,19 @@ def test_inputs_are_never_modified(tmp_path):
     merge(full, ft_dir, tmp_path / "out", imp, MergeOptions(lam=2.0), overwrite=True, progress=False)
     assert [tree_digest(full), tree_digest(ft_dir), imp.read_bytes()] == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp leftovers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_functions_never_write_their_inputs(dtype):
+    from perta_fast.merge import merge_tensor, ratio_weights
+
+    base, ft, sf, sr = (torch.randn(33, 5).to(dtype) for _ in range(4))
+    sf, sr = sf.abs(), sr.abs()
+    copies = [t.clone() for t in (base, ft, sf, sr)]
+    for power in (1.0, 2.0):
+        w = ratio_weights(sf, sr, 0.5, power)
+        merge_tensor(base, ft, w, 1.5)
+        merge_tensor(base, ft, None, 1.5)
+    for t, c in zip((base, ft, sf, sr), copies):
+        assert torch.equal(t, c)
+    assert w.dtype == torch.float32 and ((0 <= w) & (w <= 1)).all()
