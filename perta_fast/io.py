@@ -188,9 +188,11 @@ class Checkpoint:
 
 
 def copy_aux_files(src: Path, dst: Path) -> None:
-    """Copy everything but the weights (config, tokenizer, generation config, templates)."""
+    """Copy everything but the weights (config, tokenizer, generation config, templates) and our
+    perta_*.json records, which describe how their own folder was made."""
     for p in Path(src).iterdir():
-        if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in INDEX_NAMES:
+        if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in INDEX_NAMES \
+                and not (p.name.startswith("perta_") and p.suffix == ".json"):
             shutil.copy2(p, dst / p.name)
 
 

@@ -53,6 +53,15 @@ def test_streamed_merge_matches_in_memory(tmp_path, dtype, shards):
     assert json.loads((tmp_path / "out" / "perta_merge.json").read_text())["options"]["lam"] == 0.7
 
 
+def test_records_of_the_inputs_are_not_copied(tmp_path):
+    full, ft_dir, imp, *_ = make_inputs(tmp_path, torch.float32)
+    (full / "perta_finetune.json").write_text("{}")
+    (full / "special_tokens_map.json").write_text("{}")
+    merge(full, ft_dir, tmp_path / "out", imp, progress=False)
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "special_tokens_map.json" in names and "perta_finetune.json" not in names
+
+
 @pytest.mark.parametrize("alpha,power", [(1.0, 1.0), (2.5, 1.0), (1.0, 0.5), (0.3, 2.0)])
 def test_power_alpha_variants(tmp_path, alpha, power):
     full, ft_dir, imp, base, ft, sf, sr = make_inputs(tmp_path, torch.float32)
