@@ -49,6 +49,7 @@ class _ExactFisher:
         self.tied_linear: dict[int, tuple] = {}  # weight id -> (X, G) of a Linear sharing an embedding's weight
         self.embedded: dict[int, tuple] = {}  # weight id -> (ids, G) of that embedding
         self.mask = self.ids = None
+        self.called: set[int] = set()
         self.handles = []
         covered = set()
         emb_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -78,11 +79,19 @@ class _ExactFisher:
         for n, p in _unique_params(self.model).items():
             p.requires_grad_(getattr(self, "requires_grad", {}).get(n, p.requires_grad))
 
+    def _once(self, module):
+        """Per-sample squares are exact only if each weight's contribution arrives in one piece."""
+        if id(module) in self.called:
+            raise PertaError(f"exact fisher: module {type(module).__name__} runs twice in one forward pass "
+                             "(shared weights); its per-sample gradient cannot be squared piecewise")
+        self.called.add(id(module))
+
     def _add(self, param, per_sample_sq_sum: torch.Tensor):
         self.acc[self.name_of[id(param)]].add_(per_sample_sq_sum)
 
     def _linear_hook(self, tied: bool):
         def hook(module, inputs, output):
+            self._once(module)
             x = inputs[0]
 
             def on_grad(g):
@@ -105,6 +114,7 @@ class _ExactFisher:
             self._add(module.bias, g.sum(1).square_().sum(0))
 
     def _embedding_hook(self, module, inputs, output):
+        self._once(module)
         ids = inputs[0]
         output.requires_grad_(True)  # weights are frozen: this is where the backward pass starts
 
@@ -114,6 +124,7 @@ class _ExactFisher:
         return output
 
     def _norm_hook(self, module, inputs, output):
+        self._once(module)
         x = inputs[0].detach()
 
         def on_grad(g):
@@ -166,6 +177,7 @@ class _ExactFisher:
 
     def step(self, ids, mask, labels) -> float:
         self.mask = mask
+        self.called.clear()
         logits = self.model(input_ids=ids, attention_mask=mask).logits
         losses = per_sample_loss(logits, labels)
         losses.sum().backward()  # each sample's G is then the gradient of its own loss

@@ -88,3 +88,46 @@ def test_unknown_method_and_empty_set(tiny_tokenizer, facts):
         estimate_importance(model, tiny_tokenizer, facts[0], "hessian", progress=False)
     with pytest.raises(PertaError, match="empty"):
         estimate_importance(model, tiny_tokenizer, [], "grad", progress=False)
+
+
+class _Toy(torch.nn.Module):
+    """A minimal causal LM: embedding, a Linear (optionally applied twice), an output head."""
+
+    def __init__(self, vocab, twice=False, extra_param=False):
+        super().__init__()
+        self.emb, self.lin, self.head = torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, vocab)
+        self.twice = twice
+        if extra_param:
+            self.scale = torch.nn.Parameter(torch.ones(8))
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        h = self.lin(self.emb(input_ids))
+        if self.twice:
+            h = self.lin(h)
+        if hasattr(self, "scale"):
+            h = h * self.scale
+        return SimpleNamespace(logits=self.head(h))
+
+
+def test_exact_fisher_refuses_a_module_run_twice(tiny_tokenizer, facts):
+    with pytest.raises(PertaError, match="runs twice"):
+        estimate_importance(_Toy(len(tiny_tokenizer), twice=True), tiny_tokenizer, facts[0][:2], "fisher",
+                            progress=False)
+
+
+def test_exact_fisher_refuses_unsupported_parameters(tiny_tokenizer, facts):
+    model = _Toy(len(tiny_tokenizer), extra_param=True)
+    with pytest.raises(PertaError, match="does not support parameter scale"):
+        estimate_importance(model, tiny_tokenizer, facts[0][:2], "fisher", progress=False)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_exact_fisher_on_a_plain_toy_model_matches_the_loop(tiny_tokenizer, facts):
+    torch.manual_seed(0)
+    model = _Toy(len(tiny_tokenizer))
+    rows = facts[0][:5]
+    per_sample = oracle_per_sample_grads(model, tiny_tokenizer, rows)
+    want = {n: sum(g[n].square() for g in per_sample) / len(rows) for n in per_sample[0]}
+    assert_scores_close(estimate_importance(model, tiny_tokenizer, rows, "fisher", batch_size=2, progress=False), want)
