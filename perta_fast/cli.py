@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default=None, help="where θ_ft and importance go (default: OUT.work)")
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--eval-samples", type=int, default=64, help="evaluate on the first N rows of each set (0: all)")
     _add_merge_knobs(p)
     _add_finetune_knobs(p, 5, 1e-4)
     _add_common(p)
@@ -126,7 +127,8 @@ def run(a) -> None:
         from .pipeline import UnlearnOptions
 
         opts = UnlearnOptions(a.method, a.lam, a.alpha, a.power, a.eps, _finetune_opts(a), a.batch_size,
-                              a.max_length, a.max_samples, a.importance_model, a.device, not a.no_eval)
+                              a.max_length, a.max_samples, a.importance_model, a.device, not a.no_eval,
+                              a.eval_samples)
         s = pf.unlearn(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, a.finetuned, opts, a.work_dir,
                        a.overwrite)
         print(f"\nwrote {a.out} with {s['method']} (mean w {s['mean_weight']:.4f}); seconds: {json.dumps(s['seconds'])}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .data import QA, data_hash
@@ -29,23 +29,22 @@ class UnlearnOptions:
     importance_model: str | None = None  # θ_0 instead of θ_full, if given
     device: str | None = None
     evaluate: bool = True
+    eval_samples: int | None = 64  # first N rows of each set; greedy generation is the slow part
 
 
-def _cached(folder: Path, record_name: str, expect: dict) -> bool:
-    """A step's output from an earlier run can be reused when its record matches what we would do now."""
-    try:
-        record = json.loads((folder / record_name).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+def _matches(record: dict, expect: dict) -> bool:
+    """A step's output from an earlier run is reused when its record matches what we would do now."""
     return all(record.get(k) == v for k, v in expect.items())
 
 
 def build_finetuned(model_dir, forget: list[QA], work: Path, opts: FinetuneOptions) -> Path:
     out = work / "theta_ft"
-    from dataclasses import asdict
-
     expect = {"base": str(Path(model_dir).resolve()), "data_sha256": data_hash(forget), "options": asdict(opts)}
-    if not _cached(out, "perta_finetune.json", expect):
+    try:
+        record = json.loads((out / "perta_finetune.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        record = {}
+    if not _matches(record, expect):
         finetune(model_dir, forget, out, opts, overwrite=True)
     return out
 
@@ -55,15 +54,12 @@ def build_importance(model_dir, forget, retain, method: str, work: Path, opts: U
     from .io import SafetensorsFile
 
     out = work / f"importance-{method}.safetensors"
-    if out.is_file():
-        meta = SafetensorsFile(out).metadata
-        f, r = (forget, retain) if not opts.max_samples else (forget[:opts.max_samples], retain[:opts.max_samples])
-        if meta.get("forget_sha256") == data_hash(f) and meta.get("retain_sha256") == data_hash(r) \
-                and meta.get("checkpoint") == str(Path(model_dir).resolve()) and meta.get("method") == method \
-                and meta.get("max_length") == str(opts.max_length):
-            return out
-    importance_file(model_dir, forget, retain, out, method, opts.batch_size, opts.max_length, opts.max_samples,
-                    opts.device, overwrite=True)
+    forget, retain = forget[:opts.max_samples or None], retain[:opts.max_samples or None]
+    expect = {"forget_sha256": data_hash(forget), "retain_sha256": data_hash(retain), "method": method,
+              "checkpoint": str(Path(model_dir).resolve()), "max_length": str(opts.max_length)}
+    if not (out.is_file() and _matches(SafetensorsFile(out).metadata, expect)):
+        importance_file(model_dir, forget, retain, out, method, opts.batch_size, opts.max_length, None,
+                        opts.device, overwrite=True)
     return out
 
 
@@ -128,7 +124,8 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
                "seconds": {k: round(v, 2) for k, v in timings.items()}}
     if opts.evaluate:
         summary["eval"] = evaluate_models({"before (θ_full)": Path(model_dir), f"after ({opts.method})": Path(out)},
-                                          {"forget": forget, "retain": retain}, opts.device)
+                                          {"forget": forget[:opts.eval_samples or None],
+                                           "retain": retain[:opts.eval_samples or None]}, opts.device)
         summary["table"] = format_table(summary["eval"])
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     (Path(out) / "perta_unlearn.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))

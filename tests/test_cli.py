@@ -76,10 +76,11 @@ def test_unlearn_end_to_end_and_reuses_work(workspace, tiny_dir):
     before = tree_digest(tiny_dir)
     args = ["unlearn", "--model", str(tiny_dir), "--forget", str(workspace / "forget.json"),
             "--retain", str(workspace / "retain.jsonl"), "--out", str(workspace / "unlearned"),
-            "--method", "perta-fisher", "--epochs", "2", "--lr", "3e-3", "--lam", "1.0"]
+            "--method", "perta-fisher", "--epochs", "2", "--lr", "3e-3", "--lam", "1.0", "--eval-samples", "5"]
     assert main(args) == 0
     summary = json.loads((workspace / "unlearned" / "perta_unlearn.json").read_text())
     assert set(summary["eval"]) == {"before (θ_full)", "after (perta-fisher)"}
+    assert summary["eval"]["after (perta-fisher)"]["retain"]["n"] == 5
     assert 0 < summary["mean_weight"] < 1
     work = workspace / "unlearned.work"
     assert (work / "theta_ft" / "config.json").is_file() and (work / "importance-fisher.safetensors").is_file()
