@@ -48,7 +48,7 @@ class _ExactFisher:
         self.acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         self.tied_linear: dict[int, tuple] = {}  # weight id -> (X, G) of a Linear sharing an embedding's weight
         self.embedded: dict[int, tuple] = {}  # weight id -> (ids, G) of that embedding
-        self.mask = self.ids = None
+        self.mask = None
         self.called: set[int] = set()
         self.handles = []
         covered = set()
@@ -188,8 +188,8 @@ class _ExactFisher:
 class _MeanGradient:
     """Accumulates the gradient of the set's loss, freeing each parameter's .grad as soon as it lands."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, n_total: int):
+        self.model, self.n_total = model, n_total
         params = _unique_params(model)
         self.acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         self.requires_grad = {n: p.requires_grad for n, p in params.items()}
@@ -197,7 +197,6 @@ class _MeanGradient:
         for n, p in params.items():
             p.requires_grad_(True)
             self.handles.append(p.register_post_accumulate_grad_hook(self._take(self.acc[n])))
-        self.n_total = 1
 
     @staticmethod
     def _take(acc):
@@ -231,8 +230,7 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    acc = _ExactFisher(model) if method == "fisher" else _MeanGradient(model)
-    acc.n_total = len(encoded)
+    acc = _ExactFisher(model) if method == "fisher" else _MeanGradient(model, len(encoded))
     try:
         with tqdm(total=len(encoded), desc=desc, unit="sample", disable=not progress) as bar:
             for ids, mask, labels in batches(encoded, batch_size, pad_id(tokenizer)):
