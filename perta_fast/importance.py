@@ -20,6 +20,7 @@ from . import __version__
 from .data import QA, batches, data_hash, encode, pad_id, per_sample_loss
 from .errors import PertaError
 from .io import Checkpoint, atomic_file, check_output_path
+from .ops import accumulate_
 
 METHODS = ("grad", "fisher")
 CHUNK_ELEMENTS = 1 << 25  # per-sample gradients held at once: 128 MiB of fp32
@@ -89,6 +90,12 @@ class _ExactFisher:
     def _add(self, param, per_sample_sq_sum: torch.Tensor):
         self.acc[self.name_of[id(param)]].add_(per_sample_sq_sum)
 
+    def _add_squares(self, param, per_sample: torch.Tensor):
+        """acc += Σ_b per_sample[b]², one fused read of each per-sample gradient."""
+        acc = self.acc[self.name_of[id(param)]]
+        for g in per_sample:
+            accumulate_(acc, g, square=True)
+
     def _linear_hook(self, tied: bool):
         def hook(module, inputs, output):
             self._once(module)
@@ -108,8 +115,7 @@ class _ExactFisher:
         x, g = x.reshape(b, -1, in_f).float(), g.reshape(b, -1, out_f).float()
         chunk = max(1, CHUNK_ELEMENTS // max(1, out_f * in_f))
         for s in range(0, b, chunk):
-            per_sample = torch.bmm(g[s:s + chunk].transpose(1, 2), x[s:s + chunk])
-            self._add(module.weight, per_sample.square_().sum(0))
+            self._add_squares(module.weight, torch.bmm(g[s:s + chunk].transpose(1, 2), x[s:s + chunk]))
         if module.bias is not None:
             self._add(module.bias, g.sum(1).square_().sum(0))
 
@@ -170,7 +176,7 @@ class _ExactFisher:
                 offsets = torch.arange(per_sample.shape[0], device=ids.device).unsqueeze(1) * vocab
                 flat.index_add_(0, (ids[s:s + chunk] + offsets).reshape(-1),
                                 g_emb[s:s + chunk].reshape(-1, dim))
-                self._add(module.weight, per_sample.square_().sum(0))
+                self._add_squares(module.weight, per_sample)
         if self.tied_linear:
             raise RuntimeError("a tied Linear weight saw no embedding gradient")
         self.embedded.clear()
@@ -200,8 +206,8 @@ class _MeanGradient:
 
     @staticmethod
     def _take(acc):
-        def hook(p):
-            acc.add_(p.grad)
+        def hook(p):  # read the gradient once, then free it: no full gradient copy is ever held
+            accumulate_(acc, p.grad, square=False)
             p.grad = None
         return hook
 

@@ -16,31 +16,9 @@ import torch
 from . import __version__
 from .errors import PertaError
 from .io import Checkpoint, SafetensorsFile, ShardedWriter, atomic_dir, copy_aux_files
+from .ops import merge_tensor, merge_tensors, ratio_weights  # noqa: F401  (references re-exported)
 
 IMPORTANCE_PREFIXES = ("forget/", "retain/", "weight/")
-
-
-def ratio_weights(s_f: torch.Tensor, s_r: torch.Tensor, alpha: float = 1.0, power: float = 1.0,
-                  eps: float = 1e-16) -> torch.Tensor:
-    """w = s_f^p / (s_f^p + α·s_r^p + ε) in fp32 (the torch reference for the ratio kernel).
-
-    Inputs are never written (the streamed merge reads them as views of a shared mmap); the result
-    is built in one fresh fp32 buffer so a merge step holds as few tensor-sized buffers as possible.
-    """
-    if power != 1.0:
-        s_f, s_r = s_f.float().pow(power), s_r.float().pow(power)
-    w = s_r.to(torch.float32, copy=True).mul_(alpha).add_(s_f).add_(eps)
-    torch.div(s_f, w, out=w)
-    # 0/0 (a parameter neither set touches, with ε = 0): no evidence it serves the forget set, so w = 0.
-    return w.nan_to_num_(nan=0.0)
-
-
-def merge_tensor(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor | None, lam: float) -> torch.Tensor:
-    """θ_full − λ·(w ⊙ (θ_ft − θ_full)) in fp32, returned in the base tensor's dtype (inputs untouched)."""
-    out = finetuned.to(torch.float32, copy=True).sub_(base)
-    if w is not None:
-        out.mul_(w)
-    return out.mul_(-lam).add_(base).to(base.dtype)
 
 
 @dataclass
@@ -194,19 +172,18 @@ def execute_merge(plan: MergePlan, out_folder: Path, progress: bool = True) -> d
             writer.write(step.name, base)
             continue
         ft = _finite(ft_ck.get(step.name), ft_ck.file_of(step.name), step.name, opts.nan_to_zero)
-        w = None
+        scores = {}
         if imp is not None:
-            if plan.importance_kind == "weights":
-                w = _finite(imp.get("weight/" + step.weight_key), imp.path, step.weight_key, opts.nan_to_zero)
-            else:
-                s_f = _finite(imp.get("forget/" + step.weight_key), imp.path, step.weight_key, opts.nan_to_zero)
-                s_r = _finite(imp.get("retain/" + step.weight_key), imp.path, step.weight_key, opts.nan_to_zero)
-                w = ratio_weights(s_f, s_r, opts.alpha, opts.power, opts.eps)
-                del s_f, s_r
-            w_sum += float(w.float().sum())
-            w_count += w.numel()
-        writer.write(step.name, merge_tensor(base, ft, w, opts.lam))
-        del base, ft, w
+            keys = {"w": "weight/"} if plan.importance_kind == "weights" else {"s_f": "forget/", "s_r": "retain/"}
+            scores = {arg: _finite(imp.get(prefix + step.weight_key), imp.path, step.weight_key, opts.nan_to_zero)
+                      for arg, prefix in keys.items()}
+        merged, step_w_sum = merge_tensors(base, ft, **scores, lam=opts.lam, alpha=opts.alpha, power=opts.power,
+                                           eps=opts.eps)
+        writer.write(step.name, merged)
+        if imp is not None:
+            w_sum += step_w_sum
+            w_count += base.numel()
+        del base, ft, scores, merged
         _release_freed_memory()
     writer.close()
     return {"tensors": len(plan.steps), "mean_weight": (w_sum / w_count) if w_count else 1.0,

@@ -132,3 +132,27 @@ def test_demo_pipeline_on_the_tiny_model(tmp_path, tiny_dir, capsys):
         at_one = next(p for p in results["sweep"][method] if p["lam"] == 1.0)
         assert abs(at_one["forget"] - results["results"][method]["forget"]["answer_prob"]) < 1e-5
     assert (out / "demo.png").stat().st_size > 10_000 and "PerTA-fisher" in printed
+
+
+def test_info_lists_backends_and_why(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "cpp     available" in out and "torch   available" in out and "triton  unavailable:" in out
+
+
+def test_backends_give_the_same_merge(tmp_path, workspace, tiny_dir):
+    from perta_fast import ops
+
+    imp = workspace / "grad.safetensors"
+    if not imp.exists():
+        pytest.skip("needs test_importance_file_format first")
+    try:
+        for backend in ("torch", "cpp"):
+            assert main(["--backend", backend, "merge", "--base", str(tiny_dir), "--finetuned", str(workspace / "ft"),
+                         "--out", str(tmp_path / backend), "--importance", str(imp), "--lam", "1.5"]) == 0
+    finally:
+        ops.set_backend(None)
+    a, b = load_folder(tmp_path / "torch"), load_folder(tmp_path / "cpp")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert json.loads((tmp_path / "cpp" / "perta_merge.json").read_text())["mean_weight"] == pytest.approx(
+        json.loads((tmp_path / "torch" / "perta_merge.json").read_text())["mean_weight"], rel=1e-6)

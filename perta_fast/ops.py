@@ -1,0 +1,176 @@
+"""The engine's elementwise kernels: torch references, argument-checking launchers, and dispatch.
+
+Each op has a plain-torch reference (the fallback and the test oracle) and fast backends: C++ on CPU
+tensors (csrc/, built by the package install) and, later, Triton on CUDA tensors. The backend is chosen
+per call from the tensors' device, unless `PERTA_FAST_BACKEND` (or `set_backend`, or a CLI
+`--backend`) forces one; a forced backend that is unavailable falls back with a one-line warning.
+
+Ops:
+  accumulate_(acc, g, square)            acc (fp32) += g² or += g, in place
+  ratio(s_f, s_r, α, p, ε, ...)          w = s_f^p / (s_f^p + α s_r^p + ε), optionally over s_f
+  merge_tensors(base, ft, w | s_f,s_r)   base − λ·(w ⊙ (ft − base)) in base's dtype, one pass
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+BACKENDS = ("triton", "cpp", "torch")
+KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_forced: str | None = None
+_warned: set[str] = set()
+
+
+# ---------------------------------------------------------------- torch references
+
+def ratio_weights(s_f: torch.Tensor, s_r: torch.Tensor, alpha: float = 1.0, power: float = 1.0,
+                  eps: float = 1e-16) -> torch.Tensor:
+    """w = s_f^p / (s_f^p + α·s_r^p + ε) in fp32 (the torch reference for the ratio kernel).
+
+    Inputs are never written (the streamed merge reads them as views of a shared mmap); the result
+    is built in one fresh fp32 buffer so a merge step holds as few tensor-sized buffers as possible.
+    """
+    if power != 1.0:
+        s_f, s_r = s_f.float().pow(power), s_r.float().pow(power)
+    w = s_r.to(torch.float32, copy=True).mul_(alpha).add_(s_f).add_(eps)
+    torch.div(s_f, w, out=w)
+    # 0/0 (a parameter neither set touches, with ε = 0): no evidence it serves the forget set, so w = 0.
+    return w.nan_to_num_(nan=0.0)
+
+
+def merge_tensor(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor | None, lam: float) -> torch.Tensor:
+    """θ_full − λ·(w ⊙ (θ_ft − θ_full)) in fp32, returned in the base tensor's dtype (inputs untouched)."""
+    out = finetuned.to(torch.float32, copy=True).sub_(base)
+    if w is not None:
+        out.mul_(w)
+    return out.mul_(-lam).add_(base).to(base.dtype)
+
+
+# ---------------------------------------------------------------- backends
+
+def _load_cpp():
+    try:
+        from . import _cpp
+    except ImportError as e:
+        return None, f"C++ extension not built ({e}); reinstall with a C++ compiler and OpenMP"
+    return _cpp, None
+
+
+_CPP, _CPP_WHY = _load_cpp()
+
+
+def backend_status() -> dict[str, str | None]:
+    """{backend: None if usable here, else why not}."""
+    return {"triton": "Triton kernels are not implemented yet (GPU path pending)",
+            "cpp": _CPP_WHY, "torch": None}
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for every op (None: choose by device). Also read from PERTA_FAST_BACKEND."""
+    global _forced
+    if name not in (None, *BACKENDS):
+        raise ValueError(f"unknown backend {name!r} (expected one of {', '.join(BACKENDS)})")
+    _forced = name
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        print(f"perta-fast: warning: {msg}", file=sys.stderr)
+
+
+def pick_backend(*tensors: torch.Tensor) -> str:
+    """The backend for an op over `tensors`: the forced one if usable, else by device and dtype."""
+    forced = _forced or os.environ.get("PERTA_FAST_BACKEND") or None
+    status = backend_status()
+    fits_cpp = all(t.device.type == "cpu" and t.dtype in KERNEL_DTYPES for t in tensors)
+    if forced:
+        if forced not in BACKENDS:
+            _warn_once(f"PERTA_FAST_BACKEND={forced!r} is not one of {', '.join(BACKENDS)}; choosing by device")
+        elif status[forced] is not None:
+            _warn_once(f"backend {forced} unavailable: {status[forced]}; falling back")
+        elif forced == "cpp" and not fits_cpp:
+            _warn_once("backend cpp needs CPU tensors in fp32/bf16/fp16; using torch for the others")
+            return "torch"
+        else:
+            return forced
+    if fits_cpp and status["cpp"] is None:
+        return "cpp"
+    return "torch"
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1)
+
+
+def _check_same_shape(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    if t.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(like.shape)}")
+
+
+# ---------------------------------------------------------------- launchers
+
+def accumulate_(acc: torch.Tensor, g: torch.Tensor, square: bool) -> torch.Tensor:
+    """acc += g² (square) or acc += g, in place; acc must be fp32."""
+    if acc.dtype != torch.float32:
+        raise ValueError(f"accumulator must be float32, got {acc.dtype}")
+    _check_same_shape("gradient", g, acc)
+    if acc.numel() == 0:
+        return acc
+    if pick_backend(acc, g) == "cpp" and acc.is_contiguous():
+        g = _flat(g)
+        _CPP.accumulate(acc.data_ptr(), g.data_ptr(), KERNEL_DTYPES[g.dtype], acc.numel(), square)
+        return acc
+    return acc.addcmul_(g, g) if square else acc.add_(g)
+
+
+def ratio(s_f: torch.Tensor, s_r: torch.Tensor, alpha: float = 1.0, power: float = 1.0, eps: float = 1e-16,
+          out_dtype: torch.dtype = torch.float32, over_s_f: bool = False) -> torch.Tensor:
+    """w = s_f^p / (s_f^p + α·s_r^p + ε). With `over_s_f` (fp32, contiguous s_f, fp32 output) w is
+    written over s_f's buffer, so no model-sized buffer is allocated; otherwise a new `out_dtype` tensor."""
+    _check_same_shape("s_r", s_r, s_f)
+    in_place = over_s_f and out_dtype == torch.float32 and s_f.dtype == torch.float32 and s_f.is_contiguous()
+    if pick_backend(s_f, s_r) == "cpp" and s_f.dtype == s_r.dtype and out_dtype in KERNEL_DTYPES:
+        out = s_f if in_place else torch.empty(s_f.shape, dtype=out_dtype)
+        if out.numel():
+            f, r = _flat(s_f), _flat(s_r)
+            _CPP.ratio(f.data_ptr(), r.data_ptr(), KERNEL_DTYPES[f.dtype], out.data_ptr(), KERNEL_DTYPES[out_dtype],
+                       out.numel(), alpha, power, eps)
+        return out
+    w = ratio_weights(s_f, s_r, alpha, power, eps)
+    if in_place:
+        return s_f.copy_(w)
+    return w.to(out_dtype)
+
+
+def merge_tensors(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor | None = None,
+                  s_f: torch.Tensor | None = None, s_r: torch.Tensor | None = None, lam: float = 1.0,
+                  alpha: float = 1.0, power: float = 1.0, eps: float = 1e-16) -> tuple[torch.Tensor, float]:
+    """(base − λ·(w ⊙ (ft − base)) in base's dtype, Σw). w is given, or formed from (s_f, s_r) on the fly
+    without a w buffer, or 1 everywhere (TV) when neither is given. One read of each input, one write."""
+    if w is not None and s_f is not None:
+        raise ValueError("give w or (s_f, s_r), not both")
+    if (s_f is None) != (s_r is None):
+        raise ValueError("s_f and s_r go together")
+    for name, t in (("finetuned", finetuned), ("w", w), ("s_f", s_f), ("s_r", s_r)):
+        if t is not None:
+            _check_same_shape(name, t, base)
+    present = [t for t in (base, finetuned, w, s_f, s_r) if t is not None]
+    if pick_backend(*present) == "cpp" and (s_f is None or s_f.dtype == s_r.dtype):
+        out = torch.empty(base.shape, dtype=base.dtype)
+        if not out.numel():
+            return out, 0.0
+        flat = [None if t is None else _flat(t) for t in (base, finetuned, w, s_f, s_r)]
+        b, f, wf, sf, sr = flat
+        w_sum = _CPP.merge(b.data_ptr(), KERNEL_DTYPES[b.dtype], f.data_ptr(), KERNEL_DTYPES[f.dtype],
+                           wf.data_ptr() if wf is not None else 0, KERNEL_DTYPES[wf.dtype] if wf is not None else 0,
+                           sf.data_ptr() if sf is not None else 0, sr.data_ptr() if sr is not None else 0,
+                           KERNEL_DTYPES[sf.dtype] if sf is not None else 0, out.data_ptr(), out.numel(),
+                           lam, alpha, power, eps)
+        return out, w_sum
+    if s_f is not None:
+        w = ratio_weights(s_f, s_r, alpha, power, eps)
+    w_sum = float(w.sum(dtype=torch.float64)) if w is not None else float(base.numel())
+    return merge_tensor(base, finetuned, w, lam), w_sum

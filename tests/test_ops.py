@@ -1,0 +1,129 @@
+"""Each kernel against its torch reference, for every available backend: dtypes, sizes 0/1/7/4097,
+odd 2-D shapes, non-contiguous inputs, in place or not, special values."""
+import pytest
+import torch
+
+from perta_fast import ops
+from perta_fast.ops import accumulate_, merge_tensor, merge_tensors, ratio, ratio_weights
+
+AVAILABLE = [b for b, why in ops.backend_status().items() if why is None]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(0,), (1,), (7,), (4097,), (33, 17), (5, 0, 3), (3, 129, 2)]
+
+
+@pytest.fixture(params=AVAILABLE)
+def backend(request):
+    ops.set_backend(request.param)
+    yield request.param
+    ops.set_backend(None)
+
+
+def make(shape, dtype, seed, positive=False, contiguous=True):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape if contiguous else (*shape[:-1], shape[-1] * 2) if shape else shape, generator=g)
+    if not contiguous:
+        t = t[..., ::2]  # a strided view: every other column
+    return (t.abs() if positive else t).to(dtype)
+
+
+def test_cpp_backend_is_built_here():
+    """The C++ extension is part of the normal install; CI must exercise it, not silently fall back."""
+    assert ops.backend_status()["cpp"] is None, ops.backend_status()["cpp"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("square", [True, False])
+def test_accumulate(backend, dtype, shape, square):
+    acc = make(shape, torch.float32, 0)
+    g = make(shape, dtype, 1, contiguous=len(shape) < 2)
+    term = g.double() ** 2 if square else g.double()
+    want = acc.double() + term
+    scale = acc.double().abs() + term.abs()
+    got = accumulate_(acc, g, square)
+    assert got is acc
+    # fp32 math with one or two roundings (a fused multiply-add or not): within 2 ulp of the operands'
+    # magnitude, which near cancellation is far more than 1 ulp of the (small) result
+    assert ((acc.double() - want).abs() <= 2 * 2**-23 * scale).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("alpha,power", [(1.0, 1.0), (0.3, 2.0), (4.0, 0.5)])
+def test_ratio(backend, dtype, shape, alpha, power):
+    s_f, s_r = make(shape, dtype, 2, positive=True), make(shape, dtype, 3, positive=True, contiguous=len(shape) < 2)
+    if s_f.numel():
+        s_f.view(-1)[0] = 0
+        s_r.reshape(-1)[0] = 0  # 0/0 → w = 0
+    want = ratio_weights(s_f, s_r, alpha, power, 0.0)
+    got = ratio(s_f, s_r, alpha, power, 0.0)
+    # p = 1: the same fp32 operations in the same order; p ≠ 1: pow may differ by an ulp or two
+    torch.testing.assert_close(got, want, rtol=0 if power == 1 else 1e-6, atol=0 if power == 1 else 1e-7)
+    if s_f.numel():
+        assert got.view(-1)[0] == 0
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_ratio_in_compact_dtype(backend, out_dtype):
+    s_f, s_r = make((4097,), torch.float32, 4, positive=True), make((4097,), torch.float32, 5, positive=True)
+    got = ratio(s_f, s_r, out_dtype=out_dtype)
+    assert got.dtype == out_dtype
+    torch.testing.assert_close(got, ratio_weights(s_f, s_r).to(out_dtype), rtol=0, atol=0)
+
+
+def test_ratio_over_s_f_reuses_its_buffer(backend):
+    s_f, s_r = make((4097,), torch.float32, 6, positive=True), make((4097,), torch.float32, 7, positive=True)
+    want = ratio_weights(s_f, s_r, 2.0)
+    ptr = s_f.data_ptr()
+    got = ratio(s_f, s_r, 2.0, over_s_f=True)
+    assert got.data_ptr() == ptr
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["tv", "w", "scores"])
+def test_merge(backend, dtype, shape, kind):
+    base, ft = make(shape, dtype, 8), make(shape, dtype, 9, contiguous=len(shape) < 2)
+    s_f, s_r = make(shape, torch.float32, 10, positive=True), make(shape, torch.float32, 11, positive=True)
+    w = ratio_weights(s_f, s_r, 0.5, 1.0, 1e-16)
+    args = {"tv": {}, "w": {"w": w.half()}, "scores": {"s_f": s_f, "s_r": s_r}}[kind]
+    want_w = {"tv": None, "w": w.half().float(), "scores": w}[kind]
+    got, w_sum = merge_tensors(base, ft, **args, lam=1.7, alpha=0.5)
+    want = merge_tensor(base, ft, want_w, 1.7)
+    assert got.dtype == dtype and got.shape == base.shape
+    # identical fp32 operation order, then one round-to-nearest-even cast: equal to the bit
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    want_sum = base.numel() if want_w is None else float(want_w.double().sum())
+    assert w_sum == pytest.approx(want_sum, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_rounding_at_the_edges(backend, dtype):
+    """Subnormals, overflow to inf, ties: the C++ casts must agree with torch's to the bit."""
+    info = torch.finfo(dtype)
+    base = torch.tensor([0.0, info.tiny, info.tiny / 8, info.max, -info.max, 1.0, 1e-3, -2.5], dtype=dtype)
+    ft = torch.tensor([info.tiny * 3, -info.tiny, 0.0, -info.max, info.max, 1.0 + 3 * info.eps, 2e-3, 7.0], dtype=dtype)
+    for lam in (0.5, 1.0, 1.3):
+        got, _ = merge_tensors(base, ft, lam=lam)
+        torch.testing.assert_close(got, merge_tensor(base, ft, None, lam), rtol=0, atol=0, equal_nan=True)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="float32"):
+        accumulate_(torch.zeros(3, dtype=torch.float16), torch.zeros(3), True)
+    with pytest.raises(ValueError, match="shape"):
+        merge_tensors(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="not both"):
+        merge_tensors(torch.zeros(3), torch.zeros(3), w=torch.zeros(3), s_f=torch.zeros(3), s_r=torch.zeros(3))
+
+
+def test_forced_unavailable_backend_warns_once_and_falls_back(monkeypatch, capsys):
+    monkeypatch.setenv("PERTA_FAST_BACKEND", "triton")
+    ops._warned.clear()
+    base, ft = make((7,), torch.float32, 12), make((7,), torch.float32, 13)
+    for _ in range(3):
+        got, _ = merge_tensors(base, ft, lam=1.0)
+    torch.testing.assert_close(got, merge_tensor(base, ft, None, 1.0))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "triton unavailable" in err[0]
