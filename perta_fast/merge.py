@@ -166,6 +166,10 @@ def execute_merge(plan: MergePlan, out_folder: Path, progress: bool = True) -> d
     layout = [(s.name, s.shape, s.dtype) for s in plan.steps]
     writer = ShardedWriter(out_folder, layout, opts.max_shard_bytes, {"perta_fast": __version__})
     w_sum, w_count = 0.0, 0
+    # One output buffer for every tensor: fresh memory would be page-faulted in on each step, which
+    # costs more than the merge arithmetic itself.
+    scratch = torch.empty(max((s.dtype.itemsize * torch.Size(s.shape).numel() for s in plan.steps), default=0),
+                          dtype=torch.uint8)
     for step in tqdm(plan.steps, desc="merge", unit="tensor", disable=not progress):
         base = _finite(base_ck.get(step.name), base_ck.file_of(step.name), step.name, opts.nan_to_zero)
         if step.action == "copy":
@@ -177,13 +181,14 @@ def execute_merge(plan: MergePlan, out_folder: Path, progress: bool = True) -> d
             keys = {"w": "weight/"} if plan.importance_kind == "weights" else {"s_f": "forget/", "s_r": "retain/"}
             scores = {arg: _finite(imp.get(prefix + step.weight_key), imp.path, step.weight_key, opts.nan_to_zero)
                       for arg, prefix in keys.items()}
+        out = scratch[:base.numel() * base.element_size()].view(base.dtype).view(base.shape)
         merged, step_w_sum = merge_tensors(base, ft, **scores, lam=opts.lam, alpha=opts.alpha, power=opts.power,
-                                           eps=opts.eps)
+                                           eps=opts.eps, out=out)
         writer.write(step.name, merged)
         if imp is not None:
             w_sum += step_w_sum
             w_count += base.numel()
-        del base, ft, scores, merged
+        del base, ft, scores, merged, out
         _release_freed_memory()
     writer.close()
     return {"tensors": len(plan.steps), "mean_weight": (w_sum / w_count) if w_count else 1.0,

@@ -127,3 +127,15 @@ def test_forced_unavailable_backend_warns_once_and_falls_back(monkeypatch, capsy
     torch.testing.assert_close(got, merge_tensor(base, ft, None, 1.0))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "triton unavailable" in err[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_into_a_given_buffer(backend, dtype):
+    base, ft = make((33, 17), dtype, 14), make((33, 17), dtype, 15)
+    s_f, s_r = make((33, 17), torch.float32, 16, positive=True), make((33, 17), torch.float32, 17, positive=True)
+    out = torch.full((33, 17), 7.0, dtype=dtype)
+    got, _ = merge_tensors(base, ft, s_f=s_f, s_r=s_r, lam=0.9, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, merge_tensor(base, ft, ratio_weights(s_f, s_r), 0.9), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out must be"):
+        merge_tensors(base, ft, out=torch.empty(3, dtype=dtype))
