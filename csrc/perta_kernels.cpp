@@ -164,34 +164,54 @@ enum Mode : int { TV = 0, WEIGHTS = 1, SCORES = 2, SCORES_POW = 3 };
 
 // One loop per (base dtype, finetuned dtype, mode, weight/score dtype): no branch or dtype switch is
 // left inside it, so the compiler can vectorise the fp32 math.
+// x − x is 0 for finite x and NaN for NaN/±inf: a branch-free test that vectorises.
+static inline bool finite(float x) { return (x - x) == 0.0f; }
+
+struct MergeStats { double w_sum; int64_t nonfinite; };
+
+// One loop per (base dtype, finetuned dtype, mode, weight/score dtype): no branch or dtype switch is
+// left inside it, so the compiler can vectorise the fp32 math. Non-finite inputs are counted in the
+// same pass (and read as 0 when `zero_nonfinite`), so no separate checking pass over the data is needed.
 template <int BDT, int FDT, int MODE, int WDT>
-static double merge_loop(const void* base, const void* ft, const void* w, const void* sf, const void* sr, void* out,
-                         int64_t n, float lam, float alpha, float power, float eps) {
-    return parallel_chunks(n, [&](int64_t lo, int64_t hi) {
-        double w_sum = 0.0;
+static MergeStats merge_loop(const void* base, const void* ft, const void* w, const void* sf, const void* sr,
+                             void* out, int64_t n, float lam, float alpha, float power, float eps, bool zero_nonfinite) {
+    double nonfinite = 0.0;
+    double w_sum = parallel_chunks(n, [&](int64_t lo, int64_t hi) {
+        double sum = 0.0;
+        int64_t bad_total = 0;
         // Σw in float over blocks of 256 (a float reduction vectorises, a double one does not here),
         // blocks added in double: relative error ~1e-7 at any length.
         for (int64_t start = lo; start < hi; start += 256) {
             int64_t end = std::min(hi, start + 256);
             float block = 0.0f;
-#pragma omp simd reduction(+ : block)
+            int bad = 0;
+#pragma omp simd reduction(+ : block, bad)
             for (int64_t i = start; i < end; ++i) {
-                float b = load(base, i, BDT);
-                float weight = 1.0f;
-                if (MODE == WEIGHTS) weight = load(w, i, WDT);
-                if (MODE == SCORES || MODE == SCORES_POW)
-                    weight = ratio_value<MODE == SCORES_POW>(load(sf, i, WDT), load(sr, i, WDT), alpha, power, eps);
+                float b = load(base, i, BDT), f = load(ft, i, FDT), x = 1.0f, y = 0.0f;
+                if (MODE == WEIGHTS) x = load(w, i, WDT);
+                if (MODE == SCORES || MODE == SCORES_POW) { x = load(sf, i, WDT); y = load(sr, i, WDT); }
+                bad += !finite(b) + !finite(f) + !finite(x) + !finite(y);
+                if (zero_nonfinite) {
+                    b = finite(b) ? b : 0.0f; f = finite(f) ? f : 0.0f;
+                    x = finite(x) ? x : 0.0f; y = finite(y) ? y : 0.0f;
+                }
+                float weight = x;
+                if (MODE == SCORES || MODE == SCORES_POW) weight = ratio_value<MODE == SCORES_POW>(x, y, alpha, power, eps);
                 block += weight;
-                store(out, i, BDT, b - lam * (weight * (load(ft, i, FDT) - b)));
+                store(out, i, BDT, b - lam * (weight * (f - b)));
             }
-            w_sum += block;
+            sum += block;
+            bad_total += bad;
         }
-        return w_sum;
+#pragma omp atomic
+        nonfinite += double(bad_total);
+        return sum;
     });
+    return {w_sum, int64_t(nonfinite)};
 }
 
-using MergeFn = double (*)(const void*, const void*, const void*, const void*, const void*, void*, int64_t, float,
-                           float, float, float);
+using MergeFn = MergeStats (*)(const void*, const void*, const void*, const void*, const void*, void*, int64_t, float,
+                               float, float, float, bool);
 
 template <int BDT, int FDT>
 static MergeFn pick_merge(int mode, int wdt) {
@@ -211,9 +231,11 @@ static MergeFn pick_merge(int fdt, int mode, int wdt) {
 }
 
 // out = base − λ·(w ⊙ (ft − base)) in base's dtype, w given, formed from (s_f, s_r), or 1 (TV).
-// Returns Σw, so callers can report the mean weight without a second pass.
-static double merge(uintptr_t base, int base_dt, uintptr_t ft, int ft_dt, uintptr_t w, int w_dt, uintptr_t sf,
-                    uintptr_t sr, int s_dt, uintptr_t out, int64_t n, float lam, float alpha, float power, float eps) {
+// Returns (Σw, number of non-finite input elements), so callers report the mean weight and refuse
+// NaN/Inf without a second pass.
+static py::tuple merge(uintptr_t base, int base_dt, uintptr_t ft, int ft_dt, uintptr_t w, int w_dt, uintptr_t sf,
+                       uintptr_t sr, int s_dt, uintptr_t out, int64_t n, float lam, float alpha, float power, float eps,
+                       bool zero_nonfinite) {
     check_dtype(base_dt); check_dtype(ft_dt);
     if (w) check_dtype(w_dt);
     if (sf) { check_dtype(s_dt); if (!sr) throw std::invalid_argument("s_f given without s_r"); }
@@ -221,9 +243,14 @@ static double merge(uintptr_t base, int base_dt, uintptr_t ft, int ft_dt, uintpt
     int wdt = w ? w_dt : s_dt;
     MergeFn fn = base_dt == F32 ? pick_merge<F32>(ft_dt, mode, wdt)
                : base_dt == BF16 ? pick_merge<BF16>(ft_dt, mode, wdt) : pick_merge<F16>(ft_dt, mode, wdt);
-    return fn(reinterpret_cast<const void*>(base), reinterpret_cast<const void*>(ft), reinterpret_cast<const void*>(w),
-              reinterpret_cast<const void*>(sf), reinterpret_cast<const void*>(sr), reinterpret_cast<void*>(out), n,
-              lam, alpha, power, eps);
+    MergeStats stats;
+    {
+        py::gil_scoped_release release;
+        stats = fn(reinterpret_cast<const void*>(base), reinterpret_cast<const void*>(ft), reinterpret_cast<const void*>(w),
+                   reinterpret_cast<const void*>(sf), reinterpret_cast<const void*>(sr), reinterpret_cast<void*>(out), n,
+                   lam, alpha, power, eps, zero_nonfinite);
+    }
+    return py::make_tuple(stats.w_sum, stats.nonfinite);
 }
 
 PYBIND11_MODULE(_cpp, m) {
@@ -231,5 +258,5 @@ PYBIND11_MODULE(_cpp, m) {
     // Release the GIL: the loops touch no Python objects and run on OpenMP threads.
     m.def("accumulate", &accumulate, py::call_guard<py::gil_scoped_release>());
     m.def("ratio", &ratio, py::call_guard<py::gil_scoped_release>());
-    m.def("merge", &merge, py::call_guard<py::gil_scoped_release>());
+    m.def("merge", &merge);  // releases the GIL itself around the loop (it builds a Python tuple after)
 }

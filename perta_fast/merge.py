@@ -130,12 +130,13 @@ def plan_merge(base: str | Path, finetuned: str | Path, importance: str | Path |
     return plan
 
 
-def _finite(t: torch.Tensor, where: Path, name: str, nan_to_zero: bool) -> torch.Tensor:
-    if t.dtype.is_floating_point and not torch.isfinite(t).all():
-        if not nan_to_zero:
-            raise PertaError(f"{where}: tensor {name} contains NaN or Inf (pass --nan-to-zero to treat them as 0)")
-        t = torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
-    return t
+def _raise_nonfinite(step: TensorStep, base_ck: Checkpoint, ft_ck: Checkpoint, imp, scores: dict):
+    """The merge kernel counted NaN/Inf among this step's inputs: name the file that holds them."""
+    candidates = [(base_ck.file_of(step.name), base_ck.get(step.name)), (ft_ck.file_of(step.name), ft_ck.get(step.name))]
+    candidates += [(imp.path, t) for t in scores.values()]
+    where = next(path for path, t in candidates if not torch.isfinite(t).all())
+    raise PertaError(f"{where}: tensor {step.weight_key if where == getattr(imp, 'path', None) else step.name} "
+                     "contains NaN or Inf (pass --nan-to-zero to treat them as 0)")
 
 
 def _release_freed_memory():
@@ -171,19 +172,21 @@ def execute_merge(plan: MergePlan, out_folder: Path, progress: bool = True) -> d
     scratch = torch.empty(max((s.dtype.itemsize * torch.Size(s.shape).numel() for s in plan.steps), default=0),
                           dtype=torch.uint8)
     for step in tqdm(plan.steps, desc="merge", unit="tensor", disable=not progress):
-        base = _finite(base_ck.get(step.name), base_ck.file_of(step.name), step.name, opts.nan_to_zero)
+        base = base_ck.get(step.name)
         if step.action == "copy":
             writer.write(step.name, base)
             continue
-        ft = _finite(ft_ck.get(step.name), ft_ck.file_of(step.name), step.name, opts.nan_to_zero)
+        ft = ft_ck.get(step.name)
         scores = {}
         if imp is not None:
             keys = {"w": "weight/"} if plan.importance_kind == "weights" else {"s_f": "forget/", "s_r": "retain/"}
-            scores = {arg: _finite(imp.get(prefix + step.weight_key), imp.path, step.weight_key, opts.nan_to_zero)
-                      for arg, prefix in keys.items()}
+            scores = {arg: imp.get(prefix + step.weight_key) for arg, prefix in keys.items()}
         out = scratch[:base.numel() * base.element_size()].view(base.dtype).view(base.shape)
-        merged, step_w_sum = merge_tensors(base, ft, **scores, lam=opts.lam, alpha=opts.alpha, power=opts.power,
-                                           eps=opts.eps, out=out)
+        merged, step_w_sum, nonfinite = merge_tensors(base, ft, **scores, lam=opts.lam, alpha=opts.alpha,
+                                                      power=opts.power, eps=opts.eps, out=out,
+                                                      nan_to_zero=opts.nan_to_zero)
+        if nonfinite and not opts.nan_to_zero:
+            _raise_nonfinite(step, base_ck, ft_ck, imp, scores)
         writer.write(step.name, merged)
         if imp is not None:
             w_sum += step_w_sum

@@ -148,9 +148,11 @@ def ratio(s_f: torch.Tensor, s_r: torch.Tensor, alpha: float = 1.0, power: float
 def merge_tensors(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor | None = None,
                   s_f: torch.Tensor | None = None, s_r: torch.Tensor | None = None, lam: float = 1.0,
                   alpha: float = 1.0, power: float = 1.0, eps: float = 1e-16,
-                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """(base − λ·(w ⊙ (ft − base)) in base's dtype, Σw). w is given, or formed from (s_f, s_r) on the fly
-    without a w buffer, or 1 everywhere (TV) when neither is given. One read of each input, one write.
+                  out: torch.Tensor | None = None, nan_to_zero: bool = False) -> tuple[torch.Tensor, float, int]:
+    """(base − λ·(w ⊙ (ft − base)) in base's dtype, Σw, number of non-finite input elements). w is given,
+    or formed from (s_f, s_r) on the fly without a w buffer, or 1 everywhere (TV) when neither is given.
+    One read of each input, one write; NaN/Inf inputs are counted in the same pass and, with
+    `nan_to_zero`, read as 0.
 
     `out` (base's shape and dtype, contiguous) receives the result when given: reusing one buffer across
     tensors spares the page faults of fresh memory, which cost more than the merge itself."""
@@ -167,17 +169,24 @@ def merge_tensors(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor |
     if pick_backend(*present) == "cpp" and (s_f is None or s_f.dtype == s_r.dtype):
         out = torch.empty(base.shape, dtype=base.dtype) if out is None else out
         if not out.numel():
-            return out, 0.0
+            return out, 0.0, 0
         flat = [None if t is None else _flat(t) for t in (base, finetuned, w, s_f, s_r)]
         b, f, wf, sf, sr = flat
-        w_sum = _CPP.merge(b.data_ptr(), KERNEL_DTYPES[b.dtype], f.data_ptr(), KERNEL_DTYPES[f.dtype],
-                           wf.data_ptr() if wf is not None else 0, KERNEL_DTYPES[wf.dtype] if wf is not None else 0,
-                           sf.data_ptr() if sf is not None else 0, sr.data_ptr() if sr is not None else 0,
-                           KERNEL_DTYPES[sf.dtype] if sf is not None else 0, out.data_ptr(), out.numel(),
-                           lam, alpha, power, eps)
-        return out, w_sum
+        w_sum, nonfinite = _CPP.merge(
+            b.data_ptr(), KERNEL_DTYPES[b.dtype], f.data_ptr(), KERNEL_DTYPES[f.dtype],
+            wf.data_ptr() if wf is not None else 0, KERNEL_DTYPES[wf.dtype] if wf is not None else 0,
+            sf.data_ptr() if sf is not None else 0, sr.data_ptr() if sr is not None else 0,
+            KERNEL_DTYPES[sf.dtype] if sf is not None else 0, out.data_ptr(), out.numel(), lam, alpha, power, eps,
+            nan_to_zero)
+        return out, w_sum, nonfinite
+    inputs = {"base": base, "finetuned": finetuned, "w": w, "s_f": s_f, "s_r": s_r}
+    nonfinite = sum(int((~torch.isfinite(t)).sum()) for t in inputs.values() if t is not None)
+    if nonfinite and nan_to_zero:
+        inputs = {k: None if t is None else torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+                  for k, t in inputs.items()}
+    base, finetuned, w = inputs["base"], inputs["finetuned"], inputs["w"]
     if s_f is not None:
-        w = ratio_weights(s_f, s_r, alpha, power, eps)
+        w = ratio_weights(inputs["s_f"], inputs["s_r"], alpha, power, eps)
     w_sum = float(w.sum(dtype=torch.float64)) if w is not None else float(base.numel())
     merged = merge_tensor(base, finetuned, w, lam)
-    return (merged if out is None else out.copy_(merged)), w_sum
+    return (merged if out is None else out.copy_(merged)), w_sum, nonfinite

@@ -89,7 +89,8 @@ def test_merge(backend, dtype, shape, kind):
     w = ratio_weights(s_f, s_r, 0.5, 1.0, 1e-16)
     args = {"tv": {}, "w": {"w": w.half()}, "scores": {"s_f": s_f, "s_r": s_r}}[kind]
     want_w = {"tv": None, "w": w.half().float(), "scores": w}[kind]
-    got, w_sum = merge_tensors(base, ft, **args, lam=1.7, alpha=0.5)
+    got, w_sum, nonfinite = merge_tensors(base, ft, **args, lam=1.7, alpha=0.5)
+    assert nonfinite == 0
     want = merge_tensor(base, ft, want_w, 1.7)
     assert got.dtype == dtype and got.shape == base.shape
     # identical fp32 operation order, then one round-to-nearest-even cast: equal to the bit
@@ -105,7 +106,7 @@ def test_merge_rounding_at_the_edges(backend, dtype):
     base = torch.tensor([0.0, info.tiny, info.tiny / 8, info.max, -info.max, 1.0, 1e-3, -2.5], dtype=dtype)
     ft = torch.tensor([info.tiny * 3, -info.tiny, 0.0, -info.max, info.max, 1.0 + 3 * info.eps, 2e-3, 7.0], dtype=dtype)
     for lam in (0.5, 1.0, 1.3):
-        got, _ = merge_tensors(base, ft, lam=lam)
+        got, _, _ = merge_tensors(base, ft, lam=lam)
         torch.testing.assert_close(got, merge_tensor(base, ft, None, lam), rtol=0, atol=0, equal_nan=True)
 
 
@@ -123,7 +124,7 @@ def test_forced_unavailable_backend_warns_once_and_falls_back(monkeypatch, capsy
     ops._warned.clear()
     base, ft = make((7,), torch.float32, 12), make((7,), torch.float32, 13)
     for _ in range(3):
-        got, _ = merge_tensors(base, ft, lam=1.0)
+        got, _, _ = merge_tensors(base, ft, lam=1.0)
     torch.testing.assert_close(got, merge_tensor(base, ft, None, 1.0))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "triton unavailable" in err[0]
@@ -134,8 +135,25 @@ def test_merge_into_a_given_buffer(backend, dtype):
     base, ft = make((33, 17), dtype, 14), make((33, 17), dtype, 15)
     s_f, s_r = make((33, 17), torch.float32, 16, positive=True), make((33, 17), torch.float32, 17, positive=True)
     out = torch.full((33, 17), 7.0, dtype=dtype)
-    got, _ = merge_tensors(base, ft, s_f=s_f, s_r=s_r, lam=0.9, out=out)
+    got, _, _ = merge_tensors(base, ft, s_f=s_f, s_r=s_r, lam=0.9, out=out)
     assert got.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out, merge_tensor(base, ft, ratio_weights(s_f, s_r), 0.9), rtol=0, atol=0)
     with pytest.raises(ValueError, match="out must be"):
         merge_tensors(base, ft, out=torch.empty(3, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["tv", "w", "scores"])
+def test_merge_counts_and_zeroes_nonfinite_inputs(backend, dtype, kind):
+    base, ft = make((4097,), dtype, 18), make((4097,), dtype, 19)
+    s_f, s_r = make((4097,), torch.float32, 20, positive=True), make((4097,), torch.float32, 21, positive=True)
+    base[3], ft[100], ft[101] = float("nan"), float("inf"), -float("inf")
+    s_f[7], s_r[4000] = float("nan"), float("inf")
+    args = {"tv": {}, "w": {"w": s_f}, "scores": {"s_f": s_f, "s_r": s_r}}[kind]
+    _, _, counted = merge_tensors(base, ft, **args)
+    assert counted == 3 + {"tv": 0, "w": 1, "scores": 2}[kind]
+    got, _, _ = merge_tensors(base, ft, **args, nan_to_zero=True)
+    clean = {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in args.items()}
+    b, f = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in (base, ft))
+    w = {"tv": None, "w": clean.get("w"), "scores": ratio_weights(clean.get("s_f", s_f), clean.get("s_r", s_r))}[kind]
+    torch.testing.assert_close(got, merge_tensor(b, f, w, 1.0), rtol=0, atol=0)
