@@ -171,10 +171,10 @@ struct MergeStats { double w_sum; int64_t nonfinite; };
 
 // One loop per (base dtype, finetuned dtype, mode, weight/score dtype): no branch or dtype switch is
 // left inside it, so the compiler can vectorise the fp32 math. Non-finite inputs are counted in the
-// same pass (and read as 0 when `zero_nonfinite`), so no separate checking pass over the data is needed.
-template <int BDT, int FDT, int MODE, int WDT>
+// same pass (and read as 0 when ZERO), so no separate checking pass over the data is needed.
+template <int BDT, int FDT, int MODE, int WDT, bool ZERO>
 static MergeStats merge_loop(const void* base, const void* ft, const void* w, const void* sf, const void* sr,
-                             void* out, int64_t n, float lam, float alpha, float power, float eps, bool zero_nonfinite) {
+                             void* out, int64_t n, float lam, float alpha, float power, float eps) {
     double nonfinite = 0.0;
     double w_sum = parallel_chunks(n, [&](int64_t lo, int64_t hi) {
         double sum = 0.0;
@@ -190,8 +190,9 @@ static MergeStats merge_loop(const void* base, const void* ft, const void* w, co
                 float b = load(base, i, BDT), f = load(ft, i, FDT), x = 1.0f, y = 0.0f;
                 if (MODE == WEIGHTS) x = load(w, i, WDT);
                 if (MODE == SCORES || MODE == SCORES_POW) { x = load(sf, i, WDT); y = load(sr, i, WDT); }
-                bad += !finite(b) + !finite(f) + !finite(x) + !finite(y);
-                if (zero_nonfinite) {
+                // one probe for all inputs: NaN/inf in any of them makes it NaN
+                bad += ((b - b) + (f - f) + (x - x) + (y - y)) != 0.0f;
+                if (ZERO) {
                     b = finite(b) ? b : 0.0f; f = finite(f) ? f : 0.0f;
                     x = finite(x) ? x : 0.0f; y = finite(y) ? y : 0.0f;
                 }
@@ -211,27 +212,36 @@ static MergeStats merge_loop(const void* base, const void* ft, const void* w, co
 }
 
 using MergeFn = MergeStats (*)(const void*, const void*, const void*, const void*, const void*, void*, int64_t, float,
-                               float, float, float, bool);
+                               float, float, float);
 
-template <int BDT, int FDT>
-static MergeFn pick_merge(int mode, int wdt) {
-    if (mode == TV) return merge_loop<BDT, FDT, TV, F32>;
-    if (mode == WEIGHTS) return wdt == F32 ? merge_loop<BDT, FDT, WEIGHTS, F32>
-                              : wdt == BF16 ? merge_loop<BDT, FDT, WEIGHTS, BF16> : merge_loop<BDT, FDT, WEIGHTS, F16>;
-    if (mode == SCORES) return wdt == F32 ? merge_loop<BDT, FDT, SCORES, F32>
-                             : wdt == BF16 ? merge_loop<BDT, FDT, SCORES, BF16> : merge_loop<BDT, FDT, SCORES, F16>;
-    return wdt == F32 ? merge_loop<BDT, FDT, SCORES_POW, F32>
-         : wdt == BF16 ? merge_loop<BDT, FDT, SCORES_POW, BF16> : merge_loop<BDT, FDT, SCORES_POW, F16>;
+template <int BDT, int FDT, int MODE, bool ZERO>
+static MergeFn pick_weight_dtype(int wdt) {
+    return wdt == F32 ? merge_loop<BDT, FDT, MODE, F32, ZERO>
+         : wdt == BF16 ? merge_loop<BDT, FDT, MODE, BF16, ZERO> : merge_loop<BDT, FDT, MODE, F16, ZERO>;
 }
 
-template <int BDT>
+template <int BDT, int FDT, bool ZERO>
+static MergeFn pick_merge(int mode, int wdt) {
+    if (mode == TV) return merge_loop<BDT, FDT, TV, F32, ZERO>;
+    if (mode == WEIGHTS) return pick_weight_dtype<BDT, FDT, WEIGHTS, ZERO>(wdt);
+    if (mode == SCORES) return pick_weight_dtype<BDT, FDT, SCORES, ZERO>(wdt);
+    return pick_weight_dtype<BDT, FDT, SCORES_POW, ZERO>(wdt);
+}
+
+template <int BDT, bool ZERO>
 static MergeFn pick_merge(int fdt, int mode, int wdt) {
-    return fdt == F32 ? pick_merge<BDT, F32>(mode, wdt) : fdt == BF16 ? pick_merge<BDT, BF16>(mode, wdt)
-                                                                      : pick_merge<BDT, F16>(mode, wdt);
+    return fdt == F32 ? pick_merge<BDT, F32, ZERO>(mode, wdt) : fdt == BF16 ? pick_merge<BDT, BF16, ZERO>(mode, wdt)
+                                                                            : pick_merge<BDT, F16, ZERO>(mode, wdt);
+}
+
+template <bool ZERO>
+static MergeFn pick_merge(int bdt, int fdt, int mode, int wdt) {
+    return bdt == F32 ? pick_merge<F32, ZERO>(fdt, mode, wdt) : bdt == BF16 ? pick_merge<BF16, ZERO>(fdt, mode, wdt)
+                                                                            : pick_merge<F16, ZERO>(fdt, mode, wdt);
 }
 
 // out = base − λ·(w ⊙ (ft − base)) in base's dtype, w given, formed from (s_f, s_r), or 1 (TV).
-// Returns (Σw, number of non-finite input elements), so callers report the mean weight and refuse
+// Returns (Σw, number of elements with a non-finite input), so callers report the mean weight and refuse
 // NaN/Inf without a second pass.
 static py::tuple merge(uintptr_t base, int base_dt, uintptr_t ft, int ft_dt, uintptr_t w, int w_dt, uintptr_t sf,
                        uintptr_t sr, int s_dt, uintptr_t out, int64_t n, float lam, float alpha, float power, float eps,
@@ -241,14 +251,13 @@ static py::tuple merge(uintptr_t base, int base_dt, uintptr_t ft, int ft_dt, uin
     if (sf) { check_dtype(s_dt); if (!sr) throw std::invalid_argument("s_f given without s_r"); }
     int mode = w ? WEIGHTS : !sf ? TV : power == 1.0f ? SCORES : SCORES_POW;
     int wdt = w ? w_dt : s_dt;
-    MergeFn fn = base_dt == F32 ? pick_merge<F32>(ft_dt, mode, wdt)
-               : base_dt == BF16 ? pick_merge<BF16>(ft_dt, mode, wdt) : pick_merge<F16>(ft_dt, mode, wdt);
+    MergeFn fn = zero_nonfinite ? pick_merge<true>(base_dt, ft_dt, mode, wdt) : pick_merge<false>(base_dt, ft_dt, mode, wdt);
     MergeStats stats;
     {
         py::gil_scoped_release release;
         stats = fn(reinterpret_cast<const void*>(base), reinterpret_cast<const void*>(ft), reinterpret_cast<const void*>(w),
                    reinterpret_cast<const void*>(sf), reinterpret_cast<const void*>(sr), reinterpret_cast<void*>(out), n,
-                   lam, alpha, power, eps, zero_nonfinite);
+                   lam, alpha, power, eps);
     }
     return py::make_tuple(stats.w_sum, stats.nonfinite);
 }

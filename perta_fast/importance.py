@@ -20,10 +20,9 @@ from . import __version__
 from .data import QA, batches, data_hash, encode, pad_id, per_sample_loss
 from .errors import PertaError
 from .io import Checkpoint, atomic_file, check_output_path
-from .ops import accumulate_
+from .ops import CHUNK_ELEMENTS, accumulate_, linear_fisher_
 
 METHODS = ("grad", "fisher")
-CHUNK_ELEMENTS = 1 << 25  # per-sample gradients held at once: 128 MiB of fp32
 
 
 def _unique_params(model) -> dict[str, nn.Parameter]:
@@ -111,13 +110,10 @@ class _ExactFisher:
         return hook
 
     def _linear_grads(self, module, x, g):
-        b, out_f, in_f = x.shape[0], module.out_features, module.in_features
-        x, g = x.reshape(b, -1, in_f).float(), g.reshape(b, -1, out_f).float()
-        chunk = max(1, CHUNK_ELEMENTS // max(1, out_f * in_f))
-        for s in range(0, b, chunk):
-            self._add_squares(module.weight, torch.bmm(g[s:s + chunk].transpose(1, 2), x[s:s + chunk]))
+        linear_fisher_(self.acc[self.name_of[id(module.weight)]], x, g)
         if module.bias is not None:
-            self._add(module.bias, g.sum(1).square_().sum(0))
+            b = x.shape[0]
+            self._add(module.bias, g.reshape(b, -1, module.out_features).float().sum(1).square_().sum(0))
 
     def _embedding_hook(self, module, inputs, output):
         self._once(module)

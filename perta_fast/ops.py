@@ -1,7 +1,8 @@
 """The engine's elementwise kernels: torch references, argument-checking launchers, and dispatch.
 
 Each op has a plain-torch reference (the fallback and the test oracle) and fast backends: C++ on CPU
-tensors (csrc/, built by the package install) and, later, Triton on CUDA tensors. The backend is chosen
+tensors (csrc/, built by the package install) and Triton on CUDA tensors (kernels/, installed as
+perta_fast.kernels; under TRITON_INTERPRET=1 also on CPU tensors, for testing). The backend is chosen
 per call from the tensors' device, unless `PERTA_FAST_BACKEND` (or `set_backend`, or a CLI
 `--backend`) forces one; a forced backend that is unavailable falls back with a one-line warning.
 
@@ -9,6 +10,7 @@ Ops:
   accumulate_(acc, g, square)            acc (fp32) += g² or += g, in place
   ratio(s_f, s_r, α, p, ε, ...)          w = s_f^p / (s_f^p + α s_r^p + ε), optionally over s_f
   merge_tensors(base, ft, w | s_f,s_r)   base − λ·(w ⊙ (ft − base)) in base's dtype, one pass
+  linear_fisher_(acc, x, g)              acc += Σ_b (g_bᵀ x_b)², a Linear's exact per-sample Fisher
 """
 from __future__ import annotations
 
@@ -59,12 +61,23 @@ def _load_cpp():
 
 
 _CPP, _CPP_WHY = _load_cpp()
+_TRITON_WHY: list = []  # computed on first need: importing triton is slow and the CPU path never needs it
+
+
+def _triton_why() -> str | None:
+    if not _TRITON_WHY:
+        try:
+            from .kernels import unavailable_reason
+        except ImportError as e:
+            _TRITON_WHY.append(f"perta_fast.kernels is not installed ({e})")
+        else:
+            _TRITON_WHY.append(unavailable_reason())
+    return _TRITON_WHY[0]
 
 
 def backend_status() -> dict[str, str | None]:
     """{backend: None if usable here, else why not}."""
-    return {"triton": "Triton kernels are not implemented yet (GPU path pending)",
-            "cpp": _CPP_WHY, "torch": None}
+    return {"triton": _triton_why(), "cpp": _CPP_WHY, "torch": None}
 
 
 def set_backend(name: str | None) -> None:
@@ -84,19 +97,24 @@ def _warn_once(msg: str) -> None:
 def pick_backend(*tensors: torch.Tensor) -> str:
     """The backend for an op over `tensors`: the forced one if usable, else by device and dtype."""
     forced = _forced or os.environ.get("PERTA_FAST_BACKEND") or None
-    status = backend_status()
+    on_cuda = any(t.device.type == "cuda" for t in tensors)
     fits_cpp = all(t.device.type == "cpu" and t.dtype in KERNEL_DTYPES for t in tensors)
+    fits_triton = all(t.dtype in KERNEL_DTYPES for t in tensors)
+    why = {"cpp": _CPP_WHY, "torch": None}
+    if forced == "triton" or on_cuda:
+        why["triton"] = _triton_why()
     if forced:
         if forced not in BACKENDS:
             _warn_once(f"PERTA_FAST_BACKEND={forced!r} is not one of {', '.join(BACKENDS)}; choosing by device")
-        elif status[forced] is not None:
-            _warn_once(f"backend {forced} unavailable: {status[forced]}; falling back")
-        elif forced == "cpp" and not fits_cpp:
-            _warn_once("backend cpp needs CPU tensors in fp32/bf16/fp16; using torch for the others")
-            return "torch"
+        elif why[forced] is not None:
+            _warn_once(f"backend {forced} unavailable: {why[forced]}; falling back")
+        elif (forced == "cpp" and not fits_cpp) or (forced == "triton" and not fits_triton):
+            _warn_once(f"backend {forced} does not take these tensors (device/dtype); using another for them")
         else:
             return forced
-    if fits_cpp and status["cpp"] is None:
+    if on_cuda and fits_triton and why.get("triton") is None:
+        return "triton"
+    if fits_cpp and why["cpp"] is None:
         return "cpp"
     return "torch"
 
@@ -119,7 +137,12 @@ def accumulate_(acc: torch.Tensor, g: torch.Tensor, square: bool) -> torch.Tenso
     _check_same_shape("gradient", g, acc)
     if acc.numel() == 0:
         return acc
-    if pick_backend(acc, g) == "cpp" and acc.is_contiguous():
+    backend = pick_backend(acc, g)
+    if backend == "triton" and acc.is_contiguous():
+        from .kernels.accumulate import accumulate_ as triton_accumulate_
+
+        return triton_accumulate_(acc, g, square)
+    if backend == "cpp" and acc.is_contiguous():
         g = _flat(g)
         _CPP.accumulate(acc.data_ptr(), g.data_ptr(), KERNEL_DTYPES[g.dtype], acc.numel(), square)
         return acc
@@ -132,7 +155,13 @@ def ratio(s_f: torch.Tensor, s_r: torch.Tensor, alpha: float = 1.0, power: float
     written over s_f's buffer, so no model-sized buffer is allocated; otherwise a new `out_dtype` tensor."""
     _check_same_shape("s_r", s_r, s_f)
     in_place = over_s_f and out_dtype == torch.float32 and s_f.dtype == torch.float32 and s_f.is_contiguous()
-    if pick_backend(s_f, s_r) == "cpp" and s_f.dtype == s_r.dtype and out_dtype in KERNEL_DTYPES:
+    backend = pick_backend(s_f, s_r)
+    if backend == "triton" and out_dtype in KERNEL_DTYPES:
+        from .kernels.ratio import ratio as triton_ratio
+
+        out = s_f if in_place else torch.empty(s_f.shape, dtype=out_dtype, device=s_f.device)
+        return triton_ratio(s_f, s_r, alpha, power, eps, out)
+    if backend == "cpp" and s_f.dtype == s_r.dtype and out_dtype in KERNEL_DTYPES:
         out = s_f if in_place else torch.empty(s_f.shape, dtype=out_dtype)
         if out.numel():
             f, r = _flat(s_f), _flat(s_r)
@@ -149,7 +178,7 @@ def merge_tensors(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor |
                   s_f: torch.Tensor | None = None, s_r: torch.Tensor | None = None, lam: float = 1.0,
                   alpha: float = 1.0, power: float = 1.0, eps: float = 1e-16,
                   out: torch.Tensor | None = None, nan_to_zero: bool = False) -> tuple[torch.Tensor, float, int]:
-    """(base − λ·(w ⊙ (ft − base)) in base's dtype, Σw, number of non-finite input elements). w is given,
+    """(base − λ·(w ⊙ (ft − base)) in base's dtype, Σw, number of elements with a non-finite input). w is given,
     or formed from (s_f, s_r) on the fly without a w buffer, or 1 everywhere (TV) when neither is given.
     One read of each input, one write; NaN/Inf inputs are counted in the same pass and, with
     `nan_to_zero`, read as 0.
@@ -166,7 +195,13 @@ def merge_tensors(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor |
     if out is not None and (out.shape != base.shape or out.dtype != base.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {base.dtype} tensor of shape {tuple(base.shape)}")
     present = [t for t in (base, finetuned, w, s_f, s_r) if t is not None]
-    if pick_backend(*present) == "cpp" and (s_f is None or s_f.dtype == s_r.dtype):
+    backend = pick_backend(*present)
+    if backend == "triton":
+        from .kernels.merge import merge as triton_merge
+
+        out = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
+        return triton_merge(base, finetuned, w, s_f, s_r, out, lam, alpha, power, eps, nan_to_zero)
+    if backend == "cpp" and (s_f is None or s_f.dtype == s_r.dtype):
         out = torch.empty(base.shape, dtype=base.dtype) if out is None else out
         if not out.numel():
             return out, 0.0, 0
@@ -180,7 +215,11 @@ def merge_tensors(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor |
             nan_to_zero)
         return out, w_sum, nonfinite
     inputs = {"base": base, "finetuned": finetuned, "w": w, "s_f": s_f, "s_r": s_r}
-    nonfinite = sum(int((~torch.isfinite(t)).sum()) for t in inputs.values() if t is not None)
+    bad = torch.zeros(base.shape, dtype=torch.bool, device=base.device)
+    for t in inputs.values():
+        if t is not None:
+            bad |= ~torch.isfinite(t)
+    nonfinite = int(bad.sum())
     if nonfinite and nan_to_zero:
         inputs = {k: None if t is None else torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
                   for k, t in inputs.items()}
@@ -190,3 +229,24 @@ def merge_tensors(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor |
     w_sum = float(w.sum(dtype=torch.float64)) if w is not None else float(base.numel())
     merged = merge_tensor(base, finetuned, w, lam)
     return (merged if out is None else out.copy_(merged)), w_sum, nonfinite
+
+
+CHUNK_ELEMENTS = 1 << 25  # per-sample gradients the torch path holds at once: 128 MiB of fp32
+
+
+def linear_fisher_(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """acc (out, in) += Σ_b (g_bᵀ x_b)² for x (B, T, in), g (B, T, out): the exact per-sample Fisher of a
+    Linear weight. Triton keeps each tile in registers; the torch reference forms the per-sample
+    gradients in chunks with a batched matmul and adds their squares with `accumulate_`."""
+    b, n_out, n_in = x.shape[0], g.shape[-1], x.shape[-1]
+    x, g = x.reshape(b, -1, n_in), g.reshape(b, -1, n_out)
+    if pick_backend(acc, x, g) == "triton":
+        from .kernels.fisher import per_sample_sq_
+
+        return per_sample_sq_(acc, x, g)
+    x, g = x.float(), g.float()
+    chunk = max(1, CHUNK_ELEMENTS // max(1, n_out * n_in))
+    for s in range(0, b, chunk):
+        for per_sample in torch.bmm(g[s:s + chunk].transpose(1, 2), x[s:s + chunk]):
+            accumulate_(acc, per_sample, square=True)
+    return acc

@@ -10,6 +10,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels are tested on CPU through the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from perta_fast.facts import make_facts
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

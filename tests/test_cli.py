@@ -137,7 +137,9 @@ def test_demo_pipeline_on_the_tiny_model(tmp_path, tiny_dir, capsys):
 def test_info_lists_backends_and_why(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "cpp     available" in out and "torch   available" in out and "triton  unavailable:" in out
+    assert "cpp     available" in out and "torch   available" in out
+    triton_line = next(line for line in out.splitlines() if line.strip().startswith("triton"))
+    assert triton_line.strip() == "triton  available" or "unavailable: " in triton_line
 
 
 def test_backends_give_the_same_merge(tmp_path, workspace, tiny_dir):

@@ -54,6 +54,24 @@ def test_exact_fisher_with_biases_and_untied_rows(tiny_tokenizer, facts):
     assert_scores_close(got, want)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_exact_fisher_through_each_backend(tiny_tokenizer, facts, backend):
+    from perta_fast import ops
+
+    if ops.backend_status()[backend]:
+        pytest.skip(f"{backend}: {ops.backend_status()[backend]}")
+    model = build_model(len(tiny_tokenizer), tie=False)
+    rows = facts[0][:6]
+    per_sample = oracle_per_sample_grads(model, tiny_tokenizer, rows)
+    want = {n: sum(g[n].square() for g in per_sample) / len(rows) for n in per_sample[0]}
+    ops.set_backend(backend)
+    try:
+        got = estimate_importance(model, tiny_tokenizer, rows, "fisher", batch_size=4, progress=False)
+    finally:
+        ops.set_backend(None)
+    assert_scores_close(got, want)
+
+
 def test_fisher_does_not_depend_on_batch_size(tiny_tokenizer, facts):
     model = build_model(len(tiny_tokenizer))
     rows = facts[1][:11]
