@@ -1,7 +1,7 @@
 """Engine benchmark on the real model: importance cost against a plain batched backward, and the
 streamed merge against a naive in-memory merge, each measured as a ratio within the same run.
 
-    python benchmarks/engine.py                      # SmolLM2-135M-Instruct, demo facts, CPU
+    python benchmarks/engine.py                      # SmolLM2-135M-Instruct, demo facts, CPU, batch 1/8/16
     python benchmarks/engine.py --device cuda         # the same on a GPU
 
 Writes benchmarks/results/engine-<device>.json and prints a markdown table.
@@ -45,8 +45,9 @@ print(time.perf_counter() - t0, mem.growth)
 """
 
 
-def bench_importance(model_dir: Path, n_samples: int, batch: int, device: str) -> dict:
+def bench_importance(model_dir: Path, n_samples: int, batch_sizes: list[int], device: str) -> dict:
     import torch
+    from torch.func import functional_call, grad, vmap
 
     from perta_fast.data import batches, encode, pad_id, per_sample_loss
     from perta_fast.facts import make_facts
@@ -58,9 +59,10 @@ def bench_importance(model_dir: Path, n_samples: int, batch: int, device: str) -
     rows = (forget + retain)[:n_samples]
     model, tok = load_model(model_dir, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    param_bytes = sum(p.numel() * 4 for p in model.parameters())
 
     def timed(fn, repeats=3):
-        fn(rows[:batch])  # warm-up: first-call allocations and kernel selection
+        fn(rows[:2])  # warm-up: first-call allocations and kernel selection
         sync()
         runs = []
         with PeakRssAnon() as mem:
@@ -85,14 +87,37 @@ def bench_importance(model_dir: Path, n_samples: int, batch: int, device: str) -
                 acc[n].add_(p.grad.float().square())
         model.zero_grad(set_to_none=True)
 
-    results = {
-        "plain batched backward (grad)": timed(lambda r: estimate_importance(model, tok, r, "grad", batch, progress=False)),
-        "exact fisher (hooks)": timed(lambda r: estimate_importance(model, tok, r, "fisher", batch, progress=False)),
-        "batch-size-1 loop fisher": timed(loop_fisher),
-    }
-    floor = results["plain batched backward (grad)"]["s_per_sample"]
-    for r in results.values():
-        r["x_plain_backward"] = r["s_per_sample"] / floor
+    def one_loss(params, ids, labels):
+        # no attention mask: HF's mask builder branches on data, which vmap refuses; with right padding
+        # and causal attention the mask does not change a sample's answer-token loss anyway
+        return per_sample_loss(functional_call(model, params, (), {"input_ids": ids[None]}).logits, labels[None])[0]
+
+    def vmap_fisher(sub, batch):  # torch.func per-sample gradients, squared and summed
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        for ids, _, labels in batches(encode(tok, sub), batch, pad_id(tok)):
+            per_sample = vmap(grad(one_loss), in_dims=(None, 0, 0))(params, ids.to(device), labels.to(device))
+            for n, g in per_sample.items():
+                acc[n].add_(g.square().sum(0))
+            del per_sample
+
+    results = {"batch-size-1 loop fisher": timed(loop_fisher)}
+    for batch in batch_sizes:
+        results[f"plain batched backward (grad), batch {batch}"] = timed(
+            lambda r: estimate_importance(model, tok, r, "grad", batch, progress=False))
+        results[f"exact fisher (hooks), batch {batch}"] = timed(
+            lambda r: estimate_importance(model, tok, r, "fisher", batch, progress=False))
+        if device == "cpu" and batch * param_bytes > 6 * 2**30:  # squared one parameter at a time
+            results[f"torch.func vmap fisher, batch {batch}"] = {
+                "skipped": f"its per-sample gradients alone take {batch * param_bytes / 2**30:.1f} GiB, "
+                           "with activations too much for this 24 GiB machine"}
+        else:
+            results[f"torch.func vmap fisher, batch {batch}"] = timed(lambda r: vmap_fisher(r, batch), repeats=1)
+    for batch in batch_sizes:
+        floor = results[f"plain batched backward (grad), batch {batch}"]["s_per_sample"]
+        for k, r in results.items():
+            if "s_per_sample" in r and (k.endswith(f"batch {batch}") or (batch == 1 and "loop" in k)):
+                r["x_plain_backward_same_batch"] = r["s_per_sample"] / floor
     return results
 
 
@@ -144,7 +169,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="checkpoint folder (default: SmolLM2-135M-Instruct, converted)")
     ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-sizes", default="1,8,16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -156,16 +181,22 @@ def main():
     model_dir = Path(a.model) if a.model else default_model()
     result = {"command": " ".join(["python", "benchmarks/engine.py"] + sys.argv[1:]), "device": a.device,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "model": model_dir.name,
-              "samples": a.samples, "batch_size": a.batch_size,
-              "importance": bench_importance(model_dir, a.samples, a.batch_size, a.device),
+              "samples": a.samples, "batch_sizes": a.batch_sizes,
+              "importance": bench_importance(model_dir, a.samples, [int(b) for b in a.batch_sizes.split(",")],
+                                             a.device),
               "merge": bench_merge(model_dir)}
     out = Path(a.out) if a.out else HERE / "results" / f"engine-{a.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"| importance ({a.samples} samples, batch {a.batch_size}; median of 3) | s/sample | × plain backward | RssAnon +MB |")
+    print(f"| importance ({a.samples} samples; median of 3, vmap 1 run) | s/sample | × plain backward "
+          "(same batch; loop: batch 1) | RssAnon +MB |")
     print("|---|---|---|---|")
     for k, r in result["importance"].items():
-        print(f"| {k} | {r['s_per_sample']:.3f} | {r['x_plain_backward']:.2f} | {r['rss_anon_growth_mb']:.0f} |")
+        if "skipped" in r:
+            print(f"| {k} | skipped: {r['skipped']} | | |")
+        else:
+            print(f"| {k} | {r['s_per_sample']:.3f} | {r.get('x_plain_backward_same_batch', float('nan')):.2f} | "
+                  f"{r['rss_anon_growth_mb']:.0f} |")
     print(f"\n| merge ({result['merge']['checkpoint_mb']:.0f} MB fp32; median of 3) | s | × naive time | RssAnon +MB | × naive memory | GB/s |")
     print("|---|---|---|---|---|---|")
     for k, r in result["merge"].items():

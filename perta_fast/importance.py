@@ -102,7 +102,7 @@ class _ExactFisher:
 
             def on_grad(g):
                 if tied:  # summed with the embedding's contribution before squaring, after backward
-                    self.tied_linear[id(module.weight)] = (module, x.detach(), g.detach())
+                    self.tied_linear[id(module.weight)] = (x.detach(), g.detach())
                 else:
                     self._linear_grads(module, x.detach(), g.detach())
             if output.requires_grad:
@@ -161,7 +161,7 @@ class _ExactFisher:
                     per_row = torch.zeros(len(rows), dim, device=g_emb.device).index_add_(0, inverse, g_emb[b])
                     self.acc[self.name_of[wid]].index_add_(0, rows, per_row.square_())
                 continue
-            lin_mod, x, g = lin
+            x, g = lin
             b_total = x.shape[0]
             x = x.reshape(b_total, -1, x.shape[-1]).float()
             g = g.reshape(b_total, -1, g.shape[-1]).float()
