@@ -130,13 +130,11 @@ def plan_merge(base: str | Path, finetuned: str | Path, importance: str | Path |
     return plan
 
 
-def _raise_nonfinite(step: TensorStep, base_ck: Checkpoint, ft_ck: Checkpoint, imp, scores: dict):
-    """The merge kernel counted NaN/Inf among this step's inputs: name the file that holds them."""
-    candidates = [(base_ck.file_of(step.name), base_ck.get(step.name)), (ft_ck.file_of(step.name), ft_ck.get(step.name))]
-    candidates += [(imp.path, t) for t in scores.values()]
-    where = next(path for path, t in candidates if not torch.isfinite(t).all())
-    raise PertaError(f"{where}: tensor {step.weight_key if where == getattr(imp, 'path', None) else step.name} "
-                     "contains NaN or Inf (pass --nan-to-zero to treat them as 0)")
+def _raise_nonfinite(inputs: list[tuple[Path, str, torch.Tensor]]):
+    """The merge kernel counted NaN/Inf among a step's inputs, (file, tensor name, tensor) triples
+    already in hand: name the first file and tensor that hold them."""
+    where, name = next((path, name) for path, name, t in inputs if not torch.isfinite(t).all())
+    raise PertaError(f"{where}: tensor {name} contains NaN or Inf (pass --nan-to-zero to treat them as 0)")
 
 
 def _release_freed_memory():
@@ -186,7 +184,8 @@ def execute_merge(plan: MergePlan, out_folder: Path, progress: bool = True) -> d
                                                       power=opts.power, eps=opts.eps, out=out,
                                                       nan_to_zero=opts.nan_to_zero)
         if nonfinite and not opts.nan_to_zero:
-            _raise_nonfinite(step, base_ck, ft_ck, imp, scores)
+            _raise_nonfinite([(base_ck.file_of(step.name), step.name, base), (ft_ck.file_of(step.name), step.name, ft)]
+                             + [(imp.path, step.weight_key, t) for t in scores.values()])
         writer.write(step.name, merged)
         if imp is not None:
             w_sum += step_w_sum
