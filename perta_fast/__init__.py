@@ -17,7 +17,8 @@ _API = {
     "load_model": "models", "convert_gguf": "models", "default_model": "models",
     "finetune": "train", "FinetuneOptions": "train",
     "importance_file": "importance", "compute_importance": "importance", "save_importance": "importance", "estimate_importance": "importance",
-    "evaluate": "eval",
+    "evaluate": "eval", "evaluate_tofu": "eval", "eval_checkpoint": "eval", "tofu_splits": "eval",
+    "EvalOptions": "eval", "unlearn_by_training": "baselines", "BaselineOptions": "baselines",
     "unlearn": "pipeline", "demo": "pipeline",
 }
 

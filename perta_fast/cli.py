@@ -5,6 +5,7 @@ import argparse
 import os
 import json
 import sys
+from pathlib import Path
 
 from .errors import PertaError
 
@@ -91,6 +92,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--overwrite", action="store_true")
 
+    p = sub.add_parser("baseline", help="training-based unlearning to compare against: gradient ascent or NPO")
+    p.add_argument("--model", required=True, help="θ_full")
+    p.add_argument("--forget", required=True)
+    p.add_argument("--retain", required=True, help="NPO's retain loss (GA does not use it)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", choices=["ga", "npo"], default="npo")
+    p.add_argument("--beta", type=float, default=0.1, help="NPO's β")
+    p.add_argument("--retain-weight", type=float, default=1.0, help="NPO's retain-loss weight")
+    _add_finetune_knobs(p, 5, 1e-5)
+    _add_common(p)
+    p.add_argument("--bf16-autocast", action="store_true", help="bf16 matmuls (fp32 weights)")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("eval", help="TOFU metrics of a checkpoint (or --compare saved results side by side)")
+    p.add_argument("--model", default=None, help="checkpoint folder to evaluate")
+    p.add_argument("--tofu", default=None, help="TOFU folder (…_perturbed.json files)")
+    p.add_argument("--forget-split", default="forget01", help="forget01, forget05, … (its _perturbed file)")
+    p.add_argument("--retain-model", default=None,
+                   help="retain-only model (folder, or its eval .json) for forget quality")
+    p.add_argument("--max-rows", type=int, default=None, help="first N rows of each split")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--no-generate", action="store_true", help="skip greedy answers (no ROUGE-L, no model utility)")
+    p.add_argument("--out", default=None, help="results .json (a markdown table goes beside it as .md)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="RESULTS_JSON", help="tabulate saved results")
+    _add_common(p, batch=16)
+    p.set_defaults(max_length=512)
+    p.add_argument("--overwrite", action="store_true")
+
     p = sub.add_parser("demo", help="the built-in job: SmolLM2-135M-Instruct forgets invented people")
     p.add_argument("--out", default="perta-demo")
     p.add_argument("--model", default=None, help="another base checkpoint instead of SmolLM2-135M-Instruct")
@@ -150,6 +179,28 @@ def run(a) -> None:
         print(f"\nwrote {a.out} with {s['method']} (mean w {s['mean_weight']:.4f}); seconds: {json.dumps(s['seconds'])}")
         if "table" in s:
             print(s["table"])
+    elif a.command == "baseline":
+        from .baselines import BaselineOptions, unlearn_by_training
+
+        opts = BaselineOptions(a.method, a.epochs, a.lr, a.batch_size, beta=a.beta, retain_weight=a.retain_weight,
+                               max_length=a.max_length, seed=a.seed, device=a.device, bf16_autocast=a.bf16_autocast)
+        rec = unlearn_by_training(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, opts, a.overwrite)
+        print(f"wrote {a.out} ({a.method}, {len(rec['step_losses'])} steps, final loss {rec['step_losses'][-1]:.4f}, "
+              f"{rec['seconds']} s)")
+    elif a.command == "eval":
+        from . import eval as ev
+
+        if a.compare:
+            print(ev.compare(a.compare))
+            return
+        if not a.model or not a.tofu:
+            raise PertaError("eval needs --model and --tofu (or --compare RESULTS_JSON …)")
+        opts = ev.EvalOptions(a.batch_size, a.max_new_tokens, a.max_length, not a.no_generate, a.device)
+        res = ev.eval_checkpoint(a.model, ev.tofu_splits(a.tofu, a.forget_split, a.max_rows), a.out,
+                                 a.retain_model, opts, a.overwrite)
+        print(ev.format_results({a.model: res}))
+        if a.out:
+            print(f"\nresults: {a.out} (table: {Path(a.out).with_suffix('.md')})")
     elif a.command == "demo":
         from dataclasses import replace
 

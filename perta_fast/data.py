@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 from .errors import PertaError
@@ -38,7 +38,32 @@ def _rows_from_objects(objs, path: Path, line_numbers: list[int] | None = None) 
     return rows
 
 
-def _read_file(path: Path) -> list[QA]:
+@dataclass(frozen=True)
+class EvalQA:
+    """A TOFU evaluation row: the answer, a paraphrase of it and wrong answers in the same style.
+    Splits without a paraphrase (real authors, world facts) use the answer itself, as TOFU does."""
+    question: str
+    answer: str
+    paraphrased_answer: str
+    perturbed_answers: tuple[str, ...]
+
+
+def _eval_rows_from_objects(objs, path: Path) -> list[EvalQA]:
+    rows = []
+    for i, (qa, obj) in enumerate(zip(_rows_from_objects(objs, path), objs)):
+        para = obj.get("paraphrased_answer", qa.answer)
+        pert = obj.get("perturbed_answer")
+        if isinstance(pert, str):
+            pert = [pert]
+        if not isinstance(para, str) or not para.strip():
+            raise PertaError(f"{path}: row {i}: 'paraphrased_answer' must be a non-empty string")
+        if not isinstance(pert, list) or not pert or not all(isinstance(p, str) and p.strip() for p in pert):
+            raise PertaError(f"{path}: row {i}: 'perturbed_answer' must be a non-empty list of non-empty strings")
+        rows.append(EvalQA(qa.question, qa.answer, para, tuple(pert)))
+    return rows
+
+
+def _read_file(path: Path, eval_rows: bool = False) -> list:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -52,7 +77,7 @@ def _read_file(path: Path) -> list[QA]:
                 except json.JSONDecodeError as e:
                     raise PertaError(f"{path}: malformed JSON on line {n}: {e.msg}") from None
                 lines.append(n)
-        return _rows_from_objects(objs, path, lines)
+        return _eval_rows_from_objects(objs, path) if eval_rows else _rows_from_objects(objs, path, lines)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -61,14 +86,14 @@ def _read_file(path: Path) -> list[QA]:
         data = data.get("data", data.get("rows"))
     if not isinstance(data, list):
         raise PertaError(f"{path}: expected a JSON array of question/answer rows")
-    return _rows_from_objects(data, path)
+    return _eval_rows_from_objects(data, path) if eval_rows else _rows_from_objects(data, path)
 
 
-def _tofu_split(folder: Path, split: str) -> list[QA]:
+def _tofu_split(folder: Path, split: str, eval_rows: bool = False) -> list:
     if not folder.is_dir():
         raise PertaError(f"{folder}: TOFU folder not found")
     m = TOFU_SPLIT.match(split)
-    if m:
+    if m and not eval_rows:
         kind, pct = m.groups()
         forget_pct = pct if kind == "forget" else f"{100 - int(pct):02d}"
         if forget_pct not in STANDARD_FORGET:
@@ -79,38 +104,43 @@ def _tofu_split(folder: Path, split: str) -> list[QA]:
         return rows[-n_forget:] if kind == "forget" else rows[:-n_forget]
     path = folder / f"{split}.json"
     if not path.is_file():
-        raise PertaError(f"{folder}: unknown TOFU split {split!r} (no {path.name}; try forget01 or retain99)")
-    return _read_file(path)
+        hint = "try forget01_perturbed" if eval_rows else "try forget01 or retain99"
+        raise PertaError(f"{folder}: unknown TOFU split {split!r} (no {path.name}; {hint})")
+    return _read_file(path, eval_rows)
 
 
-def load_qa(spec: str | Path | list) -> list[QA]:
-    """Rows from a .json/.jsonl file, `FOLDER:SPLIT` for TOFU, or a list of dicts/QA (library use)."""
+def load_qa(spec: str | Path | list, eval_rows: bool = False) -> list:
+    """Rows from a .json/.jsonl file, `FOLDER:SPLIT` for TOFU, or a list of dicts/QA (library use).
+    With `eval_rows`, EvalQA rows that also carry paraphrased and perturbed answers."""
+    kind = EvalQA if eval_rows else QA
     if isinstance(spec, list):
-        rows = [r if isinstance(r, QA) else None for r in spec]
+        rows = [r if isinstance(r, kind) else None for r in spec]
         if None in rows:
-            rows = _rows_from_objects(spec, Path("<list>"))
+            parse = _eval_rows_from_objects if eval_rows else _rows_from_objects
+            rows = parse(spec, Path("<list>"))
         where = "<list>"
     else:
         spec = str(spec)
         path = Path(spec)
         folder, _, split = spec.rpartition(":")
         if not path.exists() and folder and "/" not in split:
-            rows, where = _tofu_split(Path(folder), split), spec
+            rows, where = _tofu_split(Path(folder), split, eval_rows), spec
         elif path.is_dir():
             raise PertaError(f"{path}: is a folder; for TOFU write FOLDER:SPLIT, e.g. {path}:forget01")
         elif not path.is_file():
             raise PertaError(f"{path}: data file not found")
         else:
-            rows, where = _read_file(path), spec
+            rows, where = _read_file(path, eval_rows), spec
     if not rows:
         raise PertaError(f"{where}: no question/answer rows (the set is empty)")
     return rows
 
 
-def data_hash(rows: list[QA]) -> str:
+def data_hash(rows: list) -> str:
+    """Of QA or EvalQA rows; every field counts."""
     h = hashlib.sha256()
     for r in rows:
-        h.update(json.dumps([r.question, r.answer]).encode())
+        h.update(json.dumps(astuple(r)).encode())
     return h.hexdigest()
 
 

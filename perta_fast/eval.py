@@ -1,16 +1,22 @@
-"""Quick quality checks used by `unlearn` and `demo`: answer probability, exact match, generations.
+"""Evaluation: quick checks used by `unlearn` and `demo` (answer probability, exact match), and TOFU's
+metrics for `perta-fast eval` (probability, ROUGE-L, truth ratio, extraction strength, forget quality,
+model utility).
 
 Answer probability is length-normalised, P(answer | question)^(1/|answer|) = exp(−sample loss),
-with the same answer tokens the training and importance losses use.
+with the same answer tokens (through the chat template) the training and importance losses use.
 """
 from __future__ import annotations
 
+import math
 import re
 import string
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .data import QA, batches, encode, pad_id, per_sample_loss, prompt_and_answer
+from .data import QA, EvalQA, batches, collate, data_hash, encode, load_qa, pad_id, per_sample_loss, prompt_and_answer
+from .errors import PertaError
 
 
 def normalise(text: str) -> str:
@@ -57,3 +63,283 @@ def evaluate(model, tokenizer, rows: list[QA], batch_size: int = 16, max_new_tok
         result["exact_match"] = sum(normalise(g) == normalise(r.answer) for g, r in zip(gens, rows)) / len(rows)
         result["generations"] = gens
     return result
+
+
+# ---- TOFU's metrics (Maini et al., 2024), computed the way its evaluation code defines them ----
+
+ROLES = ("forget", "retain", "real_authors", "world_facts")
+UTILITY_ROLES = ("retain", "real_authors", "world_facts")  # 3 splits × (prob, ROUGE-L, truth ratio) = 9 scores
+
+
+@dataclass
+class EvalOptions:
+    batch_size: int = 16
+    max_new_tokens: int = 200  # TOFU generates up to 200 tokens
+    max_length: int = 512
+    generate: bool = True  # greedy answers for ROUGE-L; off, ROUGE-L is left out (and model utility with it)
+    device: str | None = None
+
+
+def tofu_splits(folder: str | Path, forget: str = "forget01", max_rows: int | None = None) -> dict[str, list[EvalQA]]:
+    """The four evaluation splits of a TOFU folder, each cut to its first `max_rows` rows."""
+    names = {"forget": f"{forget}_perturbed", "retain": "retain_perturbed",
+             "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed"}
+    return {role: load_qa(f"{folder}:{name}", eval_rows=True)[:max_rows or None] for role, name in names.items()}
+
+
+def extraction_strength(logits, labels) -> list[float]:
+    """1 − k/|a| per sample, k the shortest prefix of the answer a after which the greedy continuation
+    reproduces the rest exactly; under teacher forcing that is: every later argmax equals its label.
+    k = |a| (nothing extracted) gives 0."""
+    pred = logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    out = []
+    for p, t in zip(pred, target):
+        valid = t != -100
+        miss = (p[valid] != t[valid]).nonzero()
+        n = int(valid.sum())
+        k = int(miss[-1]) + 1 if len(miss) else 0
+        out.append(1.0 - k / n if n else 0.0)
+    return out
+
+
+@torch.no_grad()
+def answer_scores(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16, max_length: int = 512):
+    """Mean answer-token NLL and extraction strength of each (question, answer), batched by length.
+    The plain path: `question_scores` gives the same numbers faster when questions repeat."""
+    device = next(model.parameters()).device
+    encoded = encode(tokenizer, [QA(q, a) for q, a in pairs], max_length)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    nll, es = [0.0] * len(pairs), [0.0] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask, labels = collate([encoded[i] for i in idx], pad_id(tokenizer))
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        labels = labels.to(device)
+        for i, loss, e in zip(idx, per_sample_loss(logits, labels).tolist(), extraction_strength(logits, labels)):
+            nll[i], es[i] = loss, e
+    return nll, es
+
+
+@torch.no_grad()
+def question_scores(model, tokenizer, question: str, answers: list[str], max_length: int = 512):
+    """`answer_scores` for several answers to one question: the prompt runs once and its KV cache is
+    shared by all answers (TOFU scores 7 answers per forget/retain question; the prompt is ~half the tokens)."""
+    device = next(model.parameters()).device
+    encoded = encode(tokenizer, [QA(question, a) for a in answers], max_length)
+    n_prompt = encoded[0].n_prompt
+    prompt = torch.tensor([encoded[0].input_ids[:n_prompt]], device=device)
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(len(answers))
+    tails = [e.input_ids[n_prompt:] for e in encoded]
+    width = max(map(len, tails))
+    ids = torch.full((len(tails), width), pad_id(tokenizer), dtype=torch.long)
+    labels = torch.full((len(tails), width + 1), -100, dtype=torch.long)
+    mask = torch.ones((len(tails), n_prompt + width), dtype=torch.long)
+    for i, t in enumerate(tails):
+        ids[i, :len(t)] = torch.tensor(t)
+        labels[i, 1:len(t) + 1] = ids[i, :len(t)]
+        mask[i, n_prompt + len(t):] = 0
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache).logits
+    # position 0 holds the prompt's last logits, which predict the first answer token
+    logits = torch.cat([out.logits[:, -1:].expand(len(tails), 1, -1), logits], 1)
+    labels = labels.to(device)
+    return per_sample_loss(logits, labels).tolist(), extraction_strength(logits, labels)
+
+
+def truth_ratios(paraphrased_nll: list[float], perturbed_nll: list[list[float]]) -> list[float]:
+    """R = P(paraphrase)^(1/n) / geometric mean of P(perturbed)^(1/n): exp(mean perturbed NLL − paraphrase NLL)."""
+    return [math.exp(sum(p) / len(p) - q) for q, p in zip(paraphrased_nll, perturbed_nll)]
+
+
+def truth_ratio_score(ratios: list[float], forget: bool) -> float:
+    """TOFU's reported truth ratio: mean min(R, 1/R) on the forget split (1 = cannot tell right from
+    wrong), mean max(0, 1 − 1/R) elsewhere (1 = strongly prefers the right answer)."""
+    vals = [min(r, 1 / r) for r in ratios] if forget else [max(0.0, 1 - 1 / r) for r in ratios]
+    return sum(vals) / len(vals)
+
+
+def normalised_probability(answer_nll: float, perturbed_nll: list[float]) -> float:
+    """Real authors / world facts: P(answer) / (P(answer) + Σ P(perturbed)), length-normalised probabilities."""
+    p = math.exp(-answer_nll)
+    return p / (p + sum(math.exp(-x) for x in perturbed_nll))
+
+
+def rouge_l_recall(generated: str, reference: str) -> float:
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, generated)["rougeL"].recall
+
+
+def forget_quality(model_ratios: list[float], retain_model_ratios: list[float]) -> tuple[float, float]:
+    """Two-sample Kolmogorov–Smirnov test of the forget split's truth ratios: (p-value, statistic)."""
+    from scipy.stats import ks_2samp
+
+    res = ks_2samp(model_ratios, retain_model_ratios)
+    return float(res.pvalue), float(res.statistic)
+
+
+def model_utility(results: dict) -> float | None:
+    """Harmonic mean of probability, ROUGE-L and truth ratio on retain, real authors and world facts."""
+    from scipy.stats import hmean
+
+    scores = [results["splits"].get(role, {}).get(m) for role in UTILITY_ROLES for m in ("prob", "rouge_l", "truth_ratio")]
+    if any(s is None for s in scores):
+        return None
+    return 0.0 if min(scores) <= 0 else float(hmean(scores))
+
+
+def evaluate_split(model, tokenizer, rows: list[EvalQA], role: str, opts: EvalOptions | None = None) -> dict:
+    opts = opts or EvalOptions()
+    from tqdm import tqdm
+
+    n = len(rows)
+    answer_nll, para_nll, pert_nll, es = [], [], [], []
+    for r in tqdm(rows, desc=f"score {role}", unit="row", leave=False):
+        same = r.paraphrased_answer == r.answer  # real authors, world facts: no paraphrase
+        answers = [r.answer] + ([] if same else [r.paraphrased_answer]) + list(r.perturbed_answers)
+        nll, strength = question_scores(model, tokenizer, r.question, answers, opts.max_length)
+        answer_nll.append(nll[0])
+        para_nll.append(nll[0] if same else nll[1])
+        pert_nll.append(nll[1 if same else 2:])
+        es.append(strength[0])
+    if role in ("forget", "retain"):
+        probs = [math.exp(-x) for x in answer_nll]
+    else:
+        probs = [normalised_probability(a, p) for a, p in zip(answer_nll, pert_nll)]
+    ratios = truth_ratios(para_nll, pert_nll)
+    out = {"rows": n, "rows_sha256": data_hash(rows), "prob": sum(probs) / n,
+           "truth_ratio": truth_ratio_score(ratios, forget=role == "forget"),
+           "extraction_strength": sum(es) / n,
+           "per_sample": {"prob": probs, "truth_ratio_raw": ratios, "extraction_strength": es,
+                          "answer_nll": answer_nll}}
+    if opts.generate:
+        gens = generate_answers(model, tokenizer, [r.question for r in rows], opts.max_new_tokens, opts.batch_size)
+        rouge = [rouge_l_recall(g, r.answer) for g, r in zip(gens, rows)]
+        out["rouge_l"] = sum(rouge) / n
+        out["per_sample"].update(rouge_l=rouge, generation=gens)
+    return out
+
+
+def evaluate_tofu(model, tokenizer, splits: dict[str, list[EvalQA]], opts: EvalOptions | None = None,
+                  reference: dict | None = None) -> dict:
+    """Every TOFU metric of one model; `reference` (a retain-only model's results) adds forget quality."""
+    from tqdm import tqdm
+
+    unknown = set(splits) - set(ROLES)
+    if unknown:
+        raise PertaError(f"unknown evaluation split(s) {sorted(unknown)} (expected {', '.join(ROLES)})")
+    results = {"splits": {}}
+    for role, rows in tqdm(splits.items(), desc="eval splits", unit="split"):
+        results["splits"][role] = evaluate_split(model, tokenizer, rows, role, opts)
+    results["model_utility"] = model_utility(results)
+    if reference is not None:
+        add_forget_quality(results, reference)
+    return results
+
+
+def add_forget_quality(results: dict, reference: dict, where: str = "the retain model's results") -> None:
+    mine, ref = results["splits"].get("forget"), reference.get("splits", {}).get("forget")
+    if mine is None or ref is None:
+        raise PertaError(f"{where}: forget quality needs the forget split evaluated on both models")
+    if mine["rows_sha256"] != ref["rows_sha256"]:
+        raise PertaError(f"{where}: evaluated on other forget rows than this model (different split or --max-rows)")
+    results["forget_quality"], results["ks_statistic"] = forget_quality(
+        mine["per_sample"]["truth_ratio_raw"], ref["per_sample"]["truth_ratio_raw"])
+
+
+# ---- tables ----
+
+COLUMNS = [("forget quality", None, "forget_quality"), ("model utility", None, "model_utility")] + [
+    (f"{role.replace('_', ' ')} {label}", role, key) for role in ROLES
+    for label, key in (("prob", "prob"), ("ROUGE-L", "rouge_l"), ("truth ratio", "truth_ratio"), ("ES", "extraction_strength"))
+    if not (role in ("real_authors", "world_facts") and key == "extraction_strength")]
+
+
+def _cell(results: dict, role, key) -> str:
+    value = results.get(key) if role is None else results["splits"].get(role, {}).get(key)
+    return "-" if value is None else f"{value:.4g}" if key == "forget_quality" else f"{value:.3f}"
+
+
+def format_results(by_label: dict[str, dict]) -> str:
+    """A markdown table, one row per model and one column per metric."""
+    head = "| model | " + " | ".join(c[0] for c in COLUMNS) + " |"
+    rule = "|---|" + "---:|" * len(COLUMNS)
+    rows = [f"| {label} | " + " | ".join(_cell(r, role, key) for _, role, key in COLUMNS) + " |"
+            for label, r in by_label.items()]
+    return "\n".join([head, rule] + rows)
+
+
+# ---- checkpoints and files: what `perta-fast eval` runs ----
+
+def load_results(path: str | Path) -> dict:
+    import json
+
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise PertaError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    except json.JSONDecodeError as e:
+        raise PertaError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(results, dict) or not isinstance(results.get("splits"), dict):
+        raise PertaError(f"{path}: not a perta-fast eval results file (no 'splits')")
+    return results
+
+
+def reference_results(reference: str | Path, forget_rows: list[EvalQA], opts: EvalOptions) -> dict:
+    """A retain-only model's forget-split results: read from its saved results, or computed from its folder
+    (truth ratios only, which is all forget quality needs)."""
+    from .models import load_model
+
+    reference = Path(reference)
+    if reference.is_file():
+        return load_results(reference)
+    if not reference.is_dir():
+        raise PertaError(f"{reference}: retain model not found (a checkpoint folder or its eval results .json)")
+    model, tok = load_model(reference, opts.device)
+    no_gen = EvalOptions(opts.batch_size, opts.max_new_tokens, opts.max_length, False, opts.device)
+    return {"model": str(reference), "splits": {"forget": evaluate_split(model, tok, forget_rows, "forget", no_gen)}}
+
+
+def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out: str | Path | None = None,
+                    reference: str | Path | dict | None = None, opts: EvalOptions | None = None,
+                    overwrite: bool = False) -> dict:
+    """Evaluate the checkpoint in `model_dir`; write `out` (.json) and a markdown table beside it (.md)."""
+    import json
+    import time
+
+    from .io import atomic_file, check_output_path
+    from .models import load_model
+
+    opts = opts or EvalOptions()
+    if out is not None:
+        out = Path(out)
+        for path in (out, out.with_suffix(".md")):
+            check_output_path(path, overwrite, (model_dir,))
+    t0 = time.perf_counter()
+    if reference is not None and not isinstance(reference, dict):
+        ref_where = str(reference)
+        reference = reference_results(reference, splits.get("forget", []), opts)
+    else:
+        ref_where = "the retain model's results"
+    model, tok = load_model(model_dir, opts.device)
+    results = {"model": str(model_dir), **evaluate_tofu(model, tok, splits, opts)}
+    if reference is not None:
+        add_forget_quality(results, reference, ref_where)
+        results["forget_quality_reference"] = reference.get("model", ref_where)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["options"] = {k: v for k, v in opts.__dict__.items()}
+    if out is not None:
+        table = format_results({Path(model_dir).name: results})
+        with atomic_file(out, overwrite, (model_dir,)) as tmp:
+            tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        with atomic_file(out.with_suffix(".md"), overwrite, (model_dir,)) as tmp:
+            tmp.write_text(table + "\n")
+    return results
+
+
+def compare(paths: list[str | Path]) -> str:
+    """Side-by-side table of saved results; each row is labelled by its file name."""
+    return format_results({Path(p).stem: load_results(p) for p in paths})

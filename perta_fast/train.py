@@ -22,6 +22,15 @@ class FinetuneOptions:
     seed: int = 0
     weight_decay: float = 0.0
     device: str | None = None
+    bf16_autocast: bool = False  # mixed precision: bf16 matmuls, fp32 weights and optimizer state
+
+
+def autocast(device, on: bool):
+    import contextlib
+
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
 def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc: str = "finetune",
@@ -47,7 +56,9 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc
             total = 0.0
             for ids, mask, labels in batches([encoded[i] for i in order], opts.batch_size, pad):
                 ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-                losses = per_sample_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+                with autocast(device, opts.bf16_autocast):
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                losses = per_sample_loss(logits, labels)
                 loss = losses.mean()
                 if not torch.isfinite(loss):
                     raise PertaError(f"{source}: training loss is NaN/Inf (NaN weights in the checkpoint, or --lr too high?)")

@@ -1,0 +1,250 @@
+"""The quality table: TOFU with SmolLM2-135M-Instruct, PerTA against TV and training-based unlearning.
+
+    python benchmarks/tofu.py                    # CPU size: 5 authors, forget01's two as the forget set
+    python benchmarks/tofu.py --size full --device cuda   # all 200 authors; forget01 and forget05
+
+Steps (each cached in --work, so a rerun only redoes what changed):
+  θ_full = base fine-tuned on the chosen authors; the retain-only model = base fine-tuned on them minus
+  the forget authors; θ_ft = θ_full fine-tuned further on the forget set; then TV, PerTA-grad and
+  PerTA-fisher over a λ grid, GA and NPO, each evaluated with TOFU's metrics (perta_fast.eval).
+Writes benchmarks/results/tofu-<size>[-<forget>].json, .md (the table) and .png (forget quality against
+model utility). TOFU's text is read from --tofu and never written into the results.
+forget10 is not offered: this TOFU folder has no forget10_perturbed.json, so its truth ratio (and forget
+quality) cannot be computed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROWS_PER_AUTHOR = 20
+
+
+@dataclass
+class Size:
+    retain_authors: list[int]  # indices into full.json's 200 authors; the forget authors are the last ones
+    eval_rows: dict  # role -> rows to evaluate (None: all)
+    max_new_tokens: int
+    lams: list[float]
+    # training runs in bf16 autocast (fp32 weights); importance and evaluation stay in fp32
+    full: dict = field(default_factory=lambda: dict(epochs=5, lr=1e-4, batch_size=8, bf16_autocast=True))
+    forget_ft: dict = field(default_factory=lambda: dict(epochs=5, lr=1e-4, batch_size=8, bf16_autocast=True))
+    baseline: dict = field(default_factory=lambda: dict(epochs=5, lr=1e-5, batch_size=8, bf16_autocast=True))
+
+
+SIZES = {
+    # 3 retain authors + forget01's 2: fits the 90-minute budget on the 2-core CPU
+    "cpu": Size(list(range(3)), {"forget": None, "retain": 30, "real_authors": 30, "world_facts": 30}, 80,
+                [0.5, 1.0, 2.0]),
+    "full": Size(None, {"forget": None, "retain": None, "real_authors": None, "world_facts": None}, 200,
+                 [0.5, 1.0, 2.0, 4.0], full=dict(epochs=5, lr=1e-4, batch_size=16, bf16_autocast=True),
+                 forget_ft=dict(epochs=5, lr=1e-4, batch_size=16, bf16_autocast=True),
+                 baseline=dict(epochs=5, lr=1e-5, batch_size=16, bf16_autocast=True)),
+}
+
+
+def spread(rows: list, n: int | None) -> list:
+    """n rows spread evenly over the split (every author represented), or all."""
+    if n is None or n >= len(rows):
+        return rows
+    return [rows[i * len(rows) // n] for i in range(n)]
+
+
+def build_sets(tofu: Path, size: Size, forget_split: str):
+    from perta_fast.data import load_qa
+    from perta_fast.eval import tofu_splits
+
+    full = load_qa(f"{tofu}:full")
+    n_forget = len(full) * int(forget_split[-2:]) // 100
+    forget = full[-n_forget:]
+    if size.retain_authors is None:
+        retain = full[:-n_forget]
+    else:
+        retain = [r for a in size.retain_authors for r in full[a * ROWS_PER_AUTHOR:(a + 1) * ROWS_PER_AUTHOR]]
+    splits = tofu_splits(tofu, forget_split)
+    if size.retain_authors is not None:  # evaluate retain rows only of authors the models were trained on
+        keep = {r.question for r in retain}
+        splits["retain"] = [r for r in splits["retain"] if r.question in keep]
+    splits = {role: spread(rows, size.eval_rows[role]) for role, rows in splits.items()}
+    return forget, retain, splits
+
+
+def cached(path: Path, build) -> tuple[Path, float]:
+    """Run `build(path)` unless `path` exists (a finished step: every writer in perta_fast is atomic)."""
+    if path.exists():
+        record = path / "perta_step.json" if path.is_dir() else path.with_suffix(path.suffix + ".step.json")
+        return path, json.loads(record.read_text())["seconds"] if record.exists() else float("nan")
+    t0 = time.perf_counter()
+    build(path)
+    seconds = time.perf_counter() - t0
+    record = path / "perta_step.json" if path.is_dir() else path.with_suffix(path.suffix + ".step.json")
+    record.write_text(json.dumps({"seconds": seconds}))
+    return path, seconds
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    ap.add_argument("--forget", default="forget01", choices=["forget01", "forget05"])
+    ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"))
+    ap.add_argument("--work", default=None, help="cache of models and results (default: ~/.cache/perta_fast/tofu-SIZE)")
+    ap.add_argument("--model", default=None, help="base checkpoint (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--lams", default=None, help="comma-separated λ grid")
+    ap.add_argument("--keep-models", action="store_true", help="keep unlearned checkpoints (off: deleted after eval)")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from perta_fast.baselines import BaselineOptions, unlearn_by_training
+    from perta_fast.eval import EvalOptions, eval_checkpoint
+    from perta_fast.importance import importance_file
+    from perta_fast.merge import MergeOptions, merge
+    from perta_fast.models import cache_dir, default_model
+    from perta_fast.train import FinetuneOptions, finetune
+
+    size = SIZES[a.size]
+    if a.lams:
+        size = replace(size, lams=[float(x) for x in a.lams.split(",")])
+    tofu = Path(a.tofu)
+    if not (tofu / "full.json").is_file():
+        print(f"tofu.py: {tofu}: no TOFU data (full.json) here; pass --tofu", file=sys.stderr)
+        return 2
+    base = Path(a.model) if a.model else default_model()
+    work = Path(a.work) if a.work else cache_dir() / f"tofu-{a.size}-{a.forget}"
+    work.mkdir(parents=True, exist_ok=True)
+    forget, retain, splits = build_sets(tofu, size, a.forget)
+    eval_opts = EvalOptions(batch_size=16, max_new_tokens=size.max_new_tokens, device=a.device)
+    t_start = time.perf_counter()
+
+    def ft(src, rows, knobs):
+        return lambda out: finetune(src, rows, out, FinetuneOptions(**knobs, device=a.device))
+
+    full, t_full = cached(work / "theta_full", ft(base, retain + forget, size.full))
+    retain_model, t_retain = cached(work / "retain_model", ft(base, retain, size.full))
+    theta_ft, t_ft = cached(work / "theta_ft", ft(full, forget, size.forget_ft))
+    importance = {}
+    for method in ("grad", "fisher"):
+        importance[method] = cached(work / f"importance-{method}.safetensors", lambda out, m=method: importance_file(
+            full, forget, retain, out, m, 8, device=a.device))
+
+    def evaluate(label, folder, reference):
+        return cached(work / "results" / f"{label}.json",
+                      lambda out: eval_checkpoint(folder, splits, out, reference, eval_opts))[0]
+
+    ref_json = evaluate("retain-model", retain_model, None)
+    reference = json.loads(ref_json.read_text())
+    runs = [("θ_full", "θ_full", None, full, 0.0), ("retain model", "retain model", None, retain_model, 0.0)]
+    for method, imp in (("TV", None), ("PerTA-grad", "grad"), ("PerTA-fisher", "fisher")):
+        for lam in size.lams:
+            label = f"{method} λ={lam:g}"
+            out = work / "models" / label.replace(" ", "_").replace("λ=", "lam")
+            step_s = importance[imp][1] if imp else 0.0
+            if not (work / "results" / f"{out.name}.json").exists():
+                _, merge_s = cached(out, lambda o, imp=imp, lam=lam: merge(
+                    full, theta_ft, o, importance[imp][0] if imp else None,
+                    MergeOptions("perta" if imp else "tv", lam), progress=False))
+                (work / "results").mkdir(exist_ok=True)
+                (work / "results" / f"{out.name}.seconds").write_text(str(merge_s))
+            step_s += float((work / "results" / f"{out.name}.seconds").read_text())
+            runs.append((label, method, lam, out, step_s))
+    for method in ("ga", "npo"):
+        out = work / "models" / method
+        knobs = dict(size.baseline, method=method, device=a.device)
+        if not (work / "results" / f"{method}.json").exists():
+            _, s = cached(out, lambda o, k=knobs: unlearn_by_training(full, forget, retain, o, BaselineOptions(**k)))
+            (work / "results" / f"{method}.seconds").write_text(str(s))
+        runs.append((method.upper(), method.upper(), None, out, float((work / "results" / f"{method}.seconds").read_text())))
+
+    table = {}
+    for label, method, lam, folder, step_s in runs:
+        name = {"θ_full": "theta_full", "retain model": "retain-model"}.get(label, folder.name)
+        res = reference if label == "retain model" else json.loads(evaluate(name, folder, reference).read_text())
+        if label == "retain model":
+            res = dict(res, forget_quality=1.0)  # the reference against itself: KS p-value 1 by definition
+        table[label] = {"method": method, "lam": lam, "unlearn_seconds": round(step_s, 1),
+                        **{k: res.get(k) for k in ("forget_quality", "ks_statistic", "model_utility")},
+                        "splits": {r: {k: v for k, v in s.items() if k != "per_sample"} for r, s in res["splits"].items()}}
+        if folder.parent == work / "models" and not a.keep_models:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    stem = f"tofu-{a.size}-{a.forget}"
+    summary = {
+        "command": "python benchmarks/tofu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": str(base), "device": a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "forget_set": f"{a.forget}: the last {len(forget) // ROWS_PER_AUTHOR} authors of full.json ({len(forget)} rows)",
+        "retain_set": (f"authors {size.retain_authors[0]}-{size.retain_authors[-1]} of full.json ({len(retain)} rows)"
+                       if size.retain_authors else f"every other author ({len(retain)} rows)"),
+        "eval_rows": {r: len(rows) for r, rows in splits.items()},
+        "settings": {"theta_full_and_retain_model": size.full, "theta_ft": size.forget_ft,
+                     "ga_npo": size.baseline, "lams": size.lams, "eval": asdict(eval_opts)},
+        "training_seconds": {"theta_full": round(t_full, 1), "retain_model": round(t_retain, 1), "theta_ft": round(t_ft, 1)},
+        "results": table,
+        "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
+    }
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    md = markdown(table)
+    (out_dir / f"{stem}.md").write_text(md + "\n")
+    plot(table, out_dir / f"{stem}.png", summary["forget_set"])
+    print(md)
+    print(f"\nwrote {out_dir / stem}.json (every metric), .md (this table), .png (the plot); "
+          f"{summary['wall_seconds_this_run']:.0f} s this run")
+    return 0
+
+
+def markdown(table: dict) -> str:
+    head = ("| method | λ | forget quality | model utility | forget ROUGE-L | retain ROUGE-L | forget prob | "
+            "forget truth ratio | unlearning step (s) |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, r in table.items():
+        s = r["splits"]
+        lam = "" if r["lam"] is None else f"{r['lam']:g}"
+        lines.append(f"| {r['method']} | {lam} | {r['forget_quality']:.3g} | "
+                     f"{r['model_utility']:.3f} | {s['forget']['rouge_l']:.3f} | {s['retain']['rouge_l']:.3f} | "
+                     f"{s['forget']['prob']:.3f} | {s['forget']['truth_ratio']:.3f} | {r['unlearn_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(table: dict, path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("tofu.py: matplotlib missing; no plot", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    by_method: dict[str, list] = {}
+    for label, r in table.items():
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rs in by_method.items():
+        xs, ys = [r["model_utility"] for r in rs], [max(r["forget_quality"], 1e-12) for r in rs]
+        style = dict(marker="*", s=160, zorder=3) if r["lam"] is None else dict(marker="o")
+        if r["lam"] is None:
+            ax.scatter(xs, ys, label=method, **style)
+        else:
+            ax.plot(xs, ys, label=method, **style)
+            for r in rs:
+                ax.annotate(f"λ={r['lam']:g}", (r["model_utility"], max(r["forget_quality"], 1e-12)), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility (higher = kept more)")
+    ax.set_ylabel("forget quality, KS p-value (higher = closer to the retain-only model)")
+    ax.set_title(f"TOFU, SmolLM2-135M-Instruct: {title}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""GA and NPO against hand-worked losses: at θ = π_ref NPO's loss is (2/β)·ln 2; GA's first loss is minus
+the forget set's mean answer NLL, computed here by a separate log-softmax loop."""
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import load_folder
+from perta_fast.baselines import BaselineOptions, unlearn_by_training
+from perta_fast.cli import main
+from perta_fast.data import QA, encode
+from perta_fast.errors import PertaError
+from perta_fast.models import load_model
+
+
+def mean_nll_by_hand(model_dir, rows):
+    model, tok = load_model(model_dir, "cpu")
+    total = 0.0
+    for e in encode(tok, rows):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([e.input_ids])).logits[0].double(), -1)
+        targets = e.input_ids[e.n_prompt:]
+        total += -sum(logp[e.n_prompt - 1 + j, t].item() for j, t in enumerate(targets)) / len(targets)
+    return total / len(rows)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_npo_loss_at_the_reference_is_2_ln2_over_beta(tmp_path, tiny_dir, facts, beta):
+    forget, retain = facts
+    # lr 0: θ stays π_ref, so log(π_θ/π_ref) = 0 at every step and every loss is −(2/β)·log σ(0)
+    rec = unlearn_by_training(tiny_dir, forget, retain, tmp_path / "npo", BaselineOptions(
+        "npo", epochs=2, lr=0.0, batch_size=3, beta=beta, retain_weight=0.0, device="cpu"))
+    assert rec["step_losses"] == pytest.approx([2 / beta * math.log(2)] * 6, rel=1e-4)
+
+
+def test_npo_adds_the_retain_loss(tmp_path, tiny_dir, facts):
+    forget, retain = facts
+    rec = unlearn_by_training(tiny_dir, forget, retain, tmp_path / "npo", BaselineOptions(
+        "npo", epochs=1, lr=0.0, batch_size=len(forget), retain_weight=1.0, device="cpu"))
+    # one step, retain batch = the first len(forget) retain rows
+    expected = 20 * math.log(2) + mean_nll_by_hand(tiny_dir, retain[:len(forget)])
+    assert rec["step_losses"] == pytest.approx([expected], rel=1e-4)
+
+
+def test_gradient_ascent_raises_the_forget_loss(tmp_path, tiny_dir, facts):
+    forget, retain = facts
+    out = tmp_path / "ga"
+    rec = unlearn_by_training(tiny_dir, forget, retain, out, BaselineOptions(
+        "ga", epochs=4, lr=1e-3, batch_size=len(forget), device="cpu"))
+    before = mean_nll_by_hand(tiny_dir, forget)
+    assert rec["step_losses"][0] == pytest.approx(-before, rel=1e-4)
+    assert mean_nll_by_hand(out, forget) > before + 0.1
+    assert json.loads((out / "perta_baseline.json").read_text())["options"]["method"] == "ga"
+    assert set(load_folder(out)) == set(load_folder(tiny_dir))
+
+
+def test_baseline_cli_and_bad_input(tmp_path, tiny_dir, facts, capsys):
+    forget, retain = facts
+    (tmp_path / "f.json").write_text(json.dumps([r.__dict__ for r in forget]))
+    (tmp_path / "r.json").write_text(json.dumps([r.__dict__ for r in retain]))
+    args = ["baseline", "--model", str(tiny_dir), "--forget", str(tmp_path / "f.json"),
+            "--retain", str(tmp_path / "r.json"), "--epochs", "1", "--lr", "1e-4"]
+    assert main([*args, "--method", "npo", "--out", str(tmp_path / "npo")]) == 0
+    assert (tmp_path / "npo" / "perta_baseline.json").is_file()
+    capsys.readouterr()
+    assert main([*args, "--method", "npo", "--out", str(tmp_path / "npo")]) == 2  # exists, no --overwrite
+    assert "exists" in capsys.readouterr().err
+    with pytest.raises(PertaError, match="unknown baseline"):
+        unlearn_by_training(tiny_dir, forget, retain, tmp_path / "x", BaselineOptions("sgd"))
+    assert not (tmp_path / "x").exists()

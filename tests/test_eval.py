@@ -1,0 +1,242 @@
+"""TOFU metrics against values worked out by hand (fixed logits, fixed losses) and against independent
+computations on a tiny model (a per-sequence log-softmax loop, greedy generation from every prefix)."""
+import json
+import math
+
+import pytest
+import torch
+
+from perta_fast import eval as ev
+from perta_fast.cli import main
+from perta_fast.data import EvalQA, encode, load_qa, QA
+from perta_fast.errors import PertaError
+from perta_fast.models import load_model
+
+
+def one_hot_logits(argmax_rows, vocab=6):
+    logits = torch.zeros(len(argmax_rows), len(argmax_rows[0]), vocab)
+    for b, row in enumerate(argmax_rows):
+        for t, tok in enumerate(row):
+            logits[b, t, tok] = 5.0
+    return logits
+
+
+def test_extraction_strength_by_hand():
+    # answers are tokens 1,2,3,4 at positions 2..5; logits at position t predict the token at t+1
+    labels = torch.tensor([[-100, -100, 1, 2, 3, 4]] * 3)
+    logits = one_hot_logits([
+        [0, 5, 2, 5, 4, 0],  # predicts a0..a3 as 5,2,5,4: right, wrong, right → last miss a2 → k=3
+        [0, 1, 2, 3, 4, 0],  # all right → k=0
+        [0, 1, 2, 3, 0, 0],  # last token wrong → k=4
+    ])
+    assert ev.extraction_strength(logits, labels) == [1 - 3 / 4, 1.0, 0.0]
+
+
+def test_truth_ratio_and_normalised_probability_by_hand():
+    ratios = ev.truth_ratios([1.0, 2.0], [[2.0, 3.0], [1.0]])
+    assert ratios == pytest.approx([math.exp(1.5), math.exp(-1.0)])
+    # forget: mean of min(R, 1/R); elsewhere: mean of max(0, 1 − 1/R)
+    assert ev.truth_ratio_score(ratios, forget=True) == pytest.approx((math.exp(-1.5) + math.exp(-1.0)) / 2)
+    assert ev.truth_ratio_score(ratios, forget=False) == pytest.approx((1 - math.exp(-1.5) + 0.0) / 2)
+    # P = 1, perturbed 1/2 and 1/4 → 1 / 1.75
+    assert ev.normalised_probability(0.0, [math.log(2), math.log(4)]) == pytest.approx(1 / 1.75)
+
+
+def test_rouge_l_recall_by_hand():
+    # LCS of "the cat on a mat" with "the cat sat on the mat" is "the cat on mat": 4 of 6 reference words
+    assert ev.rouge_l_recall("the cat on a mat", "the cat sat on the mat") == pytest.approx(4 / 6)
+    assert ev.rouge_l_recall("Cats running.", "cat runs") == pytest.approx(1.0)  # stemmed, case and punctuation
+    assert ev.rouge_l_recall("", "cat runs") == 0.0
+
+
+def test_forget_quality_is_the_ks_p_value():
+    # fully separated samples of 3: D = 1, exact p = 2 / C(6, 3) = 0.1
+    assert ev.forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx((0.1, 1.0))
+    assert ev.forget_quality([1, 2, 3], [1, 2, 3])[0] == pytest.approx(1.0)
+
+
+def test_model_utility_is_the_harmonic_mean_of_nine_scores():
+    scores = {"prob": 1.0, "rouge_l": 1.0, "truth_ratio": 1.0}
+    results = {"splits": {r: dict(scores) for r in ev.UTILITY_ROLES}}
+    results["splits"]["world_facts"]["truth_ratio"] = 0.5
+    assert ev.model_utility(results) == pytest.approx(9 / (8 + 2))
+    results["splits"]["retain"]["prob"] = 0.0
+    assert ev.model_utility(results) == 0.0
+    del results["splits"]["retain"]["rouge_l"]
+    assert ev.model_utility(results) is None
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    model, tok = load_model(tiny_dir, "cpu")
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def eval_rows(facts):
+    forget, retain = facts
+    rows = forget + retain
+    # wrong answers: other people's answers to the same kind of question
+    return [EvalQA(r.question, r.answer, r.answer.replace(" was ", " had been ").replace(" is ", " works as "),
+                   tuple(rows[(i + 4 * k) % len(rows)].answer for k in (1, 2, 3)))
+            for i, r in enumerate(rows)]
+
+
+def nll_by_hand(model, tok, question, answer):
+    """Mean NLL of the answer tokens from one unpadded sequence, log-softmax and gather written out."""
+    e = encode(tok, [QA(question, answer)])[0]
+    ids = torch.tensor([e.input_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    targets = e.input_ids[e.n_prompt:]
+    return -sum(logp[e.n_prompt - 1 + j, t].item() for j, t in enumerate(targets)) / len(targets)
+
+
+def test_shared_prompt_scores_equal_separate_sequences(tiny, eval_rows):
+    model, tok = tiny
+    for r in eval_rows[:5]:
+        answers = [r.answer, r.paraphrased_answer, *r.perturbed_answers]
+        nll, es = ev.question_scores(model, tok, r.question, answers)
+        plain_nll, plain_es = ev.answer_scores(model, tok, [(r.question, a) for a in answers], batch_size=3)
+        hand = [nll_by_hand(model, tok, r.question, a) for a in answers]
+        assert nll == pytest.approx(hand, rel=1e-5) and plain_nll == pytest.approx(hand, rel=1e-5)
+        assert es == plain_es
+
+
+@pytest.fixture(scope="module")
+def memorised(tiny_dir, eval_rows):
+    """The tiny model trained hard on half the rows, so that some answers are extractable."""
+    from perta_fast.train import FinetuneOptions, train_in_place
+
+    model, tok = load_model(tiny_dir, "cpu")
+    rows = [QA(r.question, r.answer) for r in eval_rows[:8]]
+    train_in_place(model, tok, rows, FinetuneOptions(epochs=40, lr=1e-2, batch_size=8))
+    return model, tok
+
+
+def extraction_by_generation(model, tok, question, answer):
+    """The definition itself: the shortest answer prefix from which greedy decoding reproduces the rest.
+    Decoding is written out (whole sequence each step, no stop token: the answer ends with <|im_end|>\n)."""
+    e = encode(tok, [QA(question, answer)])[0]
+    ans = e.input_ids[e.n_prompt:]
+    for k in range(len(ans)):
+        ids = e.input_ids[:e.n_prompt + k]
+        with torch.no_grad():
+            for _ in range(len(ans) - k):
+                ids = ids + [int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
+        if ids[e.n_prompt + k:] == ans[k:]:
+            return 1 - k / len(ans)
+    return 0.0
+
+
+def test_extraction_strength_matches_greedy_generation_from_each_prefix(memorised, eval_rows):
+    model, tok = memorised
+    values = []
+    for r in eval_rows[:8] + eval_rows[-3:]:
+        _, es = ev.question_scores(model, tok, r.question, [r.answer])
+        values.append(es[0])
+        assert es[0] == pytest.approx(extraction_by_generation(model, tok, r.question, r.answer)), r.question
+    assert len(set(values)) > 2  # the check is not vacuous: trained rows extract, others do not
+
+
+def test_evaluate_split_puts_the_pieces_together(tiny, eval_rows):
+    model, tok = tiny
+    rows = eval_rows[:4]
+    forget = ev.evaluate_split(model, tok, rows, "forget", ev.EvalOptions(max_new_tokens=8))
+    real = ev.evaluate_split(model, tok, rows, "real_authors", ev.EvalOptions(generate=False))
+    by_hand = [[nll_by_hand(model, tok, r.question, a) for a in (r.answer, r.paraphrased_answer, *r.perturbed_answers)]
+               for r in rows]
+    probs = [math.exp(-h[0]) for h in by_hand]
+    ratios = [math.exp(sum(h[2:]) / 3 - h[1]) for h in by_hand]
+    assert forget["per_sample"]["prob"] == pytest.approx(probs, rel=1e-5)
+    assert forget["prob"] == pytest.approx(sum(probs) / 4, rel=1e-5)
+    assert forget["per_sample"]["truth_ratio_raw"] == pytest.approx(ratios, rel=1e-4)
+    assert forget["truth_ratio"] == pytest.approx(sum(min(x, 1 / x) for x in ratios) / 4, rel=1e-4)
+    assert len(forget["per_sample"]["generation"]) == 4 and 0 <= forget["rouge_l"] <= 1
+    norm = [math.exp(-h[0]) / (math.exp(-h[0]) + sum(math.exp(-x) for x in h[2:])) for h in by_hand]
+    assert real["prob"] == pytest.approx(sum(norm) / 4, rel=1e-5)
+    # 1 − 1/R cancels for R near 1: the tolerance is absolute (NLLs agree to ~1e-6)
+    assert real["truth_ratio"] == pytest.approx(sum(max(0, 1 - 1 / x) for x in ratios) / 4, abs=1e-5)
+    assert "rouge_l" not in real
+
+
+@pytest.fixture(scope="module")
+def tofu_like(tmp_path_factory, eval_rows):
+    """A TOFU-format folder of the project's own fictitious rows (no TOFU text)."""
+    folder = tmp_path_factory.mktemp("tofu_like")
+
+    def dump(name, rows, paraphrase=True):
+        objs = [{"question": r.question, "answer": r.answer, "perturbed_answer": list(r.perturbed_answers),
+                 **({"paraphrased_answer": r.paraphrased_answer} if paraphrase else {})} for r in rows]
+        (folder / f"{name}.json").write_text(json.dumps(objs))
+
+    dump("forget01_perturbed", eval_rows[:6])
+    dump("retain_perturbed", eval_rows[8:16])
+    dump("real_authors_perturbed", eval_rows[16:22], paraphrase=False)
+    dump("world_facts_perturbed", eval_rows[22:28], paraphrase=False)
+    return folder
+
+
+def test_cli_eval_writes_results_and_forget_quality(tmp_path, tiny_dir, tofu_like, capsys):
+    common = ["--tofu", str(tofu_like), "--max-new-tokens", "6"]
+    ref = tmp_path / "retain.json"
+    assert main(["eval", "--model", str(tiny_dir), *common, "--out", str(ref)]) == 0
+    saved = json.loads(ref.read_text())
+    assert set(saved["splits"]) == set(ev.ROLES) and saved["model_utility"] is not None
+    assert (tmp_path / "retain.md").read_text().startswith("| model | forget quality")
+    # the same model against itself: identical truth ratios, KS p-value 1, from the folder or the file
+    for reference in (str(tiny_dir), str(ref)):
+        out = tmp_path / f"self-{len(reference)}.json"
+        assert main(["eval", "--model", str(tiny_dir), *common, "--retain-model", reference, "--out", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert res["forget_quality"] == pytest.approx(1.0) and res["ks_statistic"] == 0.0
+    capsys.readouterr()
+    assert main(["eval", "--compare", str(ref), str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 4 and table[2].startswith("| retain |") and table[3].split("|")[2].strip() == "1"
+
+
+def test_eval_refuses_a_reference_on_other_rows(tmp_path, tiny_dir, tofu_like, capsys):
+    ref = tmp_path / "ref.json"
+    assert main(["eval", "--model", str(tiny_dir), "--tofu", str(tofu_like), "--no-generate", "--max-rows", "3",
+                 "--out", str(ref)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "x.json"
+    assert main(["eval", "--model", str(tiny_dir), "--tofu", str(tofu_like), "--no-generate",
+                 "--retain-model", str(ref), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(ref) in err and "other forget rows" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not out.with_suffix(".md").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([{"question": "q", "answer": "a"}], "'perturbed_answer' must be a non-empty list"),
+    ([{"question": "q", "answer": "a", "perturbed_answer": []}], "'perturbed_answer' must be a non-empty list"),
+    ([{"question": "q", "answer": "a", "perturbed_answer": ["b"], "paraphrased_answer": 3}], "'paraphrased_answer'"),
+    ([{"question": "q", "perturbed_answer": ["b"]}], "missing 'answer'"),
+])
+def test_bad_eval_rows_are_named(tmp_path, bad, message):
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(PertaError, match=message) as e:
+        load_qa(path, eval_rows=True)
+    assert str(path) in str(e.value)
+
+
+def test_bad_results_file_for_compare(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"not": "results"}))
+    assert main(["eval", "--compare", str(path)]) == 2
+    assert f"{path}: not a perta-fast eval results file" in capsys.readouterr().err
+
+
+TOFU = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+
+
+@pytest.mark.skipif(not (TOFU / "forget01_perturbed.json").is_file(), reason="TOFU data not at ../shared/data/tofu")
+def test_tofu_eval_splits_load():
+    splits = ev.tofu_splits(TOFU, "forget01")
+    assert {r: len(v) for r, v in splits.items()} == {"forget": 40, "retain": 400, "real_authors": 100, "world_facts": 117}
+    assert all(len(r.perturbed_answers) == 5 and r.paraphrased_answer != r.answer for r in splits["forget"])
+    assert all(r.paraphrased_answer == r.answer for r in splits["world_facts"])
+    assert [r.question for r in splits["forget"]] == [r.question for r in load_qa(f"{TOFU}:forget01")]
