@@ -20,7 +20,7 @@ from . import __version__
 from .data import QA, batches, data_hash, encode, pad_id, per_sample_loss
 from .errors import PertaError
 from .io import Checkpoint, atomic_file, check_output_path
-from .ops import CHUNK_ELEMENTS, accumulate_, linear_fisher_
+from .ops import CHUNK_ELEMENTS, accumulate_, add_squares_, linear_fisher_
 
 METHODS = ("grad", "fisher")
 
@@ -88,12 +88,6 @@ class _ExactFisher:
 
     def _add(self, param, per_sample_sq_sum: torch.Tensor):
         self.acc[self.name_of[id(param)]].add_(per_sample_sq_sum)
-
-    def _add_squares(self, param, per_sample: torch.Tensor):
-        """acc += Σ_b per_sample[b]², one fused read of each per-sample gradient."""
-        acc = self.acc[self.name_of[id(param)]]
-        for g in per_sample:
-            accumulate_(acc, g, square=True)
 
     def _linear_hook(self, tied: bool):
         def hook(module, inputs, output):
@@ -172,7 +166,7 @@ class _ExactFisher:
                 offsets = torch.arange(per_sample.shape[0], device=ids.device).unsqueeze(1) * vocab
                 flat.index_add_(0, (ids[s:s + chunk] + offsets).reshape(-1),
                                 g_emb[s:s + chunk].reshape(-1, dim))
-                self._add_squares(module.weight, per_sample)
+                add_squares_(self.acc[self.name_of[id(module.weight)]], per_sample)
         if self.tied_linear:
             raise RuntimeError("a tied Linear weight saw no embedding gradient")
         self.embedded.clear()

@@ -16,7 +16,7 @@ import torch
 from . import __version__
 from .errors import PertaError
 from .io import Checkpoint, SafetensorsFile, ShardedWriter, atomic_dir, copy_aux_files
-from .ops import merge_tensor, merge_tensors, ratio_weights  # noqa: F401  (references re-exported)
+from .ops import merge_tensor, merge_tensors, pick_backend, ratio_weights  # noqa: F401  (references re-exported)
 
 IMPORTANCE_PREFIXES = ("forget/", "retain/", "weight/")
 
@@ -190,8 +190,10 @@ def execute_merge(plan: MergePlan, out_folder: Path, progress: bool = True) -> d
         if imp is not None:
             w_sum += step_w_sum
             w_count += base.numel()
+        backend = pick_backend(base, ft, *scores.values())
         del base, ft, scores, merged, out
-        _release_freed_memory()
+        if backend == "torch":  # the fused kernels allocate nothing model-sized; torch's temporaries do
+            _release_freed_memory()
     writer.close()
     return {"tensors": len(plan.steps), "mean_weight": (w_sum / w_count) if w_count else 1.0,
             "shards": len(writer.shard_names)}

@@ -247,6 +247,12 @@ def linear_fisher_(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch
     x, g = x.float(), g.float()
     chunk = max(1, CHUNK_ELEMENTS // max(1, n_out * n_in))
     for s in range(0, b, chunk):
-        for per_sample in torch.bmm(g[s:s + chunk].transpose(1, 2), x[s:s + chunk]):
-            accumulate_(acc, per_sample, square=True)
+        add_squares_(acc, torch.bmm(g[s:s + chunk].transpose(1, 2), x[s:s + chunk]))
+    return acc
+
+
+def add_squares_(acc: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
+    """acc += Σ_b per_sample[b]², one fused read of each per-sample gradient."""
+    for grad in per_sample:
+        accumulate_(acc, grad, square=True)
     return acc

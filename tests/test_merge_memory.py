@@ -5,14 +5,17 @@ memory) is polled from a thread during the merge in a fresh process, and tracema
 Python side.
 """
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import random_tensors, write_checkpoint, write_importance
+from perta_fast import ops
 
 TENSOR = (512, 1024)  # 2 MiB in fp32
 PROBE = textwrap.dedent("""
@@ -27,7 +30,7 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def peak_growth(tmp_path: Path, n_tensors: int) -> dict:
+def peak_growth(tmp_path: Path, n_tensors: int, backend: str) -> dict:
     shapes = {f"layers.{i}.weight": TENSOR for i in range(n_tensors)}
     base = random_tensors(shapes, seed=0)
     folder = tmp_path / f"n{n_tensors}"
@@ -38,13 +41,17 @@ def peak_growth(tmp_path: Path, n_tensors: int) -> dict:
     del base, scores
     out = subprocess.run([sys.executable, "-c", PROBE, str(folder / "full"), str(folder / "ft"),
                           str(folder / "imp.safetensors"), str(folder / "out")],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "PERTA_FAST_BACKEND": backend})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_merge_memory_does_not_grow_with_model_size(tmp_path):
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_merge_memory_does_not_grow_with_model_size(tmp_path, backend):
+    if backend == "cpp" and ops.backend_status()["cpp"] is not None:
+        pytest.skip(f"C++ kernels unavailable: {ops.backend_status()['cpp']}")
     tensor_bytes = TENSOR[0] * TENSOR[1] * 4
-    small, large = peak_growth(tmp_path, 8), peak_growth(tmp_path, 64)
+    small, large = peak_growth(tmp_path, 8, backend), peak_growth(tmp_path, 64, backend)
     checkpoint_bytes = 64 * tensor_bytes  # 128 MiB per input, 256 MiB of importance
     # A merge step holds base, finetuned, s_f, s_r, w and fp32 temporaries: about ten tensors.
     assert large["growth"] < 12 * tensor_bytes, large
