@@ -126,49 +126,54 @@ def main(argv=None) -> int:
     def ft(src, rows, knobs):
         return lambda out: finetune(src, rows, out, FinetuneOptions(**knobs, device=a.device))
 
-    full, t_full = cached(work / "theta_full", ft(base, retain + forget, size.full))
-    retain_model, t_retain = cached(work / "retain_model", ft(base, retain, size.full))
-    theta_ft, t_ft = cached(work / "theta_ft", ft(full, forget, size.forget_ft))
+    steps = {}  # each step's own seconds, as first measured (a cached step keeps its figure)
+    full, steps["θ_full fine-tune"] = cached(work / "theta_full", ft(base, retain + forget, size.full))
+    retain_model, steps["retain model fine-tune"] = cached(work / "retain_model", ft(base, retain, size.full))
+    theta_ft, steps["θ_ft fine-tune"] = cached(work / "theta_ft", ft(full, forget, size.forget_ft))
     importance = {}
     for method in ("grad", "fisher"):
-        importance[method] = cached(work / f"importance-{method}.safetensors", lambda out, m=method: importance_file(
-            full, forget, retain, out, m, 8, device=a.device))
+        importance[method], steps[f"importance {method}"] = cached(
+            work / f"importance-{method}.safetensors",
+            lambda out, m=method: importance_file(full, forget, retain, out, m, 8, device=a.device))
 
-    def evaluate(label, folder, reference):
-        return cached(work / "results" / f"{label}.json",
-                      lambda out: eval_checkpoint(folder, splits, out, reference, eval_opts))[0]
+    def evaluate(name, folder, reference):
+        path, steps[f"eval {name}"] = cached(work / "results" / f"{name}.json",
+                                             lambda out: eval_checkpoint(folder, splits, out, reference, eval_opts))
+        return json.loads(path.read_text())
 
-    ref_json = evaluate("retain-model", retain_model, None)
-    reference = json.loads(ref_json.read_text())
-    runs = [("θ_full", "θ_full", None, full, 0.0), ("retain model", "retain model", None, retain_model, 0.0)]
+    def unlearned(name, build):
+        """Build an unlearned model unless its results exist; its seconds are kept beside the results."""
+        seconds = work / "results" / f"{name}.seconds"
+        if not seconds.exists():
+            _, s = cached(work / "models" / name, build)
+            seconds.parent.mkdir(exist_ok=True)
+            seconds.write_text(str(s))
+        return work / "models" / name, float(seconds.read_text())
+
+    reference = evaluate("retain-model", retain_model, None)
+    runs = [("θ_full", None, "theta_full", full, 0.0), ("retain model", None, "retain-model", retain_model, 0.0)]
     for method, imp in (("TV", None), ("PerTA-grad", "grad"), ("PerTA-fisher", "fisher")):
         for lam in size.lams:
-            label = f"{method} λ={lam:g}"
-            out = work / "models" / label.replace(" ", "_").replace("λ=", "lam")
-            step_s = importance[imp][1] if imp else 0.0
-            if not (work / "results" / f"{out.name}.json").exists():
-                _, merge_s = cached(out, lambda o, imp=imp, lam=lam: merge(
-                    full, theta_ft, o, importance[imp][0] if imp else None,
-                    MergeOptions("perta" if imp else "tv", lam), progress=False))
-                (work / "results").mkdir(exist_ok=True)
-                (work / "results" / f"{out.name}.seconds").write_text(str(merge_s))
-            step_s += float((work / "results" / f"{out.name}.seconds").read_text())
-            runs.append((label, method, lam, out, step_s))
+            name = f"{method}_lam{lam:g}"
+            folder, steps[f"merge {name}"] = unlearned(name, lambda o, imp=imp, lam=lam: merge(
+                full, theta_ft, o, importance[imp] if imp else None, MergeOptions("perta" if imp else "tv", lam),
+                progress=False))
+            # the whole cost of task arithmetic: θ_ft's fine-tuning, importance (PerTA), the merge
+            cost = steps["θ_ft fine-tune"] + (steps[f"importance {imp}"] if imp else 0.0) + steps[f"merge {name}"]
+            runs.append((method, lam, name, folder, cost))
     for method in ("ga", "npo"):
-        out = work / "models" / method
         knobs = dict(size.baseline, method=method, device=a.device)
-        if not (work / "results" / f"{method}.json").exists():
-            _, s = cached(out, lambda o, k=knobs: unlearn_by_training(full, forget, retain, o, BaselineOptions(**k)))
-            (work / "results" / f"{method}.seconds").write_text(str(s))
-        runs.append((method.upper(), method.upper(), None, out, float((work / "results" / f"{method}.seconds").read_text())))
+        folder, steps[method] = unlearned(method, lambda o, k=knobs: unlearn_by_training(
+            full, forget, retain, o, BaselineOptions(**k)))
+        runs.append((method.upper(), None, method, folder, steps[method]))
 
     table = {}
-    for label, method, lam, folder, step_s in runs:
-        name = {"θ_full": "theta_full", "retain model": "retain-model"}.get(label, folder.name)
-        res = reference if label == "retain model" else json.loads(evaluate(name, folder, reference).read_text())
-        if label == "retain model":
+    for method, lam, name, folder, cost in runs:
+        res = reference if method == "retain model" else evaluate(name, folder, reference)
+        if method == "retain model":
             res = dict(res, forget_quality=1.0)  # the reference against itself: KS p-value 1 by definition
-        table[label] = {"method": method, "lam": lam, "unlearn_seconds": round(step_s, 1),
+        label = method if lam is None else f"{method} λ={lam:g}"
+        table[label] = {"method": method, "lam": lam, "unlearn_seconds": round(cost, 1),
                         **{k: res.get(k) for k in ("forget_quality", "ks_statistic", "model_utility")},
                         "splits": {r: {k: v for k, v in s.items() if k != "per_sample"} for r, s in res["splits"].items()}}
         if folder.parent == work / "models" and not a.keep_models:
@@ -184,7 +189,9 @@ def main(argv=None) -> int:
         "eval_rows": {r: len(rows) for r, rows in splits.items()},
         "settings": {"theta_full_and_retain_model": size.full, "theta_ft": size.forget_ft,
                      "ga_npo": size.baseline, "lams": size.lams, "eval": asdict(eval_opts)},
-        "training_seconds": {"theta_full": round(t_full, 1), "retain_model": round(t_retain, 1), "theta_ft": round(t_ft, 1)},
+        "unlearn_seconds": "TV and PerTA: θ_ft's fine-tuning + importance (PerTA) + merge; GA/NPO: their training",
+        "step_seconds": {k: round(v, 1) for k, v in steps.items()},
+        "seconds_all_steps": round(sum(steps.values()), 1),  # what a cold run costs, without start-up
         "results": table,
         "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
     }
@@ -202,7 +209,7 @@ def main(argv=None) -> int:
 
 def markdown(table: dict) -> str:
     head = ("| method | λ | forget quality | model utility | forget ROUGE-L | retain ROUGE-L | forget prob | "
-            "forget truth ratio | unlearning step (s) |")
+            "forget truth ratio | unlearning wall time (s) |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in table.items():
         s = r["splits"]
@@ -228,11 +235,10 @@ def plot(table: dict, path: Path, title: str) -> None:
         by_method.setdefault(r["method"], []).append(r)
     for method, rs in by_method.items():
         xs, ys = [r["model_utility"] for r in rs], [max(r["forget_quality"], 1e-12) for r in rs]
-        style = dict(marker="*", s=160, zorder=3) if r["lam"] is None else dict(marker="o")
-        if r["lam"] is None:
-            ax.scatter(xs, ys, label=method, **style)
-        else:
-            ax.plot(xs, ys, label=method, **style)
+        if rs[0]["lam"] is None:  # one model: θ_full, the retain model, GA, NPO
+            ax.scatter(xs, ys, label=method, marker="*", s=160, zorder=3)
+        else:  # a curve over λ
+            ax.plot(xs, ys, label=method, marker="o")
             for r in rs:
                 ax.annotate(f"λ={r['lam']:g}", (r["model_utility"], max(r["forget_quality"], 1e-12)), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")

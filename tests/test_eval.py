@@ -240,3 +240,23 @@ def test_tofu_eval_splits_load():
     assert all(len(r.perturbed_answers) == 5 and r.paraphrased_answer != r.answer for r in splits["forget"])
     assert all(r.paraphrased_answer == r.answer for r in splits["world_facts"])
     assert [r.question for r in splits["forget"]] == [r.question for r in load_qa(f"{TOFU}:forget01")]
+
+
+@pytest.mark.skipif(not (TOFU / "full.json").is_file(), reason="TOFU data not at ../shared/data/tofu")
+def test_tofu_benchmark_cpu_size_keeps_forget01_and_evaluates_trained_authors_only():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("tofu_bench", Path(__file__).parents[1] / "benchmarks" / "tofu.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["tofu_bench"] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    size = bench.SIZES["cpu"]
+    forget, retain, splits = bench.build_sets(TOFU, size, "forget01")
+    assert forget == load_qa(f"{TOFU}:forget01")  # forget01's two authors
+    assert len(retain) == 20 * len(size.retain_authors) and not set(retain) & set(forget)
+    trained = {r.question for r in retain}
+    assert all(r.question in trained for r in splits["retain"])
+    assert {r: len(v) for r, v in splits.items()} == {r: n or 40 for r, n in size.eval_rows.items()}
+    assert [r.question for r in splits["forget"]] == [r.question for r in forget]
