@@ -53,8 +53,10 @@ def test_merge_memory_does_not_grow_with_model_size(tmp_path, backend):
     tensor_bytes = TENSOR[0] * TENSOR[1] * 4
     small, large = peak_growth(tmp_path, 8, backend), peak_growth(tmp_path, 64, backend)
     checkpoint_bytes = 64 * tensor_bytes  # 128 MiB per input, 256 MiB of importance
-    # A merge step holds base, finetuned, s_f, s_r, w and fp32 temporaries: about ten tensors.
-    assert large["growth"] < 12 * tensor_bytes, large
+    # The fused C++ kernel writes into one reused buffer: about one tensor (measured 1.1). The torch
+    # reference composes w, the difference, products, casts and NaN masks as separate temporaries: about
+    # ten fp32 tensors at its peak (measured 10-12 here), plus allocator slack.
+    assert large["growth"] < {"cpp": 4, "torch": 16}[backend] * tensor_bytes, large
     assert large["growth"] < checkpoint_bytes / 4, large
     # 8× the tensors must not cost more than a few tensors more
     assert large["growth"] < small["growth"] + 4 * tensor_bytes, (small, large)
