@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py                    # CPU: the C++ backend vs torch
     python benchmarks/kernels.py --elements 16777216
+    python benchmarks/kernels.py --device cuda --backend triton   # a GPU: Triton vs torch
 
 Effective bandwidth = (bytes read + bytes written) / time. The ceiling is a plain torch copy of a
 large tensor measured in the same run (read + write). Writes benchmarks/results/kernels-<device>.json
@@ -23,11 +24,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: page faults of fresh outputs, thread pool start
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()  # warm-up: page faults of fresh outputs, thread pool start, kernel compilation
+    sync()
     runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         runs.append(time.perf_counter() - t0)
     return sorted(runs)[len(runs) // 2]
 
@@ -42,7 +46,7 @@ def with_backend(name, fn):
     return run
 
 
-def cases(n: int, dtype: torch.dtype):
+def cases(n: int, dtype: torch.dtype, device: str = "cpu"):
     """{name: (bytes moved, fast-kernel call, torch eager composition)}. Kernels write into buffers that
     are reused, as the streamed merge reuses one; torch eager allocates as torch code does."""
     g = torch.Generator().manual_seed(0)
@@ -50,6 +54,7 @@ def cases(n: int, dtype: torch.dtype):
     ft = (base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype)
     s_f, s_r = torch.rand(n, generator=g), torch.rand(n, generator=g)
     acc, grad, out = torch.zeros(n), torch.randn(n, generator=g).to(dtype), torch.empty(n, dtype=dtype)
+    base, ft, s_f, s_r, acc, grad, out = (t.to(device) for t in (base, ft, s_f, s_r, acc, grad, out))
     e, f32 = dtype.itemsize, 4
     rows = {
         "merge (s_f, s_r fused)": (n * (3 * e + 2 * f32),
@@ -72,19 +77,20 @@ def main():
     ap.add_argument("--elements", type=int, default=1 << 25, help="elements per tensor (default 32M)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--backend", default="cpp", help="the fast backend to measure (cpp on CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda with --backend triton")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if ops.backend_status().get(a.backend):
         sys.exit(f"backend {a.backend} unavailable: {ops.backend_status()[a.backend]}")
     n = a.elements
-    src = torch.randn(n * 2)  # the copy ceiling: 2n fp32 read + written
+    src = torch.randn(n * 2, device=a.device)  # the copy ceiling: 2n fp32 read + written
     dst = torch.empty_like(src)
     copy_s = median_seconds(lambda: dst.copy_(src), a.repeats)
     copy_gbps = 2 * src.numel() * 4 / copy_s / 1e9
     del src, dst
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        for name, (nbytes, kernel, eager) in cases(n, dtype).items():
+        for name, (nbytes, kernel, eager) in cases(n, dtype, a.device).items():
             k = median_seconds(with_backend(a.backend, kernel), a.repeats)
             t = median_seconds(with_backend("torch", eager), a.repeats)
             rows.append({"op": name, "dtype": str(dtype).replace("torch.", ""), "bytes": nbytes,
@@ -92,9 +98,9 @@ def main():
                          "torch_GBps": nbytes / t / 1e9, "kernel_vs_copy": nbytes / k / 1e9 / copy_gbps,
                          "speedup_vs_torch": t / k})
     result = {"command": " ".join(["python", "benchmarks/kernels.py"] + sys.argv[1:]), "backend": a.backend,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "elements": n,
+              "torch": torch.__version__, "device": a.device, "threads": torch.get_num_threads(), "elements": n,
               "copy_GBps": copy_gbps, "rows": rows}
-    out = Path(a.out) if a.out else HERE / "results" / "kernels-cpu.json"
+    out = Path(a.out) if a.out else HERE / "results" / f"kernels-{a.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"copy bandwidth (torch copy_, read + write): {copy_gbps:.2f} GB/s; {n} elements per tensor, "
