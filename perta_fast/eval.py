@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .data import QA, EvalQA, batches, collate, data_hash, encode, load_qa, pad_id, per_sample_loss, prompt_and_answer
+from .data import QA, EvalQA, batches, data_hash, encode, load_qa, pad_id, per_sample_loss, prompt_and_answer
 from .errors import PertaError
 
 
@@ -104,27 +104,10 @@ def extraction_strength(logits, labels) -> list[float]:
 
 
 @torch.no_grad()
-def answer_scores(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16, max_length: int = 512):
-    """Mean answer-token NLL and extraction strength of each (question, answer), batched by length.
-    The plain path: `question_scores` gives the same numbers faster when questions repeat."""
-    device = next(model.parameters()).device
-    encoded = encode(tokenizer, [QA(q, a) for q, a in pairs], max_length)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
-    nll, es = [0.0] * len(pairs), [0.0] * len(pairs)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        ids, mask, labels = collate([encoded[i] for i in idx], pad_id(tokenizer))
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        labels = labels.to(device)
-        for i, loss, e in zip(idx, per_sample_loss(logits, labels).tolist(), extraction_strength(logits, labels)):
-            nll[i], es[i] = loss, e
-    return nll, es
-
-
-@torch.no_grad()
 def question_scores(model, tokenizer, question: str, answers: list[str], max_length: int = 512):
-    """`answer_scores` for several answers to one question: the prompt runs once and its KV cache is
-    shared by all answers (TOFU scores 7 answers per forget/retain question; the prompt is ~half the tokens)."""
+    """Mean answer-token NLL and extraction strength of each answer to one question. The prompt runs
+    once and its KV cache is shared by all answers (TOFU scores 7 answers per forget/retain question; the
+    prompt is ~half the tokens)."""
     device = next(model.parameters()).device
     encoded = encode(tokenizer, [QA(question, a) for a in answers], max_length)
     n_prompt = encoded[0].n_prompt
@@ -274,16 +257,11 @@ def format_results(by_label: dict[str, dict]) -> str:
 # ---- checkpoints and files: what `perta-fast eval` runs ----
 
 def load_results(path: str | Path) -> dict:
-    import json
+    from .io import read_json
 
     path = Path(path)
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise PertaError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-    except json.JSONDecodeError as e:
-        raise PertaError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(results, dict) or not isinstance(results.get("splits"), dict):
+    results = read_json(path)
+    if not isinstance(results.get("splits"), dict):
         raise PertaError(f"{path}: not a perta-fast eval results file (no 'splits')")
     return results
 
@@ -299,8 +277,8 @@ def reference_results(reference: str | Path, forget_rows: list[EvalQA], opts: Ev
     if not reference.is_dir():
         raise PertaError(f"{reference}: retain model not found (a checkpoint folder or its eval results .json)")
     model, tok = load_model(reference, opts.device)
-    no_gen = EvalOptions(opts.batch_size, opts.max_new_tokens, opts.max_length, False, opts.device)
-    return {"model": str(reference), "splits": {"forget": evaluate_split(model, tok, forget_rows, "forget", no_gen)}}
+    return {"model": str(reference),
+            "splits": {"forget": evaluate_split(model, tok, forget_rows, "forget", replace(opts, generate=False))}}
 
 
 def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out: str | Path | None = None,
@@ -330,7 +308,7 @@ def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out:
         add_forget_quality(results, reference, ref_where)
         results["forget_quality_reference"] = reference.get("model", ref_where)
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    results["options"] = {k: v for k, v in opts.__dict__.items()}
+    results["options"] = asdict(opts)
     if out is not None:
         table = format_results({Path(model_dir).name: results})
         with atomic_file(out, overwrite, (model_dir,)) as tmp:

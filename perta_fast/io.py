@@ -35,12 +35,15 @@ def _inside(folder: Path, name: str) -> Path:
     return path
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or a one-line PertaError naming the file and the problem."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise PertaError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise PertaError(f"{path}: cannot read ({e})") from None
     except OSError as e:
         raise PertaError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(data, dict):
@@ -115,7 +118,7 @@ class Checkpoint:
         config_path = self.folder / "config.json"
         if not config_path.is_file():
             raise PertaError(f"{self.folder}: not a model folder (no config.json)")
-        self.config = _read_json(config_path)
+        self.config = read_json(config_path)
         self._files: dict[Path, SafetensorsFile | _PickleFile] = {}
         self._where: dict[str, Path] = {}
         self.weight_files = self._locate(allow_pickle)
@@ -130,7 +133,7 @@ class Checkpoint:
             if index_path.is_file():
                 if index_name.endswith(".bin.index.json") and not allow_pickle:
                     raise self._pickle_refused(index_path)
-                weight_map = _read_json(index_path).get("weight_map")
+                weight_map = read_json(index_path).get("weight_map")
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise PertaError(f"{index_path}: no weight_map")
                 files = []
