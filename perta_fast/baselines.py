@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .data import QA, batches, data_hash, encode, pad_id, per_sample_loss
+from .data import QA, batches, collate, data_hash, encode, pad_id, per_sample_loss
 from .errors import PertaError
 from .io import check_output_path
 from .models import load_model, save_model
@@ -89,11 +89,11 @@ def unlearn_by_training(model_dir: str | Path, forget: list[QA], retain: list[QA
             rng.shuffle(order)
             for start in range(0, len(order), opts.batch_size):
                 idx = order[start:start + opts.batch_size]
-                ids, mask, labels = (t.to(device) for t in next(batches([forget_enc[i] for i in idx], len(idx), pad)))
+                ids, mask, labels = (t.to(device) for t in collate([forget_enc[i] for i in idx], pad))
                 loss = _forget_loss(model, ids, mask, labels, ref[idx], opts)
                 if opts.method == "npo" and opts.retain_weight:
                     r = [retain_enc[next(retain_order)] for _ in idx]
-                    rids, rmask, rlabels = (t.to(device) for t in next(batches(r, len(r), pad)))
+                    rids, rmask, rlabels = (t.to(device) for t in collate(r, pad))
                     with autocast(device, opts.bf16_autocast):
                         rlogits = model(input_ids=rids, attention_mask=rmask).logits
                     loss = loss + opts.retain_weight * per_sample_loss(rlogits, rlabels).mean()
