@@ -60,12 +60,11 @@ def build_sets(tofu: Path, size: Size, forget_split: str):
     from perta_fast.data import load_qa
     from perta_fast.eval import tofu_splits
 
-    full = load_qa(f"{tofu}:full")
-    n_forget = len(full) * int(forget_split[-2:]) // 100
-    forget = full[-n_forget:]
+    forget = load_qa(f"{tofu}:{forget_split}")
     if size.retain_authors is None:
-        retain = full[:-n_forget]
+        retain = load_qa(f"{tofu}:retain{100 - int(forget_split[-2:]):02d}")
     else:
+        full = load_qa(f"{tofu}:full")
         retain = [r for a in size.retain_authors for r in full[a * ROWS_PER_AUTHOR:(a + 1) * ROWS_PER_AUTHOR]]
     splits = tofu_splits(tofu, forget_split)
     if size.retain_authors is not None:  # evaluate retain rows only of authors the models were trained on
@@ -76,15 +75,17 @@ def build_sets(tofu: Path, size: Size, forget_split: str):
 
 
 def cached(path: Path, build) -> tuple[Path, float]:
-    """Run `build(path)` unless `path` exists (a finished step: every writer in perta_fast is atomic)."""
+    """Run `build(path)` unless `path` exists (a finished step: every writer in perta_fast is atomic);
+    the step's seconds are kept beside it, so a rerun still reports them."""
+    def record():
+        return path / "perta_step.json" if path.is_dir() else path.with_suffix(path.suffix + ".step.json")
+
     if path.exists():
-        record = path / "perta_step.json" if path.is_dir() else path.with_suffix(path.suffix + ".step.json")
-        return path, json.loads(record.read_text())["seconds"] if record.exists() else float("nan")
+        return path, json.loads(record().read_text())["seconds"] if record().exists() else float("nan")
     t0 = time.perf_counter()
     build(path)
     seconds = time.perf_counter() - t0
-    record = path / "perta_step.json" if path.is_dir() else path.with_suffix(path.suffix + ".step.json")
-    record.write_text(json.dumps({"seconds": seconds}))
+    record().write_text(json.dumps({"seconds": seconds}))
     return path, seconds
 
 
