@@ -172,7 +172,7 @@ struct MergeStats { double w_sum; int64_t nonfinite; };
 // One loop per (base dtype, finetuned dtype, mode, weight/score dtype): no branch or dtype switch is
 // left inside it, so the compiler can vectorise the fp32 math. Non-finite inputs are counted in the
 // same pass (and read as 0 when ZERO), so no separate checking pass over the data is needed.
-template <int BDT, int FDT, int MODE, int WDT, bool ZERO>
+template <int BDT, int FDT, int MODE, int WDT, bool ZERO, bool DELTA>
 static MergeStats merge_loop(const void* base, const void* ft, const void* w, const void* sf, const void* sr,
                              void* out, int64_t n, float lam, float alpha, float power, float eps) {
     double nonfinite = 0.0;
@@ -203,7 +203,8 @@ static MergeStats merge_loop(const void* base, const void* ft, const void* w, co
                 float weight = x;
                 if (MODE == SCORES || MODE == SCORES_POW) weight = ratio_value<MODE == SCORES_POW>(x, y, alpha, power, eps);
                 wbuf[j] = weight;
-                store(out, i, BDT, b - lam * (weight * (f - b)));
+                float d = DELTA ? f : f - b;  // DELTA: ft holds τ itself (a block of a LoRA product)
+                store(out, i, BDT, b - lam * (weight * d));
             }
             float block = 0.0f, bad = 0.0f;
 #pragma omp simd reduction(+ : block, bad)
@@ -221,44 +222,50 @@ static MergeStats merge_loop(const void* base, const void* ft, const void* w, co
 using MergeFn = MergeStats (*)(const void*, const void*, const void*, const void*, const void*, void*, int64_t, float,
                                float, float, float);
 
-template <int BDT, int FDT, int MODE, bool ZERO>
+template <int BDT, int FDT, int MODE, bool ZERO, bool DELTA>
 static MergeFn pick_weight_dtype(int wdt) {
-    return wdt == F32 ? merge_loop<BDT, FDT, MODE, F32, ZERO>
-         : wdt == BF16 ? merge_loop<BDT, FDT, MODE, BF16, ZERO> : merge_loop<BDT, FDT, MODE, F16, ZERO>;
+    return wdt == F32 ? merge_loop<BDT, FDT, MODE, F32, ZERO, DELTA>
+         : wdt == BF16 ? merge_loop<BDT, FDT, MODE, BF16, ZERO, DELTA> : merge_loop<BDT, FDT, MODE, F16, ZERO, DELTA>;
 }
 
-template <int BDT, int FDT, bool ZERO>
+template <int BDT, int FDT, bool ZERO, bool DELTA>
 static MergeFn pick_merge(int mode, int wdt) {
-    if (mode == TV) return merge_loop<BDT, FDT, TV, F32, ZERO>;
-    if (mode == WEIGHTS) return pick_weight_dtype<BDT, FDT, WEIGHTS, ZERO>(wdt);
-    if (mode == SCORES) return pick_weight_dtype<BDT, FDT, SCORES, ZERO>(wdt);
-    return pick_weight_dtype<BDT, FDT, SCORES_POW, ZERO>(wdt);
+    if (mode == TV) return merge_loop<BDT, FDT, TV, F32, ZERO, DELTA>;
+    if (mode == WEIGHTS) return pick_weight_dtype<BDT, FDT, WEIGHTS, ZERO, DELTA>(wdt);
+    if (mode == SCORES) return pick_weight_dtype<BDT, FDT, SCORES, ZERO, DELTA>(wdt);
+    return pick_weight_dtype<BDT, FDT, SCORES_POW, ZERO, DELTA>(wdt);
 }
 
+// A task vector (DELTA) is always fp32: it comes from a matmul of the LoRA factors, so only that
+// combination is instantiated.
 template <int BDT, bool ZERO>
-static MergeFn pick_merge(int fdt, int mode, int wdt) {
-    return fdt == F32 ? pick_merge<BDT, F32, ZERO>(mode, wdt) : fdt == BF16 ? pick_merge<BDT, BF16, ZERO>(mode, wdt)
-                                                                            : pick_merge<BDT, F16, ZERO>(mode, wdt);
+static MergeFn pick_merge(int fdt, int mode, int wdt, bool delta) {
+    if (delta) return pick_merge<BDT, F32, ZERO, true>(mode, wdt);
+    return fdt == F32 ? pick_merge<BDT, F32, ZERO, false>(mode, wdt)
+         : fdt == BF16 ? pick_merge<BDT, BF16, ZERO, false>(mode, wdt) : pick_merge<BDT, F16, ZERO, false>(mode, wdt);
 }
 
 template <bool ZERO>
-static MergeFn pick_merge(int bdt, int fdt, int mode, int wdt) {
-    return bdt == F32 ? pick_merge<F32, ZERO>(fdt, mode, wdt) : bdt == BF16 ? pick_merge<BF16, ZERO>(fdt, mode, wdt)
-                                                                            : pick_merge<F16, ZERO>(fdt, mode, wdt);
+static MergeFn pick_merge(int bdt, int fdt, int mode, int wdt, bool delta) {
+    return bdt == F32 ? pick_merge<F32, ZERO>(fdt, mode, wdt, delta)
+         : bdt == BF16 ? pick_merge<BF16, ZERO>(fdt, mode, wdt, delta) : pick_merge<F16, ZERO>(fdt, mode, wdt, delta);
 }
 
-// out = base − λ·(w ⊙ (ft − base)) in base's dtype, w given, formed from (s_f, s_r), or 1 (TV).
+// out = base − λ·(w ⊙ (ft − base)) in base's dtype, w given, formed from (s_f, s_r), or 1 (TV); with
+// `delta`, ft is τ itself (fp32) and out = base − λ·(w ⊙ τ).
 // Returns (Σw, number of elements with a non-finite input), so callers report the mean weight and refuse
 // NaN/Inf without a second pass.
 static py::tuple merge(uintptr_t base, int base_dt, uintptr_t ft, int ft_dt, uintptr_t w, int w_dt, uintptr_t sf,
                        uintptr_t sr, int s_dt, uintptr_t out, int64_t n, float lam, float alpha, float power, float eps,
-                       bool zero_nonfinite) {
+                       bool zero_nonfinite, bool delta) {
     check_dtype(base_dt); check_dtype(ft_dt);
+    if (delta && ft_dt != F32) throw std::invalid_argument("a task vector (delta) must be f32");
     if (w) check_dtype(w_dt);
     if (sf) { check_dtype(s_dt); if (!sr) throw std::invalid_argument("s_f given without s_r"); }
     int mode = w ? WEIGHTS : !sf ? TV : power == 1.0f ? SCORES : SCORES_POW;
     int wdt = w ? w_dt : s_dt;
-    MergeFn fn = zero_nonfinite ? pick_merge<true>(base_dt, ft_dt, mode, wdt) : pick_merge<false>(base_dt, ft_dt, mode, wdt);
+    MergeFn fn = zero_nonfinite ? pick_merge<true>(base_dt, ft_dt, mode, wdt, delta)
+                                : pick_merge<false>(base_dt, ft_dt, mode, wdt, delta);
     MergeStats stats;
     {
         py::gil_scoped_release release;

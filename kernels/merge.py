@@ -1,4 +1,4 @@
-"""Fused merge: out = base − λ·(w ⊙ (ft − base)) in base's dtype, w given, formed from (s_f, s_r) on the
+"""Fused merge: out = base − λ·(w ⊙ (ft − base)) (or, with DELTA, base − λ·(w ⊙ τ)) in base's dtype, w given, formed from (s_f, s_r) on the
 fly, or 1 (TV); one read of each input, one write, fp32 math. Also returns Σw and the number of
 elements with a non-finite input (read as 0 when asked), from per-program partials, so no second pass is needed."""
 import torch
@@ -17,7 +17,8 @@ def _finite(x):
 
 @triton.jit
 def _merge_kernel(base_ptr, ft_ptr, w_ptr, sf_ptr, sr_ptr, out_ptr, wsum_ptr, bad_ptr, n, lam, alpha, power, eps,
-                  MODE: tl.constexpr, POW: tl.constexpr, ZERO: tl.constexpr, BLOCK: tl.constexpr):
+                  MODE: tl.constexpr, POW: tl.constexpr, ZERO: tl.constexpr, DELTA: tl.constexpr,
+                  BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -39,12 +40,13 @@ def _merge_kernel(base_ptr, ft_ptr, w_ptr, sf_ptr, sr_ptr, out_ptr, wsum_ptr, ba
     w = x
     if MODE == 2:
         w = _ratio(x, y, alpha, power, eps, POW)
-    tl.store(out_ptr + offs, (b - lam * (w * (f - b))).to(out_ptr.dtype.element_ty), mask=mask)
+    d = f if DELTA else f - b  # DELTA: ft_ptr holds τ itself (a block of a LoRA product)
+    tl.store(out_ptr + offs, (b - lam * (w * d)).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(wsum_ptr + pid, tl.sum(tl.where(mask, w, 0.0), axis=0))
     tl.store(bad_ptr + pid, tl.sum(tl.where(mask, bad, 0), axis=0))
 
 
-def merge(base, ft, w, s_f, s_r, out, lam, alpha, power, eps, nan_to_zero, block: int = 1024):
+def merge(base, ft, w, s_f, s_r, out, lam, alpha, power, eps, nan_to_zero, delta=False, block: int = 1024):
     """Launcher; the caller (perta_fast.ops.merge_tensors) has checked shapes and dtypes."""
     n = base.numel()
     if n == 0:
@@ -57,5 +59,5 @@ def merge(base, ft, w, s_f, s_r, out, lam, alpha, power, eps, nan_to_zero, block
     _merge_kernel[(grid,)](base.contiguous(), ft.contiguous(), dummy if w is None else w.contiguous(),
                            dummy if s_f is None else s_f.contiguous(), dummy if s_r is None else s_r.contiguous(),
                            out, wsum, bad, n, lam, alpha, power, eps, MODE=mode, POW=power != 1.0,
-                           ZERO=nan_to_zero, BLOCK=block)
+                           ZERO=nan_to_zero, DELTA=delta, BLOCK=block)
     return out, float(wsum.sum(dtype=torch.float64)), int(bad.sum())

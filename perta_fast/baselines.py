@@ -35,6 +35,8 @@ class BaselineOptions:
     seed: int = 0
     device: str | None = None
     bf16_autocast: bool = False  # mixed precision: bf16 matmuls, fp32 weights and optimizer state
+    dtype: str | None = None  # weights' dtype: auto (None) = the checkpoint's own
+    gradient_checkpointing: bool = False
 
 
 def sequence_nll(logits, labels):
@@ -65,7 +67,7 @@ def unlearn_by_training(model_dir: str | Path, forget: list[QA], retain: list[QA
     check_output_path(Path(out), overwrite, (model_dir,))
     t0 = time.perf_counter()
     torch.manual_seed(opts.seed)
-    model, tok = load_model(model_dir, opts.device)
+    model, tok = load_model(model_dir, opts.device, opts.dtype, gradient_checkpointing=opts.gradient_checkpointing)
     device = next(model.parameters()).device
     pad = pad_id(tok)
     forget_enc, retain_enc = encode(tok, forget, opts.max_length), encode(tok, retain, opts.max_length)

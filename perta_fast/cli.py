@@ -9,11 +9,24 @@ from pathlib import Path
 
 from .errors import PertaError
 
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")  # perta_fast.models.DTYPE_CHOICES, without importing torch here
 
-def _add_common(p, batch=8):
+
+def _add_common(p, batch=8, checkpointing=True):
     p.add_argument("--batch-size", type=int, default=batch)
     p.add_argument("--max-length", type=int, default=256, help="tokens per sample (prompt + answer)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="load the model straight into this dtype (auto: the checkpoint's own)")
+    if checkpointing:
+        p.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute each layer in backward instead of keeping its activations")
+
+
+def _add_lora(p):
+    p.add_argument("--lora-rank", type=int, default=None, help="train θ_ft as a LoRA adapter of this rank (peft)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA α (default 2·rank)")
+    p.add_argument("--lora-targets", default="all-linear", help="all-linear, or module names: q_proj,v_proj,…")
 
 
 def _add_merge_knobs(p):
@@ -51,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _add_finetune_knobs(p, 3, 1e-4)
     _add_common(p)
+    _add_lora(p)
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("importance", help="estimate parameter importance on the forget and retain sets")
@@ -60,12 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["grad", "fisher"], default="grad")
     p.add_argument("--out", required=True, help=".safetensors file to write")
     p.add_argument("--max-samples", type=int, default=None, help="use the first N rows of each set")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder (θ_ft): score only the weights it targets")
     _add_common(p)
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("merge", help="θ_u = θ_full − λ·(w ⊙ (θ_ft − θ_full)), streamed")
     p.add_argument("--base", required=True, help="θ_full")
-    p.add_argument("--finetuned", required=True, help="θ_ft")
+    p.add_argument("--finetuned", required=True, help="θ_ft: a checkpoint folder or a peft LoRA adapter folder")
     p.add_argument("--out", required=True)
     p.add_argument("--method", choices=["perta", "tv"], default="perta")
     p.add_argument("--importance", default=None)
@@ -73,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per output shard")
     p.add_argument("--nan-to-zero", action="store_true", help="treat NaN/Inf in inputs as 0 instead of failing")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin checkpoints (weights_only=True)")
+    p.add_argument("--device", default="cpu", help="where the math runs: cpu or cuda (files stay on the host)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("unlearn", help="the whole pipeline: fine-tune θ_ft, importance, merge, evaluate")
@@ -90,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge_knobs(p)
     _add_finetune_knobs(p, 5, 1e-4)
     _add_common(p)
+    _add_lora(p)
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("baseline", help="training-based unlearning to compare against: gradient ascent or NPO")
@@ -116,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-generate", action="store_true", help="skip greedy answers (no ROUGE-L, no model utility)")
     p.add_argument("--out", default=None, help="results .json (a markdown table goes beside it as .md)")
     p.add_argument("--compare", nargs="+", default=None, metavar="RESULTS_JSON", help="tabulate saved results")
-    _add_common(p, batch=16)
+    _add_common(p, batch=16, checkpointing=False)
     p.set_defaults(max_length=512)
     p.add_argument("--overwrite", action="store_true")
 
@@ -137,87 +154,128 @@ def _finetune_opts(a):
     from .train import FinetuneOptions
 
     return FinetuneOptions(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, max_length=a.max_length,
-                           seed=a.seed, device=a.device)
+                           seed=a.seed, device=a.device, dtype=a.dtype, gradient_checkpointing=a.gradient_checkpointing,
+                           lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_targets=a.lora_targets)
 
 
-def run(a) -> None:
+def _info(a):
+    import torch
+
     import perta_fast as pf
     from . import ops
 
-    ops.set_backend(a.backend)
-    if a.command == "info":
-        import torch
+    print(f"perta-fast {pf.__version__}, torch {torch.__version__}, "
+          f"cuda {'available' if torch.cuda.is_available() else 'not available'}")
+    for name, why in ops.backend_status().items():
+        print(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")
+    forced = a.backend or os.environ.get("PERTA_FAST_BACKEND")
+    print(f"  choice: {forced + ' (forced)' if forced else 'by device: triton on CUDA, cpp on CPU, torch otherwise'}")
 
-        print(f"perta-fast {pf.__version__}, torch {torch.__version__}, "
-              f"cuda {'available' if torch.cuda.is_available() else 'not available'}")
-        for name, why in ops.backend_status().items():
-            print(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")
-        forced = a.backend or os.environ.get("PERTA_FAST_BACKEND")
-        print(f"  choice: {forced + ' (forced)' if forced else 'by device: triton on CUDA, cpp on CPU, torch otherwise'}")
-    elif a.command == "convert-gguf":
-        print(pf.convert_gguf(a.out, a.gguf, a.overwrite))
-    elif a.command == "finetune":
-        rec = pf.finetune(a.model, pf.load_qa(a.data), a.out, _finetune_opts(a), a.overwrite)
-        print(f"wrote {a.out} ({rec['n_rows']} rows, final loss {rec['epoch_losses'][-1]:.4f}, {rec['seconds']} s)")
-    elif a.command == "importance":
-        meta = pf.importance_file(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, a.method, a.batch_size,
-                                  a.max_length, a.max_samples, a.device, a.overwrite)
-        print(f"wrote {a.out} ({a.method}, {meta['n_forget']} forget / {meta['n_retain']} retain rows, {meta['seconds']} s)")
-    elif a.command == "merge":
-        opts = pf.MergeOptions(a.method, a.lam, a.alpha, a.power, a.eps, a.nan_to_zero, int(a.max_shard_size * 1024**3))
-        rec = pf.merge(a.base, a.finetuned, a.out, a.importance, opts, a.overwrite, a.allow_pickle)
-        print(f"wrote {a.out} ({rec['tensors']} tensors in {rec['shards']} shard(s), mean w {rec['mean_weight']:.4f}, "
-              f"{rec['seconds']} s)")
-    elif a.command == "unlearn":
-        from .pipeline import UnlearnOptions
 
-        opts = UnlearnOptions(a.method, a.lam, a.alpha, a.power, a.eps, _finetune_opts(a), a.batch_size,
-                              a.max_length, a.max_samples, a.importance_model, a.device, not a.no_eval,
-                              a.eval_samples)
-        s = pf.unlearn(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, a.finetuned, opts, a.work_dir,
-                       a.overwrite)
-        print(f"\nwrote {a.out} with {s['method']} (mean w {s['mean_weight']:.4f}); seconds: {json.dumps(s['seconds'])}")
-        if "table" in s:
-            print(s["table"])
-    elif a.command == "baseline":
-        from .baselines import BaselineOptions, unlearn_by_training
+def _convert_gguf(a):
+    import perta_fast as pf
 
-        opts = BaselineOptions(a.method, a.epochs, a.lr, a.batch_size, beta=a.beta, retain_weight=a.retain_weight,
-                               max_length=a.max_length, seed=a.seed, device=a.device, bf16_autocast=a.bf16_autocast)
-        rec = unlearn_by_training(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, opts, a.overwrite)
-        print(f"wrote {a.out} ({a.method}, {len(rec['step_losses'])} steps, final loss {rec['step_losses'][-1]:.4f}, "
-              f"{rec['seconds']} s)")
-    elif a.command == "eval":
-        from . import eval as ev
+    print(pf.convert_gguf(a.out, a.gguf, a.overwrite))
 
-        if a.compare:
-            print(ev.compare(a.compare))
-            return
-        if not a.model or not a.tofu:
-            raise PertaError("eval needs --model and --tofu (or --compare RESULTS_JSON …)")
-        opts = ev.EvalOptions(a.batch_size, a.max_new_tokens, a.max_length, not a.no_generate, a.device)
-        res = ev.eval_checkpoint(a.model, ev.tofu_splits(a.tofu, a.forget_split, a.max_rows), a.out,
-                                 a.retain_model, opts, a.overwrite)
-        print(ev.format_results({a.model: res}))
-        if a.out:
-            print(f"\nresults: {a.out} (table: {Path(a.out).with_suffix('.md')})")
-    elif a.command == "demo":
-        from dataclasses import replace
 
-        from .pipeline import DemoOptions
+def _finetune(a):
+    import perta_fast as pf
 
-        opts = DemoOptions(n_people=a.people, n_forget=a.forget_people, seed=a.seed, lam=a.lam, device=a.device)
-        if a.epochs:
-            opts.full = replace(opts.full, epochs=a.epochs)
-        s = pf.demo(a.out, opts, a.overwrite, a.model)
-        print(f"\nperta-fast demo: {s['n_forget_rows']} forget / {s['n_retain_rows']} retain facts, λ={s['lam']}, "
-              f"{s['seconds']} s\n")
+    rec = pf.finetune(a.model, pf.load_qa(a.data), a.out, _finetune_opts(a), a.overwrite)
+    print(f"wrote {a.out} ({rec['kind']}, {rec['n_rows']} rows, final loss {rec['epoch_losses'][-1]:.4f}, "
+          f"{rec['seconds']} s)")
+
+
+def _importance(a):
+    import perta_fast as pf
+
+    meta = pf.importance_file(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, a.method, a.batch_size,
+                              a.max_length, a.max_samples, a.device, a.overwrite, dtype=a.dtype,
+                              gradient_checkpointing=a.gradient_checkpointing, adapter=a.adapter)
+    print(f"wrote {a.out} ({a.method}, {meta['n_forget']} forget / {meta['n_retain']} retain rows, {meta['seconds']} s)")
+
+
+def _merge(a):
+    import perta_fast as pf
+
+    opts = pf.MergeOptions(a.method, a.lam, a.alpha, a.power, a.eps, a.nan_to_zero, int(a.max_shard_size * 1024**3),
+                           a.device)
+    rec = pf.merge(a.base, a.finetuned, a.out, a.importance, opts, a.overwrite, a.allow_pickle)
+    print(f"wrote {a.out} ({rec['tensors']} tensors in {rec['shards']} shard(s), {rec['merged_tensors']} merged, "
+          f"mean w {rec['mean_weight']:.4f}, {rec['seconds']} s)")
+
+
+def _unlearn(a):
+    import perta_fast as pf
+    from .pipeline import UnlearnOptions
+
+    opts = UnlearnOptions(a.method, a.lam, a.alpha, a.power, a.eps, _finetune_opts(a), a.batch_size,
+                          a.max_length, a.max_samples, a.importance_model, a.device, not a.no_eval,
+                          a.eval_samples, a.dtype, a.gradient_checkpointing)
+    s = pf.unlearn(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, a.finetuned, opts, a.work_dir,
+                   a.overwrite)
+    print(f"\nwrote {a.out} with {s['method']} (mean w {s['mean_weight']:.4f}); seconds: {json.dumps(s['seconds'])}")
+    if "table" in s:
         print(s["table"])
-        print(f"\nover λ (merged in memory):\n{s['sweep_table']}")
-        print(f"\nsample (forget set): {s['sample']['question']}\n  reference: {s['sample']['reference']}")
-        for m, ans in s["sample"]["answers"].items():
-            print(f"  {m:>14}: {ans}")
-        print(f"\nresults: {a.out}/results.json" + (f", plot: {s['plot']}" if s["plot"] else ""))
+
+
+def _baseline(a):
+    import perta_fast as pf
+    from .baselines import BaselineOptions, unlearn_by_training
+
+    opts = BaselineOptions(a.method, a.epochs, a.lr, a.batch_size, beta=a.beta, retain_weight=a.retain_weight,
+                           max_length=a.max_length, seed=a.seed, device=a.device, bf16_autocast=a.bf16_autocast,
+                           dtype=a.dtype, gradient_checkpointing=a.gradient_checkpointing)
+    rec = unlearn_by_training(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, opts, a.overwrite)
+    print(f"wrote {a.out} ({a.method}, {len(rec['step_losses'])} steps, final loss {rec['step_losses'][-1]:.4f}, "
+          f"{rec['seconds']} s)")
+
+
+def _eval(a):
+    from . import eval as ev
+
+    if a.compare:
+        print(ev.compare(a.compare))
+        return
+    if not a.model or not a.tofu:
+        raise PertaError("eval needs --model and --tofu (or --compare RESULTS_JSON …)")
+    opts = ev.EvalOptions(a.batch_size, a.max_new_tokens, a.max_length, not a.no_generate, a.device, a.dtype)
+    res = ev.eval_checkpoint(a.model, ev.tofu_splits(a.tofu, a.forget_split, a.max_rows), a.out,
+                             a.retain_model, opts, a.overwrite)
+    print(ev.format_results({a.model: res}))
+    if a.out:
+        print(f"\nresults: {a.out} (table: {Path(a.out).with_suffix('.md')})")
+
+
+def _demo(a):
+    from dataclasses import replace
+
+    import perta_fast as pf
+    from .pipeline import DemoOptions
+
+    opts = DemoOptions(n_people=a.people, n_forget=a.forget_people, seed=a.seed, lam=a.lam, device=a.device)
+    if a.epochs:
+        opts.full = replace(opts.full, epochs=a.epochs)
+    s = pf.demo(a.out, opts, a.overwrite, a.model)
+    print(f"\nperta-fast demo: {s['n_forget_rows']} forget / {s['n_retain_rows']} retain facts, λ={s['lam']}, "
+          f"{s['seconds']} s\n")
+    print(s["table"])
+    print(f"\nover λ (merged in memory):\n{s['sweep_table']}")
+    print(f"\nsample (forget set): {s['sample']['question']}\n  reference: {s['sample']['reference']}")
+    for m, ans in s["sample"]["answers"].items():
+        print(f"  {m:>14}: {ans}")
+    print(f"\nresults: {a.out}/results.json" + (f", plot: {s['plot']}" if s["plot"] else ""))
+
+
+COMMANDS = {"info": _info, "convert-gguf": _convert_gguf, "finetune": _finetune, "importance": _importance,
+            "merge": _merge, "unlearn": _unlearn, "baseline": _baseline, "eval": _eval, "demo": _demo}
+
+
+def run(a) -> None:
+    from . import ops
+
+    ops.set_backend(a.backend)
+    COMMANDS[a.command](a)
 
 
 def main(argv=None) -> int:

@@ -78,6 +78,7 @@ class EvalOptions:
     max_length: int = 512
     generate: bool = True  # greedy answers for ROUGE-L; off, ROUGE-L is left out (and model utility with it)
     device: str | None = None
+    dtype: str | None = None  # auto (None): the checkpoint's own
 
 
 def tofu_splits(folder: str | Path, forget: str = "forget01", max_rows: int | None = None) -> dict[str, list[EvalQA]]:
@@ -276,7 +277,7 @@ def reference_results(reference: str | Path, forget_rows: list[EvalQA], opts: Ev
         return load_results(reference)
     if not reference.is_dir():
         raise PertaError(f"{reference}: retain model not found (a checkpoint folder or its eval results .json)")
-    model, tok = load_model(reference, opts.device)
+    model, tok = load_model(reference, opts.device, opts.dtype)
     return {"model": str(reference),
             "splits": {"forget": evaluate_split(model, tok, forget_rows, "forget", replace(opts, generate=False))}}
 
@@ -302,7 +303,7 @@ def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out:
         reference = reference_results(reference, splits.get("forget", []), opts)
     else:
         ref_where = "the retain model's results"
-    model, tok = load_model(model_dir, opts.device)
+    model, tok = load_model(model_dir, opts.device, opts.dtype)
     results = {"model": str(model_dir), **evaluate_tofu(model, tok, splits, opts)}
     if reference is not None:
         add_forget_quality(results, reference, ref_where)

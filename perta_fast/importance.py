@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from . import __version__
@@ -25,8 +26,31 @@ from .ops import CHUNK_ELEMENTS, accumulate_, add_squares_, linear_fisher_
 METHODS = ("grad", "fisher")
 
 
-def _unique_params(model) -> dict[str, nn.Parameter]:
-    return dict(model.named_parameters())  # tied parameters appear once, under their first name
+def _unique_params(model, names=None) -> dict[str, nn.Parameter]:
+    """Tied parameters appear once, under their first name; `names` (None: all) keeps only those
+    (a LoRA adapter's targets: every other parameter has τ = 0, so its importance is never needed)."""
+    params = dict(model.named_parameters())
+    if names is None:
+        return params
+    unknown = sorted(set(names) - set(params))
+    if unknown:
+        raise PertaError(f"importance: the model has no parameter {unknown[0]!r} (adapter for another model?)")
+    return {n: p for n, p in params.items() if n in names}
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward hook firing then is gradient checkpointing
+    recomputing a layer."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _checkpointed_modules(model) -> set[int]:
+    """ids of modules inside layers that gradient checkpointing recomputes during backward."""
+    ids = set()
+    for layer in model.modules():
+        if getattr(layer, "gradient_checkpointing", False) and layer.training:
+            ids.update(id(m) for m in layer.modules())
+    return ids
 
 
 def _is_rms_norm(m: nn.Module) -> bool:
@@ -41,42 +65,47 @@ def _rms_eps(m: nn.Module) -> float:
 class _ExactFisher:
     """Accumulates Σ_b g_b² for every parameter of `model` from hook-captured X and G."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, names=None):
         self.model = model
-        params = _unique_params(model)
+        params = _unique_params(model, names)
         self.name_of = {id(p): n for n, p in params.items()}
         self.acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
         self.tied_linear: dict[int, tuple] = {}  # weight id -> (X, G) of a Linear sharing an embedding's weight
         self.embedded: dict[int, tuple] = {}  # weight id -> (ids, G) of that embedding
+        self.halves: dict[int, dict] = {}  # module id -> X or G, whichever came first (gradient checkpointing)
+        self.awaiting: set[int] = set()  # checkpointed modules whose X and G are still to meet this step
+        self.checkpointed = _checkpointed_modules(model)
         self.mask = None
-        self.called: set[int] = set()
+        self.called: set = set()
         self.handles = []
         covered = set()
         emb_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        wanted = lambda *ps: any(id(p) in self.name_of for p in ps if isinstance(p, nn.Parameter))  # noqa: E731
         for m in model.modules():
-            if isinstance(m, nn.Linear):
-                self.handles.append(m.register_forward_hook(self._linear_hook(id(m.weight) in emb_weights)))
+            if isinstance(m, nn.Linear) and wanted(m.weight, m.bias):
+                handle = self._tied_linear if id(m.weight) in emb_weights else self._linear_grads
+                self.handles.append(m.register_forward_hook(self._hook(handle)))
                 covered.update(id(p) for p in (m.weight, m.bias) if p is not None)
-            elif isinstance(m, nn.Embedding):
+            elif isinstance(m, nn.Embedding):  # always hooked: with frozen weights, backward starts here
                 self.handles.append(m.register_forward_hook(self._embedding_hook))
                 covered.add(id(m.weight))
-            elif _is_rms_norm(m) or isinstance(m, nn.LayerNorm):
-                self.handles.append(m.register_forward_hook(self._norm_hook))
+            elif (_is_rms_norm(m) or isinstance(m, nn.LayerNorm)) and wanted(m.weight, getattr(m, "bias", None)):
+                self.handles.append(m.register_forward_hook(self._hook(self._norm_grads)))
                 covered.update(id(p) for p in (m.weight, getattr(m, "bias", None)) if isinstance(p, nn.Parameter))
         missing = [n for n, p in params.items() if id(p) not in covered]
         if missing:
             self.close()
             raise PertaError(f"exact fisher does not support parameter {missing[0]} "
                              f"({len(missing)} unsupported); supported: Linear, Embedding, RMSNorm, LayerNorm")
-        self.requires_grad = {n: p.requires_grad for n, p in params.items()}
-        for p in params.values():
+        self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
             p.requires_grad_(False)
 
     def close(self):
         for h in self.handles:
             h.remove()
         self.handles = []
-        for n, p in _unique_params(self.model).items():
+        for n, p in self.model.named_parameters():
             p.requires_grad_(getattr(self, "requires_grad", {}).get(n, p.requires_grad))
 
     def _once(self, module):
@@ -86,30 +115,55 @@ class _ExactFisher:
                              "(shared weights); its per-sample gradient cannot be squared piecewise")
         self.called.add(id(module))
 
-    def _add(self, param, per_sample_sq_sum: torch.Tensor):
-        self.acc[self.name_of[id(param)]].add_(per_sample_sq_sum)
-
-    def _linear_hook(self, tied: bool):
+    def _hook(self, handle):
+        """A forward hook that calls `handle(module, X, G)` once the layer's input X and output gradient G
+        are both known. Without checkpointing X is held from the forward pass. Under gradient checkpointing
+        it is not (that would keep every activation checkpointing frees): it comes from backward's
+        recompute of the layer, which may run before or after G arrives, so whichever comes second
+        completes the pair."""
         def hook(module, inputs, output):
+            key = id(module)
+            if _in_backward():
+                if key in self.awaiting:
+                    self._meet(key, module, handle, x=inputs[0].detach())
+                return
             self._once(module)
-            x = inputs[0]
-
-            def on_grad(g):
-                if tied:  # summed with the embedding's contribution before squaring, after backward
-                    self.tied_linear[id(module.weight)] = (x.detach(), g.detach())
-                else:
-                    self._linear_grads(module, x.detach(), g.detach())
-            if output.requires_grad:
-                output.register_hook(on_grad)
+            if not output.requires_grad:
+                return
+            if key in self.checkpointed:
+                self.awaiting.add(key)
+                output.register_hook(lambda g: self._meet(key, module, handle, g=g.detach()))
+            else:
+                x = inputs[0].detach()
+                output.register_hook(lambda g: handle(module, x, g.detach()))
         return hook
 
+    def _meet(self, key, module, handle, **half):
+        pair = self.halves.setdefault(key, {})
+        pair.update(half)
+        if len(pair) == 2:
+            del self.halves[key]
+            self.awaiting.discard(key)
+            handle(module, pair["x"], pair["g"])
+
+    def _add(self, param, per_sample_sq_sum: torch.Tensor):
+        if id(param) in self.name_of:
+            self.acc[self.name_of[id(param)]].add_(per_sample_sq_sum)
+
+    def _tied_linear(self, module, x, g):
+        """Summed with the embedding's contribution before squaring, after backward."""
+        self.tied_linear[id(module.weight)] = (x, g)
+
     def _linear_grads(self, module, x, g):
-        linear_fisher_(self.acc[self.name_of[id(module.weight)]], x, g)
+        if id(module.weight) in self.name_of:
+            linear_fisher_(self.acc[self.name_of[id(module.weight)]], x, g)
         if module.bias is not None:
             b = x.shape[0]
             self._add(module.bias, g.reshape(b, -1, module.out_features).float().sum(1).square_().sum(0))
 
     def _embedding_hook(self, module, inputs, output):
+        if _in_backward():  # an embedding inside a recomputed layer: its gradient comes from the first pass
+            return output
         self._once(module)
         ids = inputs[0]
         output.requires_grad_(True)  # weights are frozen: this is where the backward pass starts
@@ -119,28 +173,24 @@ class _ExactFisher:
         output.register_hook(on_grad)
         return output
 
-    def _norm_hook(self, module, inputs, output):
-        self._once(module)
-        x = inputs[0].detach()
-
-        def on_grad(g):
-            xf = x.float()
-            if isinstance(module, nn.LayerNorm):
-                x_hat = F.layer_norm(xf, module.normalized_shape, eps=module.eps)
-            else:
-                x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _rms_eps(module))
-            x_hat = x_hat.to(x.dtype).float()  # as the module rounds it before scaling by the weight
-            gf = g.detach().float().reshape(g.shape[0], -1, g.shape[-1])
-            x_hat = x_hat.reshape(gf.shape)
-            self._add(module.weight, (gf * x_hat).sum(1).square_().sum(0))
-            if isinstance(getattr(module, "bias", None), nn.Parameter):
-                self._add(module.bias, gf.sum(1).square_().sum(0))
-        if output.requires_grad:
-            output.register_hook(on_grad)
+    def _norm_grads(self, module, x, g):
+        xf = x.float()
+        if isinstance(module, nn.LayerNorm):
+            x_hat = F.layer_norm(xf, module.normalized_shape, eps=module.eps)
+        else:
+            x_hat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _rms_eps(module))
+        x_hat = x_hat.to(x.dtype).float()  # as the module rounds it before scaling by the weight
+        gf = g.float().reshape(g.shape[0], -1, g.shape[-1])
+        x_hat = x_hat.reshape(gf.shape)
+        self._add(module.weight, (gf * x_hat).sum(1).square_().sum(0))
+        if isinstance(getattr(module, "bias", None), nn.Parameter):
+            self._add(module.bias, gf.sum(1).square_().sum(0))
 
     def _embedding_grads(self):
         """Embeddings (and tied output layers) once the whole backward has run."""
         for wid, (module, ids, g_emb) in self.embedded.items():
+            if wid not in self.name_of:
+                continue
             keep = self.mask.bool()  # padding positions never count, and autograd gives the
             if module.padding_idx is not None:  # padding_idx row no embedding gradient at all
                 keep = keep & (ids != module.padding_idx)
@@ -177,6 +227,8 @@ class _ExactFisher:
         logits = self.model(input_ids=ids, attention_mask=mask).logits
         losses = per_sample_loss(logits, labels)
         losses.sum().backward()  # each sample's G is then the gradient of its own loss
+        if self.awaiting:
+            raise RuntimeError(f"{len(self.awaiting)} checkpointed modules saw no recomputed input")
         self._embedding_grads()
         return float(losses.detach().sum())
 
@@ -184,12 +236,14 @@ class _ExactFisher:
 class _MeanGradient:
     """Accumulates the gradient of the set's loss, freeing each parameter's .grad as soon as it lands."""
 
-    def __init__(self, model: nn.Module, n_total: int):
+    def __init__(self, model: nn.Module, n_total: int, names=None):
         self.model, self.n_total = model, n_total
-        params = _unique_params(model)
+        params = _unique_params(model, names)
         self.acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
-        self.requires_grad = {n: p.requires_grad for n, p in params.items()}
+        self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self.handles = []
+        for p in model.parameters():
+            p.requires_grad_(False)
         for n, p in params.items():
             p.requires_grad_(True)
             self.handles.append(p.register_post_accumulate_grad_hook(self._take(self.acc[n])))
@@ -204,7 +258,7 @@ class _MeanGradient:
     def close(self):
         for h in self.handles:
             h.remove()
-        for n, p in _unique_params(self.model).items():
+        for n, p in self.model.named_parameters():
             p.requires_grad_(self.requires_grad[n])
 
     def step(self, ids, mask, labels) -> float:
@@ -214,8 +268,10 @@ class _MeanGradient:
 
 
 def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_size: int = 8,
-                        max_length: int = 256, progress: bool = True, desc: str = "importance") -> dict[str, torch.Tensor]:
-    """Per-parameter scores (fp32, on CPU) of `model` on `rows`: grad = |∇L_set|, fisher = mean_i (∇L_i)²."""
+                        max_length: int = 256, progress: bool = True, desc: str = "importance",
+                        names=None) -> dict[str, torch.Tensor]:
+    """Per-parameter scores (fp32, on CPU) of `model` on `rows`: grad = |∇L_set|, fisher = mean_i (∇L_i)².
+    `names`: only these parameters (None: all)."""
     from tqdm import tqdm
 
     if method not in METHODS:
@@ -226,9 +282,10 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    acc = _ExactFisher(model) if method == "fisher" else _MeanGradient(model, len(encoded))
-    try:
-        with tqdm(total=len(encoded), desc=desc, unit="sample", disable=not progress) as bar:
+    acc = _ExactFisher(model, names) if method == "fisher" else _MeanGradient(model, len(encoded), names)
+    try:  # checkpointing's recompute must run each layer to its end, so every hook sees its input
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False), \
+                tqdm(total=len(encoded), desc=desc, unit="sample", disable=not progress) as bar:
             for ids, mask, labels in batches(encoded, batch_size, pad_id(tokenizer)):
                 acc.step(ids.to(device), mask.to(device), labels.to(device))
                 bar.update(ids.shape[0])
@@ -242,8 +299,12 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
 
 def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA], method: str = "grad",
                        batch_size: int = 8, max_length: int = 256, max_samples: int | None = None,
-                       device: str | None = None, progress: bool = True) -> tuple[dict, dict]:
-    """(tensors, metadata) for an importance file: forget/<name> and retain/<name> scores at `model_dir`."""
+                       device: str | None = None, progress: bool = True, dtype: str | None = None,
+                       gradient_checkpointing: bool = False, adapter: str | Path | None = None) -> tuple[dict, dict]:
+    """(tensors, metadata) for an importance file: forget/<name> and retain/<name> scores at `model_dir`.
+
+    The model runs in `dtype` (auto: the checkpoint's own); scores accumulate in fp32. With `adapter`
+    (a peft LoRA folder for this model) only the weights it targets are scored: τ is 0 everywhere else."""
     from .models import load_model
 
     if max_samples:
@@ -252,11 +313,17 @@ def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA]
         if not rows:
             raise PertaError(f"the {label} set is empty")
     t0 = time.perf_counter()
-    model, tok = load_model(model_dir, device)
+    names = None
+    if adapter is not None:
+        from .lora import adapter_targets
+
+        names = adapter_targets(adapter, model_dir)
+    model, tok = load_model(model_dir, device, dtype, gradient_checkpointing=gradient_checkpointing)
     names_in_checkpoint = set(Checkpoint(model_dir).names())
     tensors = {}
     for label, rows in (("forget", forget), ("retain", retain)):
-        scores = estimate_importance(model, tok, rows, method, batch_size, max_length, progress, desc=f"{method} {label}")
+        scores = estimate_importance(model, tok, rows, method, batch_size, max_length, progress,
+                                     desc=f"{method} {label}", names=names)
         for name, s in scores.items():
             if not torch.isfinite(s).all():
                 raise PertaError(f"{model_dir}: {label} importance of {name} is NaN/Inf (does the checkpoint hold NaN weights?)")
@@ -269,6 +336,8 @@ def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA]
             "forget_sha256": data_hash(forget), "retain_sha256": data_hash(retain),
             "checkpoint": str(Path(model_dir).resolve()), "batch_size": str(batch_size),
             "max_length": str(max_length), "estimator": "exact per-sample" if method == "fisher" else "mean gradient",
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "adapter": str(Path(adapter).resolve()) if adapter else "",
             "versions": json.dumps({"perta_fast": __version__, "torch": torch.__version__,
                                     "transformers": transformers.__version__}),
             "seconds": f"{time.perf_counter() - t0:.2f}"}
@@ -286,10 +355,11 @@ def save_importance(tensors: dict, metadata: dict, out: str | Path, overwrite: b
 
 def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str | Path, method: str = "grad",
                batch_size: int = 8, max_length: int = 256, max_samples: int | None = None, device: str | None = None,
-               overwrite: bool = False, progress: bool = True) -> dict:
+               overwrite: bool = False, progress: bool = True, dtype: str | None = None,
+               gradient_checkpointing: bool = False, adapter: str | Path | None = None) -> dict:
     """Estimate and write an importance file; the output is checked before any work is done."""
-    check_output_path(Path(out), overwrite, (model_dir,))
+    check_output_path(Path(out), overwrite, (model_dir,) + ((adapter,) if adapter else ()))
     tensors, meta = compute_importance(model_dir, forget, retain, method, batch_size, max_length, max_samples,
-                                       device, progress)
+                                       device, progress, dtype, gradient_checkpointing, adapter)
     save_importance(tensors, meta, out, overwrite, inputs=(model_dir,))
     return meta

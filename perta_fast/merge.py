@@ -2,7 +2,10 @@
 
 A plan (what to read, compute, write; all validation from headers alone) is built first, then an
 executor streams tensors from the mmap'd inputs into a sharded writer, so peak memory is a few
-tensors whatever the model size.
+tensors whatever the model size. θ_ft is a checkpoint folder, or a peft LoRA adapter folder: then τ of
+each targeted weight is formed a block of rows at a time from its factors (perta_fast.lora) and merged
+in the same kernels; untargeted tensors have τ = 0 and are copied bit for bit. Math runs on
+`options.device` (the storage device is the CPU, where the files are mapped).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from . import __version__
 from .errors import PertaError
 from .io import Checkpoint, SafetensorsFile, ShardedWriter, atomic_dir, copy_aux_files
+from .lora import LoraAdapter, delta_rows, is_adapter, read_adapter
 from .ops import merge_tensor, merge_tensors, pick_backend, ratio_weights  # noqa: F401  (references re-exported)
 
 IMPORTANCE_PREFIXES = ("forget/", "retain/", "weight/")
@@ -30,6 +34,10 @@ class MergeOptions:
     eps: float = 1e-16
     nan_to_zero: bool = False
     max_shard_bytes: int = 2 * 1024**3
+    device: str = "cpu"  # where the math runs; tensors are read from and written to the host
+
+
+LORA_BLOCK_ELEMENTS = 1 << 22  # rows of a LoRA product formed at once: 16 MiB of fp32 whatever the layer
 
 
 @dataclass
@@ -37,7 +45,7 @@ class TensorStep:
     name: str
     shape: tuple
     dtype: torch.dtype
-    action: str  # "merge" or "copy" (non-float tensors)
+    action: str  # "merge", "lora" (τ from adapter factors) or "copy" (non-float, or untouched by an adapter)
     weight_key: str | None = None  # importance tensor name(s) for this parameter (without prefix)
 
 
@@ -50,6 +58,7 @@ class MergePlan:
     steps: list[TensorStep] = field(default_factory=list)
     importance_kind: str | None = None  # "scores" (forget/retain) or "weights"
     importance_meta: dict = field(default_factory=dict)
+    adapter: LoraAdapter | None = None  # when θ_ft is given as a LoRA adapter folder
 
 
 def _importance_index(imp: SafetensorsFile) -> tuple[str, dict[str, tuple]]:
@@ -91,16 +100,24 @@ def plan_merge(base: str | Path, finetuned: str | Path, importance: str | Path |
     options = options or MergeOptions()
     if options.method not in ("perta", "tv"):
         raise PertaError(f"unknown merge method {options.method!r} (expected perta or tv)")
+    if options.device != "cpu":
+        from .models import pick_device
+
+        pick_device(options.device)  # a clear error where the device is missing
     base_ck = Checkpoint(base, allow_pickle)
-    ft_ck = Checkpoint(finetuned, allow_pickle)
-    if base_ck.architecture != ft_ck.architecture:
-        raise PertaError(f"{ft_ck.folder}: architecture {ft_ck.architecture} differs from base {base_ck.architecture}")
-    base_names, ft_names = set(base_ck.names()), set(ft_ck.names())
-    if base_names != ft_names:
-        odd = sorted(base_names ^ ft_names)[0]
-        where = base_ck.folder if odd in base_names else ft_ck.folder
-        raise PertaError(f"{ft_ck.folder}: tensor names differ from {base_ck.folder} (e.g. {odd!r} only in {where})")
     plan = MergePlan(Path(base), Path(finetuned), Path(importance) if importance else None, options)
+    base_names = set(base_ck.names())
+    if is_adapter(finetuned):
+        plan.adapter = read_adapter(finetuned, base_ck)
+    else:
+        ft_ck = Checkpoint(finetuned, allow_pickle)
+        if base_ck.architecture != ft_ck.architecture:
+            raise PertaError(f"{ft_ck.folder}: architecture {ft_ck.architecture} differs from base {base_ck.architecture}")
+        ft_names = set(ft_ck.names())
+        if base_names != ft_names:
+            odd = sorted(base_names ^ ft_names)[0]
+            where = base_ck.folder if odd in base_names else ft_ck.folder
+            raise PertaError(f"{ft_ck.folder}: tensor names differ from {base_ck.folder} (e.g. {odd!r} only in {where})")
     covered: dict[str, tuple] = {}
     if options.method == "perta":
         if importance is None:
@@ -113,10 +130,11 @@ def plan_merge(base: str | Path, finetuned: str | Path, importance: str | Path |
             raise PertaError(f"{imp.path}: importance file is for another model ({unknown[0]!r} is not in {base_ck.folder})")
     for name in base_ck.names():
         shape, dtype = base_ck.info(name)
-        ft_shape, ft_dtype = ft_ck.info(name)
-        if ft_shape != shape:
-            raise PertaError(f"{ft_ck.folder}: tensor {name} has shape {list(ft_shape)}, base has {list(shape)}")
-        if not dtype.is_floating_point:
+        if plan.adapter is None:
+            ft_shape, ft_dtype = ft_ck.info(name)
+            if ft_shape != shape:
+                raise PertaError(f"{ft_ck.folder}: tensor {name} has shape {list(ft_shape)}, base has {list(shape)}")
+        if not dtype.is_floating_point or (plan.adapter is not None and name not in plan.adapter.targets):
             plan.steps.append(TensorStep(name, shape, dtype, "copy"))
             continue
         key = None
@@ -126,7 +144,7 @@ def plan_merge(base: str | Path, finetuned: str | Path, importance: str | Path |
                 raise PertaError(f"{importance}: importance file is for another model (no entry for {name!r})")
             if covered[key] != shape:
                 raise PertaError(f"{importance}: importance for {name} has shape {list(covered[key])}, model has {list(shape)}")
-        plan.steps.append(TensorStep(name, shape, dtype, "merge", key))
+        plan.steps.append(TensorStep(name, shape, dtype, "merge" if plan.adapter is None else "lora", key))
     return plan
 
 
@@ -155,48 +173,99 @@ def _release_freed_memory():
 _malloc_trim = None
 
 
+class _Executor:
+    """Streams a plan's tensors through the merge kernels into a sharded writer."""
+
+    def __init__(self, plan: MergePlan, out_folder: Path):
+        self.plan, self.opts = plan, plan.options
+        self.device = torch.device(plan.options.device)
+        self.base_ck = Checkpoint(plan.base, True)
+        self.ft_ck = None if plan.adapter else Checkpoint(plan.finetuned, True)
+        self.imp = SafetensorsFile(plan.importance) if plan.importance else None
+        layout = [(s.name, s.shape, s.dtype) for s in plan.steps]
+        self.writer = ShardedWriter(out_folder, layout, self.opts.max_shard_bytes, {"perta_fast": __version__})
+        self.w_sum, self.w_count = 0.0, 0
+        # One output buffer for every tensor: fresh memory would be page-faulted in on each step, which
+        # costs more than the merge arithmetic itself.
+        merged = [s for s in plan.steps if s.action != "copy"]
+        self.scratch = torch.empty(max((s.dtype.itemsize * torch.Size(s.shape).numel() for s in merged), default=0),
+                                   dtype=torch.uint8, device=self.device)
+        lora_cols = max((s.shape[-1] for s in merged if s.action == "lora"), default=0)
+        self.tau = torch.empty(max(LORA_BLOCK_ELEMENTS, lora_cols) if lora_cols else 0, dtype=torch.float32,
+                               device=self.device)
+
+    def _scores(self, step) -> tuple[dict, list]:
+        """The step's importance tensors by kernel argument, and (file, name, tensor) for error messages."""
+        if self.imp is None:
+            return {}, []
+        keys = {"w": "weight/"} if self.plan.importance_kind == "weights" else {"s_f": "forget/", "s_r": "retain/"}
+        scores = {arg: self.imp.get(prefix + step.weight_key) for arg, prefix in keys.items()}
+        return ({arg: t.to(self.device) for arg, t in scores.items()},
+                [(self.imp.path, prefix + step.weight_key, scores[arg]) for arg, prefix in keys.items()])
+
+    def _out(self, base):
+        return self.scratch[:base.numel() * base.element_size()].view(base.dtype).view(base.shape)
+
+    def _merge(self, step, base, base_dev):
+        ft = self.ft_ck.get(step.name)
+        scores, sources = self._scores(step)
+        merged, w_sum, nonfinite = merge_tensors(base_dev, ft.to(self.device), **scores, out=self._out(base),
+                                                 **self._knobs())
+        inputs = [(self.base_ck.file_of(step.name), step.name, base), (self.ft_ck.file_of(step.name), step.name, ft)]
+        return merged, w_sum, nonfinite, inputs + sources
+
+    def _lora(self, step, base, base_dev):
+        """τ = Σ scale·L·R formed a block of rows at a time, each block merged as it is formed."""
+        adapter = self.plan.adapter
+        factors = [(f, *adapter.factors(f, self.device)) for f in adapter.targets[step.name]]
+        scores, sources = self._scores(step)
+        out = self._out(base)
+        rows, cols = base.shape
+        block = max(1, self.tau.numel() // cols)
+        w_sum, nonfinite = 0.0, 0
+        for start in range(0, rows, block):
+            stop = min(rows, start + block)
+            tau = delta_rows(factors, start, stop, self.tau[:(stop - start) * cols].view(stop - start, cols))
+            _, s, bad = merge_tensors(base_dev[start:stop], tau, **{k: v[start:stop] for k, v in scores.items()},
+                                      out=out[start:stop], delta=True, **self._knobs())
+            w_sum, nonfinite = w_sum + s, nonfinite + bad
+        inputs = [(self.base_ck.file_of(step.name), step.name, base)]
+        inputs += [(adapter.file.path, key, adapter.file.get(key)) for f, *_ in factors for key in (f.l_key, f.r_key)]
+        return out, w_sum, nonfinite, inputs + sources
+
+    def _knobs(self) -> dict:
+        o = self.opts
+        return {"lam": o.lam, "alpha": o.alpha, "power": o.power, "eps": o.eps, "nan_to_zero": o.nan_to_zero}
+
+    def run(self, progress: bool) -> dict:
+        from tqdm import tqdm
+
+        for step in tqdm(self.plan.steps, desc="merge", unit="tensor", disable=not progress):
+            base = self.base_ck.get(step.name)
+            if step.action == "copy":
+                self.writer.write(step.name, base)
+                continue
+            base_dev = base.to(self.device)
+            merged, w_sum, nonfinite, inputs = (self._lora if step.action == "lora" else self._merge)(step, base, base_dev)
+            if nonfinite and not self.opts.nan_to_zero:
+                _raise_nonfinite(inputs)
+            self.writer.write(step.name, merged)
+            if self.imp is not None:
+                self.w_sum += w_sum
+                self.w_count += base.numel()
+            backend = pick_backend(base_dev, *(t for _, _, t in inputs[1:]))
+            del base, base_dev, merged, inputs
+            if backend == "torch":  # the fused kernels allocate nothing model-sized; torch's temporaries do
+                _release_freed_memory()
+        self.writer.close()
+        return {"tensors": len(self.plan.steps), "mean_weight": (self.w_sum / self.w_count) if self.w_count else 1.0,
+                "shards": len(self.writer.shard_names),
+                "merged_tensors": sum(s.action != "copy" for s in self.plan.steps)}
+
+
 def execute_merge(plan: MergePlan, out_folder: Path, progress: bool = True) -> dict:
     """Stream every tensor through the merge into `out_folder` (which must exist and be empty)."""
-    from tqdm import tqdm
-
-    opts = plan.options
-    base_ck, ft_ck = Checkpoint(plan.base, True), Checkpoint(plan.finetuned, True)
-    imp = SafetensorsFile(plan.importance) if plan.importance else None
-    layout = [(s.name, s.shape, s.dtype) for s in plan.steps]
-    writer = ShardedWriter(out_folder, layout, opts.max_shard_bytes, {"perta_fast": __version__})
-    w_sum, w_count = 0.0, 0
-    # One output buffer for every tensor: fresh memory would be page-faulted in on each step, which
-    # costs more than the merge arithmetic itself.
-    scratch = torch.empty(max((s.dtype.itemsize * torch.Size(s.shape).numel() for s in plan.steps), default=0),
-                          dtype=torch.uint8)
-    for step in tqdm(plan.steps, desc="merge", unit="tensor", disable=not progress):
-        base = base_ck.get(step.name)
-        if step.action == "copy":
-            writer.write(step.name, base)
-            continue
-        ft = ft_ck.get(step.name)
-        scores = {}
-        if imp is not None:
-            keys = {"w": "weight/"} if plan.importance_kind == "weights" else {"s_f": "forget/", "s_r": "retain/"}
-            scores = {arg: imp.get(prefix + step.weight_key) for arg, prefix in keys.items()}
-        out = scratch[:base.numel() * base.element_size()].view(base.dtype).view(base.shape)
-        merged, step_w_sum, nonfinite = merge_tensors(base, ft, **scores, lam=opts.lam, alpha=opts.alpha,
-                                                      power=opts.power, eps=opts.eps, out=out,
-                                                      nan_to_zero=opts.nan_to_zero)
-        if nonfinite and not opts.nan_to_zero:
-            _raise_nonfinite([(base_ck.file_of(step.name), step.name, base), (ft_ck.file_of(step.name), step.name, ft)]
-                             + [(imp.path, step.weight_key, t) for t in scores.values()])
-        writer.write(step.name, merged)
-        if imp is not None:
-            w_sum += step_w_sum
-            w_count += base.numel()
-        backend = pick_backend(base, ft, *scores.values())
-        del base, ft, scores, merged, out
-        if backend == "torch":  # the fused kernels allocate nothing model-sized; torch's temporaries do
-            _release_freed_memory()
-    writer.close()
-    return {"tensors": len(plan.steps), "mean_weight": (w_sum / w_count) if w_count else 1.0,
-            "shards": len(writer.shard_names)}
+    return _Executor(plan, out_folder).run(progress)
 
 
 def merge(base: str | Path, finetuned: str | Path, out: str | Path, importance: str | Path | None = None,
@@ -213,6 +282,7 @@ def merge(base: str | Path, finetuned: str | Path, out: str | Path, importance: 
             "tool": f"perta-fast {__version__}",
             "formula": "theta_u = theta_full - lam * (w * (theta_ft - theta_full))",
             "base": str(Path(base).resolve()), "finetuned": str(Path(finetuned).resolve()),
+            "finetuned_kind": "lora adapter" if plan.adapter else "checkpoint",
             "importance": str(Path(importance).resolve()) if importance else None,
             "importance_kind": plan.importance_kind, "importance_meta": plan.importance_meta,
             "options": asdict(plan.options), **stats, "seconds": round(time.perf_counter() - t0, 3),

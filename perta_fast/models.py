@@ -27,7 +27,44 @@ def pick_device(device: str | None = None) -> str:
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise PertaError(f"--device {device}: no CUDA device is available here")
     return device
+
+
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+
+
+def checkpoint_dtype(folder: str | Path):
+    """The float dtype holding most of a checkpoint's parameters (from the headers alone)."""
+    import torch
+
+    ck = Checkpoint(folder, allow_pickle=True)
+    counts: dict = {}
+    for name in ck.names():
+        shape, dt = ck.info(name)
+        if dt.is_floating_point:
+            counts[dt] = counts.get(dt, 0) + torch.Size(shape).numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def resolve_dtype(dtype, folder: str | Path, device: str):
+    """torch dtype for `--dtype` (auto: the checkpoint's own), refused if the device cannot compute in it."""
+    import torch
+
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype is None or dtype == "auto":
+        dt = checkpoint_dtype(folder)
+        dt = dt if dt in names.values() else torch.float32  # fp8/fp64 storage computes in fp32
+    elif isinstance(dtype, torch.dtype):
+        dt = dtype
+    elif dtype in names:
+        dt = names[dtype]
+    else:
+        raise PertaError(f"unknown --dtype {dtype!r} (expected one of {', '.join(DTYPE_CHOICES)})")
+    if str(device).startswith("cuda") and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise PertaError(f"--dtype bf16: the GPU {torch.cuda.get_device_name()} cannot compute in bf16 (use fp16 or fp32)")
+    return dt
 
 
 def find_gguf() -> Path:
@@ -93,27 +130,56 @@ def load_tokenizer(folder: str | Path):
         raise PertaError(f"{folder}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
 
 
-def load_model(folder: str | Path, device: str | None = None, dtype=None, allow_pickle: bool = False):
-    """(model, tokenizer) from a checkpoint folder; weights are checked by our reader first."""
-    import torch
+def load_model(folder: str | Path, device: str | None = None, dtype=None, allow_pickle: bool = False,
+               gradient_checkpointing: bool = False):
+    """(model, tokenizer) from a checkpoint folder, loaded straight into `dtype` (None/"auto": the
+    checkpoint's own) on `device`, never as a whole fp32 host copy first; weights are checked by our
+    reader first."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     Checkpoint(folder, allow_pickle)  # clear errors for missing, corrupt or pickle weights
+    device = pick_device(device)
+    dt = resolve_dtype(dtype, folder, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt, device_map={"": device},
                                                      use_safetensors=not allow_pickle or None)
     except Exception as e:
         raise PertaError(f"{folder}: cannot load model ({str(e).splitlines()[0]})") from None
-    return model.to(pick_device(device)), load_tokenizer(folder)
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    return model, load_tokenizer(folder)
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations. transformers
+    checkpoints a layer only while that layer is in training mode; setting the flag on the layers
+    alone leaves dropout inside them as the caller set it (off for importance and evaluation)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise PertaError(f"{type(model).__name__} does not support gradient checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            m.train = _layer_train.__get__(m)  # keeps .training True however the model's mode changes
+            m.training = True
+
+
+def _layer_train(self, mode: bool = True):
+    for child in self.children():
+        child.train(mode)
+    return self
 
 
 def save_model(model, tokenizer, out: str | Path, overwrite: bool = False, inputs: tuple = (),
-               extra_files: dict | None = None) -> Path:
-    """save_pretrained into a temp folder, then rename: a checkpoint folder appears whole or not at all."""
+               extra_files: dict | None = None, tokenizer_files: bool = True) -> Path:
+    """save_pretrained into a temp folder, then rename: a checkpoint (or peft adapter) folder appears
+    whole or not at all."""
     with atomic_dir(out, overwrite, inputs) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer_files:
+            tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(out)

@@ -10,6 +10,7 @@ Ops:
   accumulate_(acc, g, square)            acc (fp32) += g² or += g, in place
   ratio(s_f, s_r, α, p, ε, ...)          w = s_f^p / (s_f^p + α s_r^p + ε), optionally over s_f
   merge_tensors(base, ft, w | s_f,s_r)   base − λ·(w ⊙ (ft − base)) in base's dtype, one pass
+                                         (delta=True: ft is τ itself, e.g. a block of a LoRA product)
   linear_fisher_(acc, x, g)              acc += Σ_b (g_bᵀ x_b)², a Linear's exact per-sample Fisher
 """
 from __future__ import annotations
@@ -42,9 +43,13 @@ def ratio_weights(s_f: torch.Tensor, s_r: torch.Tensor, alpha: float = 1.0, powe
     return w.nan_to_num_(nan=0.0)
 
 
-def merge_tensor(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor | None, lam: float) -> torch.Tensor:
-    """θ_full − λ·(w ⊙ (θ_ft − θ_full)) in fp32, returned in the base tensor's dtype (inputs untouched)."""
-    out = finetuned.to(torch.float32, copy=True).sub_(base)
+def merge_tensor(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor | None, lam: float,
+                 delta: bool = False) -> torch.Tensor:
+    """θ_full − λ·(w ⊙ (θ_ft − θ_full)) in fp32, returned in the base tensor's dtype (inputs untouched).
+    With `delta`, `finetuned` is τ itself."""
+    out = finetuned.to(torch.float32, copy=True)
+    if not delta:
+        out.sub_(base)
     if w is not None:
         out.mul_(w)
     return out.mul_(-lam).add_(base).to(base.dtype)
@@ -177,14 +182,17 @@ def ratio(s_f: torch.Tensor, s_r: torch.Tensor, alpha: float = 1.0, power: float
 def merge_tensors(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor | None = None,
                   s_f: torch.Tensor | None = None, s_r: torch.Tensor | None = None, lam: float = 1.0,
                   alpha: float = 1.0, power: float = 1.0, eps: float = 1e-16,
-                  out: torch.Tensor | None = None, nan_to_zero: bool = False) -> tuple[torch.Tensor, float, int]:
+                  out: torch.Tensor | None = None, nan_to_zero: bool = False,
+                  delta: bool = False) -> tuple[torch.Tensor, float, int]:
     """(base − λ·(w ⊙ (ft − base)) in base's dtype, Σw, number of elements with a non-finite input). w is given,
     or formed from (s_f, s_r) on the fly without a w buffer, or 1 everywhere (TV) when neither is given.
     One read of each input, one write; NaN/Inf inputs are counted in the same pass and, with
     `nan_to_zero`, read as 0.
 
     `out` (base's shape and dtype, contiguous) receives the result when given: reusing one buffer across
-    tensors spares the page faults of fresh memory, which cost more than the merge itself."""
+    tensors spares the page faults of fresh memory, which cost more than the merge itself.
+
+    With `delta`, `finetuned` is the task vector τ itself (fp32): a LoRA product formed block by block."""
     if w is not None and s_f is not None:
         raise ValueError("give w or (s_f, s_r), not both")
     if (s_f is None) != (s_r is None):
@@ -194,13 +202,15 @@ def merge_tensors(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor |
             _check_same_shape(name, t, base)
     if out is not None and (out.shape != base.shape or out.dtype != base.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {base.dtype} tensor of shape {tuple(base.shape)}")
+    if delta and finetuned.dtype != torch.float32:
+        raise ValueError(f"a task vector (delta=True) must be float32, got {finetuned.dtype}")
     present = [t for t in (base, finetuned, w, s_f, s_r) if t is not None]
     backend = pick_backend(*present)
     if backend == "triton":
         from .kernels.merge import merge as triton_merge
 
         out = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
-        return triton_merge(base, finetuned, w, s_f, s_r, out, lam, alpha, power, eps, nan_to_zero)
+        return triton_merge(base, finetuned, w, s_f, s_r, out, lam, alpha, power, eps, nan_to_zero, delta)
     if backend == "cpp" and (s_f is None or s_f.dtype == s_r.dtype):
         out = torch.empty(base.shape, dtype=base.dtype) if out is None else out
         if not out.numel():
@@ -212,7 +222,7 @@ def merge_tensors(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor |
             wf.data_ptr() if wf is not None else 0, KERNEL_DTYPES[wf.dtype] if wf is not None else 0,
             sf.data_ptr() if sf is not None else 0, sr.data_ptr() if sr is not None else 0,
             KERNEL_DTYPES[sf.dtype] if sf is not None else 0, out.data_ptr(), out.numel(), lam, alpha, power, eps,
-            nan_to_zero)
+            nan_to_zero, delta)
         return out, w_sum, nonfinite
     inputs = {"base": base, "finetuned": finetuned, "w": w, "s_f": s_f, "s_r": s_r}
     bad = torch.zeros(base.shape, dtype=torch.bool, device=base.device)
@@ -227,7 +237,7 @@ def merge_tensors(base: torch.Tensor, finetuned: torch.Tensor, w: torch.Tensor |
     if s_f is not None:
         w = ratio_weights(inputs["s_f"], inputs["s_r"], alpha, power, eps)
     w_sum = float(w.sum(dtype=torch.float64)) if w is not None else float(base.numel())
-    merged = merge_tensor(base, finetuned, w, lam)
+    merged = merge_tensor(base, finetuned, w, lam, delta)
     return (merged if out is None else out.copy_(merged)), w_sum, nonfinite
 
 

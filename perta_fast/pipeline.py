@@ -9,7 +9,9 @@ from pathlib import Path
 from .data import QA, data_hash
 from .errors import PertaError
 from .io import atomic_dir, check_output_path
+from .lora import is_adapter
 from .merge import MergeOptions, merge
+from .models import pick_device
 from .train import FinetuneOptions, finetune
 
 METHODS = ("tv", "perta-grad", "perta-fisher")
@@ -30,6 +32,8 @@ class UnlearnOptions:
     device: str | None = None
     evaluate: bool = True
     eval_samples: int | None = 64  # first N rows of each set; greedy generation is the slow part
+    dtype: str | None = None  # every step's model dtype: auto (None) = the checkpoint's own
+    gradient_checkpointing: bool = False
 
 
 def _matches(record: dict, expect: dict) -> bool:
@@ -38,7 +42,7 @@ def _matches(record: dict, expect: dict) -> bool:
 
 
 def build_finetuned(model_dir, forget: list[QA], work: Path, opts: FinetuneOptions) -> Path:
-    out = work / "theta_ft"
+    out = work / ("theta_ft" if opts.lora_rank is None else "theta_ft_lora")
     expect = {"base": str(Path(model_dir).resolve()), "data_sha256": data_hash(forget), "options": asdict(opts)}
     try:
         record = json.loads((out / "perta_finetune.json").read_text())
@@ -49,21 +53,25 @@ def build_finetuned(model_dir, forget: list[QA], work: Path, opts: FinetuneOptio
     return out
 
 
-def build_importance(model_dir, forget, retain, method: str, work: Path, opts: UnlearnOptions) -> Path:
+def build_importance(model_dir, forget, retain, method: str, work: Path, opts: UnlearnOptions,
+                     adapter: Path | None = None) -> Path:
     from .importance import importance_file
     from .io import SafetensorsFile
 
-    out = work / f"importance-{method}.safetensors"
+    out = work / f"importance-{method}{'-lora' if adapter else ''}.safetensors"
     forget, retain = forget[:opts.max_samples or None], retain[:opts.max_samples or None]
     expect = {"forget_sha256": data_hash(forget), "retain_sha256": data_hash(retain), "method": method,
-              "checkpoint": str(Path(model_dir).resolve()), "max_length": str(opts.max_length)}
+              "checkpoint": str(Path(model_dir).resolve()), "max_length": str(opts.max_length),
+              "adapter": str(Path(adapter).resolve()) if adapter else ""}
     if not (out.is_file() and _matches(SafetensorsFile(out).metadata, expect)):
         importance_file(model_dir, forget, retain, out, method, opts.batch_size, opts.max_length, None,
-                        opts.device, overwrite=True)
+                        opts.device, overwrite=True, dtype=opts.dtype,
+                        gradient_checkpointing=opts.gradient_checkpointing, adapter=adapter)
     return out
 
 
-def evaluate_models(models: dict[str, Path], sets: dict[str, list[QA]], device=None, generate=True) -> dict:
+def evaluate_models(models: dict[str, Path], sets: dict[str, list[QA]], device=None, generate=True,
+                    dtype=None) -> dict:
     """{model label: {set label: evaluate(...)}} loading one model at a time."""
     from tqdm import tqdm
 
@@ -72,7 +80,7 @@ def evaluate_models(models: dict[str, Path], sets: dict[str, list[QA]], device=N
 
     results = {}
     for label, folder in tqdm(models.items(), desc="evaluate", unit="model"):
-        model, tok = load_model(folder, device)
+        model, tok = load_model(folder, device, dtype)
         results[label] = {name: evaluate(model, tok, rows, generate=generate) for name, rows in sets.items()}
         del model
     return results
@@ -107,16 +115,20 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
     work.mkdir(parents=True, exist_ok=True)
     timings, t0 = {}, time.perf_counter()
     if finetuned is None:
-        finetuned = build_finetuned(model_dir, forget, work, opts.finetune)
+        ft_opts = replace(opts.finetune, dtype=opts.dtype, gradient_checkpointing=opts.gradient_checkpointing,
+                          device=opts.device)
+        finetuned = build_finetuned(model_dir, forget, work, ft_opts)
         timings["finetune"] = time.perf_counter() - t0
+    adapter = Path(finetuned) if is_adapter(finetuned) else None
     importance = None
     if opts.method != "tv":
         t = time.perf_counter()
         importance = build_importance(opts.importance_model or model_dir, forget, retain,
-                                      opts.method.split("-", 1)[1], work, opts)
+                                      opts.method.split("-", 1)[1], work, opts, adapter)
         timings["importance"] = time.perf_counter() - t
     t = time.perf_counter()
-    merge_opts = MergeOptions("tv" if opts.method == "tv" else "perta", opts.lam, opts.alpha, opts.power, opts.eps)
+    merge_opts = MergeOptions("tv" if opts.method == "tv" else "perta", opts.lam, opts.alpha, opts.power, opts.eps,
+                              device=pick_device(opts.device))
     record = merge(model_dir, finetuned, out, importance, merge_opts, overwrite)
     timings["merge"] = time.perf_counter() - t
     summary = {"method": opts.method, "out": str(out), "finetuned": str(finetuned),
@@ -125,7 +137,8 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
     if opts.evaluate:
         summary["eval"] = evaluate_models({"before (θ_full)": Path(model_dir), f"after ({opts.method})": Path(out)},
                                           {"forget": forget[:opts.eval_samples or None],
-                                           "retain": retain[:opts.eval_samples or None]}, opts.device)
+                                           "retain": retain[:opts.eval_samples or None]}, opts.device,
+                                          dtype=opts.dtype)
         summary["table"] = format_table(summary["eval"])
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     (Path(out) / "perta_unlearn.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
