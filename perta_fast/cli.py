@@ -29,8 +29,9 @@ def _add_lora(p):
     p.add_argument("--lora-targets", default="all-linear", help="all-linear, or module names: q_proj,v_proj,…")
 
 
-def _add_merge_knobs(p):
-    p.add_argument("--lam", type=float, default=1.0, help="λ: how far to step against the task vector")
+def _add_merge_knobs(p, lam=True):
+    if lam:
+        p.add_argument("--lam", type=float, default=1.0, help="λ: how far to step against the task vector")
     p.add_argument("--alpha", type=float, default=1.0, help="α: weight of retain importance")
     p.add_argument("--power", type=float, default=1.0, help="p: w = s_f^p / (s_f^p + α s_r^p + ε)")
     p.add_argument("--eps", type=float, default=1e-16)
@@ -75,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=".safetensors file to write")
     p.add_argument("--max-samples", type=int, default=None, help="use the first N rows of each set")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (θ_ft): score only the weights it targets")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                   help="keep peak memory (GPU memory on a GPU, private host memory on the CPU) under this budget "
+                        "by scoring parameters in groups, one pass over the data per group")
+    p.add_argument("--write", choices=["scores", "weights"], default="scores",
+                   help="scores: forget/ and retain/ fp32 scores (8 bytes per parameter); weights: the ratio w itself")
+    p.add_argument("--weight-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of w with --write weights")
+    _add_merge_knobs(p, lam=False)
     _add_common(p)
     p.add_argument("--overwrite", action="store_true")
 
@@ -137,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(max_length=512)
     p.add_argument("--overwrite", action="store_true")
 
+    p = sub.add_parser("plan", help="each step's peak memory for a model, from its config alone (nothing loaded)")
+    p.add_argument("--model", required=True, help="checkpoint folder or its config.json")
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--lora-targets", default="all-linear")
+    p.add_argument("--method", choices=["grad", "fisher"], default="fisher")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--memory", default=None, help="what you have, e.g. 80GB: each step says fits or does not fit")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="whose memory the figures are")
+
     p = sub.add_parser("demo", help="the built-in job: SmolLM2-135M-Instruct forgets invented people")
     p.add_argument("--out", default="perta-demo")
     p.add_argument("--model", default=None, help="another base checkpoint instead of SmolLM2-135M-Instruct")
@@ -191,7 +211,9 @@ def _importance(a):
 
     meta = pf.importance_file(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, a.method, a.batch_size,
                               a.max_length, a.max_samples, a.device, a.overwrite, dtype=a.dtype,
-                              gradient_checkpointing=a.gradient_checkpointing, adapter=a.adapter)
+                              gradient_checkpointing=a.gradient_checkpointing, adapter=a.adapter,
+                              max_memory=a.max_memory, write=a.write, weight_dtype=a.weight_dtype, alpha=a.alpha,
+                              power=a.power, eps=a.eps)
     print(f"wrote {a.out} ({a.method}, {meta['n_forget']} forget / {meta['n_retain']} retain rows, {meta['seconds']} s)")
 
 
@@ -267,7 +289,17 @@ def _demo(a):
     print(f"\nresults: {a.out}/results.json" + (f", plot: {s['plot']}" if s["plot"] else ""))
 
 
-COMMANDS = {"info": _info, "convert-gguf": _convert_gguf, "finetune": _finetune, "importance": _importance,
+def _plan(a):
+    from .plan import format_plan, parse_gb, plan_steps
+
+    if a.lora_rank is not None and a.lora_rank <= 0:
+        raise PertaError(f"--lora-rank must be a positive integer, got {a.lora_rank}")
+    result = plan_steps(a.model, a.lora_rank, a.lora_targets, a.dtype, a.method, a.batch_size, a.max_length,
+                        a.gradient_checkpointing)
+    print(format_plan(result, parse_gb(a.memory) if a.memory else None, a.device))
+
+
+COMMANDS = {"info": _info, "plan": _plan, "convert-gguf": _convert_gguf, "finetune": _finetune, "importance": _importance,
             "merge": _merge, "unlearn": _unlearn, "baseline": _baseline, "eval": _eval, "demo": _demo}
 
 

@@ -9,6 +9,7 @@ All weights are frozen so autograd skips their (batched) weight gradients entire
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torch import nn
 from . import __version__
 from .data import QA, batches, data_hash, encode, pad_id, per_sample_loss
 from .errors import PertaError
-from .io import Checkpoint, atomic_file, check_output_path
+from .io import Checkpoint, SafetensorsWriter, atomic_file, check_output_path
 from .ops import CHUNK_ELEMENTS, accumulate_, add_squares_, linear_fisher_
 
 METHODS = ("grad", "fisher")
@@ -224,8 +225,8 @@ class _ExactFisher:
     def step(self, ids, mask, labels) -> float:
         self.mask = mask
         self.called.clear()
-        logits = self.model(input_ids=ids, attention_mask=mask).logits
-        losses = per_sample_loss(logits, labels)
+        # the logits are not kept beyond the loss (nor a KV cache): they are the largest activation
+        losses = per_sample_loss(self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
         losses.sum().backward()  # each sample's G is then the gradient of its own loss
         if self.awaiting:
             raise RuntimeError(f"{len(self.awaiting)} checkpointed modules saw no recomputed input")
@@ -262,7 +263,7 @@ class _MeanGradient:
             p.requires_grad_(self.requires_grad[n])
 
     def step(self, ids, mask, labels) -> float:
-        losses = per_sample_loss(self.model(input_ids=ids, attention_mask=mask).logits, labels)
+        losses = per_sample_loss(self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
         (losses.sum() / self.n_total).backward()
         return float(losses.detach().sum())
 
@@ -292,19 +293,14 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
     finally:
         acc.close()
         model.train(was_training)
+    # in place: a second model-sized copy of the scores would double this step's peak
     if method == "fisher":
-        return {n: (a / len(encoded)).cpu() for n, a in acc.acc.items()}
+        return {n: a.div_(len(encoded)).cpu() for n, a in acc.acc.items()}
     return {n: a.abs_().cpu() for n, a in acc.acc.items()}
 
 
-def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA], method: str = "grad",
-                       batch_size: int = 8, max_length: int = 256, max_samples: int | None = None,
-                       device: str | None = None, progress: bool = True, dtype: str | None = None,
-                       gradient_checkpointing: bool = False, adapter: str | Path | None = None) -> tuple[dict, dict]:
-    """(tensors, metadata) for an importance file: forget/<name> and retain/<name> scores at `model_dir`.
-
-    The model runs in `dtype` (auto: the checkpoint's own); scores accumulate in fp32. With `adapter`
-    (a peft LoRA folder for this model) only the weights it targets are scored: τ is 0 everywhere else."""
+def _load(model_dir, forget, retain, max_samples, device, dtype, gradient_checkpointing, adapter):
+    """(model, tokenizer, forget, retain, names to score or None for all), inputs checked."""
     from .models import load_model
 
     if max_samples:
@@ -312,27 +308,30 @@ def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA]
     for label, rows in (("forget", forget), ("retain", retain)):
         if not rows:
             raise PertaError(f"the {label} set is empty")
-    t0 = time.perf_counter()
     names = None
     if adapter is not None:
         from .lora import adapter_targets
 
         names = adapter_targets(adapter, model_dir)
     model, tok = load_model(model_dir, device, dtype, gradient_checkpointing=gradient_checkpointing)
-    names_in_checkpoint = set(Checkpoint(model_dir).names())
-    tensors = {}
-    for label, rows in (("forget", forget), ("retain", retain)):
-        scores = estimate_importance(model, tok, rows, method, batch_size, max_length, progress,
-                                     desc=f"{method} {label}", names=names)
-        for name, s in scores.items():
-            if not torch.isfinite(s).all():
-                raise PertaError(f"{model_dir}: {label} importance of {name} is NaN/Inf (does the checkpoint hold NaN weights?)")
-            if name not in names_in_checkpoint:
-                raise PertaError(f"{model_dir}: parameter {name} is not stored in the checkpoint under that name")
-            tensors[f"{label}/{name}"] = s
+    stored = set(Checkpoint(model_dir).names())
+    missing = [n for n in (names or dict(model.named_parameters())) if n not in stored]
+    if missing:
+        raise PertaError(f"{model_dir}: parameter {missing[0]} is not stored in the checkpoint under that name")
+    return model, tok, forget, retain, names
+
+
+def _checked(scores: dict, label: str, model_dir) -> dict:
+    for name, s in scores.items():
+        if not torch.isfinite(s).all():
+            raise PertaError(f"{model_dir}: {label} importance of {name} is NaN/Inf (does the checkpoint hold NaN weights?)")
+    return scores
+
+
+def _metadata(model, model_dir, forget, retain, method, batch_size, max_length, adapter, t0, **extra) -> dict:
     import transformers
 
-    meta = {"method": method, "n_forget": str(len(forget)), "n_retain": str(len(retain)),
+    return {"method": method, "n_forget": str(len(forget)), "n_retain": str(len(retain)),
             "forget_sha256": data_hash(forget), "retain_sha256": data_hash(retain),
             "checkpoint": str(Path(model_dir).resolve()), "batch_size": str(batch_size),
             "max_length": str(max_length), "estimator": "exact per-sample" if method == "fisher" else "mean gradient",
@@ -340,26 +339,167 @@ def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA]
             "adapter": str(Path(adapter).resolve()) if adapter else "",
             "versions": json.dumps({"perta_fast": __version__, "torch": torch.__version__,
                                     "transformers": transformers.__version__}),
-            "seconds": f"{time.perf_counter() - t0:.2f}"}
-    return tensors, meta
+            **{k: str(v) for k, v in extra.items()}, "seconds": f"{time.perf_counter() - t0:.2f}"}
+
+
+def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA], method: str = "grad",
+                       batch_size: int = 8, max_length: int = 256, max_samples: int | None = None,
+                       device: str | None = None, progress: bool = True, dtype: str | None = None,
+                       gradient_checkpointing: bool = False, adapter: str | Path | None = None) -> tuple[dict, dict]:
+    """(tensors, metadata) of an importance file, in memory: forget/<name> and retain/<name> scores at
+    `model_dir`. For large models use `importance_file`, which streams them to disk and keeps to a budget.
+
+    The model runs in `dtype` (auto: the checkpoint's own); scores accumulate in fp32. With `adapter`
+    (a peft LoRA folder for this model) only the weights it targets are scored: τ is 0 everywhere else."""
+    t0 = time.perf_counter()
+    model, tok, forget, retain, names = _load(model_dir, forget, retain, max_samples, device, dtype,
+                                              gradient_checkpointing, adapter)
+    tensors = {}
+    for label, rows in (("forget", forget), ("retain", retain)):
+        scores = estimate_importance(model, tok, rows, method, batch_size, max_length, progress,
+                                     desc=f"{method} {label}", names=names)
+        tensors.update({f"{label}/{n}": s for n, s in _checked(scores, label, model_dir).items()})
+    return tensors, _metadata(model, model_dir, forget, retain, method, batch_size, max_length, adapter, t0)
 
 
 def save_importance(tensors: dict, metadata: dict, out: str | Path, overwrite: bool = False,
                     inputs: tuple = ()) -> Path:
-    from safetensors.torch import save_file
-
+    """Write importance tensors as a safetensors file, streamed tensor by tensor, atomically."""
     with atomic_file(out, overwrite, inputs) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        writer = SafetensorsWriter(tmp, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], metadata)
+        for k, v in tensors.items():
+            writer.write(k, v)
+        writer.close()
     return Path(out)
 
 
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parameter_groups(sizes: dict[str, int], budget_bytes: float | None) -> list[list[str]]:
+    """Consecutive parameters packed into groups whose fp32 accumulators fit `budget_bytes` each
+    (None: one group). One pass over both data sets is made per group."""
+    if budget_bytes is None:
+        return [list(sizes)]
+    groups, current, used = [], [], 0
+    for name, numel in sizes.items():
+        if current and used + 4 * numel > budget_bytes:
+            groups.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += 4 * numel
+    return groups + ([current] if current else [])
+
+
+def _in_use(device: torch.device) -> int:
+    """Memory the process holds now: CUDA allocations on a GPU, private host memory (RssAnon) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    from .profiling import rss_anon_bytes
+
+    return rss_anon_bytes()
+
+
+def accumulator_budget(model, model_dir, max_memory_gb: float | None, largest: int, batch_size: int,
+                       max_length: int, method: str, checkpointing: bool) -> float | None:
+    """Bytes the accumulators of one group may take: the budget less what the process holds now (runtime
+    and weights, measured) and the activations and logits a batch will add (perta_fast.plan's formulas)."""
+    if max_memory_gb is None:
+        return None
+    from .plan import Shapes, activations, logits_bytes
+
+    device = next(model.parameters()).device
+    b = next(model.parameters()).element_size()
+    shapes = Shapes.from_config(model.config.to_dict(), Path(model_dir) / "config.json")
+    tokens = batch_size * max_length
+    working = activations(shapes, tokens, b, checkpointing) + logits_bytes(shapes, tokens, b, True)
+    fixed = _in_use(device) + working
+    budget = max_memory_gb * 1e9 - fixed
+    if budget < 4 * largest:
+        need = (fixed + 4 * largest) / 1e9
+        raise PertaError(f"--max-memory {max_memory_gb:g} GB is too small: the model, activations and one "
+                         f"parameter's accumulator need at least {need:.2f} GB")
+    return budget
+
+
 def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str | Path, method: str = "grad",
-               batch_size: int = 8, max_length: int = 256, max_samples: int | None = None, device: str | None = None,
-               overwrite: bool = False, progress: bool = True, dtype: str | None = None,
-               gradient_checkpointing: bool = False, adapter: str | Path | None = None) -> dict:
-    """Estimate and write an importance file; the output is checked before any work is done."""
-    check_output_path(Path(out), overwrite, (model_dir,) + ((adapter,) if adapter else ()))
-    tensors, meta = compute_importance(model_dir, forget, retain, method, batch_size, max_length, max_samples,
-                                       device, progress, dtype, gradient_checkpointing, adapter)
-    save_importance(tensors, meta, out, overwrite, inputs=(model_dir,))
+                    batch_size: int = 8, max_length: int = 256, max_samples: int | None = None,
+                    device: str | None = None, overwrite: bool = False, progress: bool = True,
+                    dtype: str | None = None, gradient_checkpointing: bool = False, adapter: str | Path | None = None,
+                    max_memory: float | None = None, write: str = "scores", weight_dtype: str = "fp16",
+                    alpha: float = 1.0, power: float = 1.0, eps: float = 1e-16, group_bytes: int | None = None) -> dict:
+    """Estimate and write an importance file, streamed: the output is checked before any work is done.
+
+    Accumulators are fp32 and held one parameter group at a time (`max_memory` GB sets the groups; None:
+    one group). Each group's forget scores are spilled to a temporary file beside the output before its
+    retain pass, so the two sets' scores are never both in memory. `write="weights"` stores the ratio
+    weights w = s_f^p / (s_f^p + α·s_r^p + ε) in `weight_dtype` (2 bytes per parameter in fp16) instead
+    of both scores (8 bytes). `group_bytes` sets the accumulator bytes per group directly instead."""
+    import shutil
+    import tempfile
+
+    from tqdm import tqdm
+
+    from .ops import ratio
+    from .io import SafetensorsFile
+
+    if write not in ("scores", "weights"):
+        raise PertaError(f"--write must be scores or weights, got {write!r}")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise PertaError(f"--weight-dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    if max_memory is not None and max_memory <= 0:
+        raise PertaError(f"--max-memory must be a positive number of GB, got {max_memory:g}")
+    out = Path(out)
+    inputs = (model_dir,) + ((adapter,) if adapter else ())
+    check_output_path(out, overwrite, inputs)
+    t0 = time.perf_counter()
+    model, tok, forget, retain, names = _load(model_dir, forget, retain, max_samples, device, dtype,
+                                              gradient_checkpointing, adapter)
+    params = _unique_params(model, names)
+    sizes = {n: p.numel() for n, p in params.items()}
+    budget = group_bytes or accumulator_budget(model, model_dir, max_memory, max(sizes.values()), batch_size,
+                                               max_length, method, gradient_checkpointing)
+    groups = parameter_groups(sizes, budget)
+    if progress or max_memory is not None:
+        largest = max(4 * sum(sizes[n] for n in g) for g in groups) / 1e9
+        tqdm.write(f"importance: fp32 accumulators on {next(model.parameters()).device} in {len(groups)} parameter "
+                   f"group(s) of at most {largest:.2f} GB, one pass over the data per group", file=sys.stderr)
+    if write == "weights":
+        layout = [(f"weight/{n}", tuple(p.shape), WEIGHT_DTYPES[weight_dtype]) for n, p in params.items()]
+    else:
+        layout = [(f"{label}/{n}", tuple(p.shape), torch.float32) for n, p in params.items()
+                  for label in ("forget", "retain")]
+    meta_extra = {"groups": len(groups), "write": write}
+    if write == "weights":
+        meta_extra.update(alpha=alpha, power=power, eps=eps, weight_dtype=weight_dtype)
+    spill = Path(tempfile.mkdtemp(prefix=f".{out.name}.spill-", dir=out.parent if out.parent.exists() else None))
+    try:
+        with atomic_file(out, overwrite, inputs) as tmp:
+            meta = _metadata(model, model_dir, forget, retain, method, batch_size, max_length, adapter, t0, **meta_extra)
+            del meta["seconds"]  # the header goes first: the duration is filled in at the end
+            writer = SafetensorsWriter(tmp, layout, meta, reserve={"seconds": 16})
+            for g, group in enumerate(groups):
+                tag = f" [{g + 1}/{len(groups)}]" if len(groups) > 1 else ""
+                forget_scores = _checked(estimate_importance(model, tok, forget, method, batch_size, max_length,
+                                                             progress, f"{method} forget{tag}", group), "forget", model_dir)
+                spill_file = spill / f"forget-{g}.safetensors"
+                save_importance(forget_scores, {}, spill_file)
+                del forget_scores
+                retain_scores = _checked(estimate_importance(model, tok, retain, method, batch_size, max_length,
+                                                             progress, f"{method} retain{tag}", group), "retain", model_dir)
+                spilled = SafetensorsFile(spill_file)
+                for n in group:
+                    s_f, s_r = spilled.get(n), retain_scores.pop(n)
+                    if write == "weights":
+                        writer.write(f"weight/{n}", ratio(s_f, s_r, alpha, power, eps, WEIGHT_DTYPES[weight_dtype]))
+                    else:
+                        writer.write(f"forget/{n}", s_f)
+                        writer.write(f"retain/{n}", s_r)
+                    del s_f, s_r
+                del spilled
+                spill_file.unlink()
+            meta["seconds"] = f"{time.perf_counter() - t0:.2f}"
+            writer.close({"seconds": meta["seconds"]})
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
     return meta

@@ -199,66 +199,99 @@ def copy_aux_files(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-class ShardedWriter:
-    """Writes a safetensors checkpoint tensor by tensor, never holding more than the tensor in hand.
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor, never holding more than the tensor in hand: the layout
+    (names, shapes, dtypes, in order) is known up front, so the header goes first and each tensor's bytes
+    are appended as it is produced."""
 
-    The layout (names, shapes, dtypes) is known up front from the plan, so each shard's header is
-    written first and tensor bytes are appended as they are produced.
-    """
+    def __init__(self, path: Path, layout: list[tuple[str, tuple, torch.dtype]], metadata: dict | None = None,
+                 reserve: dict[str, int] | None = None):
+        """`reserve` {key: width}: metadata values only known at the end (a duration), written by `close`."""
+        self.path = Path(path)
+        self.reserve = reserve or {}
+        metadata = {**(metadata or {}), **{k: " " * w for k, w in self.reserve.items()}}
+        self.entries = [(name, tuple(shape), dtype, int(torch.Size(shape).numel()) * dtype.itemsize)
+                        for name, shape, dtype in layout]
+        header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+        for name, shape, dtype, nbytes in self.entries:
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
+        slot = {k: f'{json.dumps(k)}:"{" " * w}"'.encode() for k, w in self.reserve.items()}
+        self._slots = {k: 8 + blob.index(slot[k]) + len(json.dumps(k)) + 2 for k in self.reserve}
+        self._file = open(self.path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._pos = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        exp_name, shape, dtype, nbytes = self.entries[self._pos]
+        if name != exp_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"writer expected {exp_name} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        if nbytes:
+            self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._pos += 1
+
+    def close(self, final: dict[str, str] | None = None) -> None:
+        """`final`: the reserved metadata values, each at most its reserved width (padded with spaces)."""
+        for key, value in (final or {}).items():
+            width = self.reserve[key]
+            if len(value) > width or not value.isascii():
+                raise ValueError(f"metadata {key}={value!r} does not fit its {width} reserved characters")
+            self._file.seek(self._slots[key])
+            self._file.write(value.ljust(width).encode())
+        self._file.close()
+        if self._pos != len(self.entries):
+            raise RuntimeError(f"writer got {self._pos} of {len(self.entries)} tensors")
+
+
+class ShardedWriter:
+    """A checkpoint in shards of at most `max_shard_bytes` with an index, written tensor by tensor."""
 
     def __init__(self, folder: Path, layout: list[tuple[str, tuple, torch.dtype]],
                  max_shard_bytes: int = 2 * 1024**3, metadata: dict | None = None):
         self.folder = Path(folder)
-        self.metadata = {"format": "pt", **(metadata or {})}
-        self.shards: list[list[tuple[str, tuple, torch.dtype, int]]] = [[]]
+        self.metadata = metadata or {}
+        self.shards: list[list[tuple[str, tuple, torch.dtype]]] = [[]]
         size = 0
         for name, shape, dtype in layout:
             nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
             if self.shards[-1] and size + nbytes > max_shard_bytes:
                 self.shards.append([])
                 size = 0
-            self.shards[-1].append((name, tuple(shape), dtype, nbytes))
+            self.shards[-1].append((name, tuple(shape), dtype))
             size += nbytes
         n = len(self.shards)
         self.shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self._order = [(s, e) for s, shard in enumerate(self.shards) for e in shard]
-        self._pos = 0
-        self._file = None
-
-    def _open_shard(self, s: int):
-        header, offset = {"__metadata__": self.metadata}, 0
-        for name, shape, dtype, nbytes in self.shards[s]:
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
-        self._file = open(self.folder / self.shard_names[s], "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._shard_of = {e[0]: i for i, shard in enumerate(self.shards) for e in shard}
+        self._total = sum(int(torch.Size(shape).numel()) * dtype.itemsize for _, shape, dtype in layout)
+        self._writer: SafetensorsWriter | None = None
+        self._current = -1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        s, (exp_name, shape, dtype, nbytes) = self._order[self._pos]
-        if name != exp_name or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"writer expected {exp_name} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        if self._file is None or (self._pos > 0 and self._order[self._pos - 1][0] != s):
-            if self._file:
-                self._file.close()
-            self._open_shard(s)
-        if nbytes:
-            self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        self._pos += 1
+        s = self._shard_of.get(name, self._current)
+        if s != self._current:
+            self._next_shard(s)
+        self._writer.write(name, tensor)
+
+    def _next_shard(self, s: int) -> None:
+        if self._writer:
+            self._writer.close()
+        if s != self._current + 1:
+            raise RuntimeError(f"writer expected shard {self._current + 1}, got a tensor of shard {s}")
+        self._current = s
+        self._writer = SafetensorsWriter(self.folder / self.shard_names[s], self.shards[s], self.metadata)
 
     def close(self) -> None:
-        if self._pos != len(self._order):
-            raise RuntimeError(f"writer got {self._pos} of {len(self._order)} tensors")
-        if self._file:
-            self._file.close()
-        if not self._order:  # an empty checkpoint still gets its (empty) shard
-            self._open_shard(0)
-            self._file.close()
-        weight_map = {e[0]: self.shard_names[s] for s, e in self._order}
-        total = sum(e[3] for _, e in self._order)
+        while self._current < len(self.shards) - 1:  # an empty checkpoint still gets its (empty) shard
+            if self._writer and self._writer._pos < len(self._writer.entries):
+                break
+            self._next_shard(self._current + 1)
+        if self._writer:
+            self._writer.close()
+        weight_map = {e[0]: self.shard_names[i] for i, shard in enumerate(self.shards) for e in shard}
         with open(self.folder / "model.safetensors.index.json", "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            json.dump({"metadata": {"total_size": self._total}, "weight_map": weight_map}, f, indent=2)
 
 
 def check_output_path(out: Path, overwrite: bool, inputs: tuple = ()) -> None:

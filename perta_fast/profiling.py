@@ -44,3 +44,67 @@ class PeakRssAnon:
     @property
     def growth(self) -> int:
         return self.peak - self.start
+
+
+def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
+    """Run one pipeline step in this process and return its peak RssAnon above the level after imports
+    (the runtime), for comparing with `perta-fast plan`. Run it in a fresh process
+    (`python -m perta_fast.profiling STEP MODEL OUT JSON`): an earlier step's freed heap would count."""
+    import gc
+
+    import perta_fast as pf
+    from .facts import make_facts
+    from .models import load_tokenizer
+
+    forget, retain = make_facts(10, 2, 0)
+    rows = (forget + retain)[:options.get("rows", 16)]
+    bs, length, dtype = options.get("batch_size", 8), options.get("max_length", 256), options.get("dtype")
+    ckpt = options.get("gradient_checkpointing", False)
+    load_tokenizer(model_dir)  # tokenizer code and files are runtime, not the step's
+    gc.collect()
+    with PeakRssAnon(0.002) as m:
+        if step == "finetune":
+            from .train import FinetuneOptions
+
+            pf.finetune(model_dir, rows, out, FinetuneOptions(epochs=options.get("epochs", 1), batch_size=bs,
+                        max_length=length, lora_rank=options.get("lora_rank"), dtype=dtype,
+                        gradient_checkpointing=ckpt))
+        elif step == "importance":
+            pf.importance_file(model_dir, rows, rows, out, options.get("method", "fisher"), bs, length,
+                               progress=False, dtype=dtype, gradient_checkpointing=ckpt, adapter=options.get("adapter"))
+        elif step == "eval":
+            from .eval import answer_probabilities
+            from .models import load_model
+
+            model, tok = load_model(model_dir, None, dtype)
+            answer_probabilities(model, tok, rows, bs, length)
+        elif step == "merge":
+            pf.merge(model_dir, options["finetuned"], out, None, pf.MergeOptions("tv"), progress=False)
+        else:
+            raise ValueError(f"unknown step {step!r}")
+    return {"step": step, "peak_bytes": m.growth, "runtime_bytes": m.start}
+
+
+def measure_step_in_subprocess(step: str, model_dir, out, options: dict) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "perta_fast.profiling", step, str(model_dir), str(out),
+                           json.dumps(options)], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"measuring {step} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    import peft  # noqa: F401  (runtime imports before the baseline is taken)
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    print(json.dumps(measure_step(sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))))

@@ -97,8 +97,8 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc
             for ids, mask, labels in batches([encoded[i] for i in order], opts.batch_size, pad):
                 ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
                 with autocast(device, opts.bf16_autocast):
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-                losses = per_sample_loss(logits, labels)
+                    # the logits are not kept beyond the loss (nor a KV cache): they are the largest activation
+                    losses = per_sample_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
                 loss = losses.mean()
                 if not torch.isfinite(loss):
                     raise PertaError(f"{source}: training loss is NaN/Inf (NaN weights in the checkpoint, or --lr too high?)")

@@ -1,0 +1,113 @@
+"""`perta-fast plan` against measured peaks: every step on random-weight Llama-shaped checkpoints with
+SmolLM2's vocabulary, each in a fresh process, peak RssAnon above the runtime's level vs the prediction.
+
+    python benchmarks/plan.py            # writes benchmarks/results/plan.json and .md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = {  # hidden, intermediate, layers, heads, kv heads
+    "llama-50M": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=4),
+    "llama-120M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4),
+}
+CASES = [  # (step, dtype, options)
+    ("finetune", "fp32", {}), ("finetune", "bf16", {}), ("finetune", "fp32", {"lora_rank": 8}),
+    ("finetune", "bf16", {"lora_rank": 8}), ("finetune", "bf16", {"lora_rank": 8, "gradient_checkpointing": True}),
+    ("importance", "fp32", {"method": "fisher"}), ("importance", "bf16", {"method": "fisher"}),
+    ("importance", "fp32", {"method": "grad"}), ("importance", "bf16", {"method": "grad"}),
+    ("importance", "bf16", {"method": "fisher", "gradient_checkpointing": True}),
+    ("eval", "fp32", {}), ("eval", "bf16", {}),
+]
+
+
+def build(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      **shape)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def max_tokens(model_dir: Path, rows: int) -> int:
+    from perta_fast.data import encode
+    from perta_fast.facts import make_facts
+    from perta_fast.models import load_tokenizer
+
+    forget, retain = make_facts(10, 2, 0)
+    return max(len(e.input_ids) for e in encode(load_tokenizer(model_dir), (forget + retain)[:rows]))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--out", default=str(HERE / "results" / "plan"))
+    a = ap.parse_args(argv)
+    from perta_fast.models import default_model
+    from perta_fast.plan import plan_steps
+    from perta_fast.profiling import measure_step_in_subprocess
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name in a.configs:
+            model = build(tmp / name, CONFIGS[name], default_model())
+            length = max_tokens(model, 16)  # every batch is padded to about this: the plan's worst case
+            for dtype in ("fp32", "bf16"):
+                if dtype == "bf16":
+                    from transformers import AutoModelForCausalLM
+                    import torch
+
+                    AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).save_pretrained(tmp / f"{name}-bf16")
+                    for f in model.iterdir():
+                        if "token" in f.name or f.name.endswith(".jinja"):
+                            (tmp / f"{name}-bf16" / f.name).write_bytes(f.read_bytes())
+            for step, dtype, opts in CASES:
+                folder = model if dtype == "fp32" else tmp / f"{name}-bf16"
+                options = {"batch_size": a.batch_size, "max_length": length, "epochs": 2, **opts}
+                measured = measure_step_in_subprocess(step, folder, tmp / "out", options)
+                import shutil
+
+                shutil.rmtree(tmp / "out", ignore_errors=True)
+                (tmp / "out").unlink(missing_ok=True)
+                plan = plan_steps(folder, opts.get("lora_rank"), "all-linear", "auto", opts.get("method", "fisher"),
+                                  a.batch_size, length, opts.get("gradient_checkpointing", False))["steps"]
+                key = next(k for k in plan if k.startswith(step))
+                predicted = plan[key][0]
+                row = {"model": name, "step": key, "dtype": dtype, **{k: v for k, v in opts.items() if k != "method"},
+                       "predicted_bytes": predicted, "measured_bytes": measured["peak_bytes"],
+                       "runtime_bytes": measured["runtime_bytes"],
+                       "ratio": round(predicted / measured["peak_bytes"], 3)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"batch_size": a.batch_size, "rows": rows}, indent=2))
+    lines = ["| model | step | dtype | options | predicted MB | measured MB | predicted / measured |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("lora_rank", "gradient_checkpointing"))
+        lines.append(f"| {r['model']} | {r['step']} | {r['dtype']} | {opts} | {r['predicted_bytes'] / 1e6:.0f} | "
+                     f"{r['measured_bytes'] / 1e6:.0f} | {r['ratio']:.2f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    worst = max(abs(r["ratio"] - 1) for r in rows)
+    print(f"\nworst deviation: {worst:.0%}")
+    return 0 if worst <= 0.25 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""`perta-fast plan`: each step's peak memory, predicted from the model's config alone (nothing loaded).
+
+Bytes per parameter P (b = bytes of the compute dtype), plus activations per token (B·T tokens):
+
+  finetune, full    weights + grads + AdamW's 2 moments, all in the model dtype: 4·b·P
+  finetune, LoRA    frozen weights b·P + adapter (fp32 weights, grads, 2 moments) 16·P_lora
+  importance        weights b·P + one fp32 accumulator 4·P_t per parameter group (the forget scores
+                    are spilled to disk before the retain pass), P_t = the scored parameters (all, or an
+                    adapter's targets); grad also frees each gradient as it lands
+  merge             two of the largest tensor (output buffer + one fp32 operand) + a 16 MiB LoRA block
+  eval              weights b·P + KV cache + logits
+
+Activations are counted from the tensors autograd saves in a Llama-style decoder layer, per token:
+norm inputs and outputs, q/k/v/attention output, the gated MLP's four I-wide tensors; with gradient
+checkpointing only each layer's input is kept, plus one layer's worth being recomputed. The loss holds
+the logits in the model dtype and in fp32 (log-softmax and its gradient). The exact Fisher keeps each
+scored Linear's input until its output gradient arrives.
+The figures are what the process allocates for the model; the runtime itself (Python, torch,
+transformers: a few hundred MB of host memory, ~0.5 GB of CUDA context on a GPU) comes on top and is
+reported separately.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PertaError
+from .io import read_json
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+GB = 1e9
+RUNTIME_HOST_BYTES = 0.6e9  # python + torch + transformers + tokenizer, measured on the CPU (benchmarks/plan.py)
+LORA_BLOCK_BYTES = 4 * (1 << 22)  # perta_fast.merge.LORA_BLOCK_ELEMENTS of fp32
+
+
+@dataclass
+class Shapes:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    dtype: str
+
+    @classmethod
+    def from_config(cls, config: dict, path: Path) -> "Shapes":
+        try:
+            hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+            return cls(int(config["vocab_size"]), hidden, int(config["intermediate_size"]),
+                       int(config["num_hidden_layers"]), heads, int(config.get("num_key_value_heads") or heads),
+                       int(config.get("head_dim") or hidden // heads), bool(config.get("tie_word_embeddings", False)),
+                       CONFIG_DTYPES.get(config.get("dtype") or config.get("torch_dtype"), "fp32"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PertaError(f"{path}: config lacks a decoder's sizes ({e}); plan knows Llama-style configs") from None
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each Linear in one decoder layer."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        d, i = self.hidden, self.intermediate
+        return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+                "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+
+    @property
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.linears().values())
+
+    @property
+    def params(self) -> int:
+        embed = self.vocab * self.hidden
+        norms = (2 * self.layers + 1) * self.hidden
+        return self.layers * self.layer_linear_params + embed * (1 if self.tied else 2) + norms
+
+    def lora_params(self, rank: int, targets: list[str] | None) -> int:
+        per_layer = sum(rank * (a + b) for n, (a, b) in self.linears().items() if targets is None or n in targets)
+        return self.layers * per_layer
+
+    def targeted_params(self, targets: list[str] | None) -> int:
+        return self.layers * sum(a * b for n, (a, b) in self.linears().items() if targets is None or n in targets)
+
+    def largest_tensor(self) -> int:
+        return max(self.vocab * self.hidden, max(a * b for a, b in self.linears().values()))
+
+    def saved_per_token_layer(self) -> int:
+        """Elements kept per token for one decoder layer's backward: each RMSNorm's input and output,
+        q, k, v, the attention output and o_proj's input, and the gated MLP's gate, act(gate), up and
+        their product. The same whether the weights train (autograd keeps the Linears' inputs) or are
+        frozen under the exact Fisher (its hooks keep them)."""
+        d, i = self.hidden, self.intermediate
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return 2 * (2 * d) + (3 * q + 2 * kv) + 4 * i
+
+    def lora_inputs_per_token_layer(self, targets: list[str] | None) -> int:
+        """peft runs an fp32 adapter on an fp32 copy of each targeted Linear's input."""
+        return sum(a for n, (a, _) in self.linears().items() if targets is None or n in targets)
+
+
+def logits_bytes(s: Shapes, tokens: int, b: int, backward: bool) -> int:
+    """The loss's working set per token and vocabulary entry: the logits in the model dtype and a
+    contiguous fp32 copy; training adds about one more fp32 tensor at a time (log-softmax, then the
+    gradients that replace it as it is freed)."""
+    return tokens * s.vocab * (b + 8 if backward else b + 4)
+
+
+def activations(s: Shapes, tokens: int, b: int, checkpointing: bool, lora_targets=False) -> int:
+    """Saved activations of all layers; `lora_targets` (a list, or None for all-linear) adds peft's fp32
+    input copies when the model is not fp32."""
+    per_token = s.saved_per_token_layer() * b
+    if lora_targets is not False and b < 4:
+        per_token += 4 * s.lora_inputs_per_token_layer(lora_targets)
+    if checkpointing:
+        return s.layers * tokens * s.hidden * b + per_token * tokens
+    return s.layers * per_token * tokens
+
+
+def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targets: str = "all-linear",
+               dtype: str = "auto", method: str = "fisher", batch_size: int = 8, max_length: int = 256,
+               checkpointing: bool = False, groups: int = 1) -> dict[str, dict]:
+    """{step: {"device": bytes, "host": bytes, "detail": str}} for one GPU (device = the GPU) and for the
+    CPU (then device and host are the same memory, given as "host")."""
+    config_path = Path(config_path)
+    if config_path.is_dir():
+        config_path = config_path / "config.json"
+    s = Shapes.from_config(read_json(config_path), config_path)
+    dt = s.dtype if dtype == "auto" else dtype
+    if dt not in DTYPE_BYTES:
+        raise PertaError(f"unknown --dtype {dtype!r} (expected auto, bf16, fp16 or fp32)")
+    b, P = DTYPE_BYTES[dt], s.params
+    targets = None if lora_targets == "all-linear" else [t.strip() for t in lora_targets.split(",")]
+    tokens = batch_size * max_length
+    steps = {}
+    weights = b * P
+    loss = logits_bytes(s, tokens, b, True)
+    if lora_rank:
+        adapter = 16 * s.lora_params(lora_rank, targets)
+        act = activations(s, tokens, b, checkpointing, targets)
+        steps["finetune (LoRA)"] = (weights + adapter + act + loss,
+                                    f"weights {b}·P + adapter 16·P_lora + activations + logits")
+        scored = s.targeted_params(targets)
+    else:
+        act = activations(s, tokens, b, checkpointing)
+        steps["finetune (full)"] = (4 * weights + act + loss,
+                                    f"weights, grads, AdamW moments {4 * b}·P + activations + logits")
+        scored = P
+    acc = 4 * math.ceil(scored / max(1, groups))
+    steps[f"importance ({method})"] = (weights + acc + activations(s, tokens, b, checkpointing) + loss,
+                                       f"weights {b}·P + fp32 accumulator 4·P_t/{groups} + activations + logits")
+    steps["merge"] = (2 * 4 * s.largest_tensor() + LORA_BLOCK_BYTES, "two of the largest tensor + a LoRA block")
+    kv_cache = 2 * s.layers * tokens * s.kv_heads * s.head_dim * b
+    steps["eval"] = (weights + kv_cache + logits_bytes(s, tokens, b, False), f"weights {b}·P + KV cache + logits")
+    steps = {k: (int(v), d) for k, (v, d) in steps.items()}
+    return {"shapes": s, "dtype": dt, "params": P, "steps": steps}
+
+
+def format_plan(result: dict, memory_gb: float | None, device: str) -> str:
+    s: Shapes = result["shapes"]
+    head = (f"{result['params'] / 1e9:.2f} B parameters ({s.layers} layers, hidden {s.hidden}, vocab {s.vocab}), "
+            f"{result['dtype']}; memory on {device}")
+    lines = [head]
+    for step, (nbytes, detail) in result["steps"].items():
+        verdict = ""
+        if memory_gb is not None:
+            verdict = "fits" if nbytes <= memory_gb * GB else "does not fit"
+        lines.append(f"  {step:<22} {nbytes / GB:8.2f} GB  {verdict:<13} {detail}")
+    lines.append(f"  (+ runtime: ~{RUNTIME_HOST_BYTES / GB:.1f} GB of host memory"
+                 + (", ~0.5 GB of CUDA context" if device == "cuda" else "") + ")")
+    return "\n".join(lines)
+
+
+def parse_gb(text: str) -> float:
+    """'80GB', '80', '24 GB' → GB as a number."""
+    t = text.strip().upper().removesuffix("GB").removesuffix("G").strip()
+    try:
+        gb = float(t)
+    except ValueError:
+        raise PertaError(f"--memory {text!r}: expected a size such as 80GB") from None
+    if gb <= 0:
+        raise PertaError(f"--memory {text!r}: must be positive")
+    return gb

@@ -1,0 +1,88 @@
+"""The streamed importance file: parameter groups, the spill of forget scores, ratio weights written
+directly, and the memory budget, each against the in-memory computation."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import tree_digest
+from perta_fast.cli import main
+from perta_fast.errors import PertaError
+from perta_fast.importance import compute_importance, importance_file, parameter_groups
+from perta_fast.ops import ratio_weights
+
+
+def read(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_parameter_groups_pack_consecutive_parameters_under_the_budget():
+    sizes = {"a": 10, "b": 5, "c": 20, "d": 1}
+    assert parameter_groups(sizes, None) == [["a", "b", "c", "d"]]
+    assert parameter_groups(sizes, 4 * 15) == [["a", "b"], ["c"], ["d"]]  # c alone exceeds: its own group
+    assert parameter_groups(sizes, 4 * 100) == [["a", "b", "c", "d"]]
+
+
+@pytest.mark.parametrize("method", ["grad", "fisher"])
+def test_grouped_spilled_file_equals_in_memory_scores(tmp_path, tiny_dir, facts, method):
+    forget, retain = facts[0][:6], facts[1][:7]
+    want, _ = compute_importance(tiny_dir, forget, retain, method, batch_size=4, progress=False)
+    meta = importance_file(tiny_dir, forget, retain, tmp_path / "imp.safetensors", method, 4, progress=False,
+                           group_bytes=4 * 3000)  # a few parameters per group: many passes
+    got, file_meta = read(tmp_path / "imp.safetensors")
+    assert int(meta["groups"]) > 3 and file_meta["groups"] == meta["groups"]
+    assert float(file_meta["seconds"]) > 0
+    assert set(got) == set(want)
+    for k in want:  # the same accumulation per parameter, whatever the grouping: bit-identical on CPU
+        assert torch.equal(got[k], want[k]), k
+    assert [p.name for p in tmp_path.iterdir()] == ["imp.safetensors"]  # spill files are gone
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")])
+def test_write_weights_equals_ratio_of_scores(tmp_path, tiny_dir, facts, dtype, name):
+    forget, retain = facts[0][:6], facts[1][:6]
+    scores, _ = compute_importance(tiny_dir, forget, retain, "fisher", batch_size=4, progress=False)
+    importance_file(tiny_dir, forget, retain, tmp_path / "w.safetensors", "fisher", 4, progress=False,
+                    write="weights", weight_dtype=name, alpha=0.5, power=2.0)
+    got, meta = read(tmp_path / "w.safetensors")
+    assert meta["write"] == "weights" and meta["alpha"] == "0.5" and meta["power"] == "2.0"
+    assert {k.split("/", 1)[1] for k in got} == {k.split("/", 1)[1] for k in scores}
+    for k, w in got.items():
+        n = k.split("/", 1)[1]
+        want = ratio_weights(scores["forget/" + n], scores["retain/" + n], alpha=0.5, power=2.0).to(dtype)
+        assert w.dtype == dtype
+        # the same fp32 ratio (p = 2: pow in C++ vs torch, a few fp32 ulps apart), rounded once to the
+        # output dtype: within one ulp of that dtype
+        ulp = {torch.float32: 2 ** -23, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+        torch.testing.assert_close(w.float(), want.float(), rtol=ulp, atol=1e-30, msg=k)
+
+
+def test_max_memory_too_small_names_the_minimum(tmp_path, tiny_dir, facts, capsys):
+    before = tree_digest(tiny_dir)
+    (tmp_path / "f.json").write_text(json.dumps([r.__dict__ for r in facts[0]]))
+    out = tmp_path / "imp.safetensors"
+    code = main(["importance", "--model", str(tiny_dir), "--forget", str(tmp_path / "f.json"), "--retain",
+                 str(tmp_path / "f.json"), "--out", str(out), "--max-memory", "0.01"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--max-memory 0.01 GB is too small" in err and "at least" in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+    assert tree_digest(tiny_dir) == before
+
+
+def test_max_memory_says_what_it_chose(tmp_path, tiny_dir, facts, capsys):
+    """A roomy budget keeps one group; one below what the process already holds is refused. (Several
+    groups are forced through group_bytes above: RssAnon moves by more than the tiny model's scores.)"""
+    from perta_fast.profiling import rss_anon_bytes
+
+    forget, retain = facts[0][:4], facts[1][:4]
+    roomy = importance_file(tiny_dir, forget, retain, tmp_path / "a.safetensors", "grad", 4, progress=False,
+                            max_memory=100.0)
+    assert roomy["groups"] == "1"
+    tight_gb = (rss_anon_bytes() + 64 * 1024**2) / 1e9  # the tiny model's accumulators are ~100 KB
+    with pytest.raises(PertaError, match="too small"):
+        importance_file(tiny_dir, forget, retain, tmp_path / "b.safetensors", "grad", 4, progress=False,
+                        max_memory=tight_gb - 0.2)
+    assert "parameter group(s)" in capsys.readouterr().err
