@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--eval-samples", type=int, default=64, help="evaluate on the first N rows of each set (0: all)")
+    p.add_argument("--max-memory", type=float, default=None, metavar="GB", help="importance's memory budget (see importance)")
+    p.add_argument("--write", choices=["scores", "weights"], default="scores",
+                   help="importance file: fp32 scores, or fp16 ratio weights for this α, p, ε (4x smaller)")
     _add_merge_knobs(p)
     _add_finetune_knobs(p, 5, 1e-4)
     _add_common(p)
@@ -233,10 +236,12 @@ def _unlearn(a):
 
     opts = UnlearnOptions(a.method, a.lam, a.alpha, a.power, a.eps, _finetune_opts(a), a.batch_size,
                           a.max_length, a.max_samples, a.importance_model, a.device, not a.no_eval,
-                          a.eval_samples, a.dtype, a.gradient_checkpointing)
+                          a.eval_samples, a.dtype, a.gradient_checkpointing, a.max_memory, a.write)
     s = pf.unlearn(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, a.finetuned, opts, a.work_dir,
                    a.overwrite)
-    print(f"\nwrote {a.out} with {s['method']} (mean w {s['mean_weight']:.4f}); seconds: {json.dumps(s['seconds'])}")
+    peaks = {k: f"{v / 1e9:.2f} GB" for k, v in s["peak_rss_anon_bytes"].items()}
+    print(f"\nwrote {a.out} with {s['method']} (mean w {s['mean_weight']:.4f}); seconds: {json.dumps(s['seconds'])}; "
+          f"peak host memory: {json.dumps(peaks)}")
     if "table" in s:
         print(s["table"])
 
@@ -294,9 +299,10 @@ def _plan(a):
 
     if a.lora_rank is not None and a.lora_rank <= 0:
         raise PertaError(f"--lora-rank must be a positive integer, got {a.lora_rank}")
+    memory = parse_gb(a.memory) if a.memory else None
     result = plan_steps(a.model, a.lora_rank, a.lora_targets, a.dtype, a.method, a.batch_size, a.max_length,
-                        a.gradient_checkpointing)
-    print(format_plan(result, parse_gb(a.memory) if a.memory else None, a.device))
+                        a.gradient_checkpointing, memory_gb=memory)
+    print(format_plan(result, memory, a.device))
 
 
 COMMANDS = {"info": _info, "plan": _plan, "convert-gguf": _convert_gguf, "finetune": _finetune, "importance": _importance,

@@ -203,6 +203,13 @@ def batches(encoded: list[Encoded], batch_size: int, pad: int):
         yield collate(encoded[i:i + batch_size], pad)
 
 
+def logits_of(model, ids, mask):
+    """The model's logits for a batch, without a KV cache (training and scoring never reuse one)."""
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return model(input_ids=ids, attention_mask=mask).logits
+
+
 def per_sample_loss(logits, labels):
     """Mean cross-entropy over each sample's answer tokens, in fp32: shape (batch,)."""
     import torch.nn.functional as F

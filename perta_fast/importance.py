@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import __version__
-from .data import QA, batches, data_hash, encode, pad_id, per_sample_loss
+from .data import QA, batches, data_hash, encode, logits_of, pad_id, per_sample_loss
 from .errors import PertaError
 from .io import Checkpoint, SafetensorsWriter, atomic_file, check_output_path
 from .ops import CHUNK_ELEMENTS, accumulate_, add_squares_, linear_fisher_
@@ -226,7 +226,7 @@ class _ExactFisher:
         self.mask = mask
         self.called.clear()
         # the logits are not kept beyond the loss (nor a KV cache): they are the largest activation
-        losses = per_sample_loss(self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
+        losses = per_sample_loss(logits_of(self.model, ids, mask), labels)
         losses.sum().backward()  # each sample's G is then the gradient of its own loss
         if self.awaiting:
             raise RuntimeError(f"{len(self.awaiting)} checkpointed modules saw no recomputed input")
@@ -263,7 +263,7 @@ class _MeanGradient:
             p.requires_grad_(self.requires_grad[n])
 
     def step(self, ids, mask, labels) -> float:
-        losses = per_sample_loss(self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
+        losses = per_sample_loss(logits_of(self.model, ids, mask), labels)
         (losses.sum() / self.n_total).backward()
         return float(losses.detach().sum())
 
@@ -391,13 +391,18 @@ def parameter_groups(sizes: dict[str, int], budget_bytes: float | None) -> list[
     return groups + ([current] if current else [])
 
 
-def _in_use(device: torch.device) -> int:
-    """Memory the process holds now: CUDA allocations on a GPU, private host memory (RssAnon) on the CPU."""
+def _in_use(model) -> int:
+    """Memory the process holds now: CUDA allocations on a GPU; on the CPU private memory (RssAnon) plus
+    the weights when they are not in it (transformers maps a checkpoint loaded in its own dtype instead of
+    copying it: page cache, but resident all the same)."""
+    device = next(model.parameters()).device
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
     from .profiling import rss_anon_bytes
 
-    return rss_anon_bytes()
+    held = rss_anon_bytes()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return held + weights if held < weights else held
 
 
 def accumulator_budget(model, model_dir, max_memory_gb: float | None, largest: int, batch_size: int,
@@ -408,12 +413,11 @@ def accumulator_budget(model, model_dir, max_memory_gb: float | None, largest: i
         return None
     from .plan import Shapes, activations, logits_bytes
 
-    device = next(model.parameters()).device
     b = next(model.parameters()).element_size()
     shapes = Shapes.from_config(model.config.to_dict(), Path(model_dir) / "config.json")
     tokens = batch_size * max_length
     working = activations(shapes, tokens, b, checkpointing) + logits_bytes(shapes, tokens, b, True)
-    fixed = _in_use(device) + working
+    fixed = _in_use(model) + working
     budget = max_memory_gb * 1e9 - fixed
     if budget < 4 * largest:
         need = (fixed + 4 * largest) / 1e9
@@ -487,16 +491,16 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
                 del forget_scores
                 retain_scores = _checked(estimate_importance(model, tok, retain, method, batch_size, max_length,
                                                              progress, f"{method} retain{tag}", group), "retain", model_dir)
-                spilled = SafetensorsFile(spill_file)
                 for n in group:
-                    s_f, s_r = spilled.get(n), retain_scores.pop(n)
+                    # a copy, with the file closed again: a mapping kept open would keep every page of the
+                    # spill file read so far resident in this process
+                    s_f, s_r = SafetensorsFile(spill_file).get(n).clone(), retain_scores.pop(n)
                     if write == "weights":
                         writer.write(f"weight/{n}", ratio(s_f, s_r, alpha, power, eps, WEIGHT_DTYPES[weight_dtype]))
                     else:
                         writer.write(f"forget/{n}", s_f)
                         writer.write(f"retain/{n}", s_r)
                     del s_f, s_r
-                del spilled
                 spill_file.unlink()
             meta["seconds"] = f"{time.perf_counter() - t0:.2f}"
             writer.close({"seconds": meta["seconds"]})

@@ -34,6 +34,8 @@ class UnlearnOptions:
     eval_samples: int | None = 64  # first N rows of each set; greedy generation is the slow part
     dtype: str | None = None  # every step's model dtype: auto (None) = the checkpoint's own
     gradient_checkpointing: bool = False
+    max_memory: float | None = None  # GB: importance keeps to it by scoring parameters in groups
+    write: str = "scores"  # importance file: fp32 scores, or fp16 ratio weights for this α, p, ε (4x smaller)
 
 
 def _matches(record: dict, expect: dict) -> bool:
@@ -62,11 +64,15 @@ def build_importance(model_dir, forget, retain, method: str, work: Path, opts: U
     forget, retain = forget[:opts.max_samples or None], retain[:opts.max_samples or None]
     expect = {"forget_sha256": data_hash(forget), "retain_sha256": data_hash(retain), "method": method,
               "checkpoint": str(Path(model_dir).resolve()), "max_length": str(opts.max_length),
-              "adapter": str(Path(adapter).resolve()) if adapter else ""}
+              "adapter": str(Path(adapter).resolve()) if adapter else "", "write": opts.write}
+    if opts.write == "weights":
+        expect.update(alpha=str(opts.alpha), power=str(opts.power), eps=str(opts.eps))
     if not (out.is_file() and _matches(SafetensorsFile(out).metadata, expect)):
         importance_file(model_dir, forget, retain, out, method, opts.batch_size, opts.max_length, None,
                         opts.device, overwrite=True, dtype=opts.dtype,
-                        gradient_checkpointing=opts.gradient_checkpointing, adapter=adapter)
+                        gradient_checkpointing=opts.gradient_checkpointing, adapter=adapter,
+                        max_memory=opts.max_memory, write=opts.write, alpha=opts.alpha, power=opts.power,
+                        eps=opts.eps)
     return out
 
 
@@ -100,6 +106,37 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+class _StepMeter:
+    """Wall time and peak memory of each pipeline step: private host memory (RssAnon) and, on a GPU,
+    torch.cuda.max_memory_allocated. Freed heap is handed back between steps, so a step's peak is its own."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.peak_host: dict[str, int] = {}
+        self.peak_resident: dict[str, int] = {}
+        self.peak_device: dict[str, int] = {}
+
+    def __call__(self, name: str, fn, *args, **kwargs):
+        import torch
+
+        from .merge import _release_freed_memory
+        from .profiling import PeakRssAnon
+
+        _release_freed_memory()
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        with PeakRssAnon(interval=0.05) as m:
+            result = fn(*args, **kwargs)
+        self.seconds[name] = round(time.perf_counter() - t, 2)
+        self.peak_host[name] = m.peak
+        self.peak_resident[name] = m.peak_rss
+        if cuda:
+            self.peak_device[name] = torch.cuda.max_memory_allocated()
+        return result
+
+
 def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str | Path,
             finetuned: str | Path | None = None, options: UnlearnOptions | None = None,
             work_dir: str | Path | None = None, overwrite: bool = False) -> dict:
@@ -111,36 +148,38 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
         raise PertaError(f"the {'forget' if not forget else 'retain'} set is empty")
     inputs = tuple(p for p in (model_dir, finetuned, opts.importance_model) if p)
     check_output_path(Path(out), overwrite, inputs)
+    if opts.finetune.lora_rank is not None and finetuned is None:
+        from .train import lora_config
+
+        lora_config(opts.finetune)  # bad LoRA options fail before anything runs
     work = Path(work_dir) if work_dir else Path(out).with_name(Path(out).name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    timings, t0 = {}, time.perf_counter()
+    meter, t0 = _StepMeter(), time.perf_counter()
     if finetuned is None:
         ft_opts = replace(opts.finetune, dtype=opts.dtype, gradient_checkpointing=opts.gradient_checkpointing,
                           device=opts.device)
-        finetuned = build_finetuned(model_dir, forget, work, ft_opts)
-        timings["finetune"] = time.perf_counter() - t0
+        finetuned = meter("finetune", build_finetuned, model_dir, forget, work, ft_opts)
     adapter = Path(finetuned) if is_adapter(finetuned) else None
     importance = None
     if opts.method != "tv":
-        t = time.perf_counter()
-        importance = build_importance(opts.importance_model or model_dir, forget, retain,
-                                      opts.method.split("-", 1)[1], work, opts, adapter)
-        timings["importance"] = time.perf_counter() - t
-    t = time.perf_counter()
+        importance = meter("importance", build_importance, opts.importance_model or model_dir, forget, retain,
+                           opts.method.split("-", 1)[1], work, opts, adapter)
     merge_opts = MergeOptions("tv" if opts.method == "tv" else "perta", opts.lam, opts.alpha, opts.power, opts.eps,
                               device=pick_device(opts.device))
-    record = merge(model_dir, finetuned, out, importance, merge_opts, overwrite)
-    timings["merge"] = time.perf_counter() - t
+    record = meter("merge", merge, model_dir, finetuned, out, importance, merge_opts, overwrite)
     summary = {"method": opts.method, "out": str(out), "finetuned": str(finetuned),
-               "importance": str(importance) if importance else None, "mean_weight": record["mean_weight"],
-               "seconds": {k: round(v, 2) for k, v in timings.items()}}
+               "importance": str(importance) if importance else None, "mean_weight": record["mean_weight"]}
     if opts.evaluate:
-        summary["eval"] = evaluate_models({"before (θ_full)": Path(model_dir), f"after ({opts.method})": Path(out)},
-                                          {"forget": forget[:opts.eval_samples or None],
-                                           "retain": retain[:opts.eval_samples or None]}, opts.device,
-                                          dtype=opts.dtype)
+        summary["eval"] = meter("eval", evaluate_models,
+                                {"before (θ_full)": Path(model_dir), f"after ({opts.method})": Path(out)},
+                                {"forget": forget[:opts.eval_samples or None],
+                                 "retain": retain[:opts.eval_samples or None]}, opts.device, dtype=opts.dtype)
         summary["table"] = format_table(summary["eval"])
-    summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+    summary["seconds"] = {**meter.seconds, "total": round(time.perf_counter() - t0, 2)}
+    summary["peak_rss_anon_bytes"] = meter.peak_host
+    summary["peak_rss_bytes"] = meter.peak_resident  # with mapped checkpoint pages
+    if meter.peak_device:
+        summary["peak_cuda_allocated_bytes"] = meter.peak_device
     (Path(out) / "perta_unlearn.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 

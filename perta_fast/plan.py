@@ -31,8 +31,9 @@ from .io import read_json
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 GB = 1e9
-RUNTIME_HOST_BYTES = 0.6e9  # python + torch + transformers + tokenizer, measured on the CPU (benchmarks/plan.py)
+RUNTIME_HOST_BYTES = 0.4e9  # python + torch + transformers + peft, measured on the CPU (benchmarks/plan.py)
 LORA_BLOCK_BYTES = 4 * (1 << 22)  # perta_fast.merge.LORA_BLOCK_ELEMENTS of fp32
+CHUNK_ELEMENTS = 1 << 25  # perta_fast.ops.CHUNK_ELEMENTS: per-sample gradients the torch path forms at once
 
 
 @dataclass
@@ -102,8 +103,10 @@ class Shapes:
 def logits_bytes(s: Shapes, tokens: int, b: int, backward: bool) -> int:
     """The loss's working set per token and vocabulary entry: the logits in the model dtype and a
     contiguous fp32 copy; training adds about one more fp32 tensor at a time (log-softmax, then the
-    gradients that replace it as it is freed)."""
-    return tokens * s.vocab * (b + 8 if backward else b + 4)
+    gradients that replace it as it is freed), and a model below fp32 one more for the casts between."""
+    if not backward:
+        return tokens * s.vocab * (b + 4)
+    return tokens * s.vocab * (b + 8 + (4 if b < 4 else 0))
 
 
 def activations(s: Shapes, tokens: int, b: int, checkpointing: bool, lora_targets=False) -> int:
@@ -119,9 +122,10 @@ def activations(s: Shapes, tokens: int, b: int, checkpointing: bool, lora_target
 
 def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targets: str = "all-linear",
                dtype: str = "auto", method: str = "fisher", batch_size: int = 8, max_length: int = 256,
-               checkpointing: bool = False, groups: int = 1) -> dict[str, dict]:
-    """{step: {"device": bytes, "host": bytes, "detail": str}} for one GPU (device = the GPU) and for the
-    CPU (then device and host are the same memory, given as "host")."""
+               checkpointing: bool = False, groups: int = 1, memory_gb: float | None = None) -> dict:
+    """{"steps": {step: (bytes, formula)}, ...}: each step's peak memory, without the runtime's own.
+    With `memory_gb`, importance is split into as many parameter groups as that budget needs
+    (`importance --max-memory`), and "groups" says how many."""
     config_path = Path(config_path)
     if config_path.is_dir():
         config_path = config_path / "config.json"
@@ -132,28 +136,32 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
     b, P = DTYPE_BYTES[dt], s.params
     targets = None if lora_targets == "all-linear" else [t.strip() for t in lora_targets.split(",")]
     tokens = batch_size * max_length
-    steps = {}
     weights = b * P
     loss = logits_bytes(s, tokens, b, True)
+    steps = {"finetune (full)": (4 * weights + activations(s, tokens, b, checkpointing) + loss,
+                                 f"weights, grads, AdamW moments {4 * b}·P + activations + logits")}
+    scored = P
     if lora_rank:
         adapter = 16 * s.lora_params(lora_rank, targets)
-        act = activations(s, tokens, b, checkpointing, targets)
-        steps["finetune (LoRA)"] = (weights + adapter + act + loss,
+        steps["finetune (LoRA)"] = (weights + adapter + activations(s, tokens, b, checkpointing, targets) + loss,
                                     f"weights {b}·P + adapter 16·P_lora + activations + logits")
         scored = s.targeted_params(targets)
-    else:
-        act = activations(s, tokens, b, checkpointing)
-        steps["finetune (full)"] = (4 * weights + act + loss,
-                                    f"weights, grads, AdamW moments {4 * b}·P + activations + logits")
-        scored = P
-    acc = 4 * math.ceil(scored / max(1, groups))
-    steps[f"importance ({method})"] = (weights + acc + activations(s, tokens, b, checkpointing) + loss,
-                                       f"weights {b}·P + fp32 accumulator 4·P_t/{groups} + activations + logits")
+    working = weights + activations(s, tokens, b, checkpointing) + loss
+    if method == "fisher":  # the torch path's per-sample gradients of the widest weight, a chunk at a time
+        widest = max(s.vocab * s.hidden, s.largest_tensor())
+        working += 4 * widest * max(1, min(batch_size, CHUNK_ELEMENTS // widest))
+    if memory_gb is not None:  # as many groups as the budget needs, as importance --max-memory chooses
+        room = memory_gb * GB - RUNTIME_HOST_BYTES - working
+        groups = math.ceil(4 * scored / room) if room >= 4 * s.largest_tensor() else 1
+    steps[f"importance ({method})"] = (working + 4 * math.ceil(scored / max(1, groups)),
+                                       f"weights {b}·P + activations + logits + fp32 accumulator 4·P_t"
+                                       + (f" in {groups} groups (--max-memory)" if groups > 1 else "")
+                                       + (" + per-sample chunk" if method == "fisher" else ""))
     steps["merge"] = (2 * 4 * s.largest_tensor() + LORA_BLOCK_BYTES, "two of the largest tensor + a LoRA block")
     kv_cache = 2 * s.layers * tokens * s.kv_heads * s.head_dim * b
     steps["eval"] = (weights + kv_cache + logits_bytes(s, tokens, b, False), f"weights {b}·P + KV cache + logits")
     steps = {k: (int(v), d) for k, (v, d) in steps.items()}
-    return {"shapes": s, "dtype": dt, "params": P, "steps": steps}
+    return {"shapes": s, "dtype": dt, "params": P, "steps": steps, "groups": groups}
 
 
 def format_plan(result: dict, memory_gb: float | None, device: str) -> str:
@@ -164,10 +172,10 @@ def format_plan(result: dict, memory_gb: float | None, device: str) -> str:
     for step, (nbytes, detail) in result["steps"].items():
         verdict = ""
         if memory_gb is not None:
-            verdict = "fits" if nbytes <= memory_gb * GB else "does not fit"
-        lines.append(f"  {step:<22} {nbytes / GB:8.2f} GB  {verdict:<13} {detail}")
-    lines.append(f"  (+ runtime: ~{RUNTIME_HOST_BYTES / GB:.1f} GB of host memory"
-                 + (", ~0.5 GB of CUDA context" if device == "cuda" else "") + ")")
+            verdict = "fits" if nbytes + RUNTIME_HOST_BYTES <= memory_gb * GB else "does not fit"
+        lines.append(f"  {step:<20} {nbytes / GB:7.2f} GB  {verdict:<12}  {detail}")
+    lines.append(f"  (each + the runtime: ~{RUNTIME_HOST_BYTES / GB:.1f} GB of host memory"
+                 + ("; on the GPU the CUDA context, outside these figures)" if device == "cuda" else ")"))
     return "\n".join(lines)
 
 

@@ -9,29 +9,34 @@ import threading
 import time
 
 
-def rss_anon_bytes() -> int:
+def rss_anon_bytes(field: str = "RssAnon") -> int:
+    """This process's private anonymous memory (or another /proc/self/status field, e.g. VmRSS)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("RssAnon:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise OSError("RssAnon not in /proc/self/status")
+    raise OSError(f"{field} not in /proc/self/status")
 
 
 class PeakRssAnon:
     """`with PeakRssAnon() as m: ...` then `m.growth`: the highest RssAnon seen above the starting level,
-    polled every `interval` seconds from a thread (a sample, so a very short spike can be missed)."""
+    polled every `interval` seconds from a thread (a sample, so a very short spike can be missed).
+    `m.peak_rss` is the highest resident set (VmRSS): private memory plus file pages such as the
+    checkpoint's, which transformers maps rather than copies when it loads weights in their own dtype."""
 
     def __init__(self, interval: float = 0.0005):
-        self.interval, self.start, self.peak = interval, 0, 0
+        self.interval, self.start, self.peak, self.peak_rss = interval, 0, 0, 0
         self._stop = threading.Event()
 
     def _poll(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_anon_bytes())
+            self.peak_rss = max(self.peak_rss, rss_anon_bytes("VmRSS"))
             time.sleep(self.interval)
 
     def __enter__(self):
         self.start = self.peak = rss_anon_bytes()
+        self.peak_rss = rss_anon_bytes("VmRSS")
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
@@ -40,6 +45,7 @@ class PeakRssAnon:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_anon_bytes())
+        self.peak_rss = max(self.peak_rss, rss_anon_bytes("VmRSS"))
 
     @property
     def growth(self) -> int:

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .data import QA, batches, data_hash, encode, pad_id, per_sample_loss
+from .data import QA, batches, data_hash, encode, logits_of, pad_id, per_sample_loss
 from .errors import PertaError
 from .io import check_output_path
 from .models import load_model, save_model
@@ -98,7 +98,7 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc
                 ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
                 with autocast(device, opts.bf16_autocast):
                     # the logits are not kept beyond the loss (nor a KV cache): they are the largest activation
-                    losses = per_sample_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
+                    losses = per_sample_loss(logits_of(model, ids, mask), labels)
                 loss = losses.mean()
                 if not torch.isfinite(loss):
                     raise PertaError(f"{source}: training loss is NaN/Inf (NaN weights in the checkpoint, or --lr too high?)")

@@ -1,0 +1,191 @@
+"""The whole pipeline on a large model on one machine: a random-weight checkpoint with a real architecture's
+layer shapes (Llama-3.2-3B by default; bf16, sharded safetensors; SmolLM2's tokenizer and vocabulary, so
+nothing is downloaded), unlearned with a LoRA θ_ft and the exact Fisher:
+
+    perta-fast unlearn --lora-rank 16 --dtype bf16 --method perta-fisher --max-memory GB ...
+
+Per step it records wall time, peak private host memory (RssAnon; on a GPU also max_memory_allocated),
+`perta-fast plan`'s prediction (+ the runtime's own memory), and what the full-fine-tune fp32 pipeline
+would need by the same formulas. Memory is the claim here; the weights are random, so quality is not.
+
+    python benchmarks/scale.py                                  # CPU, Llama-3.2-3B shapes
+    python benchmarks/scale.py --shape llama-3.1-8b --device cuda --max-memory 70   # a GPU machine
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, head_dim, tied (the real models' configs)
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                         num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "smoke": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),  # checks the script, in seconds
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+}
+
+
+def build_checkpoint(folder: Path, shape: dict, tokenizer_dir: Path, shard_gb: float = 2.0) -> Path:
+    """Random bf16 weights written tensor by tensor (no model is ever built in memory)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from perta_fast.io import ShardedWriter, atomic_dir
+
+    if (folder / "config.json").is_file():
+        return folder
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, rms_norm_eps=1e-5, dtype="bfloat16",
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      architectures=["LlamaForCausalLM"], **shape)
+    d, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    layout = [("model.embed_tokens.weight", (cfg.vocab_size, d))]
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        layout += [(p + "input_layernorm.weight", (d,)), (p + "self_attn.q_proj.weight", (q, d)),
+                   (p + "self_attn.k_proj.weight", (kv, d)), (p + "self_attn.v_proj.weight", (kv, d)),
+                   (p + "self_attn.o_proj.weight", (d, q)), (p + "post_attention_layernorm.weight", (d,)),
+                   (p + "mlp.gate_proj.weight", (i, d)), (p + "mlp.up_proj.weight", (i, d)),
+                   (p + "mlp.down_proj.weight", (d, i))]
+    layout.append(("model.norm.weight", (d,)))
+    if not cfg.tie_word_embeddings:
+        layout.append(("lm_head.weight", (cfg.vocab_size, d)))
+    g = torch.Generator().manual_seed(0)
+    with atomic_dir(folder, overwrite=True) as tmp:
+        writer = ShardedWriter(tmp, [(n, s, torch.bfloat16) for n, s in layout], int(shard_gb * 1024**3))
+        for name, s in layout:
+            if len(s) == 1:
+                t = torch.ones(s)
+            else:  # std 0.02 as Llama's initialiser: activations stay finite through every layer
+                t = torch.randn(s, generator=g).mul_(0.02)
+            writer.write(name, t.to(torch.bfloat16))
+            del t
+        writer.close()
+        cfg.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return folder
+
+
+def run_unlearn(model: Path, work: Path, a) -> tuple[dict, float]:
+    from perta_fast.facts import make_facts
+
+    forget, retain = make_facts(a.people, a.forget_people, seed=0)
+    (work / "forget.json").write_text(json.dumps([r.__dict__ for r in forget]))
+    (work / "retain.json").write_text(json.dumps([r.__dict__ for r in retain[:a.retain_rows]]))
+    out = work / "unlearned"
+    shutil.rmtree(work / "unlearned.work", ignore_errors=True)  # every step runs: nothing reused from a last run
+    cmd = [sys.executable, "-m", "perta_fast", "unlearn", "--model", str(model), "--forget", str(work / "forget.json"),
+           "--retain", str(work / "retain.json"), "--out", str(out), "--lora-rank", str(a.lora_rank), "--dtype", "bf16",
+           "--method", "perta-fisher", "--epochs", str(a.epochs), "--lr", "1e-4", "--batch-size", str(a.batch_size),
+           "--max-length", str(a.max_length), "--max-memory", str(a.max_memory), "--no-eval", "--device", a.device,
+           "--write", "weights",
+           "--overwrite"] + (["--gradient-checkpointing"] if a.gradient_checkpointing else [])
+    print(" ".join(cmd), flush=True)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return json.loads((out / "perta_unlearn.json").read_text()), time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=list(SHAPES), default="llama-3.2-3b")
+    ap.add_argument("--work", default=None, help="folder for the checkpoint and outputs (default: a temp folder)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--max-memory", type=float, default=13.0, help="importance's budget in GB")
+    ap.add_argument("--people", type=int, default=8)
+    ap.add_argument("--forget-people", type=int, default=2)
+    ap.add_argument("--retain-rows", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
+    ap.add_argument("--report-only", action="store_true", help="re-tabulate the last run kept in --work")
+    ap.add_argument("--out", default=str(HERE / "results" / "scale"))
+    a = ap.parse_args(argv)
+
+    from perta_fast.models import default_model
+    from perta_fast.plan import RUNTIME_HOST_BYTES, plan_steps
+
+    import tempfile
+
+    work = Path(a.work or tempfile.mkdtemp(prefix="perta-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        t = time.perf_counter()
+        model = build_checkpoint(work / a.shape, SHAPES[a.shape], default_model())
+        build_seconds = time.perf_counter() - t
+        model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        if a.report_only:
+            summary = json.loads((work / "unlearned" / "perta_unlearn.json").read_text())
+            wall = summary["seconds"]["total"]
+        else:
+            summary, wall = run_unlearn(model, work, a)
+        # the plan at the importance step's groups, as the run chose them
+        from safetensors import safe_open
+
+        with safe_open(summary["importance"], "pt") as f:
+            groups = int(f.metadata()["groups"])
+        plan = plan_steps(model, a.lora_rank, "all-linear", "bf16", "fisher", a.batch_size, a.max_length,
+                          a.gradient_checkpointing, groups)
+        full32 = plan_steps(model, None, "all-linear", "fp32", "fisher", a.batch_size, a.max_length,
+                            a.gradient_checkpointing)
+        keys = {"finetune": "finetune (LoRA)", "importance": "importance (fisher)", "merge": "merge"}
+        full_keys = {"finetune": "finetune (full)", "importance": "importance (fisher)", "merge": "merge"}
+        rows = []
+        for step, key in keys.items():
+            # resident set, not only private memory: a checkpoint loaded in its own dtype is mapped, and
+            # its pages are resident all the same
+            measured = summary["peak_rss_bytes"][step]
+            predicted = plan["steps"][key][0] + RUNTIME_HOST_BYTES
+            rows.append({"step": key, "seconds": summary["seconds"][step],
+                         "peak_rss_anon_bytes": summary["peak_rss_anon_bytes"][step],
+                         "peak_rss_bytes": summary["peak_rss_bytes"][step],
+                         "peak_cuda_allocated_bytes": summary.get("peak_cuda_allocated_bytes", {}).get(step),
+                         "predicted_bytes": predicted, "predicted_over_measured": round(predicted / measured, 3),
+                         "full_fp32_pipeline_bytes": full32["steps"][full_keys[step]][0] + RUNTIME_HOST_BYTES})
+        peak = max(r["peak_rss_bytes"] for r in rows)
+        result = {"shape": a.shape, "params": plan["params"], "model_bytes_bf16": model_bytes,
+                  "importance_file_bytes": Path(summary["importance"]).stat().st_size,
+                  "device": a.device, "lora_rank": a.lora_rank, "max_memory_gb": a.max_memory, "groups": groups,
+                  "batch_size": a.batch_size, "max_length": a.max_length, "epochs": a.epochs,
+                  "gradient_checkpointing": a.gradient_checkpointing, "build_seconds": round(build_seconds, 1),
+                  "wall_seconds": round(wall, 1), "steps": rows, "pipeline_peak_bytes": peak,
+                  "pipeline_peak_over_model": round(peak / model_bytes, 2),
+                  "full_fp32_peak_over_model": round(max(r["full_fp32_pipeline_bytes"] for r in rows) / model_bytes, 2)}
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        lines = [f"{a.shape}: {plan['params'] / 1e9:.2f} B parameters, bf16 checkpoint {model_bytes / 1e9:.2f} GB, "
+                 f"{a.device}, LoRA rank {a.lora_rank}, importance in {groups} group(s) under --max-memory {a.max_memory:g}",
+                 "", "| step | seconds | peak RSS GB | of it private (RssAnon) GB | plan GB (+runtime) | plan / measured RSS "
+                 "| full fp32 pipeline GB (plan) |", "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['step']} | {r['seconds']:.0f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
+                         f"{r['peak_rss_anon_bytes'] / 1e9:.2f} | "
+                         f"{r['predicted_bytes'] / 1e9:.2f} | {r['predicted_over_measured']:.2f} | "
+                         f"{r['full_fp32_pipeline_bytes'] / 1e9:.1f} |")
+        lines += ["", f"pipeline peak: {peak / 1e9:.2f} GB = {result['pipeline_peak_over_model']}x the bf16 model "
+                      f"(target <= 2.5x); full fp32 pipeline: {result['full_fp32_peak_over_model']}x"]
+        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
+    finally:
+        if not a.keep and not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""`perta-fast plan`: parameter counts against the models transformers and peft build, and predicted peaks
+against peaks measured (RssAnon, each step in a fresh process) on a small Llama."""
+import json
+
+import pytest
+import torch
+
+from perta_fast.cli import main
+from perta_fast.plan import Shapes, plan_steps
+
+
+def llama(tmp_path, tokenizer, name="m", **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+               num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=2,
+               bos_token_id=1, eos_token_id=2)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))  # the vocabulary is wider than the tokenizer's ids: logits are full width
+    model.save_pretrained(tmp_path / name)
+    tokenizer.save_pretrained(tmp_path / name)
+    return tmp_path / name, model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": False, "head_dim": 32},
+                                       {"num_key_value_heads": 8, "intermediate_size": 700}])
+def test_parameter_counts_match_the_models_built(tmp_path, tiny_tokenizer, overrides):
+    from peft import LoraConfig, get_peft_model
+
+    folder, model = llama(tmp_path, tiny_tokenizer, num_hidden_layers=2, vocab_size=400, **overrides)
+    shapes = Shapes.from_config(json.loads((folder / "config.json").read_text()), folder)
+    assert shapes.params == sum(p.numel() for p in model.parameters())
+    for targets in (None, ["q_proj", "down_proj"]):
+        peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=targets or "all-linear"))
+        trainable, _ = peft_model.get_nb_trainable_parameters()
+        assert shapes.lora_params(8, targets) == trainable
+        model = peft_model.unload()
+
+
+CASES = [("finetune", "fp32", {}), ("finetune", "fp32", {"lora_rank": 8}), ("finetune", "bf16", {"lora_rank": 8}),
+         ("importance", "fp32", {"method": "fisher"})]
+
+
+@pytest.mark.parametrize("step,dtype,opts", CASES)
+def test_plan_within_25_percent_of_measured_peak(tmp_path, tiny_tokenizer, facts, step, dtype, opts):
+    """Each step in a fresh process; peak private memory above the runtime's own, against the plan. The
+    batch is padded to the longest row, which the plan is given as --max-length."""
+    from perta_fast.data import encode
+    from perta_fast.profiling import measure_step_in_subprocess
+
+    folder, model = llama(tmp_path, tiny_tokenizer, dtype="float32")
+    if dtype == "bf16":
+        model.to(torch.bfloat16).save_pretrained(folder)
+    del model
+    rows = (facts[0] + facts[1])[:16]
+    length = max(len(e.input_ids) for e in encode(tiny_tokenizer, rows))
+    options = {"batch_size": 8, "max_length": length, "epochs": 2, "rows": 16, **opts}
+    measured = measure_step_in_subprocess(step, folder, tmp_path / "out", options)["peak_bytes"]
+    plan = plan_steps(folder, opts.get("lora_rank"), "all-linear", "auto", opts.get("method", "fisher"), 8, length)
+    key = {"finetune": "finetune (LoRA)" if "lora_rank" in opts else "finetune (full)",
+           "importance": f"importance ({opts.get('method')})"}[step]
+    predicted = plan["steps"][key][0]
+    assert 0.75 <= predicted / measured <= 1.25, (predicted / 1e6, measured / 1e6)
+
+
+def test_cli_plan_says_what_fits(tmp_path, capsys):
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert main(["plan", "--model", str(tmp_path), "--lora-rank", "16", "--memory", "40GB",
+                 "--gradient-checkpointing"]) == 0
+    text = capsys.readouterr().out
+    assert "8.03 B parameters" in text  # Llama-3.1-8B's published count
+    lines = {line.split()[0] + line.split()[1]: line for line in text.splitlines()[1:5]}
+    assert "does not fit" not in lines["finetune(LoRA)"] and " fits" in lines["finetune(LoRA)"]
+    assert main(["plan", "--model", str(tmp_path), "--memory", "40GB"]) == 0
+    assert "does not fit" in next(l for l in capsys.readouterr().out.splitlines() if "finetune (full)" in l)
+
+
+def test_cli_plan_bad_config(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["plan", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(tmp_path / "config.json") in err and "lacks a decoder's sizes" in err and len(err.splitlines()) == 1
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 100, "hidden_size": 8, "intermediate_size": 16,
+                                                      "num_hidden_layers": 1, "num_attention_heads": 2}))
+    assert main(["plan", "--model", str(tmp_path), "--memory", "lots"]) == 2
+    assert "--memory 'lots'" in capsys.readouterr().err
