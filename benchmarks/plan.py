@@ -86,7 +86,8 @@ def main(argv=None):
                 (tmp / "out").unlink(missing_ok=True)
                 plan = plan_steps(folder, opts.get("lora_rank"), "all-linear", "auto", opts.get("method", "fisher"),
                                   a.batch_size, length, opts.get("gradient_checkpointing", False))["steps"]
-                key = next(k for k in plan if k.startswith(step))
+                key = {"finetune": "finetune (LoRA)" if "lora_rank" in opts else "finetune (full)",
+                       "importance": f"importance ({opts.get('method')})", "eval": "eval"}[step]
                 predicted = plan[key][0]
                 row = {"model": name, "step": key, "dtype": dtype, **{k: v for k, v in opts.items() if k != "method"},
                        "predicted_bytes": predicted, "measured_bytes": measured["peak_bytes"],

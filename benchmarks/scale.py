@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     ap.add_argument("--report-only", action="store_true", help="re-tabulate the last run kept in --work")
-    ap.add_argument("--out", default=str(HERE / "results" / "scale"))
+    ap.add_argument("--out", default=None, help="results stem (default: benchmarks/results/scale-DEVICE-SHAPE)")
     a = ap.parse_args(argv)
 
     from perta_fast.models import default_model
@@ -139,24 +139,25 @@ def main(argv=None) -> int:
         with safe_open(summary["importance"], "pt") as f:
             groups = int(f.metadata()["groups"])
         plan = plan_steps(model, a.lora_rank, "all-linear", "bf16", "fisher", a.batch_size, a.max_length,
-                          a.gradient_checkpointing, groups)
+                          a.gradient_checkpointing, groups, device=a.device)
         full32 = plan_steps(model, None, "all-linear", "fp32", "fisher", a.batch_size, a.max_length,
-                            a.gradient_checkpointing)
+                            a.gradient_checkpointing, device=a.device)
         keys = {"finetune": "finetune (LoRA)", "importance": "importance (fisher)", "merge": "merge"}
         full_keys = {"finetune": "finetune (full)", "importance": "importance (fisher)", "merge": "merge"}
         rows = []
         for step, key in keys.items():
-            # resident set, not only private memory: a checkpoint loaded in its own dtype is mapped, and
-            # its pages are resident all the same
-            measured = summary["peak_rss_bytes"][step]
+            # what the step holds: private memory, plus the weights where they are not in it (a checkpoint
+            # loaded in its own dtype is mapped, and the model computes from those pages). The resident set
+            # is shown too; it also counts input pages the merge merely streams through (reclaimable cache).
+            anon, rss = summary["peak_rss_anon_bytes"][step], summary["peak_rss_bytes"][step]
+            measured = anon if step == "merge" else anon + min(model_bytes, rss - anon)
             predicted = plan["steps"][key][0] + RUNTIME_HOST_BYTES
-            rows.append({"step": key, "seconds": summary["seconds"][step],
-                         "peak_rss_anon_bytes": summary["peak_rss_anon_bytes"][step],
-                         "peak_rss_bytes": summary["peak_rss_bytes"][step],
+            rows.append({"step": key, "seconds": summary["seconds"][step], "held_bytes": measured,
+                         "peak_rss_anon_bytes": anon, "peak_rss_bytes": summary["peak_rss_bytes"][step],
                          "peak_cuda_allocated_bytes": summary.get("peak_cuda_allocated_bytes", {}).get(step),
-                         "predicted_bytes": predicted, "predicted_over_measured": round(predicted / measured, 3),
+                         "predicted_bytes": predicted, "predicted_over_held": round(predicted / measured, 3),
                          "full_fp32_pipeline_bytes": full32["steps"][full_keys[step]][0] + RUNTIME_HOST_BYTES})
-        peak = max(r["peak_rss_bytes"] for r in rows)
+        peak = max(r["held_bytes"] for r in rows)
         result = {"shape": a.shape, "params": plan["params"], "model_bytes_bf16": model_bytes,
                   "importance_file_bytes": Path(summary["importance"]).stat().st_size,
                   "device": a.device, "lora_rank": a.lora_rank, "max_memory_gb": a.max_memory, "groups": groups,
@@ -165,21 +166,21 @@ def main(argv=None) -> int:
                   "wall_seconds": round(wall, 1), "steps": rows, "pipeline_peak_bytes": peak,
                   "pipeline_peak_over_model": round(peak / model_bytes, 2),
                   "full_fp32_peak_over_model": round(max(r["full_fp32_pipeline_bytes"] for r in rows) / model_bytes, 2)}
-        out = Path(a.out)
+        out = Path(a.out or HERE / "results" / f"scale-{a.device}-{a.shape}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        out.with_name(out.name + ".json").write_text(json.dumps(result, indent=2))
         lines = [f"{a.shape}: {plan['params'] / 1e9:.2f} B parameters, bf16 checkpoint {model_bytes / 1e9:.2f} GB, "
                  f"{a.device}, LoRA rank {a.lora_rank}, importance in {groups} group(s) under --max-memory {a.max_memory:g}",
-                 "", "| step | seconds | peak RSS GB | of it private (RssAnon) GB | plan GB (+runtime) | plan / measured RSS "
-                 "| full fp32 pipeline GB (plan) |", "|---|---|---|---|---|---|---|"]
+                 "", "| step | seconds | peak RssAnon GB | held GB (RssAnon + mapped weights) | peak RSS GB "
+                 "| plan GB (+runtime) | plan / held | full fp32 pipeline GB (plan) |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['step']} | {r['seconds']:.0f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
-                         f"{r['peak_rss_anon_bytes'] / 1e9:.2f} | "
-                         f"{r['predicted_bytes'] / 1e9:.2f} | {r['predicted_over_measured']:.2f} | "
+            lines.append(f"| {r['step']} | {r['seconds']:.0f} | {r['peak_rss_anon_bytes'] / 1e9:.2f} | "
+                         f"{r['held_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} | "
+                         f"{r['predicted_bytes'] / 1e9:.2f} | {r['predicted_over_held']:.2f} | "
                          f"{r['full_fp32_pipeline_bytes'] / 1e9:.1f} |")
         lines += ["", f"pipeline peak: {peak / 1e9:.2f} GB = {result['pipeline_peak_over_model']}x the bf16 model "
                       f"(target <= 2.5x); full fp32 pipeline: {result['full_fp32_peak_over_model']}x"]
-        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        out.with_name(out.name + ".md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         return 0
     finally:

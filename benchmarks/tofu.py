@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--lams", default=None, help="comma-separated λ grid")
     ap.add_argument("--keep-models", action="store_true", help="keep unlearned checkpoints (off: deleted after eval)")
+    ap.add_argument("--lora-rank", type=int, default=None,
+                    help="also unlearn with a LoRA θ_ft of this rank (lr 1e-3) beside the full one, same λ grid")
     a = ap.parse_args(argv)
 
     import torch
@@ -131,11 +133,19 @@ def main(argv=None) -> int:
     full, steps["θ_full fine-tune"] = cached(work / "theta_full", ft(base, retain + forget, size.full))
     retain_model, steps["retain model fine-tune"] = cached(work / "retain_model", ft(base, retain, size.full))
     theta_ft, steps["θ_ft fine-tune"] = cached(work / "theta_ft", ft(full, forget, size.forget_ft))
+    thetas = {"": (theta_ft, None)}
+    if a.lora_rank:
+        lora = dict(size.forget_ft, lr=1e-3, lora_rank=a.lora_rank)
+        adapter, steps["θ_ft (LoRA) fine-tune"] = cached(work / f"theta_ft_lora{a.lora_rank}", ft(full, forget, lora))
+        thetas[" (LoRA)"] = (adapter, adapter)
     importance = {}
-    for method in ("grad", "fisher"):
-        importance[method], steps[f"importance {method}"] = cached(
-            work / f"importance-{method}.safetensors",
-            lambda out, m=method: importance_file(full, forget, retain, out, m, 8, device=a.device))
+    for suffix, (_, adapter) in thetas.items():
+        for method in ("grad", "fisher"):
+            tag = f"{method}-lora{a.lora_rank}" if adapter else method
+            importance[method + suffix], steps[f"importance {method}{suffix}"] = cached(
+                work / f"importance-{tag}.safetensors",
+                lambda out, m=method, ad=adapter: importance_file(full, forget, retain, out, m, 8, device=a.device,
+                                                                   adapter=ad))
 
     def evaluate(name, folder, reference):
         path, steps[f"eval {name}"] = cached(work / "results" / f"{name}.json",
@@ -153,15 +163,18 @@ def main(argv=None) -> int:
 
     reference = evaluate("retain-model", retain_model, None)
     runs = [("θ_full", None, "theta_full", full, 0.0), ("retain model", None, "retain-model", retain_model, 0.0)]
-    for method, imp in (("TV", None), ("PerTA-grad", "grad"), ("PerTA-fisher", "fisher")):
-        for lam in size.lams:
-            name = f"{method}_lam{lam:g}"
-            folder, steps[f"merge {name}"] = unlearned(name, lambda o, imp=imp, lam=lam: merge(
-                full, theta_ft, o, importance[imp] if imp else None, MergeOptions("perta" if imp else "tv", lam),
-                progress=False))
-            # the whole cost of task arithmetic: θ_ft's fine-tuning, importance (PerTA), the merge
-            cost = steps["θ_ft fine-tune"] + (steps[f"importance {imp}"] if imp else 0.0) + steps[f"merge {name}"]
-            runs.append((method, lam, name, folder, cost))
+    for suffix, (tuned, _) in thetas.items():
+        for method, imp in (("TV", None), ("PerTA-grad", "grad"), ("PerTA-fisher", "fisher")):
+            for lam in size.lams:
+                name = f"{method}{suffix.replace(' (LoRA)', f'-lora{a.lora_rank}')}_lam{lam:g}"
+                key = imp + suffix if imp else None
+                folder, steps[f"merge {name}"] = unlearned(name, lambda o, key=key, lam=lam, tuned=tuned: merge(
+                    full, tuned, o, importance[key] if key else None, MergeOptions("perta" if key else "tv", lam),
+                    progress=False))
+                # the whole cost of task arithmetic: θ_ft's fine-tuning, importance (PerTA), the merge
+                cost = (steps[f"θ_ft{suffix} fine-tune"] + (steps[f"importance {key}"] if key else 0.0)
+                        + steps[f"merge {name}"])
+                runs.append((method + suffix, lam, name, folder, cost))
     for method in ("ga", "npo"):
         knobs = dict(size.baseline, method=method, device=a.device)
         folder, steps[method] = unlearned(method, lambda o, k=knobs: unlearn_by_training(
@@ -180,7 +193,7 @@ def main(argv=None) -> int:
         if folder.parent == work / "models" and not a.keep_models:
             shutil.rmtree(folder, ignore_errors=True)
 
-    stem = f"tofu-{a.size}-{a.forget}"
+    stem = f"tofu-{a.size}-{a.forget}" + (f"-lora{a.lora_rank}" if a.lora_rank else "")
     summary = {
         "command": "python benchmarks/tofu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": str(base), "device": a.device or ("cuda" if torch.cuda.is_available() else "cpu"),

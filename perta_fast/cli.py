@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs for θ_full (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument("--lora-rank", type=int, default=None, help="also unlearn with a LoRA θ_ft of this rank")
     p.add_argument("--overwrite", action="store_true")
     return ap
 
@@ -280,7 +281,10 @@ def _demo(a):
     import perta_fast as pf
     from .pipeline import DemoOptions
 
-    opts = DemoOptions(n_people=a.people, n_forget=a.forget_people, seed=a.seed, lam=a.lam, device=a.device)
+    if a.lora_rank is not None and a.lora_rank <= 0:
+        raise PertaError(f"--lora-rank must be a positive integer, got {a.lora_rank}")
+    opts = DemoOptions(n_people=a.people, n_forget=a.forget_people, seed=a.seed, lam=a.lam, device=a.device,
+                       lora_rank=a.lora_rank)
     if a.epochs:
         opts.full = replace(opts.full, epochs=a.epochs)
     s = pf.demo(a.out, opts, a.overwrite, a.model)
@@ -301,7 +305,7 @@ def _plan(a):
         raise PertaError(f"--lora-rank must be a positive integer, got {a.lora_rank}")
     memory = parse_gb(a.memory) if a.memory else None
     result = plan_steps(a.model, a.lora_rank, a.lora_targets, a.dtype, a.method, a.batch_size, a.max_length,
-                        a.gradient_checkpointing, memory_gb=memory)
+                        a.gradient_checkpointing, memory_gb=memory, device=a.device)
     print(format_plan(result, memory, a.device))
 
 

@@ -149,6 +149,17 @@ def adapter_targets(folder: str | Path, base_dir: str | Path) -> list[str]:
     return list(read_adapter(folder, Checkpoint(base_dir, allow_pickle=True)).targets)
 
 
+def task_vectors(folder: str | Path, base_dir: str | Path) -> dict[str, torch.Tensor]:
+    """τ of every targeted tensor, whole, in fp32: for in-memory work on small models (the λ sweep)."""
+    adapter = read_adapter(folder, Checkpoint(base_dir, allow_pickle=True))
+    out = {}
+    for name, terms in adapter.targets.items():
+        factors = [(f, *adapter.factors(f)) for f in terms]
+        rows, cols = factors[0][1].shape[0], factors[0][2].shape[1]
+        out[name] = delta_rows(factors, 0, rows, torch.empty(rows, cols))
+    return out
+
+
 def delta_rows(factors: list[tuple[Factor, torch.Tensor, torch.Tensor]], start: int, stop: int,
                out: torch.Tensor) -> torch.Tensor:
     """τ[start:stop] = Σ scale · L[start:stop] @ R, in fp32, written into `out` ((stop − start, in))."""

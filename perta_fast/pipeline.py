@@ -187,7 +187,8 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
 def lambda_sweep(full: Path, finetuned: Path, importance: dict[str, Path | None], lams, sets: dict,
                  device=None) -> dict:
     """Answer probability of θ_full − λ·(w ⊙ τ) over a λ grid for each method, merged in memory
-    (same formula as `merge`, without writing a checkpoint per point): {method: [{lam, set: prob}]}."""
+    (same formula as `merge`, without writing a checkpoint per point): {method: [{lam, set: prob}]}.
+    `finetuned` is a checkpoint or a LoRA adapter folder (τ = 0 outside its targets)."""
     import torch
     from tqdm import tqdm
 
@@ -198,19 +199,25 @@ def lambda_sweep(full: Path, finetuned: Path, importance: dict[str, Path | None]
 
     model, tok = load_model(full, device)
     params = dict(model.named_parameters())
-    base_ck, ft_ck = Checkpoint(full), Checkpoint(finetuned)
+    base_ck = Checkpoint(full)
     base = {n: base_ck.get(n) for n in params}
-    tuned = {n: ft_ck.get(n) for n in params}
+    if is_adapter(finetuned):
+        from .lora import task_vectors
+
+        tau = task_vectors(finetuned, full)
+    else:
+        ft_ck = Checkpoint(finetuned)
+        tau = {n: ft_ck.get(n).float() - base[n].float() for n in params}
     curves = {}
     with tqdm(total=len(importance) * len(lams), desc="λ sweep", unit="point") as bar:
         for method, imp_path in importance.items():
             imp = SafetensorsFile(imp_path) if imp_path else None
-            w = {n: ratio_weights(imp.get("forget/" + n), imp.get("retain/" + n)) if imp else None for n in params}
+            w = {n: ratio_weights(imp.get("forget/" + n), imp.get("retain/" + n)) if imp else None for n in tau}
             curves[method] = []
             for lam in lams:
                 with torch.no_grad():
                     for n, p in params.items():
-                        p.copy_(merge_tensor(base[n], tuned[n], w[n], lam))
+                        p.copy_(merge_tensor(base[n], tau[n], w[n], lam, delta=True) if n in tau else base[n])
                 point = {"lam": lam}
                 for name, rows in sets.items():
                     probs = answer_probabilities(model, tok, rows)
@@ -231,6 +238,8 @@ class DemoOptions:
     forget_ft: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(epochs=5, lr=3e-4, batch_size=8))
     batch_size: int = 8
     device: str | None = None
+    lora_rank: int | None = None  # also unlearn with a LoRA θ_ft of this rank, beside the full one
+    forget_lora: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(epochs=5, lr=1e-3, batch_size=8))
 
 
 def _plot(results: dict, curves: dict, path: Path) -> bool:
@@ -295,20 +304,28 @@ def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, ove
         full, ft = work / "theta_full", work / "theta_ft"
         finetune(base, forget + retain, full, replace(opts.full, device=opts.device))
         finetune(full, forget, ft, replace(opts.forget_ft, device=opts.device))
+        thetas = {"": (ft, None)}
+        if opts.lora_rank:
+            adapter = work / "theta_ft_lora"
+            finetune(full, forget, adapter, replace(opts.forget_lora, lora_rank=opts.lora_rank, device=opts.device))
+            thetas[" (LoRA)"] = (adapter, adapter)
         models = {"base": base, "θ_full": full}
-        for method in ("grad", "fisher"):
-            importance_file(full, forget, retain, work / f"importance-{method}.safetensors", method, opts.batch_size,
-                            device=opts.device)
-        for label, method, imp in (("TV", "tv", None), ("PerTA-grad", "perta", "grad"), ("PerTA-fisher", "perta", "fisher")):
-            folder = work / f"unlearned-{label.lower()}"
-            merge(full, ft, folder, work / f"importance-{imp}.safetensors" if imp else None,
-                  MergeOptions(method, opts.lam))
-            models[label] = folder
         sets = {"forget": forget, "retain": retain}
+        curves = {}
+        for suffix, (theta_ft, adapter) in thetas.items():
+            tag = suffix.strip(" ()").lower()
+            imps = {"TV": None}
+            for method in ("grad", "fisher"):
+                imps[f"PerTA-{method}"] = work / f"importance-{method}{'-' + tag if tag else ''}.safetensors"
+                importance_file(full, forget, retain, imps[f"PerTA-{method}"], method, opts.batch_size,
+                                device=opts.device, adapter=adapter)
+            for label, imp in imps.items():
+                folder = work / f"unlearned-{label.lower()}{'-' + tag if tag else ''}"
+                merge(full, theta_ft, folder, imp, MergeOptions("tv" if imp is None else "perta", opts.lam))
+                models[label + suffix] = folder
+            curves.update({k + suffix: v for k, v in lambda_sweep(full, theta_ft, imps, opts.sweep, sets,
+                                                                  opts.device).items()})
         results = evaluate_models(models, sets, opts.device)
-        curves = lambda_sweep(full, ft, {"TV": None, "PerTA-grad": work / "importance-grad.safetensors",
-                                         "PerTA-fisher": work / "importance-fisher.safetensors"},
-                              opts.sweep, sets, opts.device)
         table = format_table(results)
         sample = {"question": forget[0].question, "reference": forget[0].answer,
                   "answers": {m: r["forget"]["generations"][0] for m, r in results.items()}}

@@ -7,7 +7,8 @@ Bytes per parameter P (b = bytes of the compute dtype), plus activations per tok
   importance        weights b·P + one fp32 accumulator 4·P_t per parameter group (the forget scores
                     are spilled to disk before the retain pass), P_t = the scored parameters (all, or an
                     adapter's targets); grad also frees each gradient as it lands
-  merge             two of the largest tensor (output buffer + one fp32 operand) + a 16 MiB LoRA block
+  merge             the largest tensor's output buffer (inputs are mapped files) + a 16 MiB LoRA block;
+                    on a GPU also that tensor's inputs copied there
   eval              weights b·P + KV cache + logits
 
 Activations are counted from the tensors autograd saves in a Llama-style decoder layer, per token:
@@ -120,9 +121,22 @@ def activations(s: Shapes, tokens: int, b: int, checkpointing: bool, lora_target
     return s.layers * per_token * tokens
 
 
+def importance_working_bytes(s: Shapes, batch_size: int, max_length: int, b: int, method: str,
+                             checkpointing: bool, widest_scored: int) -> int:
+    """What an importance pass adds besides weights and accumulators: activations, the loss's logits and,
+    for the exact Fisher, the torch path's per-sample gradients of the widest scored weight, a chunk at
+    a time."""
+    tokens = batch_size * max_length
+    working = activations(s, tokens, b, checkpointing) + logits_bytes(s, tokens, b, True)
+    if method == "fisher":
+        working += 4 * widest_scored * max(1, min(batch_size, CHUNK_ELEMENTS // widest_scored))
+    return working
+
+
 def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targets: str = "all-linear",
                dtype: str = "auto", method: str = "fisher", batch_size: int = 8, max_length: int = 256,
-               checkpointing: bool = False, groups: int = 1, memory_gb: float | None = None) -> dict:
+               checkpointing: bool = False, groups: int = 1, memory_gb: float | None = None,
+               device: str = "cpu") -> dict:
     """{"steps": {step: (bytes, formula)}, ...}: each step's peak memory, without the runtime's own.
     With `memory_gb`, importance is split into as many parameter groups as that budget needs
     (`importance --max-memory`), and "groups" says how many."""
@@ -146,18 +160,21 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
         steps["finetune (LoRA)"] = (weights + adapter + activations(s, tokens, b, checkpointing, targets) + loss,
                                     f"weights {b}·P + adapter 16·P_lora + activations + logits")
         scored = s.targeted_params(targets)
-    working = weights + activations(s, tokens, b, checkpointing) + loss
-    if method == "fisher":  # the torch path's per-sample gradients of the widest weight, a chunk at a time
-        widest = max(s.vocab * s.hidden, s.largest_tensor())
-        working += 4 * widest * max(1, min(batch_size, CHUNK_ELEMENTS // widest))
+    # the largest tensor importance scores and the merge computes: with LoRA only the targeted Linears
+    widest = max(i * o for n, (i, o) in s.linears().items() if targets is None or n in targets) \
+        if lora_rank else s.largest_tensor()
+    working = weights + importance_working_bytes(s, batch_size, max_length, b, method, checkpointing, widest)
     if memory_gb is not None:  # as many groups as the budget needs, as importance --max-memory chooses
         room = memory_gb * GB - RUNTIME_HOST_BYTES - working
-        groups = math.ceil(4 * scored / room) if room >= 4 * s.largest_tensor() else 1
+        groups = math.ceil(4 * scored / room) if room >= 4 * widest else 1
     steps[f"importance ({method})"] = (working + 4 * math.ceil(scored / max(1, groups)),
                                        f"weights {b}·P + activations + logits + fp32 accumulator 4·P_t"
                                        + (f" in {groups} groups (--max-memory)" if groups > 1 else "")
                                        + (" + per-sample chunk" if method == "fisher" else ""))
-    steps["merge"] = (2 * 4 * s.largest_tensor() + LORA_BLOCK_BYTES, "two of the largest tensor + a LoRA block")
+    if device == "cuda":  # the output buffer, and each input copied to the GPU (fp32 scores or a LoRA block)
+        steps["merge"] = ((2 * b + 8) * widest + LORA_BLOCK_BYTES, "output + inputs of the largest tensor on the GPU")
+    else:  # inputs are read from the mapped files; only the output buffer is held
+        steps["merge"] = (b * widest + LORA_BLOCK_BYTES, "output buffer of the largest tensor + a LoRA block")
     kv_cache = 2 * s.layers * tokens * s.kv_heads * s.head_dim * b
     steps["eval"] = (weights + kv_cache + logits_bytes(s, tokens, b, False), f"weights {b}·P + KV cache + logits")
     steps = {k: (int(v), d) for k, (v, d) in steps.items()}

@@ -117,18 +117,22 @@ def test_console_script_exit_code_and_one_line_error(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "x: checkpoint folder not found" in r.stderr
 
 
-def test_demo_pipeline_on_the_tiny_model(tmp_path, tiny_dir, capsys):
+@pytest.mark.parametrize("lora", [False, True])
+def test_demo_pipeline_on_the_tiny_model(tmp_path, tiny_dir, capsys, lora):
     """The demo's code path (not its quality, which needs the real model) end to end."""
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(tiny_dir), "--out", str(out), "--people", "3", "--forget-people", "1",
-                 "--epochs", "1"]) == 0
+                 "--epochs", "1"] + (["--lora-rank", "4"] if lora else [])) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert set(results["results"]) == {"base", "θ_full", "TV", "PerTA-grad", "PerTA-fisher"}
+    methods = ["TV", "PerTA-grad", "PerTA-fisher"] + (["TV (LoRA)", "PerTA-grad (LoRA)", "PerTA-fisher (LoRA)"]
+                                                      if lora else [])
+    assert set(results["results"]) == {"base", "θ_full", *methods}
     assert [p["lam"] for p in results["sweep"]["TV"]] == [0.25, 0.5, 1.0, 2.0, 4.0]
     assert results["n_forget_rows"] == 4 and results["n_retain_rows"] == 8
-    # the in-memory λ=1 point of the sweep equals the streamed λ=1 merge evaluated from disk
-    for method in ("TV", "PerTA-grad", "PerTA-fisher"):
+    # the in-memory λ=1 point of the sweep equals the streamed λ=1 merge evaluated from disk (for LoRA:
+    # τ formed whole in memory vs block by block in the merge kernels)
+    for method in methods:
         at_one = next(p for p in results["sweep"][method] if p["lam"] == 1.0)
         assert abs(at_one["forget"] - results["results"][method]["forget"]["answer_prob"]) < 1e-5
     assert (out / "demo.png").stat().st_size > 10_000 and "PerTA-fisher" in printed
