@@ -22,7 +22,7 @@ from . import __version__
 from .data import QA, batches, data_hash, encode, logits_of, pad_id, per_sample_loss
 from .errors import PertaError
 from .io import Checkpoint, SafetensorsWriter, atomic_file, check_output_path
-from .ops import CHUNK_ELEMENTS, accumulate_, add_squares_, linear_fisher_
+from .ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
 
 METHODS = ("grad", "fisher")
 
@@ -209,15 +209,19 @@ class _ExactFisher:
             x, g = lin
             b_total = x.shape[0]
             x = x.reshape(b_total, -1, x.shape[-1]).float()
-            g = g.reshape(b_total, -1, g.shape[-1]).float()
-            chunk = max(1, CHUNK_ELEMENTS // (vocab * dim))
-            for s in range(0, b_total, chunk):
-                per_sample = torch.bmm(g[s:s + chunk].transpose(1, 2), x[s:s + chunk])
-                flat = per_sample.view(-1, dim)
-                offsets = torch.arange(per_sample.shape[0], device=ids.device).unsqueeze(1) * vocab
-                flat.index_add_(0, (ids[s:s + chunk] + offsets).reshape(-1),
-                                g_emb[s:s + chunk].reshape(-1, dim))
-                add_squares_(self.acc[self.name_of[id(module.weight)]], per_sample)
+            g = g.reshape(b_total, -1, g.shape[-1])
+            acc = self.acc[self.name_of[wid]]
+            # per-sample gradients of a block of vocabulary rows at a time (lm_head part), plus the
+            # embedding's gradient for the sample's tokens that fall in that block, summed then squared
+            for v0, v1, chunk in per_sample_tiles(vocab, dim, b_total):
+                for s in range(0, b_total, chunk):
+                    per_sample = torch.bmm(g[s:s + chunk, :, v0:v1].float().transpose(1, 2), x[s:s + chunk])
+                    tokens = ids[s:s + chunk]
+                    inside = (tokens >= v0) & (tokens < v1)
+                    sample = torch.arange(tokens.shape[0], device=ids.device).unsqueeze(1).expand_as(tokens)
+                    per_sample.view(-1, dim).index_add_(0, (sample * (v1 - v0) + tokens - v0)[inside],
+                                                        g_emb[s:s + chunk][inside])
+                    add_squares_(acc[v0:v1], per_sample)
         if self.tied_linear:
             raise RuntimeError("a tied Linear weight saw no embedding gradient")
         self.embedded.clear()
@@ -405,7 +409,7 @@ def _in_use(model) -> int:
     return held + weights if held < weights else held
 
 
-def accumulator_budget(model, model_dir, max_memory_gb: float | None, largest: int, batch_size: int,
+def accumulator_budget(model, model_dir, max_memory_gb: float | None, widest: tuple[int, int], batch_size: int,
                        max_length: int, method: str, checkpointing: bool) -> float | None:
     """Bytes the accumulators of one group may take: the budget less what the process holds now (runtime
     and weights, measured) and the activations and logits a batch will add (perta_fast.plan's formulas)."""
@@ -417,8 +421,9 @@ def accumulator_budget(model, model_dir, max_memory_gb: float | None, largest: i
     shapes = Shapes.from_config(model.config.to_dict(), Path(model_dir) / "config.json")
     # the working set is an estimate, measured within 25 % (tests/test_plan.py): keep that much in reserve
     fixed = _in_use(model) + 1.25 * importance_working_bytes(shapes, batch_size, max_length, b, method,
-                                                             checkpointing, largest)
+                                                             checkpointing, widest)
     budget = max_memory_gb * 1e9 - fixed
+    largest = widest[0] * widest[1]
     if budget < 4 * largest:
         need = (fixed + 4 * largest) / 1e9
         raise PertaError(f"--max-memory {max_memory_gb:g} GB is too small: the model, activations and one "
@@ -461,8 +466,10 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
                                               gradient_checkpointing, adapter)
     params = _unique_params(model, names)
     sizes = {n: p.numel() for n, p in params.items()}
-    budget = group_bytes or accumulator_budget(model, model_dir, max_memory, max(sizes.values()), batch_size,
-                                               max_length, method, gradient_checkpointing)
+    widest = max((tuple(p.shape) for p in params.values() if p.dim() == 2), key=lambda s: s[0] * s[1],
+                  default=(max(sizes.values()), 1))
+    budget = group_bytes or accumulator_budget(model, model_dir, max_memory, widest, batch_size, max_length, method,
+                                               gradient_checkpointing)
     groups = parameter_groups(sizes, budget)
     if progress or max_memory is not None:
         largest = max(4 * sum(sizes[n] for n in g) for g in groups) / 1e9

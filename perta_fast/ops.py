@@ -254,11 +254,22 @@ def linear_fisher_(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch
         from .kernels.fisher import per_sample_sq_
 
         return per_sample_sq_(acc, x, g)
-    x, g = x.float(), g.float()
-    chunk = max(1, CHUNK_ELEMENTS // max(1, n_out * n_in))
-    for s in range(0, b, chunk):
-        add_squares_(acc, torch.bmm(g[s:s + chunk].transpose(1, 2), x[s:s + chunk]))
+    x = x.float()
+    for o0, o1, chunk in per_sample_tiles(n_out, n_in, b):
+        for s in range(0, b, chunk):
+            g_tile = g[s:s + chunk, :, o0:o1].float()
+            add_squares_(acc[o0:o1], torch.bmm(g_tile.transpose(1, 2), x[s:s + chunk]))
     return acc
+
+
+def per_sample_tiles(n_rows: int, n_cols: int, batch: int):
+    """(row start, row stop, samples at once) so that a chunk of per-sample gradients, samples × rows ×
+    n_cols, never exceeds CHUNK_ELEMENTS, however large the layer: rows are tiled when one sample's
+    whole gradient would not fit."""
+    rows = min(n_rows, max(1, CHUNK_ELEMENTS // max(1, n_cols)))
+    chunk = max(1, min(batch, CHUNK_ELEMENTS // max(1, rows * n_cols)))
+    for r0 in range(0, n_rows, rows):
+        yield r0, min(n_rows, r0 + rows), chunk
 
 
 def add_squares_(acc: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:

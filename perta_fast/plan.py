@@ -122,14 +122,16 @@ def activations(s: Shapes, tokens: int, b: int, checkpointing: bool, lora_target
 
 
 def importance_working_bytes(s: Shapes, batch_size: int, max_length: int, b: int, method: str,
-                             checkpointing: bool, widest_scored: int) -> int:
+                             checkpointing: bool, widest_scored: tuple[int, int]) -> int:
     """What an importance pass adds besides weights and accumulators: activations, the loss's logits and,
-    for the exact Fisher, the torch path's per-sample gradients of the widest scored weight, a chunk at
-    a time."""
+    for the exact Fisher, the torch path's chunk of per-sample gradients (at most CHUNK_ELEMENTS fp32
+    values, rows tiled however wide the layer: perta_fast.ops.per_sample_tiles)."""
     tokens = batch_size * max_length
     working = activations(s, tokens, b, checkpointing) + logits_bytes(s, tokens, b, True)
-    if method == "fisher":
-        working += 4 * widest_scored * max(1, min(batch_size, CHUNK_ELEMENTS // widest_scored))
+    if method == "fisher":  # the chunk perta_fast.ops.per_sample_tiles picks for the widest (rows, cols)
+        n_rows, n_cols = widest_scored
+        rows = min(n_rows, max(1, CHUNK_ELEMENTS // n_cols))
+        working += 4 * rows * n_cols * max(1, min(batch_size, CHUNK_ELEMENTS // (rows * n_cols)))
     return working
 
 
@@ -160,10 +162,15 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
         steps["finetune (LoRA)"] = (weights + adapter + activations(s, tokens, b, checkpointing, targets) + loss,
                                     f"weights {b}·P + adapter 16·P_lora + activations + logits")
         scored = s.targeted_params(targets)
-    # the largest tensor importance scores and the merge computes: with LoRA only the targeted Linears
-    widest = max(i * o for n, (i, o) in s.linears().items() if targets is None or n in targets) \
-        if lora_rank else s.largest_tensor()
-    working = weights + importance_working_bytes(s, batch_size, max_length, b, method, checkpointing, widest)
+    # the largest tensor importance scores and the merge computes, (rows, cols): with LoRA only the
+    # targeted Linears
+    shapes = [(o, i) for n, (i, o) in s.linears().items() if not lora_rank or targets is None or n in targets]
+    if not lora_rank:
+        shapes.append((s.vocab, s.hidden))
+    widest_shape = max(shapes, key=lambda rc: rc[0] * rc[1])
+    widest = widest_shape[0] * widest_shape[1]
+    working = weights + importance_working_bytes(s, batch_size, max_length, b, method, checkpointing,
+                                                 widest_shape)
     if memory_gb is not None:  # as many groups as the budget needs, as importance --max-memory chooses
         room = memory_gb * GB - RUNTIME_HOST_BYTES - working
         groups = math.ceil(4 * scored / room) if room >= 4 * widest else 1
