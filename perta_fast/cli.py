@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", choices=["scores", "weights"], default="scores",
                    help="scores: forget/ and retain/ fp32 scores (8 bytes per parameter); weights: the ratio w itself")
     p.add_argument("--weight-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of w with --write weights")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="save the accumulators and the data position every N batches (beside --out)")
+    p.add_argument("--resume", action="store_true", help="continue the run checkpointed beside --out")
     _add_merge_knobs(p, lam=False)
     _add_common(p)
     p.add_argument("--overwrite", action="store_true")
@@ -217,7 +220,7 @@ def _importance(a):
                               a.max_length, a.max_samples, a.device, a.overwrite, dtype=a.dtype,
                               gradient_checkpointing=a.gradient_checkpointing, adapter=a.adapter,
                               max_memory=a.max_memory, write=a.write, weight_dtype=a.weight_dtype, alpha=a.alpha,
-                              power=a.power, eps=a.eps)
+                              power=a.power, eps=a.eps, checkpoint_every=a.checkpoint_every, resume=a.resume)
     print(f"wrote {a.out} ({a.method}, {meta['n_forget']} forget / {meta['n_retain']} retain rows, {meta['seconds']} s)")
 
 

@@ -8,7 +8,11 @@ All weights are frozen so autograd skips their (batched) weight gradients entire
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +25,7 @@ from torch import nn
 from . import __version__
 from .data import QA, batches, data_hash, encode, logits_of, pad_id, per_sample_loss
 from .errors import PertaError
-from .io import Checkpoint, SafetensorsWriter, atomic_file, check_output_path
+from .io import Checkpoint, SafetensorsFile, SafetensorsWriter, _umask_mode, atomic_file, check_output_path, read_json
 from .ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
 
 METHODS = ("grad", "fisher")
@@ -274,9 +278,11 @@ class _MeanGradient:
 
 def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_size: int = 8,
                         max_length: int = 256, progress: bool = True, desc: str = "importance",
-                        names=None) -> dict[str, torch.Tensor]:
+                        names=None, start: tuple[dict, int] | None = None, on_batch=None) -> dict[str, torch.Tensor]:
     """Per-parameter scores (fp32, on CPU) of `model` on `rows`: grad = |∇L_set|, fisher = mean_i (∇L_i)².
-    `names`: only these parameters (None: all)."""
+    `names`: only these parameters (None: all). `start` = (accumulators, batches done) continues a run
+    checkpointed by `on_batch(batches done, accumulators)`, which is called after every batch: the
+    same batches in the same order, so the result is bit-identical to an uninterrupted run on the CPU."""
     from tqdm import tqdm
 
     if method not in METHODS:
@@ -288,11 +294,19 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
     was_training = model.training
     model.eval()
     acc = _ExactFisher(model, names) if method == "fisher" else _MeanGradient(model, len(encoded), names)
+    done = 0
+    if start is not None:
+        initial, done = start
+        for n, t in initial.items():
+            acc.acc[n].copy_(t)
     try:  # checkpointing's recompute must run each layer to its end, so every hook sees its input
         with torch.utils.checkpoint.set_checkpoint_early_stop(False), \
                 tqdm(total=len(encoded), desc=desc, unit="sample", disable=not progress) as bar:
-            for ids, mask, labels in batches(encoded, batch_size, pad_id(tokenizer)):
-                acc.step(ids.to(device), mask.to(device), labels.to(device))
+            for i, (ids, mask, labels) in enumerate(batches(encoded, batch_size, pad_id(tokenizer))):
+                if i >= done:
+                    acc.step(ids.to(device), mask.to(device), labels.to(device))
+                    if on_batch is not None:
+                        on_batch(i + 1, acc.acc)
                 bar.update(ids.shape[0])
     finally:
         acc.close()
@@ -431,26 +445,85 @@ def accumulator_budget(model, model_dir, max_memory_gb: float | None, widest: tu
     return budget
 
 
+class _RunState:
+    """An importance run's working folder beside its output (.OUT.resume/): the partly written output,
+    the spilled forget scores, and, with checkpoints, the accumulators and where the run stands, so that
+    `--resume` continues a killed run. Every file in it is replaced atomically."""
+
+    def __init__(self, out: Path, fingerprint: dict, every: int | None, resume: bool):
+        self.dir = out.parent / f".{out.name}.resume"
+        self.every, self.saved = every, 0
+        self.partial, self.acc_file = self.dir / "partial.safetensors", self.dir / "acc.safetensors"
+        if resume:
+            if not (self.dir / "state.json").is_file():
+                raise PertaError(f"{self.dir}: --resume: no checkpoint here (run with --checkpoint-every N first)")
+            self.state = read_json(self.dir / "state.json")
+            saved = self.state.get("fingerprint", {})
+            differs = next((k for k in fingerprint if saved.get(k) != fingerprint[k]), None)
+            if differs is not None:
+                raise PertaError(f"{self.dir}: the checkpoint is from a run with other {differs} "
+                                 f"({saved.get(differs)!r}, now {fingerprint[differs]!r}); refused")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(parents=True)
+            self.state = {"fingerprint": fingerprint, "group": 0, "phase": "forget", "written": 0}
+            self.save_state()
+
+    def spill(self, g: int) -> Path:
+        return self.dir / f"forget-{g}.safetensors"
+
+    def save_state(self, **changes):
+        self.state.update(changes)
+        if self.every:
+            tmp = self.dir / "state.json.tmp"
+            tmp.write_text(json.dumps(self.state))
+            os.replace(tmp, self.dir / "state.json")
+
+    def start(self, g: int, phase: str):
+        """(accumulators, batches done) saved for this group and phase, if any."""
+        if not self.acc_file.is_file():
+            return None
+        f = SafetensorsFile(self.acc_file)
+        if f.metadata.get("group") != str(g) or f.metadata.get("phase") != phase:
+            return None
+        return {n: f.get(n).clone() for n in f.keys()}, int(f.metadata["batch"])
+
+    def on_batch(self, g: int, phase: str):
+        if not self.every:
+            return None
+
+        def save(done: int, acc: dict):
+            if done % self.every:
+                return
+            save_importance(acc, {"group": str(g), "phase": phase, "batch": str(done)}, self.acc_file,
+                            overwrite=True)
+            self.saved += 1
+            if os.environ.get("PERTA_FAST_KILL_AFTER_CHECKPOINT") == str(self.saved):  # fault injection (tests)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return save
+
+
 def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str | Path, method: str = "grad",
                     batch_size: int = 8, max_length: int = 256, max_samples: int | None = None,
                     device: str | None = None, overwrite: bool = False, progress: bool = True,
                     dtype: str | None = None, gradient_checkpointing: bool = False, adapter: str | Path | None = None,
                     max_memory: float | None = None, write: str = "scores", weight_dtype: str = "fp16",
-                    alpha: float = 1.0, power: float = 1.0, eps: float = 1e-16, group_bytes: int | None = None) -> dict:
+                    alpha: float = 1.0, power: float = 1.0, eps: float = 1e-16, group_bytes: int | None = None,
+                    checkpoint_every: int | None = None, resume: bool = False) -> dict:
     """Estimate and write an importance file, streamed: the output is checked before any work is done.
 
     Accumulators are fp32 and held one parameter group at a time (`max_memory` GB sets the groups; None:
-    one group). Each group's forget scores are spilled to a temporary file beside the output before its
-    retain pass, so the two sets' scores are never both in memory. `write="weights"` stores the ratio
-    weights w = s_f^p / (s_f^p + α·s_r^p + ε) in `weight_dtype` (2 bytes per parameter in fp16) instead
-    of both scores (8 bytes). `group_bytes` sets the accumulator bytes per group directly instead."""
-    import shutil
-    import tempfile
+    one group). Each group's forget scores are spilled to a file beside the output before its retain
+    pass, so the two sets' scores are never both in memory. `write="weights"` stores the ratio weights
+    w = s_f^p / (s_f^p + α·s_r^p + ε) in `weight_dtype` (2 bytes per parameter in fp16) instead of both
+    scores (8 bytes). `group_bytes` sets the accumulator bytes per group directly instead.
 
+    `checkpoint_every` N saves the accumulators and the data position every N batches (atomically, in
+    .OUT.resume/ beside the output); `resume` continues from there, refusing a checkpoint made with other
+    data, options or model. The resumed file equals an uninterrupted run's (bit-identical on the CPU)."""
     from tqdm import tqdm
 
     from .ops import ratio
-    from .io import SafetensorsFile
 
     if write not in ("scores", "weights"):
         raise PertaError(f"--write must be scores or weights, got {write!r}")
@@ -458,9 +531,14 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
         raise PertaError(f"--weight-dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
     if max_memory is not None and max_memory <= 0:
         raise PertaError(f"--max-memory must be a positive number of GB, got {max_memory:g}")
+    if checkpoint_every is not None and checkpoint_every <= 0:
+        raise PertaError(f"--checkpoint-every must be a positive number of batches, got {checkpoint_every}")
     out = Path(out)
     inputs = (model_dir,) + ((adapter,) if adapter else ())
     check_output_path(out, overwrite, inputs)
+    if resume and not (out.parent / f".{out.name}.resume" / "state.json").is_file():
+        raise PertaError(f"{out.parent / f'.{out.name}.resume'}: --resume: no checkpoint here "
+                         "(run with --checkpoint-every N first)")
     t0 = time.perf_counter()
     model, tok, forget, retain, names = _load(model_dir, forget, retain, max_samples, device, dtype,
                                               gradient_checkpointing, adapter)
@@ -483,34 +561,49 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
     meta_extra = {"groups": len(groups), "write": write}
     if write == "weights":
         meta_extra.update(alpha=alpha, power=power, eps=eps, weight_dtype=weight_dtype)
-    spill = Path(tempfile.mkdtemp(prefix=f".{out.name}.spill-", dir=out.parent if out.parent.exists() else None))
+    meta = _metadata(model, model_dir, forget, retain, method, batch_size, max_length, adapter, t0, **meta_extra)
+    del meta["seconds"]  # the header goes first: the duration is filled in at the end
+    fingerprint = {k: meta[k] for k in ("checkpoint", "forget_sha256", "retain_sha256", "method", "batch_size",
+                                        "max_length", "dtype", "adapter", "write")}
+    fingerprint.update(groups=hashlib.sha256(json.dumps(groups).encode()).hexdigest(),
+                       merge_knobs=json.dumps([alpha, power, eps, weight_dtype] if write == "weights" else None))
+    run = _RunState(out, fingerprint, checkpoint_every, resume)
     try:
-        with atomic_file(out, overwrite, inputs) as tmp:
-            meta = _metadata(model, model_dir, forget, retain, method, batch_size, max_length, adapter, t0, **meta_extra)
-            del meta["seconds"]  # the header goes first: the duration is filled in at the end
-            writer = SafetensorsWriter(tmp, layout, meta, reserve={"seconds": 16})
-            for g, group in enumerate(groups):
-                tag = f" [{g + 1}/{len(groups)}]" if len(groups) > 1 else ""
-                forget_scores = _checked(estimate_importance(model, tok, forget, method, batch_size, max_length,
-                                                             progress, f"{method} forget{tag}", group), "forget", model_dir)
-                spill_file = spill / f"forget-{g}.safetensors"
-                save_importance(forget_scores, {}, spill_file)
-                del forget_scores
-                retain_scores = _checked(estimate_importance(model, tok, retain, method, batch_size, max_length,
-                                                             progress, f"{method} retain{tag}", group), "retain", model_dir)
-                for n in group:
-                    # a copy, with the file closed again: a mapping kept open would keep every page of the
-                    # spill file read so far resident in this process
-                    s_f, s_r = SafetensorsFile(spill_file).get(n).clone(), retain_scores.pop(n)
-                    if write == "weights":
-                        writer.write(f"weight/{n}", ratio(s_f, s_r, alpha, power, eps, WEIGHT_DTYPES[weight_dtype]))
-                    else:
-                        writer.write(f"forget/{n}", s_f)
-                        writer.write(f"retain/{n}", s_r)
-                    del s_f, s_r
-                spill_file.unlink()
-            meta["seconds"] = f"{time.perf_counter() - t0:.2f}"
-            writer.close({"seconds": meta["seconds"]})
-    finally:
-        shutil.rmtree(spill, ignore_errors=True)
+        writer = SafetensorsWriter(run.partial, layout, meta, reserve={"seconds": 16}, done=run.state["written"])
+        for g, group in enumerate(groups):
+            if g < run.state["group"]:
+                continue
+            tag = f" [{g + 1}/{len(groups)}]" if len(groups) > 1 else ""
+            if run.state["phase"] == "forget":
+                scores = estimate_importance(model, tok, forget, method, batch_size, max_length, progress,
+                                             f"{method} forget{tag}", group, run.start(g, "forget"),
+                                             run.on_batch(g, "forget"))
+                save_importance(_checked(scores, "forget", model_dir), {}, run.spill(g), overwrite=True)
+                del scores
+                run.save_state(phase="retain")
+            retain_scores = _checked(estimate_importance(model, tok, retain, method, batch_size, max_length, progress,
+                                                         f"{method} retain{tag}", group, run.start(g, "retain"),
+                                                         run.on_batch(g, "retain")), "retain", model_dir)
+            for n in group:
+                # a copy, with the file closed again: a mapping kept open would keep every page of the
+                # spill file read so far resident in this process
+                s_f, s_r = SafetensorsFile(run.spill(g)).get(n).clone(), retain_scores.pop(n)
+                if write == "weights":
+                    writer.write(f"weight/{n}", ratio(s_f, s_r, alpha, power, eps, WEIGHT_DTYPES[weight_dtype]))
+                else:
+                    writer.write(f"forget/{n}", s_f)
+                    writer.write(f"retain/{n}", s_r)
+                del s_f, s_r
+            writer.flush()
+            run.save_state(group=g + 1, phase="forget", written=writer.written)
+            run.spill(g).unlink()
+        meta["seconds"] = f"{time.perf_counter() - t0:.2f}"
+        writer.close({"seconds": meta["seconds"]})
+        os.chmod(run.partial, _umask_mode(0o666))
+        os.replace(run.partial, out)
+    except BaseException as e:
+        if not (checkpoint_every and isinstance(e, (KeyboardInterrupt, OSError))):
+            shutil.rmtree(run.dir, ignore_errors=True)  # nothing to resume from: leave nothing behind
+        raise
+    shutil.rmtree(run.dir, ignore_errors=True)
     return meta

@@ -205,8 +205,10 @@ class SafetensorsWriter:
     are appended as it is produced."""
 
     def __init__(self, path: Path, layout: list[tuple[str, tuple, torch.dtype]], metadata: dict | None = None,
-                 reserve: dict[str, int] | None = None):
-        """`reserve` {key: width}: metadata values only known at the end (a duration), written by `close`."""
+                 reserve: dict[str, int] | None = None, done: int = 0):
+        """`reserve` {key: width}: metadata values only known at the end (a duration), written by `close`.
+        `done` > 0 continues a file whose first `done` tensors were written (and flushed) by an earlier
+        writer with the same layout and metadata: whatever was appended after them is cut off."""
         self.path = Path(path)
         self.reserve = reserve or {}
         metadata = {**(metadata or {}), **{k: " " * w for k, w in self.reserve.items()}}
@@ -220,9 +222,27 @@ class SafetensorsWriter:
         blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
         slot = {k: f'{json.dumps(k)}:"{" " * w}"'.encode() for k, w in self.reserve.items()}
         self._slots = {k: 8 + blob.index(slot[k]) + len(json.dumps(k)) + 2 for k in self.reserve}
-        self._file = open(self.path, "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
-        self._pos = 0
+        head = struct.pack("<Q", len(blob)) + blob
+        if done:
+            self._file = open(self.path, "r+b")
+            if self._file.read(len(head)) != head:
+                self._file.close()
+                raise PertaError(f"{self.path}: partial file has another layout or metadata; cannot continue it")
+            self._file.seek(len(head) + sum(e[3] for e in self.entries[:done]))
+            self._file.truncate()
+        else:
+            self._file = open(self.path, "wb")
+            self._file.write(head)
+        self._pos = done
+
+    @property
+    def written(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        """Make what was written so far durable (a later writer may continue from here)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         exp_name, shape, dtype, nbytes = self.entries[self._pos]

@@ -86,3 +86,67 @@ def test_max_memory_says_what_it_chose(tmp_path, tiny_dir, facts, capsys):
         importance_file(tiny_dir, forget, retain, tmp_path / "b.safetensors", "grad", 4, progress=False,
                         max_memory=tight_gb - 0.2)
     assert "parameter group(s)" in capsys.readouterr().err
+
+
+def _cli_importance(tmp_path, tiny_dir, extra, env=None):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "perta_fast", "importance", "--model", str(tiny_dir), "--forget",
+           str(tmp_path / "f.json"), "--retain", str(tmp_path / "r.json"), "--method", "fisher", "--batch-size", "2",
+           "--out", str(tmp_path / "imp.safetensors")] + extra
+    return subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
+
+
+def _grouped_run(tmp_path, tiny_dir, resume, env=None):
+    """importance_file in a real subprocess, parameters in many groups, a checkpoint after every batch."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from perta_fast.data import load_qa; from perta_fast.importance import importance_file; "
+            f"importance_file({str(tiny_dir)!r}, load_qa({str(tmp_path / 'f.json')!r}), "
+            f"load_qa({str(tmp_path / 'r.json')!r}), {str(tmp_path / 'imp.safetensors')!r}, 'fisher', 2, "
+            f"progress=False, group_bytes=4 * 3000, checkpoint_every=1, resume={resume})")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
+
+
+# 3 batches per set: checkpoint 2 falls in group 1's forget pass, 5 in its retain pass, 8 in group 2's
+@pytest.mark.parametrize("kill_after", [2, 5, 8])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_dir, facts, kill_after):
+    forget, retain = facts[0][:6], facts[1][:6]
+    (tmp_path / "f.json").write_text(json.dumps([r.__dict__ for r in forget]))
+    (tmp_path / "r.json").write_text(json.dumps([r.__dict__ for r in retain]))
+    want, _ = compute_importance(tiny_dir, forget, retain, "fisher", batch_size=2, progress=False)
+    killed = _grouped_run(tmp_path, tiny_dir, False, {"PERTA_FAST_KILL_AFTER_CHECKPOINT": str(kill_after)})
+    assert killed.returncode == -9, killed.stderr  # a real SIGKILL, mid-run
+    assert not (tmp_path / "imp.safetensors").exists()
+    assert (tmp_path / ".imp.safetensors.resume" / "state.json").is_file()
+    resumed = _grouped_run(tmp_path, tiny_dir, True)
+    assert resumed.returncode == 0, resumed.stderr
+    got, meta = read(tmp_path / "imp.safetensors")
+    assert int(meta["groups"]) > 2
+    assert set(got) == set(want)
+    for k in want:  # same batches, same order of accumulation: bit-identical on CPU
+        assert torch.equal(got[k], want[k]), k
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "imp.safetensors", "r.json"]
+
+
+def test_resume_refuses_other_data_and_a_missing_checkpoint(tmp_path, tiny_dir, facts):
+    (tmp_path / "f.json").write_text(json.dumps([r.__dict__ for r in facts[0][:4]]))
+    (tmp_path / "r.json").write_text(json.dumps([r.__dict__ for r in facts[1][:4]]))
+    none = _cli_importance(tmp_path, tiny_dir, ["--resume"])
+    assert none.returncode == 2 and "--resume: no checkpoint here" in none.stderr
+    assert len(none.stderr.strip().splitlines()) == 1
+    killed = _cli_importance(tmp_path, tiny_dir, ["--checkpoint-every", "1"], {"PERTA_FAST_KILL_AFTER_CHECKPOINT": "1"})
+    assert killed.returncode == -9
+    (tmp_path / "r.json").write_text(json.dumps([r.__dict__ for r in facts[1][:5]]))  # other retain data
+    other = _cli_importance(tmp_path, tiny_dir, ["--checkpoint-every", "1", "--resume"])
+    assert other.returncode == 2 and "other retain_sha256" in other.stderr, other.stderr
+    (tmp_path / "r.json").write_text(json.dumps([r.__dict__ for r in facts[1][:4]]))
+    other = _cli_importance(tmp_path, tiny_dir, ["--checkpoint-every", "1", "--resume", "--batch-size", "3"])
+    assert other.returncode == 2 and "other batch_size" in other.stderr
+    assert not (tmp_path / "imp.safetensors").exists()
