@@ -23,6 +23,12 @@ def _add_common(p, batch=8, checkpointing=True):
                        help="recompute each layer in backward instead of keeping its activations")
 
 
+def _add_resume(p, unit):
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help=f"save the run's state every N {unit}, atomically, beside --out")
+    p.add_argument("--resume", action="store_true", help="continue the run checkpointed beside --out")
+
+
 def _add_lora(p):
     p.add_argument("--lora-rank", type=int, default=None, help="train θ_ft as a LoRA adapter of this rank (peft)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA α (default 2·rank)")
@@ -66,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_knobs(p, 3, 1e-4)
     _add_common(p)
     _add_lora(p)
+    _add_resume(p, "steps")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("importance", help="estimate parameter importance on the forget and retain sets")
@@ -82,9 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", choices=["scores", "weights"], default="scores",
                    help="scores: forget/ and retain/ fp32 scores (8 bytes per parameter); weights: the ratio w itself")
     p.add_argument("--weight-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of w with --write weights")
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
-                   help="save the accumulators and the data position every N batches (beside --out)")
-    p.add_argument("--resume", action="store_true", help="continue the run checkpointed beside --out")
+    _add_resume(p, "batches")
     _add_merge_knobs(p, lam=False)
     _add_common(p)
     p.add_argument("--overwrite", action="store_true")
@@ -208,7 +213,8 @@ def _convert_gguf(a):
 def _finetune(a):
     import perta_fast as pf
 
-    rec = pf.finetune(a.model, pf.load_qa(a.data), a.out, _finetune_opts(a), a.overwrite)
+    rec = pf.finetune(a.model, pf.load_qa(a.data), a.out, _finetune_opts(a), a.overwrite, a.checkpoint_every,
+                      a.resume)
     print(f"wrote {a.out} ({rec['kind']}, {rec['n_rows']} rows, final loss {rec['epoch_losses'][-1]:.4f}, "
           f"{rec['seconds']} s)")
 

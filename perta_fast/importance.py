@@ -299,6 +299,7 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
         initial, done = start
         for n, t in initial.items():
             acc.acc[n].copy_(t)
+        start = initial = None  # the saved accumulators' pages are not needed again
     try:  # checkpointing's recompute must run each layer to its end, so every hook sees its input
         with torch.utils.checkpoint.set_checkpoint_early_stop(False), \
                 tqdm(total=len(encoded), desc=desc, unit="sample", disable=not progress) as bar:
@@ -486,7 +487,7 @@ class _RunState:
         f = SafetensorsFile(self.acc_file)
         if f.metadata.get("group") != str(g) or f.metadata.get("phase") != phase:
             return None
-        return {n: f.get(n).clone() for n in f.keys()}, int(f.metadata["batch"])
+        return {n: f.get(n) for n in f.keys()}, int(f.metadata["batch"])  # mapped: copied in by the estimator
 
     def on_batch(self, g: int, phase: str):
         if not self.every:

@@ -10,7 +10,10 @@ one decoder layer's instead of all of them.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,9 +76,61 @@ def autocast(device, on: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
+class TrainCheckpoint:
+    """A fine-tuning run's state beside its output (.OUT.resume/): the trainable weights (all of them, or
+    the adapter's), AdamW's state, the data order's RNG state at the epoch's start and the position, saved
+    together atomically every `every` steps, so `resume` continues a killed run exactly."""
+
+    def __init__(self, out: Path, fingerprint: dict, every: int | None, resume: bool):
+        self.dir = Path(out).parent / f".{Path(out).name}.resume"
+        self.fingerprint, self.every, self.saved = fingerprint, every, 0
+        if resume:
+            state = self.dir / "checkpoint" / "state.json"
+            if not state.is_file():
+                raise PertaError(f"{self.dir}: --resume: no checkpoint here (run with --checkpoint-every N first)")
+            saved = json.loads(state.read_text())["fingerprint"]
+            differs = next((k for k in fingerprint if saved.get(k) != fingerprint[k]), None)
+            if differs is not None:
+                raise PertaError(f"{self.dir}: the checkpoint is from a run with other {differs} "
+                                 f"({saved.get(differs)!r}, now {fingerprint[differs]!r}); refused")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def load(self, model, optim) -> dict:
+        import torch
+        from safetensors.torch import load_file
+
+        folder = self.dir / "checkpoint"
+        weights = load_file(str(folder / "trainable.safetensors"))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(weights[n])
+        optim.load_state_dict(torch.load(folder / "optim.pt", weights_only=True))
+        return json.loads((folder / "state.json").read_text())
+
+    def save(self, model, optim, position: dict) -> None:
+        import torch
+
+        from .io import atomic_dir
+        from .importance import save_importance
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(self.dir / "checkpoint", overwrite=True) as tmp:
+            save_importance({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, {},
+                            tmp / "trainable.safetensors")
+            torch.save(optim.state_dict(), tmp / "optim.pt")
+            (tmp / "state.json").write_text(json.dumps({"fingerprint": self.fingerprint, **position}))
+        self.saved += 1
+        if os.environ.get("PERTA_FAST_KILL_AFTER_CHECKPOINT") == str(self.saved):  # fault injection (tests)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc: str = "finetune",
-                   source: str = "model") -> list[float]:
-    """AdamW on the set's loss (mean of per-sample answer losses); returns the mean loss of each epoch."""
+                   source: str = "model", checkpoint: TrainCheckpoint | None = None,
+                   resume: bool = False) -> list[float]:
+    """AdamW on the set's loss (mean of per-sample answer losses); returns the mean loss of each epoch.
+    With `checkpoint`, the state is saved every `checkpoint.every` steps; `resume` starts from it."""
     import torch
     from tqdm import tqdm
 
@@ -87,14 +142,23 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.lr,
                               weight_decay=opts.weight_decay)
     model.train()
-    epoch_losses = []
-    steps = opts.epochs * -(-len(encoded) // opts.batch_size)
-    with tqdm(total=steps, desc=desc, unit="step") as bar:
-        for _ in range(opts.epochs):
+    epoch_losses, first_epoch, first_step, resumed_total = [], 0, 0, 0.0
+    if resume:
+        pos = checkpoint.load(model, optim)
+        order_rng.setstate((pos["rng"][0], tuple(pos["rng"][1]), pos["rng"][2]))
+        epoch_losses, first_epoch, first_step, resumed_total = (pos["epoch_losses"], pos["epoch"], pos["step"],
+                                                                pos["total"])
+    per_epoch = -(-len(encoded) // opts.batch_size)
+    done = first_epoch * per_epoch + first_step
+    with tqdm(total=opts.epochs * per_epoch, initial=done, desc=desc, unit="step") as bar:
+        for epoch in range(first_epoch, opts.epochs):
+            rng_at_start = order_rng.getstate()
             order = list(range(len(encoded)))
             order_rng.shuffle(order)
-            total = 0.0
-            for ids, mask, labels in batches([encoded[i] for i in order], opts.batch_size, pad):
+            total = resumed_total if epoch == first_epoch else 0.0
+            for step, (ids, mask, labels) in enumerate(batches([encoded[i] for i in order], opts.batch_size, pad)):
+                if epoch == first_epoch and step < first_step:
+                    continue
                 ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
                 with autocast(device, opts.bf16_autocast):
                     # the logits are not kept beyond the loss (nor a KV cache): they are the largest activation
@@ -108,27 +172,41 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc
                 total += float(losses.detach().sum())
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                done += 1
+                if checkpoint is not None and checkpoint.every and done % checkpoint.every == 0:
+                    checkpoint.save(model, optim, {"epoch": epoch, "step": step + 1, "total": total,
+                                                   "epoch_losses": epoch_losses, "rng": rng_at_start})
             epoch_losses.append(total / len(encoded))
     model.eval()
     return epoch_losses
 
 
 def finetune(model_dir: str | Path, rows: list[QA], out: str | Path, options: FinetuneOptions | None = None,
-             overwrite: bool = False) -> dict:
-    """Fine-tune the checkpoint in `model_dir` on `rows`, writing a new checkpoint folder to `out`."""
+             overwrite: bool = False, checkpoint_every: int | None = None, resume: bool = False) -> dict:
+    """Fine-tune the checkpoint in `model_dir` on `rows`, writing a new checkpoint folder to `out` (or a
+    peft adapter folder). `checkpoint_every` N steps saves the run's state beside `out`; `resume` continues
+    a killed run from it and ends with the same weights as an uninterrupted run (same batches, same order)."""
     opts = options or FinetuneOptions()
     check_output_path(Path(out), overwrite, (model_dir,))  # refuse before training, not after
     if opts.lora_rank is not None:
         lora_config(opts)  # bad LoRA options fail before the model is loaded
+    if checkpoint_every is not None and checkpoint_every <= 0:
+        raise PertaError(f"--checkpoint-every must be a positive number of steps, got {checkpoint_every}")
+    fingerprint = {"base": str(Path(model_dir).resolve()), "data_sha256": data_hash(rows),
+                   "options": json.dumps(asdict(opts), sort_keys=True)}
+    checkpoint = TrainCheckpoint(Path(out), fingerprint, checkpoint_every, resume) \
+        if checkpoint_every or resume else None
     t0 = time.perf_counter()
     model, tok = load_model(model_dir, opts.device, opts.dtype, gradient_checkpointing=opts.gradient_checkpointing)
     if opts.lora_rank is not None:
         model = with_lora(model, opts, str(model_dir))
-    losses = train_in_place(model, tok, rows, opts, source=str(model_dir))
+    losses = train_in_place(model, tok, rows, opts, source=str(model_dir), checkpoint=checkpoint, resume=resume)
     record = {"base": str(Path(model_dir).resolve()), "n_rows": len(rows), "data_sha256": data_hash(rows),
               "options": asdict(opts), "epoch_losses": losses, "seconds": round(time.perf_counter() - t0, 2),
               "kind": "lora adapter" if opts.lora_rank is not None else "checkpoint"}
     save_model(model, tok, out, overwrite, inputs=(model_dir,),
                extra_files={"perta_finetune.json": json.dumps(record, indent=2)},
                tokenizer_files=opts.lora_rank is None)
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint.dir, ignore_errors=True)
     return record
