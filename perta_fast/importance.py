@@ -25,7 +25,8 @@ from torch import nn
 from . import __version__
 from .data import QA, batches, data_hash, encode, logits_of, pad_id, per_sample_loss
 from .errors import PertaError
-from .io import Checkpoint, SafetensorsFile, SafetensorsWriter, _umask_mode, atomic_file, check_output_path, read_json
+from .io import (Checkpoint, SafetensorsFile, SafetensorsWriter, _umask_mode, atomic_file, check_output_path,
+                 resume_state)
 from .ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
 
 METHODS = ("grad", "fisher")
@@ -456,14 +457,7 @@ class _RunState:
         self.every, self.saved = every, 0
         self.partial, self.acc_file = self.dir / "partial.safetensors", self.dir / "acc.safetensors"
         if resume:
-            if not (self.dir / "state.json").is_file():
-                raise PertaError(f"{self.dir}: --resume: no checkpoint here (run with --checkpoint-every N first)")
-            self.state = read_json(self.dir / "state.json")
-            saved = self.state.get("fingerprint", {})
-            differs = next((k for k in fingerprint if saved.get(k) != fingerprint[k]), None)
-            if differs is not None:
-                raise PertaError(f"{self.dir}: the checkpoint is from a run with other {differs} "
-                                 f"({saved.get(differs)!r}, now {fingerprint[differs]!r}); refused")
+            self.state = resume_state(self.dir, self.dir / "state.json", fingerprint)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir.mkdir(parents=True)

@@ -314,6 +314,20 @@ class ShardedWriter:
             json.dump({"metadata": {"total_size": self._total}, "weight_map": weight_map}, f, indent=2)
 
 
+def resume_state(folder: Path, state_file: Path, fingerprint: dict) -> dict:
+    """The saved state of a checkpointed run in `folder`, refused (naming what differs) unless it was
+    made with the same data, options and model, i.e. the same `fingerprint`."""
+    if not state_file.is_file():
+        raise PertaError(f"{folder}: --resume: no checkpoint here (run with --checkpoint-every N first)")
+    state = read_json(state_file)
+    saved = state.get("fingerprint", {})
+    differs = next((k for k in fingerprint if saved.get(k) != fingerprint[k]), None)
+    if differs is not None:
+        raise PertaError(f"{folder}: the checkpoint is from a run with other {differs} "
+                         f"({saved.get(differs)!r}, now {fingerprint[differs]!r}); refused")
+    return state
+
+
 def check_output_path(out: Path, overwrite: bool, inputs: tuple = ()) -> None:
     """Refuse an output that exists (unless overwrite) or that is, holds, or sits inside an input."""
     out = Path(out).resolve()

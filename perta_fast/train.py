@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .data import QA, batches, data_hash, encode, logits_of, pad_id, per_sample_loss
 from .errors import PertaError
-from .io import check_output_path
+from .io import check_output_path, resume_state
 from .models import load_model, save_model
 
 
@@ -85,14 +85,7 @@ class TrainCheckpoint:
         self.dir = Path(out).parent / f".{Path(out).name}.resume"
         self.fingerprint, self.every, self.saved = fingerprint, every, 0
         if resume:
-            state = self.dir / "checkpoint" / "state.json"
-            if not state.is_file():
-                raise PertaError(f"{self.dir}: --resume: no checkpoint here (run with --checkpoint-every N first)")
-            saved = json.loads(state.read_text())["fingerprint"]
-            differs = next((k for k in fingerprint if saved.get(k) != fingerprint[k]), None)
-            if differs is not None:
-                raise PertaError(f"{self.dir}: the checkpoint is from a run with other {differs} "
-                                 f"({saved.get(differs)!r}, now {fingerprint[differs]!r}); refused")
+            resume_state(self.dir, self.dir / "checkpoint" / "state.json", fingerprint)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
 
