@@ -300,7 +300,6 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
         initial, done = start
         for n, t in initial.items():
             acc.acc[n].copy_(t)
-        start = initial = None  # the saved accumulators' pages are not needed again
     try:  # checkpointing's recompute must run each layer to its end, so every hook sees its input
         with torch.utils.checkpoint.set_checkpoint_early_stop(False), \
                 tqdm(total=len(encoded), desc=desc, unit="sample", disable=not progress) as bar:
@@ -531,9 +530,8 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
     out = Path(out)
     inputs = (model_dir,) + ((adapter,) if adapter else ())
     check_output_path(out, overwrite, inputs)
-    if resume and not (out.parent / f".{out.name}.resume" / "state.json").is_file():
-        raise PertaError(f"{out.parent / f'.{out.name}.resume'}: --resume: no checkpoint here "
-                         "(run with --checkpoint-every N first)")
+    if resume:  # a missing checkpoint fails before the model is loaded; the fingerprint is checked after
+        resume_state(out.parent / f".{out.name}.resume", out.parent / f".{out.name}.resume" / "state.json", {})
     t0 = time.perf_counter()
     model, tok, forget, retain, names = _load(model_dir, forget, retain, max_samples, device, dtype,
                                               gradient_checkpointing, adapter)

@@ -41,9 +41,9 @@ def is_adapter(folder: str | Path) -> bool:
 class Factor:
     """One LoRA term of a stored tensor's τ: scale · L·R, L (out, r) and R (r, in) read lazily."""
     module: str
-    l_key: str
-    r_key: str
-    l_transposed: bool  # L is the stored factor transposed (Embedding / fan-in-fan-out)
+    a_key: str  # peft's A (r, in) or, for Embedding / fan-in-fan-out layers, the factor that becomes Lᵀ
+    b_key: str
+    transposed: bool  # L = Aᵀ, R = Bᵀ (Embedding / fan-in-fan-out) instead of L = B, R = A
     scale: float
 
 
@@ -54,11 +54,15 @@ class LoraAdapter:
     file: SafetensorsFile
     targets: dict[str, list[Factor]] = field(default_factory=dict)  # stored tensor name -> its LoRA terms
 
-    def factors(self, f: Factor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L, R) in fp32 on `device`: a few MB even for an 8B model's largest layer."""
-        a = self.file.get(f.l_key).to(device=device, dtype=torch.float32)
-        b = self.file.get(f.r_key).to(device=device, dtype=torch.float32)
-        return (a.t(), b.t()) if f.l_transposed else (b, a)
+    def stored(self, f: Factor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B as stored in the adapter file."""
+        return self.file.get(f.a_key), self.file.get(f.b_key)
+
+    @staticmethod
+    def factors(f: Factor, a: torch.Tensor, b: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, R) in fp32 on `device` from the stored A and B: a few MB even for an 8B model's largest layer."""
+        a, b = a.to(device=device, dtype=torch.float32), b.to(device=device, dtype=torch.float32)
+        return (a.t(), b.t()) if f.transposed else (b, a)
 
 
 def _check_config(config: dict, path: Path) -> None:
@@ -154,7 +158,7 @@ def task_vectors(folder: str | Path, base_dir: str | Path) -> dict[str, torch.Te
     adapter = read_adapter(folder, Checkpoint(base_dir, allow_pickle=True))
     out = {}
     for name, terms in adapter.targets.items():
-        factors = [(f, *adapter.factors(f)) for f in terms]
+        factors = [(f, *adapter.factors(f, *adapter.stored(f))) for f in terms]
         rows, cols = factors[0][1].shape[0], factors[0][2].shape[1]
         out[name] = delta_rows(factors, 0, rows, torch.empty(rows, cols))
     return out

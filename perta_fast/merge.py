@@ -217,7 +217,8 @@ class _Executor:
     def _lora(self, step, base, base_dev):
         """τ = Σ scale·L·R formed a block of rows at a time, each block merged as it is formed."""
         adapter = self.plan.adapter
-        factors = [(f, *adapter.factors(f, self.device)) for f in adapter.targets[step.name]]
+        stored = [(f, *adapter.stored(f)) for f in adapter.targets[step.name]]
+        factors = [(f, *adapter.factors(f, a, b, self.device)) for f, a, b in stored]
         scores, sources = self._scores(step)
         out = self._out(base)
         rows, cols = base.shape
@@ -230,7 +231,7 @@ class _Executor:
                                       out=out[start:stop], delta=True, **self._knobs())
             w_sum, nonfinite = w_sum + s, nonfinite + bad
         inputs = [(self.base_ck.file_of(step.name), step.name, base)]
-        inputs += [(adapter.file.path, key, adapter.file.get(key)) for f, *_ in factors for key in (f.l_key, f.r_key)]
+        inputs += [(adapter.file.path, key, t) for f, a, b in stored for key, t in ((f.a_key, a), (f.b_key, b))]
         return out, w_sum, nonfinite, inputs + sources
 
     def _knobs(self) -> dict:
