@@ -49,7 +49,8 @@ def bench_importance(model_dir: Path, n_samples: int, batch_sizes: list[int], de
     import torch
     from torch.func import functional_call, grad, vmap
 
-    from perta_fast.data import batches, encode, pad_id, per_sample_loss
+    from perta_fast.data import batches, encode, pad_id
+    from perta_fast.loss import per_sample_loss, reference_per_sample_loss
     from perta_fast.facts import make_facts
     from perta_fast.importance import estimate_importance
     from perta_fast.models import load_model
@@ -90,7 +91,7 @@ def bench_importance(model_dir: Path, n_samples: int, batch_sizes: list[int], de
     def one_loss(params, ids, labels):
         # no attention mask: HF's mask builder branches on data, which vmap refuses; with right padding
         # and causal attention the mask does not change a sample's answer-token loss anyway
-        return per_sample_loss(functional_call(model, params, (), {"input_ids": ids[None]}).logits, labels[None])[0]
+        return reference_per_sample_loss(functional_call(model, params, (), {"input_ids": ids[None]}).logits, labels[None])[0]
 
     def vmap_fisher(sub, batch):  # torch.func per-sample gradients, squared and summed
         params = {n: p.detach() for n, p in model.named_parameters()}

@@ -10,6 +10,7 @@ would need by the same formulas. Memory is the claim here; the weights are rando
 
     python benchmarks/scale.py                                  # CPU, Llama-3.2-3B shapes
     python benchmarks/scale.py --shape llama-3.1-8b --device cuda --max-memory 70   # a GPU machine
+    python benchmarks/scale.py --importance-only --max-memory 12   # importance alone, grad and fisher
 """
 from __future__ import annotations
 
@@ -97,6 +98,60 @@ def run_unlearn(model: Path, work: Path, a) -> tuple[dict, float]:
     return json.loads((out / "perta_unlearn.json").read_text()), time.perf_counter() - t
 
 
+def run_importance(model: Path, work: Path, a, model_bytes: int) -> dict:
+    """`perta-fast importance` alone on the whole model (every parameter scored), grad and fisher, under
+    --max-memory, writing fp16 ratio weights; peak memory polled from outside the process."""
+    from safetensors import safe_open
+
+    from perta_fast.facts import make_facts
+    from perta_fast.plan import Shapes
+    from perta_fast.profiling import run_and_watch
+
+    forget, retain = make_facts(a.people, a.forget_people, seed=0)
+    retain = retain[:a.retain_rows]
+    (work / "forget.json").write_text(json.dumps([r.__dict__ for r in forget]))
+    (work / "retain.json").write_text(json.dumps([r.__dict__ for r in retain]))
+    params = Shapes.from_config(json.loads((model / "config.json").read_text()), model / "config.json").params
+    runs = []
+    for method in a.methods.split(","):
+        out = work / f"importance-{method}.safetensors"
+        cmd = [sys.executable, "-m", "perta_fast", "importance", "--model", str(model), "--forget",
+               str(work / "forget.json"), "--retain", str(work / "retain.json"), "--out", str(out), "--method", method,
+               "--dtype", "bf16", "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--max-memory",
+               str(a.max_memory), "--write", "weights", "--weight-dtype", "fp16", "--device", a.device, "--overwrite"]
+        cmd += ["--gradient-checkpointing"] if a.gradient_checkpointing else []
+        print(" ".join(cmd), flush=True)
+        got = run_and_watch(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        with safe_open(str(out), "pt") as f:
+            groups = int(f.metadata()["groups"])
+        anon, rss = got["peak_rss_anon_bytes"], got["peak_rss_bytes"]
+        held = anon + min(model_bytes, rss - anon)  # the mapped weights count as held (see run_unlearn's table)
+        samples = len(forget) + len(retain)
+        runs.append({"method": method, "seconds": round(got["seconds"], 1), "groups": groups, "samples": samples,
+                     "seconds_per_sample_per_pass": round(got["seconds"] / (samples * groups), 2),
+                     "peak_rss_anon_bytes": anon, "peak_rss_bytes": rss, "held_bytes": held,
+                     "under_budget": held <= a.max_memory * 1e9, "file_bytes": out.stat().st_size,
+                     "file_bytes_per_param": round(out.stat().st_size / params, 3)})
+        if not a.keep:
+            out.unlink()
+    return {"params": params, "model_bytes_bf16": model_bytes, "max_memory_gb": a.max_memory,
+            "model_plus_two_fp32_accumulators_bytes": model_bytes + 8 * params, "device": a.device,
+            "batch_size": a.batch_size, "max_length": a.max_length, "runs": runs}
+
+
+def importance_table(shape: str, r: dict) -> str:
+    lines = [f"{shape}: {r['params'] / 1e9:.2f} B parameters, bf16 checkpoint {r['model_bytes_bf16'] / 1e9:.2f} GB, "
+             f"{r['device']}; `importance --max-memory {r['max_memory_gb']:g} --write weights --weight-dtype fp16` "
+             f"(model + two fp32 accumulators would need {r['model_plus_two_fp32_accumulators_bytes'] / 1e9:.1f} GB)",
+             "", "| method | groups | seconds | s/sample/pass | peak RssAnon GB | held GB | under budget | file GB "
+             "| file bytes/param |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in r["runs"]:
+        lines.append(f"| {x['method']} | {x['groups']} | {x['seconds']:.0f} | {x['seconds_per_sample_per_pass']:.2f} | "
+                     f"{x['peak_rss_anon_bytes'] / 1e9:.2f} | {x['held_bytes'] / 1e9:.2f} | {x['under_budget']} | "
+                     f"{x['file_bytes'] / 1e9:.2f} | {x['file_bytes_per_param']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES), default="llama-3.2-3b")
@@ -114,6 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     ap.add_argument("--report-only", action="store_true", help="re-tabulate the last run kept in --work")
     ap.add_argument("--out", default=None, help="results stem (default: benchmarks/results/scale-DEVICE-SHAPE)")
+    ap.add_argument("--importance-only", action="store_true",
+                    help="only `importance` on the whole model (--methods), fp16 weights out, under --max-memory")
+    ap.add_argument("--methods", default="grad,fisher")
     a = ap.parse_args(argv)
 
     from perta_fast.models import default_model
@@ -128,6 +186,14 @@ def main(argv=None) -> int:
         model = build_checkpoint(work / a.shape, SHAPES[a.shape], default_model())
         build_seconds = time.perf_counter() - t
         model_bytes = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        if a.importance_only:
+            result = run_importance(model, work, a, model_bytes)
+            out = Path(a.out or HERE / "results" / f"scale-importance-{a.device}-{a.shape}")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.with_name(out.name + ".json").write_text(json.dumps(result, indent=2))
+            out.with_name(out.name + ".md").write_text(importance_table(a.shape, result))
+            print(importance_table(a.shape, result))
+            return 0
         if a.report_only:
             summary = json.loads((work / "unlearned" / "perta_unlearn.json").read_text())
             wall = summary["seconds"]["total"]

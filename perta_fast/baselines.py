@@ -13,8 +13,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .data import QA, batches, collate, data_hash, encode, pad_id, per_sample_loss
+from .data import QA, batches, collate, data_hash, encode, pad_id
 from .errors import PertaError
+from .loss import per_sample_loss
 from .io import check_output_path
 from .models import load_model, save_model
 from .train import autocast

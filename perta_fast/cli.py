@@ -210,12 +210,20 @@ def _convert_gguf(a):
     print(pf.convert_gguf(a.out, a.gguf, a.overwrite))
 
 
+def _on_main(text: str) -> None:
+    """Under torchrun, rank 0 speaks for all."""
+    from .distributed import is_main
+
+    if is_main():
+        print(text)
+
+
 def _finetune(a):
     import perta_fast as pf
 
     rec = pf.finetune(a.model, pf.load_qa(a.data), a.out, _finetune_opts(a), a.overwrite, a.checkpoint_every,
                       a.resume)
-    print(f"wrote {a.out} ({rec['kind']}, {rec['n_rows']} rows, final loss {rec['epoch_losses'][-1]:.4f}, "
+    _on_main(f"wrote {a.out} ({rec['kind']}, {rec['n_rows']} rows, final loss {rec['epoch_losses'][-1]:.4f}, "
           f"{rec['seconds']} s)")
 
 
@@ -227,7 +235,7 @@ def _importance(a):
                               gradient_checkpointing=a.gradient_checkpointing, adapter=a.adapter,
                               max_memory=a.max_memory, write=a.write, weight_dtype=a.weight_dtype, alpha=a.alpha,
                               power=a.power, eps=a.eps, checkpoint_every=a.checkpoint_every, resume=a.resume)
-    print(f"wrote {a.out} ({a.method}, {meta['n_forget']} forget / {meta['n_retain']} retain rows, {meta['seconds']} s)")
+    _on_main(f"wrote {a.out} ({a.method}, {meta['n_forget']} forget / {meta['n_retain']} retain rows, {meta['seconds']} s)")
 
 
 def _merge(a):
@@ -323,10 +331,15 @@ COMMANDS = {"info": _info, "plan": _plan, "convert-gguf": _convert_gguf, "finetu
 
 
 def run(a) -> None:
-    from . import ops
+    from . import distributed, ops
 
+    if distributed.launched() and a.command not in distributed.COMMANDS:
+        raise PertaError(f"{a.command} does not run under torchrun (only {' and '.join(distributed.COMMANDS)} do)")
     ops.set_backend(a.backend)
-    COMMANDS[a.command](a)
+    try:
+        COMMANDS[a.command](a)
+    finally:
+        distributed.teardown()
 
 
 def main(argv=None) -> int:

@@ -205,18 +205,7 @@ def batches(encoded: list[Encoded], batch_size: int, pad: int):
 
 def logits_of(model, ids, mask):
     """The model's logits for a batch, without a KV cache (training and scoring never reuse one)."""
-    if hasattr(getattr(model, "config", None), "use_cache"):
+    inner = getattr(model, "module", model)  # the model inside a DistributedDataParallel
+    if hasattr(getattr(inner, "config", None), "use_cache"):
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     return model(input_ids=ids, attention_mask=mask).logits
-
-
-def per_sample_loss(logits, labels):
-    """Mean cross-entropy over each sample's answer tokens, in fp32: shape (batch,)."""
-    import torch.nn.functional as F
-
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none",
-                          ignore_index=-100).view(target.shape)
-    count = (target != -100).sum(1).clamp_min(1)
-    return nll.sum(1) / count

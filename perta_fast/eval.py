@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .data import QA, EvalQA, batches, data_hash, encode, load_qa, pad_id, per_sample_loss, prompt_and_answer
+from .data import QA, EvalQA, batches, data_hash, encode, load_qa, pad_id, prompt_and_answer
 from .errors import PertaError
+from .loss import per_sample_loss
 
 
 def normalise(text: str) -> str:

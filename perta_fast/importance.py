@@ -22,11 +22,12 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from . import __version__
-from .data import QA, batches, data_hash, encode, logits_of, pad_id, per_sample_loss
+from . import __version__, distributed
+from .data import QA, batches, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
 from .io import (Checkpoint, SafetensorsFile, SafetensorsWriter, _umask_mode, atomic_file, check_output_path,
                  resume_state)
+from .loss import per_sample_loss
 from .ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
 
 METHODS = ("grad", "fisher")
@@ -292,8 +293,11 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
         raise PertaError(f"{desc}: the set is empty")
     encoded = encode(tokenizer, rows, max_length)
     device = next(model.parameters()).device
+    rank, size = distributed.rank_and_size()  # under torchrun: batch i is this rank's when i % size == rank
+    mine = [i for i in range(-(-len(encoded) // batch_size)) if i % size == rank]
     was_training = model.training
     model.eval()
+    # the mean gradient divides by the whole set's size on every rank: the all-reduced sum is the mean
     acc = _ExactFisher(model, names) if method == "fisher" else _MeanGradient(model, len(encoded), names)
     done = 0
     if start is not None:
@@ -302,13 +306,17 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
             acc.acc[n].copy_(t)
     try:  # checkpointing's recompute must run each layer to its end, so every hook sees its input
         with torch.utils.checkpoint.set_checkpoint_early_stop(False), \
-                tqdm(total=len(encoded), desc=desc, unit="sample", disable=not progress) as bar:
+                tqdm(total=sum(len(encoded[i * batch_size:(i + 1) * batch_size]) for i in mine), desc=desc,
+                     unit="sample", disable=not (progress and rank == 0)) as bar:
             for i, (ids, mask, labels) in enumerate(batches(encoded, batch_size, pad_id(tokenizer))):
+                if i % size != rank:
+                    continue
                 if i >= done:
                     acc.step(ids.to(device), mask.to(device), labels.to(device))
                     if on_batch is not None:
                         on_batch(i + 1, acc.acc)
                 bar.update(ids.shape[0])
+        distributed.sum_(acc.acc.values())
     finally:
         acc.close()
         model.train(was_training)
@@ -371,8 +379,11 @@ def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA]
     The model runs in `dtype` (auto: the checkpoint's own); scores accumulate in fp32. With `adapter`
     (a peft LoRA folder for this model) only the weights it targets are scored: τ is 0 everywhere else."""
     t0 = time.perf_counter()
+    distributed.setup(device)
     model, tok, forget, retain, names = _load(model_dir, forget, retain, max_samples, device, dtype,
                                               gradient_checkpointing, adapter)
+    distributed.agree({"forget": data_hash(forget), "retain": data_hash(retain), "method": method,
+                       "batch_size": str(batch_size), "names": str(names)}, "the importance run")
     tensors = {}
     for label, rows in (("forget", forget), ("retain", retain)):
         scores = estimate_importance(model, tok, rows, method, batch_size, max_length, progress,
@@ -527,12 +538,16 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
         raise PertaError(f"--max-memory must be a positive number of GB, got {max_memory:g}")
     if checkpoint_every is not None and checkpoint_every <= 0:
         raise PertaError(f"--checkpoint-every must be a positive number of batches, got {checkpoint_every}")
+    if checkpoint_every or resume:
+        distributed.refuse("--checkpoint-every/--resume")
     out = Path(out)
     inputs = (model_dir,) + ((adapter,) if adapter else ())
     check_output_path(out, overwrite, inputs)
     if resume:  # a missing checkpoint fails before the model is loaded; the fingerprint is checked after
         resume_state(out.parent / f".{out.name}.resume", out.parent / f".{out.name}.resume" / "state.json", {})
     t0 = time.perf_counter()
+    distributed.setup(device)
+    main = distributed.is_main()  # under torchrun every rank estimates its share; rank 0 alone writes
     model, tok, forget, retain, names = _load(model_dir, forget, retain, max_samples, device, dtype,
                                               gradient_checkpointing, adapter)
     params = _unique_params(model, names)
@@ -541,8 +556,10 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
                   default=(max(sizes.values()), 1))
     budget = group_bytes or accumulator_budget(model, model_dir, max_memory, widest, batch_size, max_length, method,
                                                gradient_checkpointing)
+    if budget is not None:  # the ranks must make the same groups: the tightest rank's budget for all
+        budget = distributed.reduce_float(budget, "min")
     groups = parameter_groups(sizes, budget)
-    if progress or max_memory is not None:
+    if main and (progress or max_memory is not None):
         largest = max(4 * sum(sizes[n] for n in g) for g in groups) / 1e9
         tqdm.write(f"importance: fp32 accumulators on {next(model.parameters()).device} in {len(groups)} parameter "
                    f"group(s) of at most {largest:.2f} GB, one pass over the data per group", file=sys.stderr)
@@ -551,7 +568,7 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
     else:
         layout = [(f"{label}/{n}", tuple(p.shape), torch.float32) for n, p in params.items()
                   for label in ("forget", "retain")]
-    meta_extra = {"groups": len(groups), "write": write}
+    meta_extra = {"groups": len(groups), "write": write, "ranks": distributed.rank_and_size()[1]}
     if write == "weights":
         meta_extra.update(alpha=alpha, power=power, eps=eps, weight_dtype=weight_dtype)
     meta = _metadata(model, model_dir, forget, retain, method, batch_size, max_length, adapter, t0, **meta_extra)
@@ -560,6 +577,13 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
                                         "max_length", "dtype", "adapter", "write")}
     fingerprint.update(groups=hashlib.sha256(json.dumps(groups).encode()).hexdigest(),
                        merge_knobs=json.dumps([alpha, power, eps, weight_dtype] if write == "weights" else None))
+    distributed.agree(fingerprint, "the importance run")
+    if not main:
+        for group in groups:  # the same passes as rank 0, whose all-reduces they join; nothing is kept
+            for rows in (forget, retain):
+                estimate_importance(model, tok, rows, method, batch_size, max_length, False, names=group)
+        distributed.barrier()  # return once the file is there
+        return {**meta, "seconds": f"{time.perf_counter() - t0:.2f}"}
     run = _RunState(out, fingerprint, checkpoint_every, resume)
     try:
         writer = SafetensorsWriter(run.partial, layout, meta, reserve={"seconds": 16}, done=run.state["written"])
@@ -599,4 +623,5 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
             shutil.rmtree(run.dir, ignore_errors=True)  # nothing to resume from: leave nothing behind
         raise
     shutil.rmtree(run.dir, ignore_errors=True)
+    distributed.barrier()
     return meta

@@ -19,6 +19,7 @@ import torch
 from . import __version__
 from .errors import PertaError
 from .io import Checkpoint, SafetensorsFile, ShardedWriter, atomic_dir, copy_aux_files
+from .profiling import release_freed_memory
 from .lora import LoraAdapter, delta_rows, is_adapter, read_adapter
 from .ops import merge_tensor, merge_tensors, pick_backend, ratio_weights  # noqa: F401  (references re-exported)
 
@@ -155,24 +156,6 @@ def _raise_nonfinite(inputs: list[tuple[Path, str, torch.Tensor]]):
     raise PertaError(f"{where}: tensor {name} contains NaN or Inf (pass --nan-to-zero to treat them as 0)")
 
 
-def _release_freed_memory():
-    """glibc raises its mmap threshold after large frees and then keeps freed tensor buffers on
-    its heap, so private memory creeps up with the number of tensors; hand those pages back."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
-
-
 class _Executor:
     """Streams a plan's tensors through the merge kernels into a sharded writer."""
 
@@ -257,7 +240,7 @@ class _Executor:
             backend = pick_backend(base_dev, *(t for _, _, t in inputs[1:]))
             del base, base_dev, merged, inputs
             if backend == "torch":  # the fused kernels allocate nothing model-sized; torch's temporaries do
-                _release_freed_memory()
+                release_freed_memory()
         self.writer.close()
         return {"tensors": len(self.plan.steps), "mean_weight": (self.w_sum / self.w_count) if self.w_count else 1.0,
                 "shards": len(self.writer.shard_names),

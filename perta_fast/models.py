@@ -26,9 +26,13 @@ def pick_device(device: str | None = None) -> str:
     import torch
 
     if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif str(device).startswith("cuda") and not torch.cuda.is_available():
         raise PertaError(f"--device {device}: no CUDA device is available here")
+    if device == "cuda":
+        from .distributed import local_cuda
+
+        return local_cuda()
     return device
 
 

@@ -119,10 +119,9 @@ class _StepMeter:
     def __call__(self, name: str, fn, *args, **kwargs):
         import torch
 
-        from .merge import _release_freed_memory
-        from .profiling import PeakRssAnon
+        from .profiling import PeakRssAnon, release_freed_memory
 
-        _release_freed_memory()
+        release_freed_memory()
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()

@@ -14,8 +14,8 @@ Bytes per parameter P (b = bytes of the compute dtype), plus activations per tok
 Activations are counted from the tensors autograd saves in a Llama-style decoder layer, per token:
 norm inputs and outputs, q/k/v/attention output, the gated MLP's four I-wide tensors; with gradient
 checkpointing only each layer's input is kept, plus one layer's worth being recomputed. The loss holds
-the logits in the model dtype and in fp32 (log-softmax and its gradient). The exact Fisher keeps each
-scored Linear's input until its output gradient arrives.
+the logits and (training) their gradient in the model dtype, and fp32 one chunk of tokens at a time.
+The exact Fisher keeps each scored Linear's input until its output gradient arrives.
 The figures are what the process allocates for the model; the runtime itself (Python, torch,
 transformers: a few hundred MB of host memory, ~0.5 GB of CUDA context on a GPU) comes on top and is
 reported separately.
@@ -34,6 +34,7 @@ CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 GB = 1e9
 RUNTIME_HOST_BYTES = 0.4e9  # python + torch + transformers + peft, measured on the CPU (benchmarks/plan.py)
 LORA_BLOCK_BYTES = 4 * (1 << 22)  # perta_fast.merge.LORA_BLOCK_ELEMENTS of fp32
+LOSS_CHUNK_BYTES = 1 << 26  # perta_fast.loss.CHUNK_BYTES: fp32 tokens × vocabulary the loss forms at once
 CHUNK_ELEMENTS = 1 << 25  # perta_fast.ops.CHUNK_ELEMENTS: per-sample gradients the torch path forms at once
 
 
@@ -102,12 +103,10 @@ class Shapes:
 
 
 def logits_bytes(s: Shapes, tokens: int, b: int, backward: bool) -> int:
-    """The loss's working set per token and vocabulary entry: the logits in the model dtype and a
-    contiguous fp32 copy; training adds about one more fp32 tensor at a time (log-softmax, then the
-    gradients that replace it as it is freed), and a model below fp32 one more for the casts between."""
-    if not backward:
-        return tokens * s.vocab * (b + 4)
-    return tokens * s.vocab * (b + 8 + (4 if b < 4 else 0))
+    """The loss's working set: the logits the model returns, in its dtype, and (training) their gradient in
+    the same dtype; perta_fast.loss forms fp32 only one chunk of tokens at a time, never the whole batch's."""
+    chunk = 4 * s.vocab * min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * s.vocab)))
+    return tokens * s.vocab * b * (2 if backward else 1) + chunk
 
 
 def activations(s: Shapes, tokens: int, b: int, checkpointing: bool, lora_targets=False) -> int:

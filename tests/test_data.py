@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from perta_fast.data import QA, batches, encode, load_qa, pad_id, per_sample_loss
+from perta_fast.data import QA, batches, encode, load_qa, pad_id
+from perta_fast.loss import per_sample_loss
 from perta_fast.errors import PertaError
 from perta_fast.facts import make_facts
 

@@ -53,10 +53,10 @@ def test_write_weights_equals_ratio_of_scores(tmp_path, tiny_dir, facts, dtype, 
         n = k.split("/", 1)[1]
         want = ratio_weights(scores["forget/" + n], scores["retain/" + n], alpha=0.5, power=2.0).to(dtype)
         assert w.dtype == dtype
-        # the same fp32 ratio (p = 2: pow in C++ vs torch, a few fp32 ulps apart), rounded once to the
-        # output dtype: within one ulp of that dtype
-        ulp = {torch.float32: 2 ** -23, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
-        torch.testing.assert_close(w.float(), want.float(), rtol=ulp, atol=1e-30, msg=k)
+        # the same fp32 ratio (p = 2: pow in C++ vs torch, up to a few fp32 ulps apart: 4 allowed),
+        # rounded once to the output dtype: within one ulp of that dtype on top
+        ulp = {torch.float32: 0, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+        torch.testing.assert_close(w.float(), want.float(), rtol=ulp + 4 * 2 ** -23, atol=1e-30, msg=k)
 
 
 def test_max_memory_too_small_names_the_minimum(tmp_path, tiny_dir, facts, capsys):

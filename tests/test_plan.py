@@ -88,3 +88,11 @@ def test_cli_plan_bad_config(tmp_path, capsys):
                                                       "num_hidden_layers": 1, "num_attention_heads": 2}))
     assert main(["plan", "--model", str(tmp_path), "--memory", "lots"]) == 2
     assert "--memory 'lots'" in capsys.readouterr().err
+
+
+def test_plan_constants_mirror_the_code():
+    """plan.py reads no torch (it must stay instant): its copies of the chunk sizes must match the code's."""
+    from perta_fast import loss, ops, plan
+
+    assert plan.LOSS_CHUNK_BYTES == loss.CHUNK_BYTES
+    assert plan.CHUNK_ELEMENTS == ops.CHUNK_ELEMENTS
