@@ -29,6 +29,7 @@ from .io import (Checkpoint, SafetensorsFile, SafetensorsWriter, _umask_mode, at
                  resume_state)
 from .loss import per_sample_loss
 from .ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
+from .profiling import release_freed_memory
 
 METHODS = ("grad", "fisher")
 
@@ -313,6 +314,8 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
                     continue
                 if i >= done:
                     acc.step(ids.to(device), mask.to(device), labels.to(device))
+                    if device.type == "cpu":  # else each batch's freed activations stay private memory
+                        release_freed_memory()
                     if on_batch is not None:
                         on_batch(i + 1, acc.acc)
                 bar.update(ids.shape[0])

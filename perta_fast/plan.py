@@ -124,9 +124,14 @@ def importance_working_bytes(s: Shapes, batch_size: int, max_length: int, b: int
                              checkpointing: bool, widest_scored: tuple[int, int]) -> int:
     """What an importance pass adds besides weights and accumulators: activations, the loss's logits and,
     for the exact Fisher, the torch path's chunk of per-sample gradients (at most CHUNK_ELEMENTS fp32
-    values, rows tiled however wide the layer: perta_fast.ops.per_sample_tiles)."""
+    values, rows tiled however wide the layer: perta_fast.ops.per_sample_tiles); for the mean gradient,
+    the widest scored parameter's gradient in the model dtype as autograd forms it (a tied embedding gets
+    two, from the lookup and from the output layer, and their sum: three at once)."""
     tokens = batch_size * max_length
     working = activations(s, tokens, b, checkpointing) + logits_bytes(s, tokens, b, True)
+    if method == "grad":
+        tied_widest = s.tied and widest_scored[0] * widest_scored[1] >= s.vocab * s.hidden
+        working += (3 if tied_widest else 1) * b * widest_scored[0] * widest_scored[1]
     if method == "fisher":  # the chunk perta_fast.ops.per_sample_tiles picks for the widest (rows, cols)
         n_rows, n_cols = widest_scored
         rows = min(n_rows, max(1, CHUNK_ELEMENTS // n_cols))
