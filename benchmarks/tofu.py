@@ -101,6 +101,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-models", action="store_true", help="keep unlearned checkpoints (off: deleted after eval)")
     ap.add_argument("--lora-rank", type=int, default=None,
                     help="also unlearn with a LoRA θ_ft of this rank (lr 1e-3) beside the full one, same λ grid")
+    ap.add_argument("--lora-only", action="store_true",
+                    help="with --lora-rank: evaluate only θ_full, the retain model and the LoRA rows (the full-θ_ft "
+                         "rows and GA/NPO are those of the run without --lora-rank)")
     a = ap.parse_args(argv)
 
     import torch
@@ -163,7 +166,12 @@ def main(argv=None) -> int:
 
     reference = evaluate("retain-model", retain_model, None)
     runs = [("θ_full", None, "theta_full", full, 0.0), ("retain model", None, "retain-model", retain_model, 0.0)]
+    if a.lora_only and not a.lora_rank:
+        print("tofu.py: --lora-only needs --lora-rank", file=sys.stderr)
+        return 2
     for suffix, (tuned, _) in thetas.items():
+        if a.lora_only and suffix == "":
+            continue
         for method, imp in (("TV", None), ("PerTA-grad", "grad"), ("PerTA-fisher", "fisher")):
             for lam in size.lams:
                 name = f"{method}{suffix.replace(' (LoRA)', f'-lora{a.lora_rank}')}_lam{lam:g}"
@@ -175,7 +183,7 @@ def main(argv=None) -> int:
                 cost = (steps[f"θ_ft{suffix} fine-tune"] + (steps[f"importance {key}"] if key else 0.0)
                         + steps[f"merge {name}"])
                 runs.append((method + suffix, lam, name, folder, cost))
-    for method in ("ga", "npo"):
+    for method in () if a.lora_only else ("ga", "npo"):
         knobs = dict(size.baseline, method=method, device=a.device)
         folder, steps[method] = unlearned(method, lambda o, k=knobs: unlearn_by_training(
             full, forget, retain, o, BaselineOptions(**k)))
