@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,10 +22,10 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import __version__, distributed
-from .data import QA, batches, data_hash, encode, logits_of, pad_id
+from .data import QA, collate, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
 from .io import (Checkpoint, SafetensorsFile, SafetensorsWriter, _umask_mode, atomic_file, check_output_path,
-                 resume_state)
+                 checkpoint_saved, resume_dir, resume_state)
 from .loss import per_sample_loss
 from .ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
 from .profiling import release_freed_memory
@@ -295,7 +294,9 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
     encoded = encode(tokenizer, rows, max_length)
     device = next(model.parameters()).device
     rank, size = distributed.rank_and_size()  # under torchrun: batch i is this rank's when i % size == rank
-    mine = [i for i in range(-(-len(encoded) // batch_size)) if i % size == rank]
+    mine = {i: encoded[first:first + batch_size] for i, first in enumerate(range(0, len(encoded), batch_size))
+            if i % size == rank}
+    pad = pad_id(tokenizer)
     was_training = model.training
     model.eval()
     # the mean gradient divides by the whole set's size on every rank: the all-reduced sum is the mean
@@ -307,18 +308,17 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
             acc.acc[n].copy_(t)
     try:  # checkpointing's recompute must run each layer to its end, so every hook sees its input
         with torch.utils.checkpoint.set_checkpoint_early_stop(False), \
-                tqdm(total=sum(len(encoded[i * batch_size:(i + 1) * batch_size]) for i in mine), desc=desc,
-                     unit="sample", disable=not (progress and rank == 0)) as bar:
-            for i, (ids, mask, labels) in enumerate(batches(encoded, batch_size, pad_id(tokenizer))):
-                if i % size != rank:
-                    continue
+                tqdm(total=sum(map(len, mine.values())), desc=desc, unit="sample",
+                     disable=not (progress and rank == 0)) as bar:
+            for i, batch in mine.items():
                 if i >= done:
+                    ids, mask, labels = collate(batch, pad)
                     acc.step(ids.to(device), mask.to(device), labels.to(device))
                     if device.type == "cpu":  # else each batch's freed activations stay private memory
                         release_freed_memory()
                     if on_batch is not None:
                         on_batch(i + 1, acc.acc)
-                bar.update(ids.shape[0])
+                bar.update(len(batch))
         distributed.sum_(acc.acc.values())
     finally:
         acc.close()
@@ -466,7 +466,7 @@ class _RunState:
     `--resume` continues a killed run. Every file in it is replaced atomically."""
 
     def __init__(self, out: Path, fingerprint: dict, every: int | None, resume: bool):
-        self.dir = out.parent / f".{out.name}.resume"
+        self.dir = resume_dir(out)
         self.every, self.saved = every, 0
         self.partial, self.acc_file = self.dir / "partial.safetensors", self.dir / "acc.safetensors"
         if resume:
@@ -506,8 +506,7 @@ class _RunState:
             save_importance(acc, {"group": str(g), "phase": phase, "batch": str(done)}, self.acc_file,
                             overwrite=True)
             self.saved += 1
-            if os.environ.get("PERTA_FAST_KILL_AFTER_CHECKPOINT") == str(self.saved):  # fault injection (tests)
-                os.kill(os.getpid(), signal.SIGKILL)
+            checkpoint_saved(self.saved)
         return save
 
 
@@ -547,7 +546,7 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
     inputs = (model_dir,) + ((adapter,) if adapter else ())
     check_output_path(out, overwrite, inputs)
     if resume:  # a missing checkpoint fails before the model is loaded; the fingerprint is checked after
-        resume_state(out.parent / f".{out.name}.resume", out.parent / f".{out.name}.resume" / "state.json", {})
+        resume_state(resume_dir(out), resume_dir(out) / "state.json", {})
     t0 = time.perf_counter()
     distributed.setup(device)
     main = distributed.is_main()  # under torchrun every rank estimates its share; rank 0 alone writes

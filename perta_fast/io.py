@@ -314,6 +314,21 @@ class ShardedWriter:
             json.dump({"metadata": {"total_size": self._total}, "weight_map": weight_map}, f, indent=2)
 
 
+def resume_dir(out: str | Path) -> Path:
+    """Where a checkpointed run writing `out` keeps its state: `.OUT.resume/` beside it."""
+    out = Path(out)
+    return out.parent / f".{out.name}.resume"
+
+
+def checkpoint_saved(count: int) -> None:
+    """Called after each checkpoint a run saves: tests set PERTA_FAST_KILL_AFTER_CHECKPOINT=N to SIGKILL
+    the process right after its Nth (fault injection for the resume tests)."""
+    if os.environ.get("PERTA_FAST_KILL_AFTER_CHECKPOINT") == str(count):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def resume_state(folder: Path, state_file: Path, fingerprint: dict) -> dict:
     """The saved state of a checkpointed run in `folder`, refused (naming what differs) unless it was
     made with the same data, options and model, i.e. the same `fingerprint`."""

@@ -10,10 +10,8 @@ one decoder layer's instead of all of them.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 from . import distributed
 from .data import QA, collate, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
-from .io import check_output_path, resume_state
+from .io import check_output_path, checkpoint_saved, resume_dir, resume_state
 from .loss import per_sample_loss
 from .models import load_model, save_model
 from .profiling import release_freed_memory
@@ -85,7 +83,7 @@ class TrainCheckpoint:
     together atomically every `every` steps, so `resume` continues a killed run exactly."""
 
     def __init__(self, out: Path, fingerprint: dict, every: int | None, resume: bool):
-        self.dir = Path(out).parent / f".{Path(out).name}.resume"
+        self.dir = resume_dir(out)
         self.fingerprint, self.every, self.saved = fingerprint, every, 0
         if resume:
             resume_state(self.dir, self.dir / "checkpoint" / "state.json", fingerprint)
@@ -118,8 +116,7 @@ class TrainCheckpoint:
             torch.save(optim.state_dict(), tmp / "optim.pt")
             (tmp / "state.json").write_text(json.dumps({"fingerprint": self.fingerprint, **position}))
         self.saved += 1
-        if os.environ.get("PERTA_FAST_KILL_AFTER_CHECKPOINT") == str(self.saved):  # fault injection (tests)
-            os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint_saved(self.saved)
 
 
 def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc: str = "finetune",
