@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int, default=None, help="use the first N rows of each set")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (θ_ft): score only the weights it targets")
     p.add_argument("--max-memory", type=float, default=None, metavar="GB",
-                   help="keep peak memory (GPU memory on a GPU, private host memory on the CPU) under this budget "
-                        "by scoring parameters in groups, one pass over the data per group")
+                   help="keep peak memory (GPU memory on a GPU, private host memory on the CPU) under this budget: "
+                        "fp32 accumulators on the device if they fit, else (GPU) in host memory if it has room, "
+                        "else in parameter groups, one pass over the data per group; it says which")
     p.add_argument("--write", choices=["scores", "weights"], default="scores",
                    help="scores: forget/ and retain/ fp32 scores (8 bytes per parameter); weights: the ratio w itself")
     p.add_argument("--weight-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of w with --write weights")

@@ -86,12 +86,20 @@ def _device():
 
 
 def sum_(tensors) -> None:
-    """Sum each tensor over the ranks, in place: one all-reduce per tensor."""
+    """Sum each tensor over the ranks, in place: one all-reduce per tensor. A tensor NCCL cannot reach
+    (host-offloaded accumulators) goes through the GPU one at a time."""
     dist = _group()
     if dist is None:
         return
+    device = _device()
     for t in tensors:
-        dist.all_reduce(t)
+        if t.device.type == device.split(":")[0]:
+            dist.all_reduce(t)
+        else:
+            on_device = t.to(device)
+            dist.all_reduce(on_device)
+            t.copy_(on_device)
+            del on_device
 
 
 def reduce_float(x: float, op: str = "sum") -> float:

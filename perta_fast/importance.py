@@ -8,6 +8,7 @@ All weights are frozen so autograd skips their (batched) weight gradients entire
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from .io import (Checkpoint, SafetensorsFile, SafetensorsWriter, _umask_mode, at
                  checkpoint_saved, resume_dir, resume_state)
 from .loss import per_sample_loss
 from .ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
-from .profiling import release_freed_memory
+from .profiling import host_available_bytes, release_freed_memory
 
 METHODS = ("grad", "fisher")
 
@@ -69,14 +70,25 @@ def _rms_eps(m: nn.Module) -> float:
     return float(getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
 
 
+def _accumulators(params: dict, offload: bool) -> dict[str, torch.Tensor]:
+    """fp32 zeros beside each parameter, or all on the host (pinned where there is a GPU, for the
+    transfers) when offloaded."""
+    def zeros(p):
+        if not offload:
+            return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return torch.zeros(p.shape, dtype=torch.float32, pin_memory=p.device.type == "cuda")
+    return {n: zeros(p) for n, p in params.items()}
+
+
 class _ExactFisher:
     """Accumulates Σ_b g_b² for every parameter of `model` from hook-captured X and G."""
 
-    def __init__(self, model: nn.Module, names=None):
+    def __init__(self, model: nn.Module, names=None, offload: bool = False):
         self.model = model
         params = _unique_params(model, names)
         self.name_of = {id(p): n for n, p in params.items()}
-        self.acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+        self.acc = _accumulators(params, offload)
+        self.offload = offload
         self.tied_linear: dict[int, tuple] = {}  # weight id -> (X, G) of a Linear sharing an embedding's weight
         self.embedded: dict[int, tuple] = {}  # weight id -> (ids, G) of that embedding
         self.halves: dict[int, dict] = {}  # module id -> X or G, whichever came first (gradient checkpointing)
@@ -155,7 +167,21 @@ class _ExactFisher:
 
     def _add(self, param, per_sample_sq_sum: torch.Tensor):
         if id(param) in self.name_of:
-            self.acc[self.name_of[id(param)]].add_(per_sample_sq_sum)
+            acc = self.acc[self.name_of[id(param)]]
+            acc.add_(per_sample_sq_sum.to(acc.device))
+
+    @contextlib.contextmanager
+    def _into(self, param):
+        """What this batch's squares for `param` are added into on the math device: its accumulator, or,
+        offloaded, a zeroed buffer there that is added to the host accumulator once filled (one transfer
+        per parameter per batch, and never more than one parameter's buffer on the device)."""
+        acc = self.acc[self.name_of[id(param)]]
+        if not self.offload:
+            yield acc
+            return
+        stage = torch.zeros(acc.shape, dtype=torch.float32, device=param.device)
+        yield stage
+        acc.add_(stage.to(acc.device))
 
     def _tied_linear(self, module, x, g):
         """Summed with the embedding's contribution before squaring, after backward."""
@@ -163,7 +189,8 @@ class _ExactFisher:
 
     def _linear_grads(self, module, x, g):
         if id(module.weight) in self.name_of:
-            linear_fisher_(self.acc[self.name_of[id(module.weight)]], x, g)
+            with self._into(module.weight) as acc:
+                linear_fisher_(acc, x, g)
         if module.bias is not None:
             b = x.shape[0]
             self._add(module.bias, g.reshape(b, -1, module.out_features).float().sum(1).square_().sum(0))
@@ -210,24 +237,27 @@ class _ExactFisher:
                 for b in range(ids.shape[0]):
                     rows, inverse = torch.unique(ids[b], return_inverse=True)
                     per_row = torch.zeros(len(rows), dim, device=g_emb.device).index_add_(0, inverse, g_emb[b])
-                    self.acc[self.name_of[wid]].index_add_(0, rows, per_row.square_())
+                    acc = self.acc[self.name_of[wid]]
+                    acc.index_add_(0, rows.to(acc.device), per_row.square_().to(acc.device))
                 continue
             x, g = lin
             b_total = x.shape[0]
             x = x.reshape(b_total, -1, x.shape[-1]).float()
             g = g.reshape(b_total, -1, g.shape[-1])
-            acc = self.acc[self.name_of[wid]]
-            # per-sample gradients of a block of vocabulary rows at a time (lm_head part), plus the
-            # embedding's gradient for the sample's tokens that fall in that block, summed then squared
-            for v0, v1, chunk in per_sample_tiles(vocab, dim, b_total):
-                for s in range(0, b_total, chunk):
-                    per_sample = torch.bmm(g[s:s + chunk, :, v0:v1].float().transpose(1, 2), x[s:s + chunk])
-                    tokens = ids[s:s + chunk]
-                    inside = (tokens >= v0) & (tokens < v1)
-                    sample = torch.arange(tokens.shape[0], device=ids.device).unsqueeze(1).expand_as(tokens)
-                    per_sample.view(-1, dim).index_add_(0, (sample * (v1 - v0) + tokens - v0)[inside],
-                                                        g_emb[s:s + chunk][inside])
-                    add_squares_(acc[v0:v1], per_sample)
+            with self._into(module.weight) as acc:
+                # per-sample gradients of a block of vocabulary rows at a time (lm_head part), plus the
+                # embedding's gradient for the sample's tokens that fall in that block, summed then squared
+                for v0, v1, chunk in per_sample_tiles(vocab, dim, b_total):
+                    for s in range(0, b_total, chunk):
+                        per_sample = torch.bmm(g[s:s + chunk, :, v0:v1].float().transpose(1, 2),
+                                               x[s:s + chunk])
+                        tokens = ids[s:s + chunk]
+                        inside = (tokens >= v0) & (tokens < v1)
+                        sample = torch.arange(tokens.shape[0], device=ids.device).unsqueeze(1).expand_as(tokens)
+                        per_sample.view(-1, dim).index_add_(0, (sample * (v1 - v0) + tokens - v0)[inside],
+                                                            g_emb[s:s + chunk][inside])
+                        add_squares_(acc[v0:v1], per_sample)
+                        del per_sample  # else the next chunk is formed while this one is held: twice the plan
         if self.tied_linear:
             raise RuntimeError("a tied Linear weight saw no embedding gradient")
         self.embedded.clear()
@@ -247,10 +277,10 @@ class _ExactFisher:
 class _MeanGradient:
     """Accumulates the gradient of the set's loss, freeing each parameter's .grad as soon as it lands."""
 
-    def __init__(self, model: nn.Module, n_total: int, names=None):
+    def __init__(self, model: nn.Module, n_total: int, names=None, offload: bool = False):
         self.model, self.n_total = model, n_total
         params = _unique_params(model, names)
-        self.acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
+        self.acc = _accumulators(params, offload)
         self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         self.handles = []
         for p in model.parameters():
@@ -262,7 +292,7 @@ class _MeanGradient:
     @staticmethod
     def _take(acc):
         def hook(p):  # read the gradient once, then free it: no full gradient copy is ever held
-            accumulate_(acc, p.grad, square=False)
+            accumulate_(acc, p.grad.to(acc.device), square=False)  # offloaded: moved in the model dtype
             p.grad = None
         return hook
 
@@ -280,9 +310,12 @@ class _MeanGradient:
 
 def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_size: int = 8,
                         max_length: int = 256, progress: bool = True, desc: str = "importance",
-                        names=None, start: tuple[dict, int] | None = None, on_batch=None) -> dict[str, torch.Tensor]:
+                        names=None, start: tuple[dict, int] | None = None, on_batch=None,
+                        offload: bool = False) -> dict[str, torch.Tensor]:
     """Per-parameter scores (fp32, on CPU) of `model` on `rows`: grad = |∇L_set|, fisher = mean_i (∇L_i)².
-    `names`: only these parameters (None: all). `start` = (accumulators, batches done) continues a run
+    `names`: only these parameters (None: all). `offload`: the accumulators live in host memory and each
+    parameter's batch contribution is moved there as it completes (for a GPU whose memory they would
+    not fit). `start` = (accumulators, batches done) continues a run
     checkpointed by `on_batch(batches done, accumulators)`, which is called after every batch: the
     same batches in the same order, so the result is bit-identical to an uninterrupted run on the CPU."""
     from tqdm import tqdm
@@ -300,7 +333,8 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
     was_training = model.training
     model.eval()
     # the mean gradient divides by the whole set's size on every rank: the all-reduced sum is the mean
-    acc = _ExactFisher(model, names) if method == "fisher" else _MeanGradient(model, len(encoded), names)
+    acc = _ExactFisher(model, names, offload) if method == "fisher" else \
+        _MeanGradient(model, len(encoded), names, offload)
     done = 0
     if start is not None:
         initial, done = start
@@ -438,6 +472,22 @@ def _in_use(model) -> int:
     return held + weights if held < weights else held
 
 
+HOST_HEADROOM = 1.25  # host memory asked for beyond the offloaded accumulators themselves (runtime, transfers)
+
+
+def place_accumulators(scored_bytes: int, budget: float | None, device_type: str, host_free: float | None) -> str:
+    """Where the fp32 accumulators live under --max-memory: "device" when all of them fit the budget left
+    on the device; on a GPU, else "host" when they fit the host's available memory (one pass over the
+    data, each parameter's batch contribution moved to the host as it completes: 4 bytes per scored
+    parameter per batch over the bus); else "groups" (one pass over the data per parameter group). On the
+    CPU the host is the device, so it is device or groups."""
+    if budget is None or scored_bytes <= budget:
+        return "device"
+    if device_type == "cuda" and host_free is not None and HOST_HEADROOM * scored_bytes <= host_free:
+        return "host"
+    return "groups"
+
+
 def accumulator_budget(model, model_dir, max_memory_gb: float | None, widest: tuple[int, int], batch_size: int,
                        max_length: int, method: str, checkpointing: bool) -> float | None:
     """Bytes the accumulators of one group may take: the budget less what the process holds now (runtime
@@ -516,7 +566,7 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
                     dtype: str | None = None, gradient_checkpointing: bool = False, adapter: str | Path | None = None,
                     max_memory: float | None = None, write: str = "scores", weight_dtype: str = "fp16",
                     alpha: float = 1.0, power: float = 1.0, eps: float = 1e-16, group_bytes: int | None = None,
-                    checkpoint_every: int | None = None, resume: bool = False) -> dict:
+                    checkpoint_every: int | None = None, resume: bool = False, offload: bool | None = None) -> dict:
     """Estimate and write an importance file, streamed: the output is checked before any work is done.
 
     Accumulators are fp32 and held one parameter group at a time (`max_memory` GB sets the groups; None:
@@ -524,6 +574,10 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
     pass, so the two sets' scores are never both in memory. `write="weights"` stores the ratio weights
     w = s_f^p / (s_f^p + α·s_r^p + ε) in `weight_dtype` (2 bytes per parameter in fp16) instead of both
     scores (8 bytes). `group_bytes` sets the accumulator bytes per group directly instead.
+
+    With `max_memory` on a GPU whose budget the accumulators do not fit, they are kept in host memory
+    instead when the host has room (one pass, `place_accumulators`); `offload` True/False forces that
+    choice either way.
 
     `checkpoint_every` N saves the accumulators and the data position every N batches (atomically, in
     .OUT.resume/ beside the output); `resume` continues from there, refusing a checkpoint made with other
@@ -560,17 +614,25 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
                                                gradient_checkpointing)
     if budget is not None:  # the ranks must make the same groups: the tightest rank's budget for all
         budget = distributed.reduce_float(budget, "min")
-    groups = parameter_groups(sizes, budget)
+    math_device = next(model.parameters()).device
+    if offload is None:
+        host_free = host_available_bytes()
+        host_free = None if host_free is None else distributed.reduce_float(host_free, "min")
+        offload = place_accumulators(4 * sum(sizes.values()), budget, math_device.type, host_free) == "host"
+    groups = parameter_groups(sizes, None if offload else budget)
     if main and (progress or max_memory is not None):
         largest = max(4 * sum(sizes[n] for n in g) for g in groups) / 1e9
-        tqdm.write(f"importance: fp32 accumulators on {next(model.parameters()).device} in {len(groups)} parameter "
-                   f"group(s) of at most {largest:.2f} GB, one pass over the data per group", file=sys.stderr)
+        where = f"in host memory, each parameter's batch contribution moved from {math_device} as it " \
+            "completes" if offload else f"on {math_device}"
+        tqdm.write(f"importance: fp32 accumulators {where}, in {len(groups)} parameter group(s) of at most "
+                   f"{largest:.2f} GB, one pass over the data per group", file=sys.stderr)
     if write == "weights":
         layout = [(f"weight/{n}", tuple(p.shape), WEIGHT_DTYPES[weight_dtype]) for n, p in params.items()]
     else:
         layout = [(f"{label}/{n}", tuple(p.shape), torch.float32) for n, p in params.items()
                   for label in ("forget", "retain")]
-    meta_extra = {"groups": len(groups), "write": write, "ranks": distributed.rank_and_size()[1]}
+    meta_extra = {"groups": len(groups), "write": write, "ranks": distributed.rank_and_size()[1],
+                  "accumulators": "host" if offload else "device"}
     if write == "weights":
         meta_extra.update(alpha=alpha, power=power, eps=eps, weight_dtype=weight_dtype)
     meta = _metadata(model, model_dir, forget, retain, method, batch_size, max_length, adapter, t0, **meta_extra)
@@ -583,7 +645,8 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
     if not main:
         for group in groups:  # the same passes as rank 0, whose all-reduces they join; nothing is kept
             for rows in (forget, retain):
-                estimate_importance(model, tok, rows, method, batch_size, max_length, False, names=group)
+                estimate_importance(model, tok, rows, method, batch_size, max_length, False, names=group,
+                                    offload=offload)
         distributed.barrier()  # return once the file is there
         return {**meta, "seconds": f"{time.perf_counter() - t0:.2f}"}
     run = _RunState(out, fingerprint, checkpoint_every, resume)
@@ -596,13 +659,13 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
             if run.state["phase"] == "forget":
                 scores = estimate_importance(model, tok, forget, method, batch_size, max_length, progress,
                                              f"{method} forget{tag}", group, run.start(g, "forget"),
-                                             run.on_batch(g, "forget"))
+                                             run.on_batch(g, "forget"), offload)
                 save_importance(_checked(scores, "forget", model_dir), {}, run.spill(g), overwrite=True)
                 del scores
                 run.save_state(phase="retain")
             retain_scores = _checked(estimate_importance(model, tok, retain, method, batch_size, max_length, progress,
                                                          f"{method} retain{tag}", group, run.start(g, "retain"),
-                                                         run.on_batch(g, "retain")), "retain", model_dir)
+                                                         run.on_batch(g, "retain"), offload), "retain", model_dir)
             for n in group:
                 # a copy, with the file closed again: a mapping kept open would keep every page of the
                 # spill file read so far resident in this process

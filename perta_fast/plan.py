@@ -6,7 +6,9 @@ Bytes per parameter P (b = bytes of the compute dtype), plus activations per tok
   finetune, LoRA    frozen weights b·P + adapter (fp32 weights, grads, 2 moments) 16·P_lora
   importance        weights b·P + one fp32 accumulator 4·P_t per parameter group (the forget scores
                     are spilled to disk before the retain pass), P_t = the scored parameters (all, or an
-                    adapter's targets); grad also frees each gradient as it lands
+                    adapter's targets); grad also frees each gradient as it lands. On a GPU with too
+                    little room, the accumulators can live in host memory instead: the GPU then holds
+                    one parameter's fp32 buffer 4·max(P_i) beside the weights
   merge             the largest tensor's output buffer (inputs are mapped files) + a 16 MiB LoRA block;
                     on a GPU also that tensor's inputs copied there
   eval              weights b·P + KV cache + logits
@@ -182,6 +184,10 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
                                        f"weights {b}·P + activations + logits + fp32 accumulator 4·P_t"
                                        + (f" in {groups} groups (--max-memory)" if groups > 1 else "")
                                        + (" + per-sample chunk" if method == "fisher" else ""))
+    if device == "cuda" and groups > 1:  # what importance picks instead of groups when the host has room
+        steps[f"importance ({method}, host)"] = (
+            working + 4 * widest, f"weights + activations + logits + one parameter's fp32 buffer on the GPU; "
+                                  f"{4 * scored / GB:.1f} GB fp32 accumulators in host memory, one pass")
     if device == "cuda":  # the output buffer, and each input copied to the GPU (fp32 scores or a LoRA block)
         steps["merge"] = ((2 * b + 8) * widest + LORA_BLOCK_BYTES, "output + inputs of the largest tensor on the GPU")
     else:  # inputs are read from the mapped files; only the output buffer is held
@@ -201,7 +207,7 @@ def format_plan(result: dict, memory_gb: float | None, device: str) -> str:
         verdict = ""
         if memory_gb is not None:
             verdict = "fits" if nbytes + RUNTIME_HOST_BYTES <= memory_gb * GB else "does not fit"
-        lines.append(f"  {step:<20} {nbytes / GB:7.2f} GB  {verdict:<12}  {detail}")
+        lines.append(f"  {step:<25} {nbytes / GB:7.2f} GB  {verdict:<12}  {detail}")
     lines.append(f"  (each + the runtime: ~{RUNTIME_HOST_BYTES / GB:.1f} GB of host memory"
                  + ("; on the GPU the CUDA context, outside these figures)" if device == "cuda" else ")"))
     return "\n".join(lines)

@@ -12,11 +12,23 @@ import time
 
 def rss_anon_bytes(field: str = "RssAnon", pid: int | str = "self") -> int:
     """A process's private anonymous memory (or another /proc/PID/status field, e.g. VmRSS)."""
-    with open(f"/proc/{pid}/status") as f:
+    return _proc_kb(f"/proc/{pid}/status", field)
+
+
+def host_available_bytes() -> int | None:
+    """Memory the host can still give without swapping (MemAvailable), or None where /proc says nothing."""
+    try:
+        return _proc_kb("/proc/meminfo", "MemAvailable")
+    except OSError:
+        return None
+
+
+def _proc_kb(path: str, field: str) -> int:
+    with open(path) as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/{pid}/status")
+    raise OSError(f"{field} not in {path}")
 
 
 def run_and_watch(cmd: list[str], interval: float = 0.05, **kwargs) -> dict:
@@ -43,19 +55,42 @@ def release_freed_memory():
     """glibc keeps freed buffers on its heap (after large frees it raises its mmap threshold, and tensors
     below it come from the heap and fragment it), so private memory creeps up with every tensor merged or
     training step taken; hand those pages back. A no-op where there is no glibc."""
-    global _malloc_trim
-    if _malloc_trim is None:
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+TENSORS_ONLY_THRESHOLD = 1 << 17
+
+
+def map_allocations_above(threshold: int) -> bool:
+    """Give every allocation above `threshold` bytes its own mapping, returned to the OS when freed, for
+    the rest of the process (glibc's mmap threshold, fixed; the environment variable
+    MALLOC_MMAP_THRESHOLD_ does the same from outside). By default glibc raises that threshold after each
+    large free, up to 32 MiB, and serves everything below it from its heap, where a freed tensor stays
+    resident between live ones: a step then holds more than its live tensors. At 128 KiB private memory
+    follows the live tensors closely, which is how the plan is checked, but every allocation then faults
+    in fresh pages: SmolLM2 steps ran ~30 % slower (benchmarks/RESULTS.md, "allocator"), which is why
+    the CLI leaves glibc's default alone. False where there is no glibc."""
+    libc = _glibc()
+    return bool(libc) and libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1
+
+
+def _glibc():
+    global _libc
+    if _libc is None:
         try:
             import ctypes
 
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim, _libc.mallopt  # noqa: B018  (musl and others lack them)
         except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+            _libc = False
+    return _libc
 
 
-_malloc_trim = None
+_libc = None
 
 
 class PeakRssAnon:
@@ -107,9 +142,12 @@ class PeakRssAnon:
 
 
 def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
-    """Run one pipeline step in this process and return its peak RssAnon above the level after imports
-    (the runtime), for comparing with `perta-fast plan`. Run it in a fresh process
-    (`python -m perta_fast.profiling STEP MODEL OUT JSON`): an earlier step's freed heap would count."""
+    """Run one pipeline step in this process and return its peak memory above the level after imports
+    (the runtime), for comparing with `perta-fast plan`: "held_bytes" counts private memory plus mapped
+    checkpoint pages. options["mmap_threshold"] (default 128 KiB, None for glibc's default) is set for
+    the process first, so by default the figure follows the live tensors rather than freed heap glibc
+    keeps. Run it in a fresh process (`python -m perta_fast.profiling STEP MODEL OUT JSON`): an earlier
+    step's heap would count."""
     import gc
 
     import perta_fast as pf
@@ -120,8 +158,13 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
     rows = (forget + retain)[:options.get("rows", 16)]
     bs, length, dtype = options.get("batch_size", 8), options.get("max_length", 256), options.get("dtype")
     ckpt = options.get("gradient_checkpointing", False)
+    # by default the live tensors (the plan's quantity), not what glibc's heap also keeps; None: glibc's own
+    mmap_threshold = options.get("mmap_threshold", TENSORS_ONLY_THRESHOLD)
+    if mmap_threshold is not None:
+        map_allocations_above(mmap_threshold)
     load_tokenizer(model_dir)  # tokenizer code and files are runtime, not the step's
     gc.collect()
+    t0 = time.perf_counter()
     with PeakRssAnon(0.002) as m:
         if step == "finetune":
             from .train import FinetuneOptions
@@ -142,7 +185,8 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
             pf.merge(model_dir, options["finetuned"], out, None, pf.MergeOptions("tv"), progress=False)
         else:
             raise ValueError(f"unknown step {step!r}")
-    return {"step": step, "peak_bytes": m.growth, "held_bytes": m.held_growth, "runtime_bytes": m.start}
+    return {"step": step, "peak_bytes": m.growth, "held_bytes": m.held_growth, "runtime_bytes": m.start,
+            "seconds": time.perf_counter() - t0, "mmap_threshold": mmap_threshold}
 
 
 def measure_step_in_subprocess(step: str, model_dir, out, options: dict) -> dict:

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from helpers import tree_digest
 from perta_fast.cli import main
 from perta_fast.errors import PertaError
-from perta_fast.importance import compute_importance, importance_file, parameter_groups
+from perta_fast.importance import compute_importance, importance_file, parameter_groups, place_accumulators
 from perta_fast.ops import ratio_weights
 
 
@@ -57,6 +57,40 @@ def test_write_weights_equals_ratio_of_scores(tmp_path, tiny_dir, facts, dtype, 
         # rounded once to the output dtype: within one ulp of that dtype on top
         ulp = {torch.float32: 0, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
         torch.testing.assert_close(w.float(), want.float(), rtol=ulp + 4 * 2 ** -23, atol=1e-30, msg=k)
+
+
+@pytest.mark.parametrize("method", ["grad", "fisher"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_host_offloaded_accumulators_equal_the_device_ones(tmp_path, tiny_tokenizer, facts, method, tied):
+    """The offloaded path (a zeroed buffer per parameter on the math device, added to a host
+    accumulator once filled; the mean gradient moved as it lands) against accumulating in place. Here the
+    math device is the CPU too, so only the order of the additions differs: fp32 tolerance of each
+    tensor's largest score. Both a tied lm_head (its vocabulary-tiled buffer) and untied embeddings."""
+    from conftest import build_model
+
+    folder = tmp_path / "m"
+    build_model(len(tiny_tokenizer), tie=tied).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    forget, retain = facts[0][:6], facts[1][:7]
+    files = {}
+    for offload in (False, True):
+        out = tmp_path / f"{offload}.safetensors"
+        meta = importance_file(folder, forget, retain, out, method, 4, progress=False, offload=offload)
+        assert meta["accumulators"] == ("host" if offload else "device")
+        files[offload] = read(out)[0]
+    assert set(files[True]) == set(files[False])
+    for k, want in files[False].items():
+        torch.testing.assert_close(files[True][k], want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=k)
+
+
+def test_accumulators_go_to_the_host_only_on_a_gpu_that_lacks_room():
+    gb = 1e9
+    assert place_accumulators(10 * gb, None, "cuda", 64 * gb) == "device"  # no budget given
+    assert place_accumulators(10 * gb, 12 * gb, "cuda", 64 * gb) == "device"  # fits the GPU
+    assert place_accumulators(10 * gb, 6 * gb, "cuda", 64 * gb) == "host"  # one pass instead of two groups
+    assert place_accumulators(10 * gb, 6 * gb, "cuda", 12 * gb) == "groups"  # the host lacks the headroom
+    assert place_accumulators(10 * gb, 6 * gb, "cuda", None) == "groups"
+    assert place_accumulators(10 * gb, 6 * gb, "cpu", 64 * gb) == "groups"  # on the CPU the host is the device
 
 
 def test_max_memory_too_small_names_the_minimum(tmp_path, tiny_dir, facts, capsys):
