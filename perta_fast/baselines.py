@@ -2,42 +2,35 @@
 
 GA maximises the forget set's loss. NPO (Zhang et al., 2024) minimises −(2/β)·log σ(−β·log(π_θ/π_ref))
 over forget answers, π_ref the model before unlearning, plus the retain set's loss (as in the
-open-unlearning recipe). Both run AdamW with linear warm-up over the first epoch.
+open-unlearning recipe). Both run fine-tuning's training loop (perta_fast.train.train_in_place) with
+their own loss: AdamW with linear warm-up over the first epoch.
 """
 from __future__ import annotations
 
 import itertools
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .data import QA, batches, collate, data_hash, encode, pad_id
+from .data import QA, batches, collate, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
 from .loss import per_sample_loss
 from .io import check_output_path
 from .models import load_model, save_model
-from .train import autocast
+from .train import TrainingOptions, train_in_place
 
 METHODS = ("ga", "npo")
 
 
 @dataclass
-class BaselineOptions:
+class BaselineOptions(TrainingOptions):
     method: str = "ga"
     epochs: int = 10
     lr: float = 1e-5
-    batch_size: int = 8
     weight_decay: float = 0.01
     beta: float = 0.1  # NPO's inverse temperature
     retain_weight: float = 1.0  # NPO's retain-loss weight (GA uses none)
-    max_length: int = 256
-    seed: int = 0
-    device: str | None = None
-    bf16_autocast: bool = False  # mixed precision: bf16 matmuls, fp32 weights and optimizer state
-    dtype: str | None = None  # weights' dtype: auto (None) = the checkpoint's own
-    gradient_checkpointing: bool = False
 
 
 def sequence_nll(logits, labels):
@@ -45,22 +38,31 @@ def sequence_nll(logits, labels):
     return per_sample_loss(logits, labels) * (labels[:, 1:] != -100).sum(1).clamp_min(1)
 
 
-def _forget_loss(model, ids, mask, labels, ref_nll, opts):
+def _baseline_loss(opts, ref_nll, retain_enc, pad):
+    """Each forget sample's GA or NPO loss (NPO: plus the retain loss of the next retain row, taken in
+    turn, so the batch mean is the forget term's mean plus the retain term's)."""
     import torch.nn.functional as F
 
-    with autocast(ids.device, opts.bf16_autocast):
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    if opts.method == "ga":
-        return -per_sample_loss(logits, labels).mean()
-    log_ratio = ref_nll - sequence_nll(logits, labels)  # log π_θ − log π_ref
-    return -(2 / opts.beta) * F.logsigmoid(-opts.beta * log_ratio).mean()
+    retain_order = itertools.cycle(range(len(retain_enc)))
+
+    def loss(net, ids, mask, labels, rows):
+        logits = logits_of(net, ids, mask)
+        if opts.method == "ga":
+            return -per_sample_loss(logits, labels)
+        log_ratio = ref_nll[rows] - sequence_nll(logits, labels)  # log π_θ − log π_ref
+        per_sample = -(2 / opts.beta) * F.logsigmoid(-opts.beta * log_ratio)
+        if opts.retain_weight:
+            r = [retain_enc[next(retain_order)] for _ in rows]
+            rids, rmask, rlabels = (t.to(ids.device) for t in collate(r, pad))
+            per_sample = per_sample + opts.retain_weight * per_sample_loss(logits_of(net, rids, rmask), rlabels)
+        return per_sample
+    return loss
 
 
 def unlearn_by_training(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str | Path,
                         options: BaselineOptions | None = None, overwrite: bool = False) -> dict:
     """Unlearn `forget` from the checkpoint in `model_dir` by GA or NPO; write the result to `out`."""
     import torch
-    from tqdm import tqdm
 
     opts = options or BaselineOptions()
     if opts.method not in METHODS:
@@ -79,37 +81,10 @@ def unlearn_by_training(model_dir: str | Path, forget: list[QA], retain: list[QA
                                                    batches(forget_enc, opts.batch_size, pad)):
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 ref[start:start + len(ids)] = sequence_nll(logits, labels.to(device))
-    optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    steps_per_epoch = -(-len(forget_enc) // opts.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / steps_per_epoch))
-    rng = random.Random(opts.seed)
-    retain_order = itertools.cycle(range(len(retain_enc)))
-    model.train()
     losses = []
-    with tqdm(total=opts.epochs * steps_per_epoch, desc=opts.method, unit="step") as bar:
-        for _ in range(opts.epochs):
-            order = list(range(len(forget_enc)))
-            rng.shuffle(order)
-            for start in range(0, len(order), opts.batch_size):
-                idx = order[start:start + opts.batch_size]
-                ids, mask, labels = (t.to(device) for t in collate([forget_enc[i] for i in idx], pad))
-                loss = _forget_loss(model, ids, mask, labels, ref[idx], opts)
-                if opts.method == "npo" and opts.retain_weight:
-                    r = [retain_enc[next(retain_order)] for _ in idx]
-                    rids, rmask, rlabels = (t.to(device) for t in collate(r, pad))
-                    with autocast(device, opts.bf16_autocast):
-                        rlogits = model(input_ids=rids, attention_mask=rmask).logits
-                    loss = loss + opts.retain_weight * per_sample_loss(rlogits, rlabels).mean()
-                if not torch.isfinite(loss):
-                    raise PertaError(f"{model_dir}: {opts.method} loss became NaN/Inf (try a lower --lr)")
-                optim.zero_grad(set_to_none=True)
-                loss.backward()
-                optim.step()
-                sched.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
+    train_in_place(model, tok, forget, opts, desc=opts.method, source=str(model_dir),
+                   batch_loss=_baseline_loss(opts, ref, retain_enc, pad),
+                   warmup_steps=-(-len(forget_enc) // opts.batch_size), step_losses=losses)
     record = {"base": str(Path(model_dir).resolve()), "forget_sha256": data_hash(forget),
               "retain_sha256": data_hash(retain), "options": asdict(opts), "step_losses": losses,
               "seconds": round(time.perf_counter() - t0, 2)}

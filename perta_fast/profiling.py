@@ -71,8 +71,8 @@ def map_allocations_above(threshold: int) -> bool:
     large free, up to 32 MiB, and serves everything below it from its heap, where a freed tensor stays
     resident between live ones: a step then holds more than its live tensors. At 128 KiB private memory
     follows the live tensors closely, which is how the plan is checked, but every allocation then faults
-    in fresh pages: SmolLM2 steps ran ~30 % slower (benchmarks/RESULTS.md, "allocator"), which is why
-    the CLI leaves glibc's default alone. False where there is no glibc."""
+    in fresh pages and CPU steps take longer (benchmarks/plan.py times both), which is why the CLI leaves
+    glibc's default alone. False where there is no glibc."""
     libc = _glibc()
     return bool(libc) and libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1
 

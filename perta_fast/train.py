@@ -26,7 +26,8 @@ from .profiling import release_freed_memory
 
 
 @dataclass
-class FinetuneOptions:
+class TrainingOptions:
+    """What the one training loop (train_in_place) reads: fine-tuning's and the baselines' common part."""
     epochs: int = 3
     lr: float = 1e-4
     batch_size: int = 8
@@ -37,6 +38,10 @@ class FinetuneOptions:
     bf16_autocast: bool = False  # mixed precision: bf16 matmuls, fp32 weights and optimizer state
     dtype: str | None = None  # weights' dtype while training: auto (None) = the checkpoint's own
     gradient_checkpointing: bool = False
+
+
+@dataclass
+class FinetuneOptions(TrainingOptions):
     lora_rank: int | None = None  # None: full fine-tuning; R > 0: a LoRA adapter of rank R
     lora_alpha: float | None = None  # default 2·R
     lora_targets: str = "all-linear"  # or module names: "q_proj,v_proj"
@@ -119,11 +124,19 @@ class TrainCheckpoint:
         checkpoint_saved(self.saved)
 
 
-def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc: str = "finetune",
-                   source: str = "model", checkpoint: TrainCheckpoint | None = None,
-                   resume: bool = False) -> list[float]:
-    """AdamW on the set's loss (mean of per-sample answer losses); returns the mean loss of each epoch.
-    With `checkpoint`, the state is saved every `checkpoint.every` steps; `resume` starts from it."""
+def answer_loss(net, ids, mask, labels, rows):
+    """Each sample's mean answer-token cross-entropy: fine-tuning's loss."""
+    return per_sample_loss(logits_of(net, ids, mask), labels)
+
+
+def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc: str = "finetune", source: str = "model",
+                   checkpoint: TrainCheckpoint | None = None, resume: bool = False, batch_loss=answer_loss,
+                   warmup_steps: int = 0, step_losses: list | None = None) -> list[float]:
+    """AdamW on the mean over the set of `batch_loss(net, ids, mask, labels, rows)`, each sample's loss
+    (`rows`: the batch's indices into `rows`); returns the mean loss of each epoch. The one training
+    loop: fine-tuning and the GA/NPO baselines (their losses) both run it. `warmup_steps` ramps the learning rate
+    linearly; `step_losses` (a list) receives each step's mean loss. With `checkpoint`, the state is saved
+    every `checkpoint.every` steps; `resume` starts from it."""
     import torch
     from tqdm import tqdm
 
@@ -134,6 +147,8 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc
     device = next(model.parameters()).device
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.lr,
                               weight_decay=opts.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup_steps)) \
+        if warmup_steps else None
     rank, size = distributed.rank_and_size()
     net = model
     if size > 1:  # DDP averages the ranks' gradients: each rank's loss is scaled so the average is the batch mean
@@ -160,18 +175,22 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: FinetuneOptions, desc
             for step, start in enumerate(range(0, len(order), opts.batch_size)):
                 if epoch == first_epoch and step < first_step:
                     continue
-                batch = [encoded[i] for i in order[start:start + opts.batch_size]]
+                batch = order[start:start + opts.batch_size]
                 mine, counts = distributed.shard(batch, rank, size)  # the whole batch in one process
-                ids, mask, labels = (t.to(device) for t in collate(mine, pad))
+                ids, mask, labels = (t.to(device) for t in collate([encoded[i] for i in mine], pad))
                 with autocast(device, opts.bf16_autocast):
                     # the logits are not kept beyond the loss (nor a KV cache): they are the largest activation
-                    losses = per_sample_loss(logits_of(net, ids, mask), labels)
+                    losses = batch_loss(net, ids, mask, labels, mine)
                 loss = losses.sum() / len(batch) * size if counts else losses.sum() * 0.0
                 if not torch.isfinite(losses).all():
-                    raise PertaError(f"{source}: training loss is NaN/Inf (NaN weights in the checkpoint, or --lr too high?)")
+                    raise PertaError(f"{source}: {desc} loss is NaN/Inf (NaN weights in the checkpoint, or --lr too high?)")
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()
+                if sched is not None:
+                    sched.step()
+                if step_losses is not None:
+                    step_losses.append(float(loss.detach()))
                 if device.type == "cpu":  # else each step's freed activations stay private memory
                     release_freed_memory()
                 if counts:

@@ -30,14 +30,14 @@ def test_npo_loss_at_the_reference_is_2_ln2_over_beta(tmp_path, tiny_dir, facts,
     forget, retain = facts
     # lr 0: θ stays π_ref, so log(π_θ/π_ref) = 0 at every step and every loss is −(2/β)·log σ(0)
     rec = unlearn_by_training(tiny_dir, forget, retain, tmp_path / "npo", BaselineOptions(
-        "npo", epochs=2, lr=0.0, batch_size=3, beta=beta, retain_weight=0.0, device="cpu"))
+        method="npo", epochs=2, lr=0.0, batch_size=3, beta=beta, retain_weight=0.0, device="cpu"))
     assert rec["step_losses"] == pytest.approx([2 / beta * math.log(2)] * 6, rel=1e-4)
 
 
 def test_npo_adds_the_retain_loss(tmp_path, tiny_dir, facts):
     forget, retain = facts
     rec = unlearn_by_training(tiny_dir, forget, retain, tmp_path / "npo", BaselineOptions(
-        "npo", epochs=1, lr=0.0, batch_size=len(forget), retain_weight=1.0, device="cpu"))
+        method="npo", epochs=1, lr=0.0, batch_size=len(forget), retain_weight=1.0, device="cpu"))
     # one step, retain batch = the first len(forget) retain rows
     expected = 20 * math.log(2) + mean_nll_by_hand(tiny_dir, retain[:len(forget)])
     assert rec["step_losses"] == pytest.approx([expected], rel=1e-4)
@@ -47,7 +47,7 @@ def test_gradient_ascent_raises_the_forget_loss(tmp_path, tiny_dir, facts):
     forget, retain = facts
     out = tmp_path / "ga"
     rec = unlearn_by_training(tiny_dir, forget, retain, out, BaselineOptions(
-        "ga", epochs=4, lr=1e-3, batch_size=len(forget), device="cpu"))
+        method="ga", epochs=4, lr=1e-3, batch_size=len(forget), device="cpu"))
     before = mean_nll_by_hand(tiny_dir, forget)
     assert rec["step_losses"][0] == pytest.approx(-before, rel=1e-4)
     assert mean_nll_by_hand(out, forget) > before + 0.1
@@ -67,5 +67,5 @@ def test_baseline_cli_and_bad_input(tmp_path, tiny_dir, facts, capsys):
     assert main([*args, "--method", "npo", "--out", str(tmp_path / "npo")]) == 2  # exists, no --overwrite
     assert "exists" in capsys.readouterr().err
     with pytest.raises(PertaError, match="unknown baseline"):
-        unlearn_by_training(tiny_dir, forget, retain, tmp_path / "x", BaselineOptions("sgd"))
+        unlearn_by_training(tiny_dir, forget, retain, tmp_path / "x", BaselineOptions(method="sgd"))
     assert not (tmp_path / "x").exists()
