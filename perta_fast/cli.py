@@ -7,9 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from . import dtypes
 from .errors import PertaError
 
-DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")  # perta_fast.models.DTYPE_CHOICES, without importing torch here
+DTYPE_CHOICES = ("auto",) + dtypes.NAMES
 
 
 def _add_common(p, batch=8, checkpointing=True):
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else in parameter groups, one pass over the data per group; it says which")
     p.add_argument("--write", choices=["scores", "weights"], default="scores",
                    help="scores: forget/ and retain/ fp32 scores (8 bytes per parameter); weights: the ratio w itself")
-    p.add_argument("--weight-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of w with --write weights")
+    p.add_argument("--weight-dtype", choices=dtypes.NAMES, default="fp16", help="dtype of w with --write weights")
     _add_resume(p, "batches")
     _add_merge_knobs(p, lam=False)
     _add_common(p)

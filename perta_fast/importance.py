@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from . import __version__, distributed
+from . import __version__, distributed, dtypes
 from .data import QA, collate, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
 from .io import (Checkpoint, SafetensorsFile, SafetensorsWriter, _umask_mode, atomic_file, check_output_path,
@@ -71,13 +71,10 @@ def _rms_eps(m: nn.Module) -> float:
 
 
 def _accumulators(params: dict, offload: bool) -> dict[str, torch.Tensor]:
-    """fp32 zeros beside each parameter, or all on the host (pinned where there is a GPU, for the
-    transfers) when offloaded."""
-    def zeros(p):
-        if not offload:
-            return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        return torch.zeros(p.shape, dtype=torch.float32, pin_memory=p.device.type == "cuda")
-    return {n: zeros(p) for n, p in params.items()}
+    """fp32 zeros beside each parameter, or all in host memory when offloaded (not pinned: the transfers
+    land in temporaries, and tens of GB of page-locked memory is what a host can least spare)."""
+    return {n: torch.zeros(p.shape, dtype=torch.float32, device="cpu" if offload else p.device)
+            for n, p in params.items()}
 
 
 class _ExactFisher:
@@ -440,7 +437,6 @@ def save_importance(tensors: dict, metadata: dict, out: str | Path, overwrite: b
     return Path(out)
 
 
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parameter_groups(sizes: dict[str, int], budget_bytes: float | None) -> list[list[str]]:
@@ -588,8 +584,8 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
 
     if write not in ("scores", "weights"):
         raise PertaError(f"--write must be scores or weights, got {write!r}")
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise PertaError(f"--weight-dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    if weight_dtype not in dtypes.NAMES:
+        raise PertaError(f"--weight-dtype must be one of {', '.join(dtypes.NAMES)}, got {weight_dtype!r}")
     if max_memory is not None and max_memory <= 0:
         raise PertaError(f"--max-memory must be a positive number of GB, got {max_memory:g}")
     if checkpoint_every is not None and checkpoint_every <= 0:
@@ -627,7 +623,7 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
         tqdm.write(f"importance: fp32 accumulators {where}, in {len(groups)} parameter group(s) of at most "
                    f"{largest:.2f} GB, one pass over the data per group", file=sys.stderr)
     if write == "weights":
-        layout = [(f"weight/{n}", tuple(p.shape), WEIGHT_DTYPES[weight_dtype]) for n, p in params.items()]
+        layout = [(f"weight/{n}", tuple(p.shape), dtypes.torch_dtype(weight_dtype)) for n, p in params.items()]
     else:
         layout = [(f"{label}/{n}", tuple(p.shape), torch.float32) for n, p in params.items()
                   for label in ("forget", "retain")]
@@ -671,7 +667,7 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
                 # spill file read so far resident in this process
                 s_f, s_r = SafetensorsFile(run.spill(g)).get(n).clone(), retain_scores.pop(n)
                 if write == "weights":
-                    writer.write(f"weight/{n}", ratio(s_f, s_r, alpha, power, eps, WEIGHT_DTYPES[weight_dtype]))
+                    writer.write(f"weight/{n}", ratio(s_f, s_r, alpha, power, eps, dtypes.torch_dtype(weight_dtype)))
                 else:
                     writer.write(f"forget/{n}", s_f)
                     writer.write(f"retain/{n}", s_r)

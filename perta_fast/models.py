@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import dtypes
 from .errors import PertaError
 from .io import Checkpoint, atomic_dir
 
@@ -36,7 +37,6 @@ def pick_device(device: str | None = None) -> str:
     return device
 
 
-DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 
 
 def checkpoint_dtype(folder: str | Path):
@@ -56,7 +56,7 @@ def resolve_dtype(dtype, folder: str | Path, device: str):
     """torch dtype for `--dtype` (auto: the checkpoint's own), refused if the device cannot compute in it."""
     import torch
 
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    names = {n: dtypes.torch_dtype(n) for n in dtypes.NAMES}
     if dtype is None or dtype == "auto":
         dt = checkpoint_dtype(folder)
         dt = dt if dt in names.values() else torch.float32  # fp8/fp64 storage computes in fp32
@@ -65,7 +65,7 @@ def resolve_dtype(dtype, folder: str | Path, device: str):
     elif dtype in names:
         dt = names[dtype]
     else:
-        raise PertaError(f"unknown --dtype {dtype!r} (expected one of {', '.join(DTYPE_CHOICES)})")
+        raise PertaError(f"unknown --dtype {dtype!r} (expected auto, {', '.join(dtypes.NAMES)})")
     if str(device).startswith("cuda") and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise PertaError(f"--dtype bf16: the GPU {torch.cuda.get_device_name()} cannot compute in bf16 (use fp16 or fp32)")
     return dt

@@ -329,6 +329,8 @@ def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, ove
         sample = {"question": forget[0].question, "reference": forget[0].answer,
                   "answers": {m: r["forget"]["generations"][0] for m, r in results.items()}}
         summary = {"table": table, "results": results, "sample": sample, "lam": opts.lam,
+                   "options": {"people": opts.n_people, "forget_people": opts.n_forget, "seed": opts.seed,
+                               "lora_rank": opts.lora_rank},
                    "sweep": curves, "sweep_table": format_sweep(curves),
                    "n_forget_rows": len(forget), "n_retain_rows": len(retain),
                    "seconds": round(time.perf_counter() - t0, 1)}

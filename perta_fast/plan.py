@@ -28,11 +28,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import dtypes
 from .errors import PertaError
 from .io import read_json
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 GB = 1e9
 RUNTIME_HOST_BYTES = 0.4e9  # python + torch + transformers + peft, measured on the CPU (benchmarks/plan.py)
 LORA_BLOCK_BYTES = 4 * (1 << 22)  # perta_fast.merge.LORA_BLOCK_ELEMENTS of fp32
@@ -59,7 +58,7 @@ class Shapes:
             return cls(int(config["vocab_size"]), hidden, int(config["intermediate_size"]),
                        int(config["num_hidden_layers"]), heads, int(config.get("num_key_value_heads") or heads),
                        int(config.get("head_dim") or hidden // heads), bool(config.get("tie_word_embeddings", False)),
-                       CONFIG_DTYPES.get(config.get("dtype") or config.get("torch_dtype"), "fp32"))
+                       dtypes.CONFIG_NAMES.get(config.get("dtype") or config.get("torch_dtype"), "fp32"))
         except (KeyError, TypeError, ValueError) as e:
             raise PertaError(f"{path}: config lacks a decoder's sizes ({e}); plan knows Llama-style configs") from None
 
@@ -153,9 +152,9 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
         config_path = config_path / "config.json"
     s = Shapes.from_config(read_json(config_path), config_path)
     dt = s.dtype if dtype == "auto" else dtype
-    if dt not in DTYPE_BYTES:
+    if dt not in dtypes.BYTES:
         raise PertaError(f"unknown --dtype {dtype!r} (expected auto, bf16, fp16 or fp32)")
-    b, P = DTYPE_BYTES[dt], s.params
+    b, P = dtypes.BYTES[dt], s.params
     targets = None if lora_targets == "all-linear" else [t.strip() for t in lora_targets.split(",")]
     tokens = batch_size * max_length
     weights = b * P

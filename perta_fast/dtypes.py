@@ -1,0 +1,13 @@
+"""The float dtypes a user names (--dtype, --weight-dtype), in one place; torch is imported only to
+turn a name into a torch dtype, so the CLI and the plan can use the names without it."""
+from __future__ import annotations
+
+NAMES = ("bf16", "fp16", "fp32")
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+CONFIG_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # config.json's torch_dtype
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
