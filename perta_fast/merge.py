@@ -120,6 +120,9 @@ def plan_merge(base: str | Path, finetuned: str | Path, importance: str | Path |
             where = base_ck.folder if odd in base_names else ft_ck.folder
             raise PertaError(f"{ft_ck.folder}: tensor names differ from {base_ck.folder} (e.g. {odd!r} only in {where})")
     covered: dict[str, tuple] = {}
+    if options.method == "tv" and importance is not None:  # TV weighs nothing: the file would be ignored
+        raise PertaError(f"{importance}: --importance is for --method perta; tv subtracts λ·τ unweighted "
+                         "(drop --importance, or use --method perta)")
     if options.method == "perta":
         if importance is None:
             raise PertaError("method perta needs an importance file (--importance)")

@@ -102,6 +102,14 @@ def test_importance_from_another_model(tmp_path, capsys, pair):
     assert_nothing_written(tmp_path, tmp_path / "out")
 
 
+def test_tv_with_an_importance_file_is_refused(tmp_path, capsys, pair):
+    """TV uses no importance: given one, the user meant PerTA (this crashed with a TypeError once)."""
+    full, ft, imp = pair
+    err = cli_error(capsys, merge_args(full, ft, tmp_path / "out", imp, "--method", "tv"))
+    assert "imp.safetensors" in err and "--method perta" in err
+    assert_nothing_written(tmp_path, tmp_path / "out")
+
+
 def test_importance_with_wrong_shape(tmp_path, capsys, pair):
     full, ft, _ = pair
     bad = {"a.weight": torch.rand(4, 6), "b.weight": torch.rand(4)}
