@@ -100,6 +100,9 @@ def _tofu_split(folder: Path, split: str, eval_rows: bool = False) -> list:
             raise PertaError(f"{folder}: unknown TOFU split {split!r} (forget01/05/10, retain99/95/90)")
         rows = _read_file(folder / "full.json")
         n_forget = len(rows) * int(forget_pct) // 100
+        if n_forget == 0:  # rows[-0:] would be every row: the whole set as the forget set
+            raise PertaError(f"{folder / 'full.json'}: {len(rows)} rows are too few for {split} "
+                             f"({forget_pct} % of them is no row)")
         # TOFU's standard splits: forget = the last authors, retain = all the rows before them.
         return rows[-n_forget:] if kind == "forget" else rows[:-n_forget]
     path = folder / f"{split}.json"

@@ -75,6 +75,19 @@ def test_tofu_splits_derive_from_full(forget, retain, n):
     assert not set(f) & set(r)
 
 
+@pytest.mark.parametrize("split", ["forget01", "retain99"])
+def test_tofu_split_of_too_few_rows_is_refused(tmp_path, split):
+    """forget01 of 50 rows is 0 rows, and rows[-0:] is every row: the whole set must not become the
+    forget set (nor the retain set empty)."""
+    rows = [{"question": f"q{i}?", "answer": f"a{i}."} for i in range(50)]
+    (tmp_path / "full.json").write_text(json.dumps(rows))
+    with pytest.raises(PertaError, match=r"full.json: 50 rows are too few for " + split):
+        load_qa(f"{tmp_path}:{split}")
+    rows += [{"question": f"q{i}?", "answer": f"a{i}."} for i in range(50, 100)]
+    (tmp_path / "full.json").write_text(json.dumps(rows))
+    assert len(load_qa(f"{tmp_path}:forget01")) == 1 and len(load_qa(f"{tmp_path}:retain99")) == 99
+
+
 @needs_tofu
 def test_tofu_forget01_matches_the_perturbed_file():
     f = load_qa(f"{TOFU}:forget01")
