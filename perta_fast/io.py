@@ -158,8 +158,8 @@ class Checkpoint:
 
     @staticmethod
     def _pickle_refused(path: Path) -> PertaError:
-        return PertaError(f"{path}: pickle checkpoints can run code when loaded; refused "
-                          "(pass --allow-pickle to load it with weights_only=True)")
+        return PertaError(f"{path}: pickle checkpoints can run code when loaded; refused (convert it to "
+                          "safetensors; only `merge --allow-pickle` reads it, with weights_only=True)")
 
     def _open(self, path: Path):
         if path not in self._files:

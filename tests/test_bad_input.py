@@ -172,6 +172,23 @@ def test_pickle_checkpoint_refused_unless_allowed(tmp_path, capsys, pair):
     assert main(merge_args(full, ft, tmp_path / "out", imp, "--allow-pickle")) == 0
 
 
+def test_pickle_checkpoint_names_no_flag_the_command_lacks(tmp_path, capsys, tiny_dir, facts):
+    """finetune has no --allow-pickle: the refusal must not tell its user to pass one (it did)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin"
+    shutil.copytree(tiny_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    (tmp_path / "d.json").write_text(json.dumps([r.__dict__ for r in facts[0]]))
+    err = cli_error(capsys, ["finetune", "--model", str(folder), "--data", str(tmp_path / "d.json"),
+                             "--out", str(tmp_path / "out")])
+    assert "pytorch_model.bin" in err and "convert it to safetensors" in err and "only `merge --allow-pickle`" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_pickle_with_code_is_rejected_even_when_allowed(tmp_path, capsys, pair):
     import pickle
 
