@@ -13,9 +13,25 @@ from .errors import PertaError
 DTYPE_CHOICES = ("auto",) + dtypes.NAMES
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error (argparse would print the usage first)
+        self.exit(2, f"perta-fast: error: {message} (see {self.prog} --help)\n")
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer ≥ 1 (0 epochs or a batch of 0 would fail later, with a traceback)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
+    return n
+
+
 def _add_common(p, batch=8, checkpointing=True):
-    p.add_argument("--batch-size", type=int, default=batch)
-    p.add_argument("--max-length", type=int, default=256, help="tokens per sample (prompt + answer)")
+    p.add_argument("--batch-size", type=positive, default=batch)
+    p.add_argument("--max-length", type=positive, default=256, help="tokens per sample (prompt + answer)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="load the model straight into this dtype (auto: the checkpoint's own)")
@@ -45,13 +61,13 @@ def _add_merge_knobs(p, lam=True):
 
 
 def _add_finetune_knobs(p, epochs, lr):
-    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--epochs", type=positive, default=epochs)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="perta-fast", description="LLM unlearning by per-parameter task arithmetic")
+    ap = _Parser(prog="perta-fast", description="LLM unlearning by per-parameter task arithmetic")
     from . import __version__
 
     ap.add_argument("--version", action="version", version=f"perta-fast {__version__}")
@@ -82,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain", required=True)
     p.add_argument("--method", choices=["grad", "fisher"], default="grad")
     p.add_argument("--out", required=True, help=".safetensors file to write")
-    p.add_argument("--max-samples", type=int, default=None, help="use the first N rows of each set")
+    p.add_argument("--max-samples", type=positive, default=None, help="use the first N rows of each set")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder (θ_ft): score only the weights it targets")
     p.add_argument("--max-memory", type=float, default=None, metavar="GB",
                    help="keep peak memory (GPU memory on a GPU, private host memory on the CPU) under this budget: "
@@ -118,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["perta-grad", "perta-fisher", "tv"], default="perta-grad")
     p.add_argument("--importance-model", default=None, help="estimate importance here (e.g. θ_0) instead of θ_full")
     p.add_argument("--work-dir", default=None, help="where θ_ft and importance go (default: OUT.work)")
-    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--max-samples", type=positive, default=None)
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--eval-samples", type=int, default=64, help="evaluate on the first N rows of each set (0: all)")
     p.add_argument("--max-memory", type=float, default=None, metavar="GB", help="importance's memory budget (see importance)")
@@ -149,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget-split", default="forget01", help="forget01, forget05, … (its _perturbed file)")
     p.add_argument("--retain-model", default=None,
                    help="retain-only model (folder, or its eval .json) for forget quality")
-    p.add_argument("--max-rows", type=int, default=None, help="first N rows of each split")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-rows", type=positive, default=None, help="first N rows of each split")
+    p.add_argument("--max-new-tokens", type=positive, default=200)
     p.add_argument("--no-generate", action="store_true", help="skip greedy answers (no ROUGE-L, no model utility)")
     p.add_argument("--out", default=None, help="results .json (a markdown table goes beside it as .md)")
     p.add_argument("--compare", nargs="+", default=None, metavar="RESULTS_JSON", help="tabulate saved results")
@@ -164,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", default="all-linear")
     p.add_argument("--method", choices=["grad", "fisher"], default="fisher")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=positive, default=8)
+    p.add_argument("--max-length", type=positive, default=256)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--memory", default=None, help="what you have, e.g. 80GB: each step says fits or does not fit")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="whose memory the figures are")
@@ -173,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the built-in job: SmolLM2-135M-Instruct forgets invented people")
     p.add_argument("--out", default="perta-demo")
     p.add_argument("--model", default=None, help="another base checkpoint instead of SmolLM2-135M-Instruct")
-    p.add_argument("--people", type=int, default=10)
-    p.add_argument("--forget-people", type=int, default=2)
+    p.add_argument("--people", type=positive, default=10)
+    p.add_argument("--forget-people", type=positive, default=2)
     p.add_argument("--lam", type=float, default=1.0)
-    p.add_argument("--epochs", type=int, default=None, help="epochs for θ_full (default 8)")
+    p.add_argument("--epochs", type=positive, default=None, help="epochs for θ_full (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--lora-rank", type=int, default=None, help="also unlearn with a LoRA θ_ft of this rank")
@@ -345,7 +361,10 @@ def run(a) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (one line already printed), --help or --version
+        return e.code
     try:
         run(args)
     except PertaError as e:
@@ -354,7 +373,29 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("perta-fast: interrupted; no partial output was kept", file=sys.stderr)
         return 130
+    except (MemoryError, OSError, RuntimeError) as e:
+        line = _resource_error(e)
+        if line is None:
+            raise
+        print(f"perta-fast: error: {line}; no partial output was kept", file=sys.stderr)
+        return 1
     return 0
+
+
+def _resource_error(e: BaseException) -> str | None:
+    """One line for running out of memory or disk, which every step can meet; None for real bugs, whose
+    traceback is wanted. Outputs are written to a temp name and renamed, so nothing half-made remains."""
+    import errno
+
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
+        return ("out of memory (" + (str(e).splitlines()[0][:200] if str(e) else "host") + "): see "
+                "`perta-fast plan`; --max-memory, a smaller --batch-size or --max-length, "
+                "--gradient-checkpointing or --dtype bf16 lower it")
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{e.filename or 'output'}: no space left on the device"
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{e.filename}: {e.strerror}"
+    return None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+from .errors import PertaError
 from .data import QA
 
 _ONSETS = ["Ka", "Vel", "Dra", "Mor", "Ti", "Sel", "Bra", "Quo", "Ny", "Zer", "Lu", "Fen", "Or", "Gal", "Rhu", "Ise"]
@@ -53,7 +54,8 @@ def facts_of(p: dict) -> list[QA]:
 def make_facts(n_people: int = 10, n_forget: int = 2, seed: int = 0) -> tuple[list[QA], list[QA]]:
     """(forget rows, retain rows): the facts of the first `n_forget` people are the forget set."""
     if not 0 < n_forget < n_people:
-        raise ValueError("need 0 < n_forget < n_people")
+        raise PertaError(f"--forget-people {n_forget} with --people {n_people}: at least one person must be "
+                         "forgotten and at least one kept")
     people = make_people(n_people, seed)
     forget = [qa for p in people[:n_forget] for qa in facts_of(p)]
     retain = [qa for p in people[n_forget:] for qa in facts_of(p)]

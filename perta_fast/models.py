@@ -7,6 +7,7 @@ into an ordinary checkpoint folder in the cache. The package itself is never imp
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from . import dtypes
@@ -28,6 +29,8 @@ def pick_device(device: str | None = None) -> str:
 
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif not re.fullmatch(r"cpu|cuda(:\d+)?", str(device)):
+        raise PertaError(f"--device {device}: expected cpu, cuda or cuda:N")
     elif str(device).startswith("cuda") and not torch.cuda.is_available():
         raise PertaError(f"--device {device}: no CUDA device is available here")
     if device == "cuda":
@@ -35,8 +38,6 @@ def pick_device(device: str | None = None) -> str:
 
         return local_cuda()
     return device
-
-
 
 
 def checkpoint_dtype(folder: str | Path):

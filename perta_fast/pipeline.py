@@ -295,8 +295,8 @@ def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, ove
 
     opts = options or DemoOptions()
     t0 = time.perf_counter()
+    forget, retain = make_facts(opts.n_people, opts.n_forget, opts.seed)  # bad options fail before any work
     base = Path(model_dir) if model_dir else default_model()
-    forget, retain = make_facts(opts.n_people, opts.n_forget, opts.seed)
     with atomic_dir(out, overwrite, inputs=(base,)) as work:
         (work / "forget.json").write_text(json.dumps([r.__dict__ for r in forget], indent=1))
         (work / "retain.json").write_text(json.dumps([r.__dict__ for r in retain], indent=1))

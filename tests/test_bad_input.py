@@ -282,3 +282,49 @@ def test_existing_output_is_refused_before_training(tmp_path, capsys, tiny_dir):
     err = cli_error(capsys, ["finetune", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "o")])
     assert "already exists" in err
     assert "finetune" not in capsys.readouterr().err  # no training step ran
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
+    (["--max-length", "x"], "argument --max-length: expected a positive integer, got 'x'"),
+    (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N"),
+])
+def test_bad_numbers_and_devices_are_one_line_errors(tmp_path, capsys, tiny_dir, facts, args, says):
+    (tmp_path / "d.json").write_text(json.dumps([r.__dict__ for r in facts[0]]))
+    err = cli_error(capsys, ["finetune", "--model", str(tiny_dir), "--data", str(tmp_path / "d.json"),
+                             "--out", str(tmp_path / "out")] + args)
+    assert says in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("people,forget", [("2", "2"), ("3", "5")])
+def test_demo_that_would_forget_everyone_is_refused_before_any_work(tmp_path, capsys, people, forget):
+    err = cli_error(capsys, ["demo", "--out", str(tmp_path / "d"), "--people", people, "--forget-people", forget])
+    assert f"--forget-people {forget} with --people {people}" in err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("error,says,code", [
+    (lambda: __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): see `perta-fast plan`", 1),
+    (lambda: MemoryError(), "out of memory (host)", 1),
+    (lambda: OSError(28, "No space left on device", "/data/out/.model.safetensors.tmp"),
+     "/data/out/.model.safetensors.tmp: no space left on the device", 1),
+])
+def test_out_of_memory_and_disk_full_are_one_line_errors(monkeypatch, capsys, pair, tmp_path, error, says, code):
+    """Raised from inside a command as torch and the OS raise them; a real bug still shows its traceback."""
+    from perta_fast import cli
+
+    def fail(a):
+        raise error()
+    monkeypatch.setitem(cli.COMMANDS, "merge", fail)
+    full, ft, imp = pair
+    assert main(merge_args(full, ft, tmp_path / "out", imp)) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"perta-fast: error: {says}")
+    assert len(err.splitlines()) == 1 and err.endswith("no partial output was kept")
+    monkeypatch.setitem(cli.COMMANDS, "merge", lambda a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(merge_args(full, ft, tmp_path / "out", imp))
+
