@@ -275,4 +275,24 @@ def merge(base: str | Path, finetuned: str | Path, out: str | Path, importance: 
             "options": asdict(plan.options), **stats, "seconds": round(time.perf_counter() - t0, 3),
         }
         (tmp / "perta_merge.json").write_text(json.dumps(record, indent=2))
+        (tmp / "README.md").write_text(model_card(record))  # not the base's card: this is another model
     return record
+
+
+def model_card(record: dict) -> str:
+    """The output's README.md: what was done to which model, so that the folder never presents itself
+    as the base model (whose card would otherwise be copied with its config)."""
+    opts, meta = record["options"], record.get("importance_meta") or {}
+    lines = ["# Unlearned model (perta-fast)", "",
+             f"Made by {record['tool']} from `{record['base']}` (θ_full), stepping against the task vector of "
+             f"`{record['finetuned']}` (θ_ft, a {record['finetuned_kind']}):", "",
+             f"    {record['formula']}", "",
+             f"- method: {opts['method']}, λ = {opts['lam']:g}" + (f", α = {opts['alpha']:g}, p = {opts['power']:g}, "
+                                                                  f"ε = {opts['eps']:g}" if opts["method"] == "perta" else ""),
+             f"- importance: `{record['importance']}`" if record.get("importance") else "- importance: none (w = 1)"]
+    if meta:
+        lines.append(f"- importance estimated by `{meta.get('method', '?')}` on {meta.get('n_forget', '?')} forget "
+                     f"rows (sha256 {meta.get('forget_sha256', '?')[:16]}…) and {meta.get('n_retain', '?')} retain rows")
+    lines += ["", "This is not the base model: the base model's card describes the model it was made from, "
+              "not this one. How it was made, in full: `perta_merge.json`.", ""]
+    return "\n".join(lines)

@@ -62,6 +62,17 @@ def test_records_of_the_inputs_are_not_copied(tmp_path):
     assert "special_tokens_map.json" in names and "perta_finetune.json" not in names
 
 
+def test_output_card_says_what_was_done_not_the_base_card(tmp_path):
+    full, ft_dir, imp, *_ = make_inputs(tmp_path, torch.float32)
+    (full / "README.md").write_text("# SmolLM2-135M-Instruct\n\nA compact instruction model.\n")
+    merge(full, ft_dir, tmp_path / "out", imp, MergeOptions(lam=0.7, alpha=2.0), progress=False)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "SmolLM2-135M-Instruct" not in card and "compact instruction model" not in card
+    assert card.startswith("# Unlearned model") and "method: perta, λ = 0.7, α = 2" in card
+    assert str(full.resolve()) in card and str(imp.resolve()) in card and str(ft_dir.resolve()) in card
+    assert (full / "README.md").read_text().startswith("# SmolLM2")  # the input is untouched
+
+
 @pytest.mark.parametrize("alpha,power", [(1.0, 1.0), (2.5, 1.0), (1.0, 0.5), (0.3, 2.0)])
 def test_power_alpha_variants(tmp_path, alpha, power):
     full, ft_dir, imp, base, ft, sf, sr = make_inputs(tmp_path, torch.float32)
