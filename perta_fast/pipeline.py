@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -165,21 +166,26 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
                            opts.method.split("-", 1)[1], work, opts, adapter)
     merge_opts = MergeOptions("tv" if opts.method == "tv" else "perta", opts.lam, opts.alpha, opts.power, opts.eps,
                               device=pick_device(opts.device))
-    record = meter("merge", merge, model_dir, finetuned, out, importance, merge_opts, overwrite)
-    summary = {"method": opts.method, "out": str(out), "finetuned": str(finetuned),
-               "importance": str(importance) if importance else None, "mean_weight": record["mean_weight"]}
-    if opts.evaluate:
-        summary["eval"] = meter("eval", evaluate_models,
-                                {"before (θ_full)": Path(model_dir), f"after ({opts.method})": Path(out)},
-                                {"forget": forget[:opts.eval_samples or None],
-                                 "retain": retain[:opts.eval_samples or None]}, opts.device, dtype=opts.dtype)
-        summary["table"] = format_table(summary["eval"])
-    summary["seconds"] = {**meter.seconds, "total": round(time.perf_counter() - t0, 2)}
-    summary["peak_rss_anon_bytes"] = meter.peak_host
-    summary["peak_rss_bytes"] = meter.peak_resident  # with mapped checkpoint pages
-    if meter.peak_device:
-        summary["peak_cuda_allocated_bytes"] = meter.peak_device
-    (Path(out) / "perta_unlearn.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    # the output appears only once evaluated and recorded: a crash in evaluation leaves nothing at `out`
+    with atomic_dir(out, overwrite, inputs) as staged:
+        record = meter("merge", merge, model_dir, finetuned, staged / "merged", importance, merge_opts)
+        for f in (staged / "merged").iterdir():
+            os.replace(f, staged / f.name)
+        (staged / "merged").rmdir()
+        summary = {"method": opts.method, "out": str(out), "finetuned": str(finetuned),
+                   "importance": str(importance) if importance else None, "mean_weight": record["mean_weight"]}
+        if opts.evaluate:
+            summary["eval"] = meter("eval", evaluate_models,
+                                    {"before (θ_full)": Path(model_dir), f"after ({opts.method})": staged},
+                                    {"forget": forget[:opts.eval_samples or None],
+                                     "retain": retain[:opts.eval_samples or None]}, opts.device, dtype=opts.dtype)
+            summary["table"] = format_table(summary["eval"])
+        summary["seconds"] = {**meter.seconds, "total": round(time.perf_counter() - t0, 2)}
+        summary["peak_rss_anon_bytes"] = meter.peak_host
+        summary["peak_rss_bytes"] = meter.peak_resident  # with mapped checkpoint pages
+        if meter.peak_device:
+            summary["peak_cuda_allocated_bytes"] = meter.peak_device
+        (staged / "perta_unlearn.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary
 
 

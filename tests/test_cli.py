@@ -97,6 +97,28 @@ def test_unlearn_end_to_end_and_reuses_work(workspace, tiny_dir):
     assert tree_digest(tiny_dir) == before
 
 
+def test_unlearn_crash_in_evaluation_leaves_no_output(workspace, tiny_dir, monkeypatch):
+    """The output folder appears only with its record, after evaluation: a crash there leaves nothing
+    at --out (it used to leave the merged model without perta_unlearn.json, and the rerun said
+    "already exists")."""
+    import perta_fast.pipeline as pipeline
+
+    out = workspace / "crashed"
+    args = ["unlearn", "--model", str(tiny_dir), "--forget", str(workspace / "forget.json"),
+            "--retain", str(workspace / "retain.jsonl"), "--out", str(out), "--method", "tv", "--epochs", "1",
+            "--eval-samples", "2"]
+
+    def crash(*a, **k):
+        raise RuntimeError("evaluation crashed")
+    monkeypatch.setattr(pipeline, "evaluate_models", crash)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        main(args)
+    assert not out.exists() and not [p for p in workspace.iterdir() if p.name.startswith(".crashed")]
+    monkeypatch.undo()
+    assert main(args) == 0  # no --overwrite needed
+    assert (out / "perta_unlearn.json").is_file() and (out / "perta_merge.json").is_file()
+
+
 def test_unlearned_model_loads_in_transformers(workspace):
     from transformers import AutoModelForCausalLM
 
