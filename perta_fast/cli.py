@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["perta-grad", "perta-fisher", "tv"], default="perta-grad")
     p.add_argument("--importance-model", default=None, help="estimate importance here (e.g. θ_0) instead of θ_full")
     p.add_argument("--work-dir", default=None, help="where θ_ft and importance go (default: OUT.work)")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep θ_ft and the importance file (derived from the forget set) for a rerun to reuse; "
+                        "by default they are deleted once the output is written")
     p.add_argument("--max-samples", type=positive, default=None)
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--eval-samples", type=int, default=64, help="evaluate on the first N rows of each set (0: all)")
@@ -272,7 +275,7 @@ def _unlearn(a):
 
     opts = UnlearnOptions(a.method, a.lam, a.alpha, a.power, a.eps, _finetune_opts(a), a.batch_size,
                           a.max_length, a.max_samples, a.importance_model, a.device, not a.no_eval,
-                          a.eval_samples, a.dtype, a.gradient_checkpointing, a.max_memory, a.write)
+                          a.eval_samples, a.dtype, a.gradient_checkpointing, a.max_memory, a.write, a.keep_work)
     s = pf.unlearn(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, a.finetuned, opts, a.work_dir,
                    a.overwrite)
     peaks = {k: f"{v / 1e9:.2f} GB" for k, v in s["peak_rss_anon_bytes"].items()}
@@ -280,6 +283,11 @@ def _unlearn(a):
           f"peak host memory: {json.dumps(peaks)}")
     if "table" in s:
         print(s["table"])
+    if s["work_kept"]:
+        print(f"kept {s['work']}: θ_ft there was trained on the forget set; delete it when done")
+    elif s.get("work_removed"):
+        print(f"deleted {', '.join(s['work_removed'])} from {s['work']} (derived from the forget set; "
+              "--keep-work keeps them)")
 
 
 def _baseline(a):

@@ -37,6 +37,23 @@ class UnlearnOptions:
     gradient_checkpointing: bool = False
     max_memory: float | None = None  # GB: importance keeps to it by scoring parameters in groups
     write: str = "scores"  # importance file: fp32 scores, or fp16 ratio weights for this α, p, ε (4x smaller)
+    keep_work: bool = False  # keep θ_ft and the importance file (both derived from the forget set) for reuse
+
+
+def remove_forget_derived(work: Path) -> list[str]:
+    """Delete what unlearn derived from the forget set in `work` (θ_ft, full or LoRA, and importance
+    files), and `work` itself if nothing else is left; only names unlearn writes are touched, since
+    --work-dir may be a folder of the user's. Returns what was removed."""
+    import shutil
+
+    removed = []
+    for p in sorted(work.iterdir()) if work.is_dir() else []:
+        if p.name in ("theta_ft", "theta_ft_lora") or (p.name.startswith("importance-") and ".safetensors" in p.name):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p.name)
+    if work.is_dir() and not any(work.iterdir()):
+        work.rmdir()
+    return removed
 
 
 def _matches(record: dict, expect: dict) -> bool:
@@ -173,7 +190,9 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
             os.replace(f, staged / f.name)
         (staged / "merged").rmdir()
         summary = {"method": opts.method, "out": str(out), "finetuned": str(finetuned),
-                   "importance": str(importance) if importance else None, "mean_weight": record["mean_weight"]}
+                   "importance": str(importance) if importance else None, "mean_weight": record["mean_weight"],
+                   "forget_rows": len(forget), "forget_sha256": data_hash(forget), "retain_rows": len(retain),
+                   "retain_sha256": data_hash(retain), "work": str(work), "work_kept": opts.keep_work}
         if opts.evaluate:
             summary["eval"] = meter("eval", evaluate_models,
                                     {"before (θ_full)": Path(model_dir), f"after ({opts.method})": staged},
@@ -186,6 +205,8 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
         if meter.peak_device:
             summary["peak_cuda_allocated_bytes"] = meter.peak_device
         (staged / "perta_unlearn.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    if not opts.keep_work:  # θ_ft learnt exactly the data to delete: it must not outlive the request unasked
+        summary["work_removed"] = remove_forget_derived(work)
     return summary
 
 

@@ -76,7 +76,8 @@ def test_unlearn_end_to_end_and_reuses_work(workspace, tiny_dir):
     before = tree_digest(tiny_dir)
     args = ["unlearn", "--model", str(tiny_dir), "--forget", str(workspace / "forget.json"),
             "--retain", str(workspace / "retain.jsonl"), "--out", str(workspace / "unlearned"),
-            "--method", "perta-fisher", "--epochs", "2", "--lr", "3e-3", "--lam", "1.0", "--eval-samples", "5"]
+            "--method", "perta-fisher", "--epochs", "2", "--lr", "3e-3", "--lam", "1.0", "--eval-samples", "5",
+            "--keep-work"]
     assert main(args) == 0
     summary = json.loads((workspace / "unlearned" / "perta_unlearn.json").read_text())
     assert set(summary["eval"]) == {"before (θ_full)", "after (perta-fisher)"}
@@ -117,6 +118,25 @@ def test_unlearn_crash_in_evaluation_leaves_no_output(workspace, tiny_dir, monke
     monkeypatch.undo()
     assert main(args) == 0  # no --overwrite needed
     assert (out / "perta_unlearn.json").is_file() and (out / "perta_merge.json").is_file()
+
+
+def test_unlearn_deletes_what_it_derived_from_the_forget_set(workspace, tiny_dir, capsys):
+    """Without --keep-work, θ_ft (trained on exactly the data to delete) and the importance file are gone
+    once the output is written, and the user is told; the record keeps hashes and counts, not rows."""
+    out = workspace / "clean"
+    (workspace / "clean.work").mkdir()
+    (workspace / "clean.work" / "notes.txt").write_text("the user's")  # not ours: must survive
+    assert main(["unlearn", "--model", str(tiny_dir), "--forget", str(workspace / "forget.json"), "--retain",
+                 str(workspace / "retain.jsonl"), "--out", str(out), "--method", "perta-grad", "--epochs", "1",
+                 "--no-eval"]) == 0
+    assert sorted(p.name for p in (workspace / "clean.work").iterdir()) == ["notes.txt"]
+    said = capsys.readouterr().out
+    assert "deleted importance-grad.safetensors, theta_ft from" in said and "--keep-work" in said
+    record = json.loads((out / "perta_unlearn.json").read_text())
+    forget = json.loads((workspace / "forget.json").read_text())
+    assert record["forget_rows"] == len(forget) and len(record["forget_sha256"]) == 64
+    text = (out / "perta_unlearn.json").read_text() + (out / "README.md").read_text()
+    assert not any(row["answer"] in text or row["question"] in text for row in forget)
 
 
 def test_unlearned_model_loads_in_transformers(workspace):

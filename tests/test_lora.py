@@ -252,7 +252,7 @@ def test_cli_unlearn_with_lora(tmp_path, tiny_tokenizer, facts):
     assert main(["unlearn", "--model", str(base), "--forget", str(tmp_path / "f.json"), "--retain",
                  str(tmp_path / "r.json"), "--out", str(tmp_path / "u"), "--method", "perta-fisher",
                  "--lora-rank", "4", "--epochs", "2", "--lr", "1e-2", "--batch-size", "4", "--no-eval",
-                 "--gradient-checkpointing", "--dtype", "fp32"]) == 0
+                 "--gradient-checkpointing", "--dtype", "fp32", "--keep-work"]) == 0
     work = tmp_path / "u.work"
     assert (work / "theta_ft_lora" / "adapter_config.json").is_file()
     merged = json.loads((tmp_path / "u" / "perta_merge.json").read_text())
