@@ -283,7 +283,8 @@ def model_card(record: dict) -> str:
     """The output's README.md: what was done to which model, so that the folder never presents itself
     as the base model (whose card would otherwise be copied with its config)."""
     opts, meta = record["options"], record.get("importance_meta") or {}
-    lines = ["# Unlearned model (perta-fast)", "",
+    lines = ["---", f"base_model: {json.dumps(record['base'])}", "tags:", "- unlearning", "- perta-fast", "---", "",
+             "# Unlearned model (perta-fast)", "",
              f"Made by {record['tool']} from `{record['base']}` (θ_full), stepping against the task vector of "
              f"`{record['finetuned']}` (θ_ft, a {record['finetuned_kind']}):", "",
              f"    {record['formula']}", "",
@@ -296,3 +297,14 @@ def model_card(record: dict) -> str:
     lines += ["", "This is not the base model: the base model's card describes the model it was made from, "
               "not this one. How it was made, in full: `perta_merge.json`.", ""]
     return "\n".join(lines)
+
+
+def card_with_metrics(card: str, summary: dict) -> str:
+    """`unlearn`'s addition to the card: the sets' sizes and hashes (never their text) and the
+    before/after table when it evaluated."""
+    lines = [card.rstrip("\n"), "", "## Unlearning request", "",
+             f"- forget set: {summary['forget_rows']} rows (sha256 {summary['forget_sha256'][:16]}…)",
+             f"- retain set: {summary['retain_rows']} rows (sha256 {summary['retain_sha256'][:16]}…)"]
+    if "table" in summary:
+        lines += ["", "## Before and after (answer probability and exact match)", "", "```", summary["table"], "```"]
+    return "\n".join(lines) + "\n"

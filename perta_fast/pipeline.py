@@ -11,7 +11,7 @@ from .data import QA, data_hash
 from .errors import PertaError
 from .io import atomic_dir, check_output_path
 from .lora import is_adapter
-from .merge import MergeOptions, merge
+from .merge import MergeOptions, card_with_metrics, merge
 from .models import pick_device
 from .train import FinetuneOptions, finetune
 
@@ -205,6 +205,7 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
         if meter.peak_device:
             summary["peak_cuda_allocated_bytes"] = meter.peak_device
         (staged / "perta_unlearn.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        (staged / "README.md").write_text(card_with_metrics((staged / "README.md").read_text(), summary))
     if not opts.keep_work:  # θ_ft learnt exactly the data to delete: it must not outlive the request unasked
         summary["work_removed"] = remove_forget_derived(work)
     return summary

@@ -82,6 +82,8 @@ def test_unlearn_end_to_end_and_reuses_work(workspace, tiny_dir):
     summary = json.loads((workspace / "unlearned" / "perta_unlearn.json").read_text())
     assert set(summary["eval"]) == {"before (θ_full)", "after (perta-fisher)"}
     assert summary["eval"]["after (perta-fisher)"]["retain"]["n"] == 5
+    card = (workspace / "unlearned" / "README.md").read_text()
+    assert "## Before and after" in card and summary["table"] in card
     assert 0 < summary["mean_weight"] < 1
     work = workspace / "unlearned.work"
     assert (work / "theta_ft" / "config.json").is_file() and (work / "importance-fisher.safetensors").is_file()
@@ -135,6 +137,8 @@ def test_unlearn_deletes_what_it_derived_from_the_forget_set(workspace, tiny_dir
     record = json.loads((out / "perta_unlearn.json").read_text())
     forget = json.loads((workspace / "forget.json").read_text())
     assert record["forget_rows"] == len(forget) and len(record["forget_sha256"]) == 64
+    card = (out / "README.md").read_text()
+    assert f"forget set: {len(forget)} rows (sha256 {record['forget_sha256'][:16]}" in card
     text = (out / "perta_unlearn.json").read_text() + (out / "README.md").read_text()
     assert not any(row["answer"] in text or row["question"] in text for row in forget)
 

@@ -68,7 +68,9 @@ def test_output_card_says_what_was_done_not_the_base_card(tmp_path):
     merge(full, ft_dir, tmp_path / "out", imp, MergeOptions(lam=0.7, alpha=2.0), progress=False)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "SmolLM2-135M-Instruct" not in card and "compact instruction model" not in card
-    assert card.startswith("# Unlearned model") and "method: perta, λ = 0.7, α = 2" in card
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]  # Hugging Face's YAML front matter
+    assert f"base_model: {json.dumps(str(full.resolve()))}" in front and "- unlearning" in front
+    assert body.lstrip().startswith("# Unlearned model") and "method: perta, λ = 0.7, α = 2" in body
     assert str(full.resolve()) in card and str(imp.resolve()) in card and str(ft_dir.resolve()) in card
     assert (full / "README.md").read_text().startswith("# SmolLM2")  # the input is untouched
 
