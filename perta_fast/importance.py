@@ -144,6 +144,7 @@ class _ExactFisher:
                     self._meet(key, module, handle, x=inputs[0].detach())
                 return
             self._once(module)
+            self._per_sample_input(module, inputs[0])
             if not output.requires_grad:
                 return
             if key in self.checkpointed:
@@ -153,6 +154,18 @@ class _ExactFisher:
                 x = inputs[0].detach()
                 output.register_hook(lambda g: handle(module, x, g.detach()))
         return hook
+
+    def _per_sample_input(self, module, x):
+        """The per-sample squares need axis 0 of the input to be the sample: a module fed tokens
+        flattened across the batch (MoE experts take their routed tokens so) would get per-token squares,
+        a different and silently wrong estimate."""
+        batch = self.mask.shape[0]
+        if x.dim() < 3 or x.shape[0] != batch:
+            name = next((self.name_of[id(p)] for p in module.parameters(recurse=False) if id(p) in self.name_of),
+                        type(module).__name__)
+            raise PertaError(f"exact fisher: {name} receives inputs of shape {tuple(x.shape)}, not (batch {batch}, "
+                             "tokens, features) (tokens flattened across samples, as MoE experts take them): its "
+                             "per-sample squares cannot be formed; use --method grad")
 
     def _meet(self, key, module, handle, **half):
         pair = self.halves.setdefault(key, {})

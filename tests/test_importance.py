@@ -142,6 +142,28 @@ def test_exact_fisher_refuses_unsupported_parameters(tiny_tokenizer, facts):
     assert all(p.requires_grad for p in model.parameters())
 
 
+class _FlattenedTokens(torch.nn.Module):
+    """Feeds its Linear the batch's tokens flattened (batch·tokens, features), as MoE experts are fed."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def test_exact_fisher_refuses_a_linear_fed_flattened_tokens(tiny_tokenizer, facts):
+    """Axis 0 would be tokens, not samples: the squares would be per token, silently. grad still works."""
+    model = build_model(len(tiny_tokenizer))
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = _FlattenedTokens(mlp.down_proj)
+    with pytest.raises(PertaError, match=r"model.layers.0.mlp.down_proj.linear.weight receives inputs of shape "
+                                         r"\(\d+, 48\), not \(batch 2, tokens, features\)"):
+        estimate_importance(model, tiny_tokenizer, facts[0][:2], "fisher", batch_size=2, progress=False)
+    assert estimate_importance(model, tiny_tokenizer, facts[0][:2], "grad", progress=False)
+
+
 def test_exact_fisher_on_a_plain_toy_model_matches_the_loop(tiny_tokenizer, facts):
     torch.manual_seed(0)
     model = _Toy(len(tiny_tokenizer))
