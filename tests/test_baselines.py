@@ -43,6 +43,20 @@ def test_npo_adds_the_retain_loss(tmp_path, tiny_dir, facts):
     assert rec["step_losses"] == pytest.approx([expected], rel=1e-4)
 
 
+def test_npo_training_pushes_the_forget_answers_below_the_reference(tmp_path, tiny_dir, facts):
+    """At lr > 0, without the retain term: NPO lowers π_θ of the forget answers, so their NLL rises above
+    the reference's and the loss falls below (2/β)·ln 2 (a flipped sign would do the opposite; the lr-0
+    tests above cannot tell)."""
+    forget, retain = facts
+    out = tmp_path / "npo"
+    beta = 0.1
+    rec = unlearn_by_training(tiny_dir, forget, retain, out, BaselineOptions(
+        method="npo", epochs=4, lr=1e-3, batch_size=len(forget), beta=beta, retain_weight=0.0, device="cpu"))
+    assert rec["step_losses"][0] == pytest.approx(2 / beta * math.log(2), rel=1e-4)  # θ = π_ref at step 1
+    assert rec["step_losses"][-1] < rec["step_losses"][0] - 0.1
+    assert mean_nll_by_hand(out, forget) > mean_nll_by_hand(tiny_dir, forget) + 0.1
+
+
 def test_gradient_ascent_raises_the_forget_loss(tmp_path, tiny_dir, facts):
     forget, retain = facts
     out = tmp_path / "ga"
