@@ -295,8 +295,9 @@ def _baseline(a):
     from .baselines import BaselineOptions, unlearn_by_training
 
     opts = BaselineOptions(method=a.method, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, beta=a.beta,
-                           retain_weight=a.retain_weight, max_length=a.max_length, seed=a.seed, device=a.device, bf16_autocast=a.bf16_autocast,
-                           dtype=a.dtype, gradient_checkpointing=a.gradient_checkpointing)
+                           retain_weight=a.retain_weight, max_length=a.max_length, seed=a.seed, device=a.device,
+                           bf16_autocast=a.bf16_autocast, dtype=a.dtype,
+                           gradient_checkpointing=a.gradient_checkpointing)
     rec = unlearn_by_training(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, opts, a.overwrite)
     print(f"wrote {a.out} ({a.method}, {len(rec['step_losses'])} steps, final loss {rec['step_losses'][-1]:.4f}, "
           f"{rec['seconds']} s)")

@@ -450,8 +450,6 @@ def save_importance(tensors: dict, metadata: dict, out: str | Path, overwrite: b
     return Path(out)
 
 
-
-
 def parameter_groups(sizes: dict[str, int], budget_bytes: float | None) -> list[list[str]]:
     """Consecutive parameters packed into groups whose fp32 accumulators fit `budget_bytes` each
     (None: one group). One pass over both data sets is made per group."""
@@ -625,9 +623,11 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
         budget = distributed.reduce_float(budget, "min")
     math_device = next(model.parameters()).device
     if offload is None:
-        host_free = host_available_bytes()
-        host_free = None if host_free is None else distributed.reduce_float(host_free, "min")
-        offload = place_accumulators(4 * sum(sizes.values()), budget, math_device.type, host_free) == "host"
+        scored_bytes = 4 * sum(sizes.values())
+        host_free = None
+        if budget is not None and scored_bytes > budget and math_device.type == "cuda":  # the same on every rank
+            host_free = distributed.reduce_float(host_available_bytes() or 0, "min")
+        offload = place_accumulators(scored_bytes, budget, math_device.type, host_free) == "host"
     groups = parameter_groups(sizes, None if offload else budget)
     if main and (progress or max_memory is not None):
         largest = max(4 * sum(sizes[n] for n in g) for g in groups) / 1e9

@@ -263,19 +263,27 @@ def merge(base: str | Path, finetuned: str | Path, out: str | Path, importance: 
     plan = plan_merge(base, finetuned, importance, options, allow_pickle)
     inputs = (plan.base, plan.finetuned) + ((plan.importance,) if plan.importance else ())
     with atomic_dir(out, overwrite, inputs) as tmp:
-        stats = execute_merge(plan, tmp, progress)
-        copy_aux_files(plan.base, tmp)
-        record = {
-            "tool": f"perta-fast {__version__}",
-            "formula": "theta_u = theta_full - lam * (w * (theta_ft - theta_full))",
-            "base": str(Path(base).resolve()), "finetuned": str(Path(finetuned).resolve()),
-            "finetuned_kind": "lora adapter" if plan.adapter else "checkpoint",
-            "importance": str(Path(importance).resolve()) if importance else None,
-            "importance_kind": plan.importance_kind, "importance_meta": plan.importance_meta,
-            "options": asdict(plan.options), **stats, "seconds": round(time.perf_counter() - t0, 3),
-        }
-        (tmp / "perta_merge.json").write_text(json.dumps(record, indent=2))
-        (tmp / "README.md").write_text(model_card(record))  # not the base's card: this is another model
+        return write_merge(plan, tmp, progress, t0)
+
+
+def write_merge(plan: MergePlan, folder: Path, progress: bool = True, t0: float | None = None) -> dict:
+    """Execute `plan` into the empty `folder` with the base's config and tokenizer, its record
+    (perta_merge.json) and a model card; publishing the folder is the caller's (merge renames it into
+    place; unlearn adds its own record first). `t0`: when the merge began (default: now)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    stats = execute_merge(plan, folder, progress)
+    copy_aux_files(plan.base, folder)
+    record = {
+        "tool": f"perta-fast {__version__}",
+        "formula": "theta_u = theta_full - lam * (w * (theta_ft - theta_full))",
+        "base": str(plan.base.resolve()), "finetuned": str(plan.finetuned.resolve()),
+        "finetuned_kind": "lora adapter" if plan.adapter else "checkpoint",
+        "importance": str(plan.importance.resolve()) if plan.importance else None,
+        "importance_kind": plan.importance_kind, "importance_meta": plan.importance_meta,
+        "options": asdict(plan.options), **stats, "seconds": round(time.perf_counter() - t0, 3),
+    }
+    (folder / "perta_merge.json").write_text(json.dumps(record, indent=2))
+    (folder / "README.md").write_text(model_card(record))  # not the base's card: this is another model
     return record
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -11,7 +10,7 @@ from .data import QA, data_hash
 from .errors import PertaError
 from .io import atomic_dir, check_output_path
 from .lora import is_adapter
-from .merge import MergeOptions, card_with_metrics, merge
+from .merge import MergeOptions, card_with_metrics, merge, plan_merge, write_merge
 from .models import pick_device
 from .train import FinetuneOptions, finetune
 
@@ -183,12 +182,10 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
                            opts.method.split("-", 1)[1], work, opts, adapter)
     merge_opts = MergeOptions("tv" if opts.method == "tv" else "perta", opts.lam, opts.alpha, opts.power, opts.eps,
                               device=pick_device(opts.device))
+    plan = plan_merge(model_dir, finetuned, importance, merge_opts)
     # the output appears only once evaluated and recorded: a crash in evaluation leaves nothing at `out`
     with atomic_dir(out, overwrite, inputs) as staged:
-        record = meter("merge", merge, model_dir, finetuned, staged / "merged", importance, merge_opts)
-        for f in (staged / "merged").iterdir():
-            os.replace(f, staged / f.name)
-        (staged / "merged").rmdir()
+        record = meter("merge", write_merge, plan, staged)
         summary = {"method": opts.method, "out": str(out), "finetuned": str(finetuned),
                    "importance": str(importance) if importance else None, "mean_weight": record["mean_weight"],
                    "forget_rows": len(forget), "forget_sha256": data_hash(forget), "retain_rows": len(retain),

@@ -153,7 +153,7 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
     s = Shapes.from_config(read_json(config_path), config_path)
     dt = s.dtype if dtype == "auto" else dtype
     if dt not in dtypes.BYTES:
-        raise PertaError(f"unknown --dtype {dtype!r} (expected auto, bf16, fp16 or fp32)")
+        raise PertaError(f"unknown --dtype {dtype!r} (expected auto, {', '.join(dtypes.NAMES)})")
     b, P = dtypes.BYTES[dt], s.params
     targets = None if lora_targets == "all-linear" else [t.strip() for t in lora_targets.split(",")]
     tokens = batch_size * max_length

@@ -129,14 +129,14 @@ def answer_loss(net, ids, mask, labels, rows):
     return per_sample_loss(logits_of(net, ids, mask), labels)
 
 
-def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc: str = "finetune", source: str = "model",
-                   checkpoint: TrainCheckpoint | None = None, resume: bool = False, batch_loss=answer_loss,
-                   warmup_steps: int = 0, step_losses: list | None = None) -> list[float]:
+def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc: str = "finetune",
+                   source: str = "model", checkpoint: TrainCheckpoint | None = None, resume: bool = False,
+                   batch_loss=answer_loss, warmup_steps: int = 0, step_losses: list | None = None) -> list[float]:
     """AdamW on the mean over the set of `batch_loss(net, ids, mask, labels, rows)`, each sample's loss
     (`rows`: the batch's indices into `rows`); returns the mean loss of each epoch. The one training
-    loop: fine-tuning and the GA/NPO baselines (their losses) both run it. `warmup_steps` ramps the learning rate
-    linearly; `step_losses` (a list) receives each step's mean loss. With `checkpoint`, the state is saved
-    every `checkpoint.every` steps; `resume` starts from it."""
+    loop: fine-tuning and the GA/NPO baselines (their losses) both run it. `warmup_steps` ramps the
+    learning rate linearly; `step_losses` (a list) receives each step's mean loss. With `checkpoint`, the
+    state is saved every `checkpoint.every` steps; `resume` starts from it."""
     import torch
     from tqdm import tqdm
 
