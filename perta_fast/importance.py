@@ -26,7 +26,7 @@ from . import __version__, distributed, dtypes
 from .data import QA, collate, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
 from .io import (Checkpoint, SafetensorsFile, SafetensorsWriter, _umask_mode, atomic_file, check_output_path,
-                 checkpoint_saved, resume_dir, resume_state)
+                 kill_point, log, publish, resume_dir, resume_state)
 from .loss import per_sample_loss
 from .ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
 from .profiling import host_available_bytes, release_freed_memory
@@ -442,11 +442,10 @@ def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA]
 def save_importance(tensors: dict, metadata: dict, out: str | Path, overwrite: bool = False,
                     inputs: tuple = ()) -> Path:
     """Write importance tensors as a safetensors file, streamed tensor by tensor, atomically."""
-    with atomic_file(out, overwrite, inputs) as tmp:
-        writer = SafetensorsWriter(tmp, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], metadata)
+    with atomic_file(out, overwrite, inputs) as tmp, \
+            SafetensorsWriter(tmp, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], metadata) as writer:
         for k, v in tensors.items():
             writer.write(k, v)
-        writer.close()
     return Path(out)
 
 
@@ -529,7 +528,9 @@ class _RunState:
         if resume:
             self.state = resume_state(self.dir, self.dir / "state.json", fingerprint)
         else:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.dir.exists():  # a killed run's, or one never resumed
+                log.warning("%s: removed %s, left by an interrupted run", out, self.dir.name)
+                shutil.rmtree(self.dir, ignore_errors=True)
             self.dir.mkdir(parents=True)
             self.state = {"fingerprint": fingerprint, "group": 0, "phase": "forget", "written": 0}
             self.save_state()
@@ -563,7 +564,7 @@ class _RunState:
             save_importance(acc, {"group": str(g), "phase": phase, "batch": str(done)}, self.acc_file,
                             overwrite=True)
             self.saved += 1
-            checkpoint_saved(self.saved)
+            kill_point("checkpoint")
         return save
 
 
@@ -659,6 +660,7 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
         distributed.barrier()  # return once the file is there
         return {**meta, "seconds": f"{time.perf_counter() - t0:.2f}"}
     run = _RunState(out, fingerprint, checkpoint_every, resume)
+    writer = None
     try:
         writer = SafetensorsWriter(run.partial, layout, meta, reserve={"seconds": 16}, done=run.state["written"])
         for g, group in enumerate(groups):
@@ -691,8 +693,10 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
         meta["seconds"] = f"{time.perf_counter() - t0:.2f}"
         writer.close({"seconds": meta["seconds"]})
         os.chmod(run.partial, _umask_mode(0o666))
-        os.replace(run.partial, out)
+        publish(run.partial, out)
     except BaseException as e:
+        if writer:
+            writer.abort()
         if not (checkpoint_every and isinstance(e, (KeyboardInterrupt, OSError))):
             shutil.rmtree(run.dir, ignore_errors=True)  # nothing to resume from: leave nothing behind
         raise

@@ -227,7 +227,14 @@ class _Executor:
     def run(self, progress: bool) -> dict:
         from tqdm import tqdm
 
-        for step in tqdm(self.plan.steps, desc="merge", unit="tensor", disable=not progress):
+        with self.writer:  # an error closes the shard being written (its folder is the caller's to remove)
+            self._stream(tqdm(self.plan.steps, desc="merge", unit="tensor", disable=not progress))
+        return {"tensors": len(self.plan.steps), "mean_weight": (self.w_sum / self.w_count) if self.w_count else 1.0,
+                "shards": len(self.writer.shard_names),
+                "merged_tensors": sum(s.action != "copy" for s in self.plan.steps)}
+
+    def _stream(self, steps) -> None:
+        for step in steps:
             base = self.base_ck.get(step.name)
             if step.action == "copy":
                 self.writer.write(step.name, base)
@@ -244,10 +251,6 @@ class _Executor:
             del base, base_dev, merged, inputs
             if backend == "torch":  # the fused kernels allocate nothing model-sized; torch's temporaries do
                 release_freed_memory()
-        self.writer.close()
-        return {"tensors": len(self.plan.steps), "mean_weight": (self.w_sum / self.w_count) if self.w_count else 1.0,
-                "shards": len(self.writer.shard_names),
-                "merged_tensors": sum(s.action != "copy" for s in self.plan.steps)}
 
 
 def execute_merge(plan: MergePlan, out_folder: Path, progress: bool = True) -> dict:

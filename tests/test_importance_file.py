@@ -155,7 +155,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_dir, fac
     (tmp_path / "f.json").write_text(json.dumps([r.__dict__ for r in forget]))
     (tmp_path / "r.json").write_text(json.dumps([r.__dict__ for r in retain]))
     want, _ = compute_importance(tiny_dir, forget, retain, "fisher", batch_size=2, progress=False)
-    killed = _grouped_run(tmp_path, tiny_dir, False, {"PERTA_FAST_KILL_AFTER_CHECKPOINT": str(kill_after)})
+    killed = _grouped_run(tmp_path, tiny_dir, False, {"PERTA_FAST_KILL_AT": f"checkpoint:{kill_after}"})
     assert killed.returncode == -9, killed.stderr  # a real SIGKILL, mid-run
     assert not (tmp_path / "imp.safetensors").exists()
     assert (tmp_path / ".imp.safetensors.resume" / "state.json").is_file()
@@ -175,7 +175,7 @@ def test_resume_refuses_other_data_and_a_missing_checkpoint(tmp_path, tiny_dir, 
     none = _cli_importance(tmp_path, tiny_dir, ["--resume"])
     assert none.returncode == 2 and "--resume: no checkpoint here" in none.stderr
     assert len(none.stderr.strip().splitlines()) == 1
-    killed = _cli_importance(tmp_path, tiny_dir, ["--checkpoint-every", "1"], {"PERTA_FAST_KILL_AFTER_CHECKPOINT": "1"})
+    killed = _cli_importance(tmp_path, tiny_dir, ["--checkpoint-every", "1"], {"PERTA_FAST_KILL_AT": "checkpoint:1"})
     assert killed.returncode == -9
     (tmp_path / "r.json").write_text(json.dumps([r.__dict__ for r in facts[1][:5]]))  # other retain data
     other = _cli_importance(tmp_path, tiny_dir, ["--checkpoint-every", "1", "--resume"])

@@ -24,7 +24,7 @@ def test_killed_finetune_resumes_to_the_same_weights(tmp_path, tiny_dir, facts, 
     extra = ["--lora-rank", "4"] if lora else []
     assert run_finetune(tmp_path, tiny_dir, "whole", extra).returncode == 0
     killed = run_finetune(tmp_path, tiny_dir, "ft", extra + ["--checkpoint-every", "1"],
-                          {"PERTA_FAST_KILL_AFTER_CHECKPOINT": "4"})  # in the second epoch
+                          {"PERTA_FAST_KILL_AT": "checkpoint:4"})  # in the second epoch
     assert killed.returncode == -9, killed.stderr
     assert not (tmp_path / "ft").exists() and (tmp_path / ".ft.resume" / "checkpoint" / "state.json").is_file()
     resumed = run_finetune(tmp_path, tiny_dir, "ft", extra + ["--checkpoint-every", "1", "--resume"])
@@ -43,7 +43,7 @@ def test_finetune_resume_refuses_another_run(tmp_path, tiny_dir, facts):
     (tmp_path / "d.json").write_text(json.dumps([r.__dict__ for r in facts[0]]))
     none = run_finetune(tmp_path, tiny_dir, "ft", ["--resume"])
     assert none.returncode == 2 and "--resume: no checkpoint here" in none.stderr
-    killed = run_finetune(tmp_path, tiny_dir, "ft", ["--checkpoint-every", "1"], {"PERTA_FAST_KILL_AFTER_CHECKPOINT": "1"})
+    killed = run_finetune(tmp_path, tiny_dir, "ft", ["--checkpoint-every", "1"], {"PERTA_FAST_KILL_AT": "checkpoint:1"})
     assert killed.returncode == -9
     other = run_finetune(tmp_path, tiny_dir, "ft", ["--checkpoint-every", "1", "--resume", "--lr", "1e-3"])
     assert other.returncode == 2 and "other options" in other.stderr and len(other.stderr.strip().splitlines()) == 1
