@@ -66,6 +66,10 @@ def _add_finetune_knobs(p, epochs, lr):
     p.add_argument("--seed", type=int, default=0)
 
 
+def _with_parents(add_parser, parents):
+    return lambda *args, **kwargs: add_parser(*args, parents=parents, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="perta-fast", description="LLM unlearning by per-parameter task arithmetic")
     from . import __version__
@@ -74,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", choices=["triton", "cpp", "torch"], default=None,
                     help="force the kernel backend (default: by device; also PERTA_FAST_BACKEND)")
     sub = ap.add_subparsers(dest="command", required=True)
+    talk = _Parser(add_help=False)  # on every command, after its name: `perta-fast merge … -q`
+    talk.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=0,
+                      help="only warnings and errors; no progress bars")
+    talk.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity",
+                      help="also debug detail (progress bars are drawn on a terminal only)")
+    sub.add_parser = _with_parents(sub.add_parser, [talk])
 
     sub.add_parser("info", help="which kernel backends are available here, and why not")
 
@@ -358,8 +368,9 @@ COMMANDS = {"info": _info, "plan": _plan, "convert-gguf": _convert_gguf, "finetu
 
 
 def run(a) -> None:
-    from . import distributed, ops
+    from . import console, distributed, ops
 
+    console.configure(a.verbosity)
     if distributed.launched() and a.command not in distributed.COMMANDS:
         raise PertaError(f"{a.command} does not run under torchrun (only {' and '.join(distributed.COMMANDS)} do)")
     ops.set_backend(a.backend)
@@ -382,8 +393,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("perta-fast: interrupted; no partial output was kept", file=sys.stderr)
         return 130
-    except (MemoryError, OSError, RuntimeError) as e:
-        line = _resource_error(e)
+    except (MemoryError, Exception) as e:  # noqa: BLE001 - only resource errors are caught, bugs re-raised
+        line = _resource_error(e, args)
         if line is None:
             raise
         print(f"perta-fast: error: {line}; no partial output was kept", file=sys.stderr)
@@ -391,20 +402,41 @@ def main(argv=None) -> int:
     return 0
 
 
-def _resource_error(e: BaseException) -> str | None:
+def _resource_error(e: BaseException, a) -> str | None:
     """One line for running out of memory or disk, which every step can meet; None for real bugs, whose
     traceback is wanted. Outputs are written to a temp name and renamed, so nothing half-made remains."""
     import errno
 
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
-        return ("out of memory (" + (str(e).splitlines()[0][:200] if str(e) else "host") + "): see "
-                "`perta-fast plan`; --max-memory, a smaller --batch-size or --max-length, "
-                "--gradient-checkpointing or --dtype bf16 lower it")
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{e.filename or 'output'}: no space left on the device"
+        return f"out of memory in {_failed_step(e, a)} (" + (str(e).splitlines()[0][:200] if str(e) else "host") + \
+            f"): {_memory_advice(a)}"
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    # safetensors' writer (Rust, used by save_pretrained) reports the OS error in its message only
+    full = full or type(e).__name__ == "SafetensorError" and "(os error 28)" in str(e)
+    if full:
+        return f"{getattr(e, 'filename', None) or getattr(a, 'out', None) or 'output'}: no space left on the device"
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{e.filename}: {e.strerror}"
     return None
+
+
+def _failed_step(e: BaseException, a) -> str:
+    """The step a whole job was in (unlearn notes it on the exception), else the command."""
+    steps = [n.split(": ", 1)[1] for n in getattr(e, "__notes__", []) if n.startswith("perta-fast step: ")]
+    return f"{a.command}'s {steps[-1]} step" if steps else a.command
+
+
+def _memory_advice(a) -> str:
+    """What to run or change, with the user's own model and sizes filled in."""
+    model, batch = getattr(a, "model", None) or getattr(a, "base", None), getattr(a, "batch_size", None)
+    if a.command == "merge":  # streamed: one tensor at a time, nothing to shrink but the device
+        return "the merge holds about one tensor at a time; --device cpu keeps it in host memory"
+    plan = f"`perta-fast plan --model {model}" + (f" --batch-size {batch} --max-length {a.max_length}"
+                                                  if batch else "") + (f" --device {a.device.split(':')[0]}`"
+                                                                       if getattr(a, "device", None) else "`")
+    smaller = f"--batch-size {max(1, batch // 2)}" if batch else "a smaller --batch-size"
+    return (f"{plan} shows each step's peak memory; {smaller}, --max-length, --gradient-checkpointing, "
+            "--dtype bf16" + (" or --max-memory" if a.command in ("importance", "unlearn") else "") + " lower it")
 
 
 if __name__ == "__main__":

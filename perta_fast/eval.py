@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .data import QA, EvalQA, batches, data_hash, encode, load_qa, pad_id, prompt_and_answer
+from .console import bar
 from .errors import PertaError
 from .loss import per_sample_loss
 
@@ -177,11 +178,9 @@ def model_utility(results: dict) -> float | None:
 
 def evaluate_split(model, tokenizer, rows: list[EvalQA], role: str, opts: EvalOptions | None = None) -> dict:
     opts = opts or EvalOptions()
-    from tqdm import tqdm
-
     n = len(rows)
     answer_nll, para_nll, pert_nll, es = [], [], [], []
-    for r in tqdm(rows, desc=f"score {role}", unit="row", leave=False):
+    for r in bar(rows, desc=f"score {role}", unit="row", leave=False):
         same = r.paraphrased_answer == r.answer  # real authors, world facts: no paraphrase
         answers = [r.answer] + ([] if same else [r.paraphrased_answer]) + list(r.perturbed_answers)
         nll, strength = question_scores(model, tokenizer, r.question, answers, opts.max_length)
@@ -210,13 +209,11 @@ def evaluate_split(model, tokenizer, rows: list[EvalQA], role: str, opts: EvalOp
 def evaluate_tofu(model, tokenizer, splits: dict[str, list[EvalQA]], opts: EvalOptions | None = None,
                   reference: dict | None = None) -> dict:
     """Every TOFU metric of one model; `reference` (a retain-only model's results) adds forget quality."""
-    from tqdm import tqdm
-
     unknown = set(splits) - set(ROLES)
     if unknown:
         raise PertaError(f"unknown evaluation split(s) {sorted(unknown)} (expected {', '.join(ROLES)})")
     results = {"splits": {}}
-    for role, rows in tqdm(splits.items(), desc="eval splits", unit="split"):
+    for role, rows in bar(splits.items(), desc="eval splits", unit="split"):
         results["splits"][role] = evaluate_split(model, tokenizer, rows, role, opts)
     results["model_utility"] = model_utility(results)
     if reference is not None:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +22,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import __version__, distributed, dtypes
+from .console import bar
 from .data import QA, collate, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
 from .io import (Checkpoint, SafetensorsFile, SafetensorsWriter, _umask_mode, atomic_file, check_output_path,
-                 kill_point, log, publish, resume_dir, resume_state)
+                 content_sha256, kill_point, log, publish, remove_stale_temps, resume_dir, resume_state)
 from .loss import per_sample_loss
 from .ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
 from .profiling import host_available_bytes, release_freed_memory
@@ -328,8 +328,6 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
     not fit). `start` = (accumulators, batches done) continues a run
     checkpointed by `on_batch(batches done, accumulators)`, which is called after every batch: the
     same batches in the same order, so the result is bit-identical to an uninterrupted run on the CPU."""
-    from tqdm import tqdm
-
     if method not in METHODS:
         raise PertaError(f"unknown importance method {method!r} (expected one of {', '.join(METHODS)})")
     if not rows:
@@ -352,8 +350,8 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
             acc.acc[n].copy_(t)
     try:  # checkpointing's recompute must run each layer to its end, so every hook sees its input
         with torch.utils.checkpoint.set_checkpoint_early_stop(False), \
-                tqdm(total=sum(map(len, mine.values())), desc=desc, unit="sample",
-                     disable=not (progress and rank == 0)) as bar:
+                bar(total=sum(map(len, mine.values())), desc=desc, unit="sample",
+                    show=progress and rank == 0) as progress_bar:
             for i, batch in mine.items():
                 if i >= done:
                     ids, mask, labels = collate(batch, pad)
@@ -362,7 +360,7 @@ def estimate_importance(model, tokenizer, rows: list[QA], method: str, batch_siz
                         release_freed_memory()
                     if on_batch is not None:
                         on_batch(i + 1, acc.acc)
-                bar.update(len(batch))
+                progress_bar.update(len(batch))
         distributed.sum_(acc.acc.values())
     finally:
         acc.close()
@@ -407,10 +405,12 @@ def _metadata(model, model_dir, forget, retain, method, batch_size, max_length, 
 
     return {"method": method, "n_forget": str(len(forget)), "n_retain": str(len(retain)),
             "forget_sha256": data_hash(forget), "retain_sha256": data_hash(retain),
-            "checkpoint": str(Path(model_dir).resolve()), "batch_size": str(batch_size),
+            "checkpoint": str(Path(model_dir).resolve()), "checkpoint_sha256": content_sha256(model_dir),
+            "batch_size": str(batch_size),
             "max_length": str(max_length), "estimator": "exact per-sample" if method == "fisher" else "mean gradient",
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "adapter": str(Path(adapter).resolve()) if adapter else "",
+            "adapter_sha256": content_sha256(adapter) if adapter else "",
             "versions": json.dumps({"perta_fast": __version__, "torch": torch.__version__,
                                     "transformers": transformers.__version__}),
             **{k: str(v) for k, v in extra.items()}, "seconds": f"{time.perf_counter() - t0:.2f}"}
@@ -523,6 +523,7 @@ class _RunState:
 
     def __init__(self, out: Path, fingerprint: dict, every: int | None, resume: bool):
         self.dir = resume_dir(out)
+        remove_stale_temps(out)
         self.every, self.saved = every, 0
         self.partial, self.acc_file = self.dir / "partial.safetensors", self.dir / "acc.safetensors"
         if resume:
@@ -590,8 +591,6 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
     `checkpoint_every` N saves the accumulators and the data position every N batches (atomically, in
     .OUT.resume/ beside the output); `resume` continues from there, refusing a checkpoint made with other
     data, options or model. The resumed file equals an uninterrupted run's (bit-identical on the CPU)."""
-    from tqdm import tqdm
-
     from .ops import ratio
 
     if write not in ("scores", "weights"):
@@ -630,12 +629,12 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
             host_free = distributed.reduce_float(host_available_bytes() or 0, "min")
         offload = place_accumulators(scored_bytes, budget, math_device.type, host_free) == "host"
     groups = parameter_groups(sizes, None if offload else budget)
-    if main and (progress or max_memory is not None):
+    if main:
         largest = max(4 * sum(sizes[n] for n in g) for g in groups) / 1e9
         where = f"in host memory, each parameter's batch contribution moved from {math_device} as it " \
             "completes" if offload else f"on {math_device}"
-        tqdm.write(f"importance: fp32 accumulators {where}, in {len(groups)} parameter group(s) of at most "
-                   f"{largest:.2f} GB, one pass over the data per group", file=sys.stderr)
+        log.info("importance: fp32 accumulators %s, in %d parameter group(s) of at most %.2f GB, one pass over the "
+                 "data per group", where, len(groups), largest)
     if write == "weights":
         layout = [(f"weight/{n}", tuple(p.shape), dtypes.torch_dtype(weight_dtype)) for n, p in params.items()]
     else:
@@ -647,8 +646,8 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
         meta_extra.update(alpha=alpha, power=power, eps=eps, weight_dtype=weight_dtype)
     meta = _metadata(model, model_dir, forget, retain, method, batch_size, max_length, adapter, t0, **meta_extra)
     del meta["seconds"]  # the header goes first: the duration is filled in at the end
-    fingerprint = {k: meta[k] for k in ("checkpoint", "forget_sha256", "retain_sha256", "method", "batch_size",
-                                        "max_length", "dtype", "adapter", "write")}
+    fingerprint = {k: meta[k] for k in ("checkpoint_sha256", "forget_sha256", "retain_sha256", "method", "batch_size",
+                                        "max_length", "dtype", "adapter_sha256", "write")}
     fingerprint.update(groups=hashlib.sha256(json.dumps(groups).encode()).hexdigest(),
                        merge_knobs=json.dumps([alpha, power, eps, weight_dtype] if write == "weights" else None))
     distributed.agree(fingerprint, "the importance run")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .console import log
 from .errors import PertaError
-
-log = logging.getLogger("perta_fast")
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -143,6 +142,9 @@ class Checkpoint:
                 weight_map = read_json(index_path).get("weight_map")
                 if not isinstance(weight_map, dict) or not weight_map:
                     raise PertaError(f"{index_path}: no weight_map")
+                bad = [v for v in weight_map.values() if not isinstance(v, str) or not v or "\0" in v]
+                if bad:
+                    raise PertaError(f"{index_path}: weight_map names a shard {bad[0]!r}, not a file name")
                 files = []
                 for name in dict.fromkeys(weight_map.values()):
                     path = _inside(self.folder, name)
@@ -195,6 +197,27 @@ class Checkpoint:
     @property
     def ties_embeddings(self) -> bool:
         return bool(self.config.get("tie_word_embeddings", False))
+
+
+_digests: dict[tuple, str] = {}
+DESCRIBING = ("config.json", "adapter_config.json") + INDEX_NAMES
+
+
+def content_sha256(path: str | Path) -> str:
+    """sha256 of what a checkpoint or adapter folder (or a file) holds: its weight, index and config
+    files' bytes, by name. What a run is keyed on, so that a model replaced at the same path is never
+    mistaken for the old one; remembered per file state for the rest of the process."""
+    path = Path(path).resolve()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name in DESCRIBING))
+    state = tuple((str(p), s.st_size, s.st_mtime_ns, s.st_ino) for p in files for s in [p.stat()])
+    if state not in _digests:
+        whole = hashlib.sha256()
+        for p in files:
+            with open(p, "rb") as f:
+                whole.update(f"{p.name}:{hashlib.file_digest(f, 'sha256').hexdigest()}\n".encode())
+        _digests[state] = whole.hexdigest()
+    return _digests[state]
 
 
 def copy_aux_files(src: Path, dst: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .console import bar
 from .errors import PertaError
 from .io import Checkpoint, SafetensorsFile, ShardedWriter, atomic_dir, copy_aux_files
 from .profiling import release_freed_memory
@@ -171,6 +172,7 @@ class _Executor:
         layout = [(s.name, s.shape, s.dtype) for s in plan.steps]
         self.writer = ShardedWriter(out_folder, layout, self.opts.max_shard_bytes, {"perta_fast": __version__})
         self.w_sum, self.w_count = 0.0, 0
+        self.backends: set[str] = set()  # the kernels that merged, recorded (and checked by the tests)
         # One output buffer for every tensor: fresh memory would be page-faulted in on each step, which
         # costs more than the merge arithmetic itself.
         merged = [s for s in plan.steps if s.action != "copy"]
@@ -225,13 +227,11 @@ class _Executor:
         return {"lam": o.lam, "alpha": o.alpha, "power": o.power, "eps": o.eps, "nan_to_zero": o.nan_to_zero}
 
     def run(self, progress: bool) -> dict:
-        from tqdm import tqdm
-
         with self.writer:  # an error closes the shard being written (its folder is the caller's to remove)
-            self._stream(tqdm(self.plan.steps, desc="merge", unit="tensor", disable=not progress))
+            self._stream(bar(self.plan.steps, progress, desc="merge", unit="tensor"))
         return {"tensors": len(self.plan.steps), "mean_weight": (self.w_sum / self.w_count) if self.w_count else 1.0,
                 "shards": len(self.writer.shard_names),
-                "merged_tensors": sum(s.action != "copy" for s in self.plan.steps)}
+                "merged_tensors": sum(s.action != "copy" for s in self.plan.steps), "backends": sorted(self.backends)}
 
     def _stream(self, steps) -> None:
         for step in steps:
@@ -248,6 +248,7 @@ class _Executor:
                 self.w_sum += w_sum
                 self.w_count += base.numel()
             backend = pick_backend(base_dev, *(t for _, _, t in inputs[1:]))
+            self.backends.add(backend)
             del base, base_dev, merged, inputs
             if backend == "torch":  # the fused kernels allocate nothing model-sized; torch's temporaries do
                 release_freed_memory()

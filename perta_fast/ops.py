@@ -16,9 +16,10 @@ Ops:
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
+
+from .console import log
 
 BACKENDS = ("triton", "cpp", "torch")
 KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -96,7 +97,7 @@ def set_backend(name: str | None) -> None:
 def _warn_once(msg: str) -> None:
     if msg not in _warned:
         _warned.add(msg)
-        print(f"perta-fast: warning: {msg}", file=sys.stderr)
+        log.warning("warning: %s", msg)
 
 
 def pick_backend(*tensors: torch.Tensor) -> str:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from .console import bar
 from .data import QA, data_hash
 from .errors import PertaError
-from .io import atomic_dir, check_output_path
+from .io import atomic_dir, check_output_path, content_sha256
 from .lora import is_adapter
 from .merge import MergeOptions, card_with_metrics, merge, plan_merge, write_merge
 from .models import pick_device
@@ -55,6 +57,19 @@ def remove_forget_derived(work: Path) -> list[str]:
     return removed
 
 
+@contextmanager
+def _work_folder(work: Path):
+    """`work`, made if missing; a failed run removes it again if it made it and left nothing in it."""
+    made = not work.exists()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+    except BaseException:
+        if made and work.is_dir() and not any(work.iterdir()):
+            work.rmdir()
+        raise
+
+
 def _matches(record: dict, expect: dict) -> bool:
     """A step's output from an earlier run is reused when its record matches what we would do now."""
     return all(record.get(k) == v for k, v in expect.items())
@@ -62,7 +77,7 @@ def _matches(record: dict, expect: dict) -> bool:
 
 def build_finetuned(model_dir, forget: list[QA], work: Path, opts: FinetuneOptions) -> Path:
     out = work / ("theta_ft" if opts.lora_rank is None else "theta_ft_lora")
-    expect = {"base": str(Path(model_dir).resolve()), "data_sha256": data_hash(forget), "options": asdict(opts)}
+    expect = {"base_sha256": content_sha256(model_dir), "data_sha256": data_hash(forget), "options": asdict(opts)}
     try:
         record = json.loads((out / "perta_finetune.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -80,8 +95,8 @@ def build_importance(model_dir, forget, retain, method: str, work: Path, opts: U
     out = work / f"importance-{method}{'-lora' if adapter else ''}.safetensors"
     forget, retain = forget[:opts.max_samples or None], retain[:opts.max_samples or None]
     expect = {"forget_sha256": data_hash(forget), "retain_sha256": data_hash(retain), "method": method,
-              "checkpoint": str(Path(model_dir).resolve()), "max_length": str(opts.max_length),
-              "adapter": str(Path(adapter).resolve()) if adapter else "", "write": opts.write}
+              "checkpoint_sha256": content_sha256(model_dir), "max_length": str(opts.max_length),
+              "adapter_sha256": content_sha256(adapter) if adapter else "", "write": opts.write}
     if opts.write == "weights":
         expect.update(alpha=str(opts.alpha), power=str(opts.power), eps=str(opts.eps))
     if not (out.is_file() and _matches(SafetensorsFile(out).metadata, expect)):
@@ -96,13 +111,11 @@ def build_importance(model_dir, forget, retain, method: str, work: Path, opts: U
 def evaluate_models(models: dict[str, Path], sets: dict[str, list[QA]], device=None, generate=True,
                     dtype=None) -> dict:
     """{model label: {set label: evaluate(...)}} loading one model at a time."""
-    from tqdm import tqdm
-
     from .eval import evaluate
     from .models import load_model
 
     results = {}
-    for label, folder in tqdm(models.items(), desc="evaluate", unit="model"):
+    for label, folder in bar(models.items(), desc="evaluate", unit="model"):
         model, tok = load_model(folder, device, dtype)
         results[label] = {name: evaluate(model, tok, rows, generate=generate) for name, rows in sets.items()}
         del model
@@ -144,7 +157,11 @@ class _StepMeter:
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         with PeakRssAnon(interval=0.05) as m:
-            result = fn(*args, **kwargs)
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as e:
+                e.add_note(f"perta-fast step: {name}")  # an out-of-memory error then names the step
+                raise
         self.seconds[name] = round(time.perf_counter() - t, 2)
         self.peak_host[name] = m.peak
         self.peak_resident[name] = m.peak_rss
@@ -169,40 +186,40 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
 
         lora_config(opts.finetune)  # bad LoRA options fail before anything runs
     work = Path(work_dir) if work_dir else Path(out).with_name(Path(out).name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
-    meter, t0 = _StepMeter(), time.perf_counter()
-    if finetuned is None:
-        ft_opts = replace(opts.finetune, dtype=opts.dtype, gradient_checkpointing=opts.gradient_checkpointing,
-                          device=opts.device)
-        finetuned = meter("finetune", build_finetuned, model_dir, forget, work, ft_opts)
-    adapter = Path(finetuned) if is_adapter(finetuned) else None
-    importance = None
-    if opts.method != "tv":
-        importance = meter("importance", build_importance, opts.importance_model or model_dir, forget, retain,
-                           opts.method.split("-", 1)[1], work, opts, adapter)
-    merge_opts = MergeOptions("tv" if opts.method == "tv" else "perta", opts.lam, opts.alpha, opts.power, opts.eps,
-                              device=pick_device(opts.device))
-    plan = plan_merge(model_dir, finetuned, importance, merge_opts)
-    # the output appears only once evaluated and recorded: a crash in evaluation leaves nothing at `out`
-    with atomic_dir(out, overwrite, inputs) as staged:
-        record = meter("merge", write_merge, plan, staged)
-        summary = {"method": opts.method, "out": str(out), "finetuned": str(finetuned),
-                   "importance": str(importance) if importance else None, "mean_weight": record["mean_weight"],
-                   "forget_rows": len(forget), "forget_sha256": data_hash(forget), "retain_rows": len(retain),
-                   "retain_sha256": data_hash(retain), "work": str(work), "work_kept": opts.keep_work}
-        if opts.evaluate:
-            summary["eval"] = meter("eval", evaluate_models,
-                                    {"before (θ_full)": Path(model_dir), f"after ({opts.method})": staged},
-                                    {"forget": forget[:opts.eval_samples or None],
-                                     "retain": retain[:opts.eval_samples or None]}, opts.device, dtype=opts.dtype)
-            summary["table"] = format_table(summary["eval"])
-        summary["seconds"] = {**meter.seconds, "total": round(time.perf_counter() - t0, 2)}
-        summary["peak_rss_anon_bytes"] = meter.peak_host
-        summary["peak_rss_bytes"] = meter.peak_resident  # with mapped checkpoint pages
-        if meter.peak_device:
-            summary["peak_cuda_allocated_bytes"] = meter.peak_device
-        (staged / "perta_unlearn.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-        (staged / "README.md").write_text(card_with_metrics((staged / "README.md").read_text(), summary))
+    with _work_folder(work):
+        meter, t0 = _StepMeter(), time.perf_counter()
+        if finetuned is None:
+            ft_opts = replace(opts.finetune, dtype=opts.dtype, gradient_checkpointing=opts.gradient_checkpointing,
+                              device=opts.device)
+            finetuned = meter("finetune", build_finetuned, model_dir, forget, work, ft_opts)
+        adapter = Path(finetuned) if is_adapter(finetuned) else None
+        importance = None
+        if opts.method != "tv":
+            importance = meter("importance", build_importance, opts.importance_model or model_dir, forget, retain,
+                               opts.method.split("-", 1)[1], work, opts, adapter)
+        merge_opts = MergeOptions("tv" if opts.method == "tv" else "perta", opts.lam, opts.alpha, opts.power, opts.eps,
+                                  device=pick_device(opts.device))
+        plan = plan_merge(model_dir, finetuned, importance, merge_opts)
+        # the output appears only once evaluated and recorded: a crash in evaluation leaves nothing at `out`
+        with atomic_dir(out, overwrite, inputs) as staged:
+            record = meter("merge", write_merge, plan, staged)
+            summary = {"method": opts.method, "out": str(out), "finetuned": str(finetuned),
+                       "importance": str(importance) if importance else None, "mean_weight": record["mean_weight"],
+                       "forget_rows": len(forget), "forget_sha256": data_hash(forget), "retain_rows": len(retain),
+                       "retain_sha256": data_hash(retain), "work": str(work), "work_kept": opts.keep_work}
+            if opts.evaluate:
+                summary["eval"] = meter("eval", evaluate_models,
+                                        {"before (θ_full)": Path(model_dir), f"after ({opts.method})": staged},
+                                        {"forget": forget[:opts.eval_samples or None],
+                                         "retain": retain[:opts.eval_samples or None]}, opts.device, dtype=opts.dtype)
+                summary["table"] = format_table(summary["eval"])
+            summary["seconds"] = {**meter.seconds, "total": round(time.perf_counter() - t0, 2)}
+            summary["peak_rss_anon_bytes"] = meter.peak_host
+            summary["peak_rss_bytes"] = meter.peak_resident  # with mapped checkpoint pages
+            if meter.peak_device:
+                summary["peak_cuda_allocated_bytes"] = meter.peak_device
+            (staged / "perta_unlearn.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+            (staged / "README.md").write_text(card_with_metrics((staged / "README.md").read_text(), summary))
     if not opts.keep_work:  # θ_ft learnt exactly the data to delete: it must not outlive the request unasked
         summary["work_removed"] = remove_forget_derived(work)
     return summary
@@ -214,7 +231,6 @@ def lambda_sweep(full: Path, finetuned: Path, importance: dict[str, Path | None]
     (same formula as `merge`, without writing a checkpoint per point): {method: [{lam, set: prob}]}.
     `finetuned` is a checkpoint or a LoRA adapter folder (τ = 0 outside its targets)."""
     import torch
-    from tqdm import tqdm
 
     from .eval import answer_probabilities
     from .io import Checkpoint, SafetensorsFile
@@ -233,7 +249,7 @@ def lambda_sweep(full: Path, finetuned: Path, importance: dict[str, Path | None]
         ft_ck = Checkpoint(finetuned)
         tau = {n: ft_ck.get(n).float() - base[n].float() for n in params}
     curves = {}
-    with tqdm(total=len(importance) * len(lams), desc="λ sweep", unit="point") as bar:
+    with bar(total=len(importance) * len(lams), desc="λ sweep", unit="point") as sweep_bar:
         for method, imp_path in importance.items():
             imp = SafetensorsFile(imp_path) if imp_path else None
             w = {n: ratio_weights(imp.get("forget/" + n), imp.get("retain/" + n)) if imp else None for n in tau}
@@ -247,7 +263,7 @@ def lambda_sweep(full: Path, finetuned: Path, importance: dict[str, Path | None]
                     probs = answer_probabilities(model, tok, rows)
                     point[name] = sum(probs) / len(probs)
                 curves[method].append(point)
-                bar.update(1)
+                sweep_bar.update(1)
     return curves
 
 

@@ -17,9 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import distributed
+from .console import bar
 from .data import QA, collate, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
-from .io import check_output_path, kill_point, resume_dir, resume_state
+from .io import check_output_path, content_sha256, kill_point, resume_dir, resume_state
 from .loss import per_sample_loss
 from .models import load_model, save_model
 from .profiling import release_freed_memory
@@ -138,7 +139,6 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc
     learning rate linearly; `step_losses` (a list) receives each step's mean loss. With `checkpoint`, the
     state is saved every `checkpoint.every` steps; `resume` starts from it."""
     import torch
-    from tqdm import tqdm
 
     torch.manual_seed(opts.seed)
     order_rng = random.Random(opts.seed)
@@ -166,7 +166,7 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc
                                                                 pos["total"])
     per_epoch = -(-len(encoded) // opts.batch_size)
     done = first_epoch * per_epoch + first_step
-    with tqdm(total=opts.epochs * per_epoch, initial=done, desc=desc, unit="step", disable=rank > 0) as bar:
+    with bar(total=opts.epochs * per_epoch, initial=done, desc=desc, unit="step", show=rank == 0) as progress_bar:
         for epoch in range(first_epoch, opts.epochs):
             rng_at_start = order_rng.getstate()
             order = list(range(len(encoded)))
@@ -195,8 +195,8 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc
                     release_freed_memory()
                 if counts:
                     total += float(losses.detach().sum())
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(losses.detach().mean()):.3f}")
+                progress_bar.update(1)
+                progress_bar.set_postfix(loss=f"{float(losses.detach().mean()):.3f}")
                 done += 1
                 if checkpoint is not None and checkpoint.every and done % checkpoint.every == 0:
                     checkpoint.save(model, optim, {"epoch": epoch, "step": step + 1, "total": total,
@@ -219,7 +219,7 @@ def finetune(model_dir: str | Path, rows: list[QA], out: str | Path, options: Fi
         raise PertaError(f"--checkpoint-every must be a positive number of steps, got {checkpoint_every}")
     if checkpoint_every or resume:
         distributed.refuse("--checkpoint-every/--resume")
-    fingerprint = {"base": str(Path(model_dir).resolve()), "data_sha256": data_hash(rows),
+    fingerprint = {"base_sha256": content_sha256(model_dir), "data_sha256": data_hash(rows),
                    "options": json.dumps(asdict(opts), sort_keys=True)}
     distributed.setup(opts.device)
     distributed.agree(fingerprint, "the fine-tuning run")
@@ -230,7 +230,8 @@ def finetune(model_dir: str | Path, rows: list[QA], out: str | Path, options: Fi
     if opts.lora_rank is not None:
         model = with_lora(model, opts, str(model_dir))
     losses = train_in_place(model, tok, rows, opts, source=str(model_dir), checkpoint=checkpoint, resume=resume)
-    record = {"base": str(Path(model_dir).resolve()), "n_rows": len(rows), "data_sha256": data_hash(rows),
+    record = {"base": str(Path(model_dir).resolve()), "base_sha256": fingerprint["base_sha256"], "n_rows": len(rows),
+              "data_sha256": data_hash(rows),
               "options": asdict(opts), "epoch_losses": losses, "seconds": round(time.perf_counter() - t0, 2),
               "kind": "lora adapter" if opts.lora_rank is not None else "checkpoint",
               "ranks": distributed.rank_and_size()[1]}

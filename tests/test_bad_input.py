@@ -275,13 +275,20 @@ def test_nan_checkpoint_in_finetune(tmp_path, capsys, nan_model):
     assert not (tmp_path / "o").exists()
 
 
-def test_existing_output_is_refused_before_training(tmp_path, capsys, tiny_dir):
+def test_existing_output_is_refused_before_training(tmp_path, capsys, tiny_dir, monkeypatch):
+    """Refused before the model is even loaded (so before any training), in one line and nothing else."""
+    from perta_fast import train
+
+    loads, load = [], train.load_model
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: loads.append(a) or load(*a, **k))
     data = tmp_path / "d.json"
     data.write_text('[{"question": "q", "answer": "a"}]')
     (tmp_path / "o").mkdir()
-    err = cli_error(capsys, ["finetune", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "o")])
-    assert "already exists" in err
-    assert "finetune" not in capsys.readouterr().err  # no training step ran
+    code = main(["finetune", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "o")])
+    stderr = capsys.readouterr().err
+    assert code == 2 and loads == []
+    assert stderr.splitlines() == [f"perta-fast: error: {(tmp_path / 'o').resolve()}: output already exists "
+                                   "(pass --overwrite to replace it)"]
 
 
 @pytest.mark.parametrize("args,says", [
@@ -307,8 +314,9 @@ def test_demo_that_would_forget_everyone_is_refused_before_any_work(tmp_path, ca
 
 @pytest.mark.parametrize("error,says,code", [
     (lambda: __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-     "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): see `perta-fast plan`", 1),
-    (lambda: MemoryError(), "out of memory (host)", 1),
+     "out of memory in merge (CUDA out of memory. Tried to allocate 2.00 GiB): the merge holds about one "
+     "tensor at a time; --device cpu", 1),
+    (lambda: MemoryError(), "out of memory in merge (host)", 1),
     (lambda: OSError(28, "No space left on device", "/data/out/.model.safetensors.tmp"),
      "/data/out/.model.safetensors.tmp: no space left on the device", 1),
 ])
@@ -327,4 +335,27 @@ def test_out_of_memory_and_disk_full_are_one_line_errors(monkeypatch, capsys, pa
     monkeypatch.setitem(cli.COMMANDS, "merge", lambda a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(merge_args(full, ft, tmp_path / "out", imp))
+
+
+def test_out_of_memory_in_unlearn_names_the_step_and_the_plan_to_run(monkeypatch, capsys, tiny_dir, facts, tmp_path):
+    """unlearn runs four steps: the line says which one ran out, and the plan command for this model and
+    these sizes, with half the batch to try."""
+    import torch
+
+    from perta_fast import pipeline
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+    monkeypatch.setattr(pipeline, "build_importance", oom)
+    for name, rows in zip(("f.json", "r.json"), facts):
+        (tmp_path / name).write_text(json.dumps([r.__dict__ for r in rows[:4]]))
+    code = main(["unlearn", "--model", str(tiny_dir), "--forget", str(tmp_path / "f.json"), "--retain",
+                 str(tmp_path / "r.json"), "--out", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "6",
+                 "--no-eval"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("perta-fast: error: out of memory in unlearn's importance step (CUDA out of memory.")
+    assert f"`perta-fast plan --model {tiny_dir} --batch-size 6 --max-length 256` shows each step's peak" in err
+    assert "--batch-size 3" in err and "--max-memory" in err
+    assert not (tmp_path / "out").exists()
 

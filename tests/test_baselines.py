@@ -9,7 +9,7 @@ import torch
 from helpers import load_folder
 from perta_fast.baselines import BaselineOptions, unlearn_by_training
 from perta_fast.cli import main
-from perta_fast.data import QA, encode
+from perta_fast.data import encode
 from perta_fast.errors import PertaError
 from perta_fast.models import load_model
 

@@ -110,6 +110,29 @@ def test_merge(backend, dtype, shape, kind):
     assert w_sum == pytest.approx(want_sum, rel=1e-6, abs=1e-9)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["tv", "scores", "delta"])
+def test_merge_matches_the_formula_in_float64(backend, dtype, kind):
+    """Every backend, the torch one included (which *is* merge_tensor, the reference the other tests use),
+    against θ − λ·w·τ with w = s_f^p / (s_f^p + α·s_r^p + ε) computed here in float64."""
+    base, ft = make((4097,), dtype, 30), make((4097,), dtype, 31)
+    s_f, s_r = make((4097,), torch.float32, 32, positive=True), make((4097,), torch.float32, 33, positive=True)
+    lam, alpha, power, eps = 1.3, 0.7, 2.0, 1e-3
+    b64 = base.double()
+    tau64 = ft.double() - b64 if kind != "delta" else ft.float().double()
+    w64 = 1.0 if kind == "tv" else s_f.double() ** power / (s_f.double() ** power + alpha * s_r.double() ** power + eps)
+    want = b64 - lam * w64 * tau64
+    args = {} if kind == "tv" else {"s_f": s_f, "s_r": s_r}
+    finetuned = ft.float() if kind == "delta" else ft
+    got, _, _ = merge_tensors(base, finetuned, **args, lam=lam, alpha=alpha, power=power, eps=eps,
+                              delta=kind == "delta")
+    # one rounding to `dtype` (≤ 1 ulp of the result, truncation in Triton's interpreter included) plus the
+    # fp32 arithmetic: a few fp32 ulps of the operands' magnitude
+    scale = b64.abs() + lam * (b64.abs() + ft.double().abs())
+    tol = torch.finfo(dtype).eps * want.abs() + 8 * 2**-24 * scale
+    assert ((got.double() - want).abs() <= tol).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_merge_rounding_at_the_edges(backend, dtype):
     """Subnormals, overflow to inf, ties: the C++ casts must agree with torch's to the bit."""
