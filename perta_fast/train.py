@@ -240,6 +240,6 @@ def finetune(model_dir: str | Path, rows: list[QA], out: str | Path, options: Fi
                    extra_files={"perta_finetune.json": json.dumps(record, indent=2)},
                    tokenizer_files=opts.lora_rank is None)
     distributed.barrier()
-    if checkpoint is not None:
-        shutil.rmtree(checkpoint.dir, ignore_errors=True)
+    if distributed.is_main():  # ours, or a killed earlier run's: a checkpoint of a finished output is obsolete
+        shutil.rmtree(resume_dir(out), ignore_errors=True)
     return record

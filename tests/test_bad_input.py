@@ -126,6 +126,27 @@ def test_nan_in_input_is_an_error(tmp_path, capsys, pair):
     err = cli_error(capsys, merge_args(full, ft, tmp_path / "out", imp))
     assert "b.weight" in err and "NaN" in err and "--nan-to-zero" in err
     assert_nothing_written(tmp_path, tmp_path / "out")
+    from perta_fast import PertaError, merge
+
+    with pytest.raises(PertaError) as raised:
+        merge(full, ft, tmp_path / "out", imp)
+    # while the caller holds the error (and through its traceback the writer), the shard being written
+    # is already closed: not left to the garbage collector
+    assert raised.value and _open_files_under(tmp_path) == []
+
+
+def _open_files_under(folder):
+    import os
+
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(folder)):
+            fds.append(target)
+    return fds
 
 
 def test_inf_in_importance_is_an_error_unless_flagged(tmp_path, capsys, pair):

@@ -48,3 +48,5 @@ def test_finetune_resume_refuses_another_run(tmp_path, tiny_dir, facts):
     other = run_finetune(tmp_path, tiny_dir, "ft", ["--checkpoint-every", "1", "--resume", "--lr", "1e-3"])
     assert other.returncode == 2 and "other options" in other.stderr and len(other.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "ft").exists()
+    fresh = run_finetune(tmp_path, tiny_dir, "ft", [])  # a plain rerun: the killed run's checkpoint is obsolete
+    assert fresh.returncode == 0 and (tmp_path / "ft").is_dir() and not (tmp_path / ".ft.resume").exists()
