@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-generate", action="store_true", help="skip greedy answers (no ROUGE-L, no model utility)")
     p.add_argument("--out", default=None, help="results .json (a markdown table goes beside it as .md)")
     p.add_argument("--compare", nargs="+", default=None, metavar="RESULTS_JSON", help="tabulate saved results")
-    _add_common(p, batch=16, checkpointing=False)
+    _add_common(p, batch=64, checkpointing=False)  # --batch-size: questions decoded together
     p.set_defaults(max_length=512)
     p.add_argument("--overwrite", action="store_true")
 

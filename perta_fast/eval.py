@@ -36,22 +36,53 @@ def answer_probabilities(model, tokenizer, rows: list[QA], batch_size: int = 16,
     return probs
 
 
+GENERATE_BATCH = 64  # questions decoded together: on a CPU a decode step costs about the same for 16 or 64
+
+
 @torch.no_grad()
-def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
-    """Greedy answers, batched with left padding so every prompt ends where generation starts."""
-    device = next(model.parameters()).device
+def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 32,
+                     batch_size: int = GENERATE_BATCH) -> list[str]:
+    """Greedy answers, decoded in batches of questions of similar prompt length, left-padded so every
+    prompt ends where decoding starts; a finished answer leaves the batch (its cache rows dropped) instead
+    of being decoded to the longest one's end."""
     pad = pad_id(tokenizer)
-    answers = []
-    for i in range(0, len(questions), batch_size):
-        prompts = [tokenizer(prompt_and_answer(tokenizer, q)[0], add_special_tokens=False)["input_ids"]
-                   for q in questions[i:i + batch_size]]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        answers += [tokenizer.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+    prompts = [tokenizer(prompt_and_answer(tokenizer, q)[0], add_special_tokens=False)["input_ids"] for q in questions]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        for i, tokens in zip(batch, _greedy(model, [prompts[i] for i in batch], max_new_tokens, pad,
+                                            tokenizer.eos_token_id)):
+            answers[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return answers
+
+
+def _greedy(model, prompts: list[list[int]], max_new_tokens: int, pad: int, eos: int) -> list[list[int]]:
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    position = mask.sum(1)  # of the next token, counted from each prompt's first real one
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
+                use_cache=True, logits_to_keep=1)
+    cache, alive = out.past_key_values, torch.arange(len(prompts), device=device)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for step in range(max_new_tokens):
+        chosen = out.logits[:, -1].argmax(-1)
+        for row, token in zip(alive.tolist(), chosen.tolist()):
+            tokens[row].append(token)
+        going = chosen != eos
+        if step == max_new_tokens - 1 or not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            alive, chosen, mask, position = alive[keep], chosen[keep], mask[keep], position[keep]
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], 1)
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position[:, None],
+                    past_key_values=cache, use_cache=True)
+        position = position + 1
+    return tokens
 
 
 def evaluate(model, tokenizer, rows: list[QA], batch_size: int = 16, max_new_tokens: int = 32,
@@ -61,7 +92,7 @@ def evaluate(model, tokenizer, rows: list[QA], batch_size: int = 16, max_new_tok
     probs = answer_probabilities(model, tokenizer, rows, batch_size)
     result = {"n": len(rows), "answer_prob": sum(probs) / len(probs)}
     if generate:
-        gens = generate_answers(model, tokenizer, [r.question for r in rows], max_new_tokens, batch_size)
+        gens = generate_answers(model, tokenizer, [r.question for r in rows], max_new_tokens)
         result["exact_match"] = sum(normalise(g) == normalise(r.answer) for g, r in zip(gens, rows)) / len(rows)
         result["generations"] = gens
     return result
@@ -75,7 +106,7 @@ UTILITY_ROLES = ("retain", "real_authors", "world_facts")  # 3 splits × (prob, 
 
 @dataclass
 class EvalOptions:
-    batch_size: int = 16
+    batch_size: int = GENERATE_BATCH  # questions decoded together
     max_new_tokens: int = 200  # TOFU generates up to 200 tokens
     max_length: int = 512
     generate: bool = True  # greedy answers for ROUGE-L; off, ROUGE-L is left out (and model utility with it)
@@ -106,32 +137,72 @@ def extraction_strength(logits, labels) -> list[float]:
     return out
 
 
-@torch.no_grad()
+ANSWER_TOKENS_PER_FORWARD = 1024  # bounds the (answers × tokens × vocab) fp32 logits: ~200 MB at 49k vocab
+
+
 def question_scores(model, tokenizer, question: str, answers: list[str], max_length: int = 512):
-    """Mean answer-token NLL and extraction strength of each answer to one question. The prompt runs
-    once and its KV cache is shared by all answers (TOFU scores 7 answers per forget/retain question; the
-    prompt is ~half the tokens)."""
+    """Mean answer-token NLL and extraction strength of each answer to one question."""
+    return score_questions(model, tokenizer, [(question, answers)], max_length)[0]
+
+
+@torch.no_grad()
+def score_questions(model, tokenizer, items: list[tuple[str, list[str]]], max_length: int = 512,
+                    answer_tokens: int = ANSWER_TOKENS_PER_FORWARD, desc: str | None = None
+                    ) -> list[tuple[list[float], list[float]]]:
+    """(mean answer-token NLLs, extraction strengths) of each (question, answers), several questions per
+    forward. TOFU scores 6-7 answers per question and the prompt is ~half of each: every prompt runs once,
+    left-padded beside the others' (positions counted from its first real token, so the padding changes
+    nothing), and its KV cache is copied to each of its answers, which run right-padded after it."""
     device = next(model.parameters()).device
-    encoded = encode(tokenizer, [QA(question, a) for a in answers], max_length)
-    n_prompt = encoded[0].n_prompt
-    prompt = torch.tensor([encoded[0].input_ids[:n_prompt]], device=device)
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    pad = pad_id(tokenizer)
+    encoded = [encode(tokenizer, [QA(q, a) for a in answers], max_length) for q, answers in items]
+    # questions with answers of like length side by side: less padding (23 % of TOFU's answer tokens otherwise)
+    order = sorted(range(len(items)), key=lambda i: max(len(e.input_ids) - e.n_prompt for e in encoded[i]))
+    scores, group = {}, []
+    with bar(total=len(items), show=desc is not None, desc=desc, unit="row", leave=False) as progress:
+        for k, i in enumerate(order):
+            group.append(i)
+            width = max(len(e.input_ids) - e.n_prompt for j in group for e in encoded[j])
+            nxt = encoded[order[k + 1]] if k + 1 < len(order) else None
+            if nxt is None or (sum(len(encoded[j]) for j in group) + len(nxt)) * width > answer_tokens:
+                scores.update(zip(group, _score_group(model, [encoded[j] for j in group], pad, device)))
+                progress.update(len(group))
+                group = []
+    return [scores[i] for i in range(len(items))]
+
+
+def _score_group(model, group, pad: int, device) -> list[tuple[list[float], list[float]]]:
+    prompts = [e[0].input_ids[:e[0].n_prompt] for e in group]
+    width_p = max(map(len, prompts))
+    ids = torch.full((len(group), width_p), pad, dtype=torch.long)
+    mask = torch.zeros((len(group), width_p), dtype=torch.long)
+    for g, p in enumerate(prompts):
+        ids[g, width_p - len(p):], mask[g, width_p - len(p):] = torch.tensor(p), 1
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                position_ids=(mask.cumsum(1) - 1).clamp_min(0).to(device), use_cache=True, logits_to_keep=1)
+    owner = torch.tensor([g for g, enc in enumerate(group) for _ in enc])
     cache = out.past_key_values
-    cache.batch_repeat_interleave(len(answers))
-    tails = [e.input_ids[n_prompt:] for e in encoded]
+    cache.batch_select_indices(owner.to(device))  # each answer gets its own copy of its prompt's keys/values
+    tails = [e.input_ids[e.n_prompt:] for enc in group for e in enc]
     width = max(map(len, tails))
-    ids = torch.full((len(tails), width), pad_id(tokenizer), dtype=torch.long)
+    ids = torch.full((len(tails), width), pad, dtype=torch.long)
     labels = torch.full((len(tails), width + 1), -100, dtype=torch.long)
-    mask = torch.ones((len(tails), n_prompt + width), dtype=torch.long)
+    tail_mask = torch.zeros((len(tails), width), dtype=torch.long)
     for i, t in enumerate(tails):
         ids[i, :len(t)] = torch.tensor(t)
         labels[i, 1:len(t) + 1] = ids[i, :len(t)]
-        mask[i, n_prompt + len(t):] = 0
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache).logits
+        tail_mask[i, :len(t)] = 1
+    starts = mask.sum(1)[owner]
+    logits = model(input_ids=ids.to(device), attention_mask=torch.cat([mask[owner], tail_mask], 1).to(device),
+                   position_ids=(starts[:, None] + torch.arange(width)).to(device), past_key_values=cache).logits
     # position 0 holds the prompt's last logits, which predict the first answer token
-    logits = torch.cat([out.logits[:, -1:].expand(len(tails), 1, -1), logits], 1)
+    logits = torch.cat([out.logits[owner.to(device)], logits], 1)
     labels = labels.to(device)
-    return per_sample_loss(logits, labels).tolist(), extraction_strength(logits, labels)
+    nll, strength = per_sample_loss(logits, labels).tolist(), extraction_strength(logits, labels)
+    bounds = [0]
+    for enc in group:
+        bounds.append(bounds[-1] + len(enc))
+    return [(nll[a:b], strength[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 def truth_ratios(paraphrased_nll: list[float], perturbed_nll: list[list[float]]) -> list[float]:
@@ -176,14 +247,19 @@ def model_utility(results: dict) -> float | None:
     return 0.0 if min(scores) <= 0 else float(hmean(scores))
 
 
+def _no_paraphrase(r: EvalQA) -> bool:
+    return r.paraphrased_answer == r.answer
+
+
 def evaluate_split(model, tokenizer, rows: list[EvalQA], role: str, opts: EvalOptions | None = None) -> dict:
     opts = opts or EvalOptions()
     n = len(rows)
     answer_nll, para_nll, pert_nll, es = [], [], [], []
-    for r in bar(rows, desc=f"score {role}", unit="row", leave=False):
-        same = r.paraphrased_answer == r.answer  # real authors, world facts: no paraphrase
-        answers = [r.answer] + ([] if same else [r.paraphrased_answer]) + list(r.perturbed_answers)
-        nll, strength = question_scores(model, tokenizer, r.question, answers, opts.max_length)
+    items = [(r.question, [r.answer] + ([] if _no_paraphrase(r) else [r.paraphrased_answer]) + list(r.perturbed_answers))
+             for r in rows]
+    for r, (nll, strength) in zip(rows, score_questions(model, tokenizer, items, opts.max_length,
+                                                                 desc=f"score {role}")):
+        same = _no_paraphrase(r)  # real authors, world facts
         answer_nll.append(nll[0])
         para_nll.append(nll[0] if same else nll[1])
         pert_nll.append(nll[1 if same else 2:])

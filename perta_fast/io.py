@@ -493,7 +493,7 @@ def remove_stale_temps(out: Path) -> list[Path]:
         if fd is None:
             continue
         try:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            _remove(p)
         finally:
             os.close(fd)
         log.warning("%s: removed %s, left by an interrupted run", out, p.name)

@@ -41,6 +41,14 @@ def write_importance(path: Path, forget: dict, retain: dict, method="fisher") ->
     return path
 
 
+def write_sets(root: Path, forget: list, retain: list) -> tuple[Path, Path]:
+    """forget.json and retain.json (QA rows) in `root`."""
+    paths = root / "forget.json", root / "retain.json"
+    for path, rows in zip(paths, (forget, retain)):
+        path.write_text(json.dumps([r.__dict__ for r in rows]))
+    return paths
+
+
 def load_folder(folder: Path) -> dict:
     from safetensors.torch import load_file
 

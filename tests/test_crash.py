@@ -3,7 +3,6 @@ made), mid-write (weights written, tokenizer not; or some tensors appended), jus
 and, when overwriting, between swapping the old output out and deleting it. Afterwards the output does not
 exist or is complete (it equals an uninterrupted run's), the inputs are byte-identical, and the next run
 removes what the killed one left, says so, and succeeds."""
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from helpers import load_folder, smollm2_gguf, tree_digest
+from helpers import load_folder, smollm2_gguf, tree_digest, write_sets
 from perta_fast.io import Checkpoint
 
 
@@ -44,9 +43,7 @@ def _left_behind(out):
 def setup(tmp_path_factory, tiny_dir, facts):
     """Inputs shared by the commands, and a digest of every input file to check they are never touched."""
     root = tmp_path_factory.mktemp("crash")
-    forget, retain = facts
-    (root / "forget.json").write_text(json.dumps([r.__dict__ for r in forget[:4]]))
-    (root / "retain.json").write_text(json.dumps([r.__dict__ for r in retain[:8]]))
+    write_sets(root, facts[0][:4], facts[1][:8])
     ft = root / "ft"
     assert _run(["finetune", "--model", str(tiny_dir), "--data", str(root / "forget.json"), "--out", str(ft),
                  "--epochs", "1", "--batch-size", "4", "--lr", "1e-2"]).returncode == 0

@@ -1,7 +1,6 @@
 """Disk full, for real: each writing command with its output on a 96 KiB tmpfs (mounted in a private mount
 namespace, so no root is needed where user namespaces are allowed; skipped, saying why, where they are not).
 It must fail with one line, exit 1, leave nothing on the full disk, and leave its inputs untouched."""
-import json
 import os
 import shlex
 import shutil
@@ -10,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import tree_digest
+from helpers import tree_digest, write_sets
 
 SMALL = "96k"
 
@@ -46,9 +45,7 @@ def _run_on_small_disk(disk, argv):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_dir, facts):
     root = tmp_path_factory.mktemp("full-disk")
-    forget, retain = facts
-    (root / "forget.json").write_text(json.dumps([r.__dict__ for r in forget[:4]]))
-    (root / "retain.json").write_text(json.dumps([r.__dict__ for r in retain[:4]]))
+    write_sets(root, facts[0][:4], facts[1][:4])
     from perta_fast.cli import main
 
     assert main(["finetune", "--model", str(tiny_dir), "--data", str(root / "forget.json"), "--out",

@@ -8,7 +8,7 @@ import torch
 
 from perta_fast import eval as ev
 from perta_fast.cli import main
-from perta_fast.data import EvalQA, encode, load_qa, QA
+from perta_fast.data import QA, EvalQA, encode, load_qa, prompt_and_answer
 from perta_fast.errors import PertaError
 from perta_fast.models import load_model
 
@@ -113,6 +113,23 @@ def test_shared_prompt_scores_equal_separate_sequences(tiny, eval_rows):
         assert es == [es_of_one_sequence(model, tok, r.question, a) for a in answers]
 
 
+@pytest.mark.parametrize("answer_tokens", [1, 200, 10**6])  # one question per forward, a few, all at once
+def test_several_questions_per_forward_equal_separate_sequences(tiny, eval_rows, answer_tokens):
+    """Prompts of different lengths left-padded side by side, answers right-padded after their copied
+    prompt caches: each score equals that of its own unpadded sequence."""
+    model, tok = tiny
+    rows = eval_rows[:3] + eval_rows[-3:]
+    items = [(r.question, [r.answer, *r.perturbed_answers[:1 + i % 3]]) for i, r in enumerate(rows)]
+    assert len({len(encode(tok, [QA(q, a[0])])[0].input_ids[:encode(tok, [QA(q, a[0])])[0].n_prompt])
+                for q, a in items}) > 1  # prompts really differ in length, so padding is exercised
+    scores = ev.score_questions(model, tok, items, answer_tokens=answer_tokens)
+    for (q, answers), (nll, es) in zip(items, scores, strict=True):
+        # fp32 sums in another order: ~1e-7; a prompt position off by its padding moves the tiny model's NLLs
+        # by ~3e-6, hence the tight tolerance
+        assert nll == pytest.approx([nll_by_hand(model, tok, q, a) for a in answers], rel=1e-6)
+        assert es == [es_of_one_sequence(model, tok, q, a) for a in answers]
+
+
 @pytest.fixture(scope="module")
 def memorised(tiny_dir, eval_rows):
     """The tiny model trained hard on half the rows, so that some answers are extractable."""
@@ -147,6 +164,25 @@ def test_extraction_strength_matches_greedy_generation_from_each_prefix(memorise
         values.append(es[0])
         assert es[0] == pytest.approx(extraction_by_generation(model, tok, r.question, r.answer)), r.question
     assert len(set(values)) > 2  # the check is not vacuous: trained rows extract, others do not
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+def test_batched_greedy_answers_equal_transformers_one_question_at_a_time(memorised, eval_rows, batch_size):
+    """Questions sorted into batches, left-padded, finished answers leaving the batch: the tokens equal
+    transformers' own greedy decoding of each question alone (no padding)."""
+    model, tok = memorised
+    questions = [r.question for r in eval_rows[:8] + eval_rows[-3:]]
+    got = ev.generate_answers(model, tok, questions, max_new_tokens=24, batch_size=batch_size)
+    lengths = set()
+    for q, answer in zip(questions, got, strict=True):
+        prompt = tok(prompt_and_answer(tok, q)[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[0, prompt.shape[1]:]
+        lengths.add(len(new))
+        assert answer == tok.decode(new, skip_special_tokens=True).strip(), q
+    assert len(lengths) > 1  # answers end at different steps, so rows really leave the batch
 
 
 def test_evaluate_split_puts_the_pieces_together(tiny, eval_rows):
