@@ -41,7 +41,8 @@ def build_checkpoint(folder: Path, shape: dict, tokenizer_dir: Path, shard_gb: f
     import torch
     from transformers import AutoTokenizer, LlamaConfig
 
-    from perta_fast.io import ShardedWriter, atomic_dir
+    from perta_fast.io import ShardedWriter
+    from perta_fast.outputs import atomic_dir
 
     if (folder / "config.json").is_file():
         return folder

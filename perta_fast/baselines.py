@@ -16,7 +16,7 @@ from pathlib import Path
 from .data import QA, batches, collate, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
 from .loss import per_sample_loss
-from .io import check_output_path
+from .outputs import check_output_path
 from .models import load_model, save_model
 from .train import TrainingOptions, train_in_place
 

@@ -363,7 +363,7 @@ def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out:
     import json
     import time
 
-    from .io import atomic_file, check_output_path
+    from .outputs import atomic_file, check_output_path
     from .models import load_model
 
     opts = opts or EvalOptions()

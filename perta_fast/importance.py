@@ -22,13 +22,14 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import __version__, distributed, dtypes
-from .console import bar
+from .console import bar, log
 from .data import QA, collate, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
-from .io import (Checkpoint, SafetensorsFile, SafetensorsWriter, _umask_mode, atomic_file, check_output_path,
-                 content_sha256, kill_point, log, publish, remove_stale_temps, resume_dir, resume_state)
+from .io import Checkpoint, SafetensorsFile, SafetensorsWriter, content_sha256
 from .loss import per_sample_loss
 from .ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
+from .outputs import (_umask_mode, atomic_file, check_output_path, kill_point, publish, remove_stale_temps, resume_dir,
+                      resume_state)
 from .profiling import host_available_bytes, release_freed_memory
 
 METHODS = ("grad", "fisher")

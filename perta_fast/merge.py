@@ -19,7 +19,8 @@ import torch
 from . import __version__
 from .console import bar
 from .errors import PertaError
-from .io import Checkpoint, SafetensorsFile, ShardedWriter, atomic_dir, copy_aux_files
+from .io import Checkpoint, SafetensorsFile, ShardedWriter, copy_aux_files
+from .outputs import atomic_dir
 from .profiling import release_freed_memory
 from .lora import LoraAdapter, delta_rows, is_adapter, read_adapter
 from .ops import merge_tensor, merge_tensors, pick_backend, ratio_weights  # noqa: F401  (references re-exported)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from . import dtypes
 from .errors import PertaError
-from .io import Checkpoint, atomic_dir, kill_point
+from .io import Checkpoint
+from .outputs import atomic_dir, kill_point
 
 # from_pretrained(dtype=...) and GradientCheckpointingLayer are from transformers 4.56; an older one would
 # take dtype= as a config attribute and silently load fp32. pyproject's floor (tests/test_versions.py).

@@ -10,7 +10,8 @@ from pathlib import Path
 from .console import bar
 from .data import QA, data_hash
 from .errors import PertaError
-from .io import atomic_dir, check_output_path, content_sha256
+from .io import content_sha256
+from .outputs import atomic_dir, check_output_path
 from .lora import is_adapter
 from .merge import MergeOptions, card_with_metrics, merge, plan_merge, write_merge
 from .models import pick_device

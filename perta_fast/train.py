@@ -20,7 +20,8 @@ from . import distributed
 from .console import bar
 from .data import QA, collate, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
-from .io import check_output_path, content_sha256, kill_point, resume_dir, resume_state
+from .io import content_sha256
+from .outputs import check_output_path, kill_point, resume_dir, resume_state
 from .loss import per_sample_loss
 from .models import load_model, save_model
 from .profiling import release_freed_memory
@@ -112,7 +113,7 @@ class TrainCheckpoint:
     def save(self, model, optim, position: dict) -> None:
         import torch
 
-        from .io import atomic_dir
+        from .outputs import atomic_dir
         from .importance import save_importance
 
         self.dir.mkdir(parents=True, exist_ok=True)
