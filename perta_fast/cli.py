@@ -393,7 +393,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("perta-fast: interrupted; no partial output was kept", file=sys.stderr)
         return 130
-    except (MemoryError, Exception) as e:  # noqa: BLE001 - only resource errors are caught, bugs re-raised
+    except Exception as e:  # noqa: BLE001 - only running out of memory or disk is answered; bugs re-raise
         line = _resource_error(e, args)
         if line is None:
             raise
