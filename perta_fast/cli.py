@@ -428,15 +428,19 @@ def _failed_step(e: BaseException, a) -> str:
 
 def _memory_advice(a) -> str:
     """What to run or change, with the user's own model and sizes filled in."""
-    model, batch = getattr(a, "model", None) or getattr(a, "base", None), getattr(a, "batch_size", None)
     if a.command == "merge":  # streamed: one tensor at a time, nothing to shrink but the device
         return "the merge holds about one tensor at a time; --device cpu keeps it in host memory"
-    plan = f"`perta-fast plan --model {model}" + (f" --batch-size {batch} --max-length {a.max_length}"
-                                                  if batch else "") + (f" --device {a.device.split(':')[0]}`"
-                                                                       if getattr(a, "device", None) else "`")
+    batch, device = getattr(a, "batch_size", None), getattr(a, "device", None)
+    plan = ["perta-fast", "plan", "--model", str(getattr(a, "model", None) or getattr(a, "base", None))]
+    if batch:
+        plan += ["--batch-size", str(batch), "--max-length", str(a.max_length)]
+    if device:
+        plan += ["--device", device.split(":")[0]]
     smaller = f"--batch-size {max(1, batch // 2)}" if batch else "a smaller --batch-size"
-    return (f"{plan} shows each step's peak memory; {smaller}, --max-length, --gradient-checkpointing, "
-            "--dtype bf16" + (" or --max-memory" if a.command in ("importance", "unlearn") else "") + " lower it")
+    knobs = [smaller, "--max-length", "--gradient-checkpointing", "--dtype bf16"]
+    if a.command in ("importance", "unlearn"):
+        knobs.append("--max-memory")
+    return f"`{' '.join(plan)}` shows each step's peak memory; {', '.join(knobs[:-1])} or {knobs[-1]} lower it"
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .data import QA, EvalQA, batches, data_hash, encode, load_qa, pad_id, prompt_and_answer
 from .console import bar
+from .data import QA, EvalQA, batches, data_hash, encode, load_qa, pad_id, prompt_and_answer
 from .errors import PertaError
 from .loss import per_sample_loss
 
@@ -57,14 +57,22 @@ def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int
     return answers
 
 
-def _greedy(model, prompts: list[list[int]], max_new_tokens: int, pad: int, eos: int) -> list[list[int]]:
+def _run_prompts(model, prompts: list[list[int]], pad: int):
+    """Prompts side by side, left-padded so that each ends where its continuation starts, positions counted
+    from each one's first real token (so the padding changes nothing): (last logits and KV cache, mask)."""
     device = next(model.parameters()).device
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    position = mask.sum(1)  # of the next token, counted from each prompt's first real one
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
                 use_cache=True, logits_to_keep=1)
+    return out, mask
+
+
+def _greedy(model, prompts: list[list[int]], max_new_tokens: int, pad: int, eos: int) -> list[list[int]]:
+    device = next(model.parameters()).device
+    out, mask = _run_prompts(model, prompts, pad)
+    position = mask.sum(1)  # of the next token, counted from each prompt's first real one
     cache, alive = out.past_key_values, torch.arange(len(prompts), device=device)
     tokens: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
@@ -172,17 +180,10 @@ def score_questions(model, tokenizer, items: list[tuple[str, list[str]]], max_le
 
 
 def _score_group(model, group, pad: int, device) -> list[tuple[list[float], list[float]]]:
-    prompts = [e[0].input_ids[:e[0].n_prompt] for e in group]
-    width_p = max(map(len, prompts))
-    ids = torch.full((len(group), width_p), pad, dtype=torch.long)
-    mask = torch.zeros((len(group), width_p), dtype=torch.long)
-    for g, p in enumerate(prompts):
-        ids[g, width_p - len(p):], mask[g, width_p - len(p):] = torch.tensor(p), 1
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                position_ids=(mask.cumsum(1) - 1).clamp_min(0).to(device), use_cache=True, logits_to_keep=1)
-    owner = torch.tensor([g for g, enc in enumerate(group) for _ in enc])
+    out, mask = _run_prompts(model, [e[0].input_ids[:e[0].n_prompt] for e in group], pad)
+    owner = torch.tensor([g for g, enc in enumerate(group) for _ in enc], device=device)
     cache = out.past_key_values
-    cache.batch_select_indices(owner.to(device))  # each answer gets its own copy of its prompt's keys/values
+    cache.batch_select_indices(owner)  # each answer gets its own copy of its prompt's keys/values
     tails = [e.input_ids[e.n_prompt:] for enc in group for e in enc]
     width = max(map(len, tails))
     ids = torch.full((len(tails), width), pad, dtype=torch.long)
@@ -193,10 +194,10 @@ def _score_group(model, group, pad: int, device) -> list[tuple[list[float], list
         labels[i, 1:len(t) + 1] = ids[i, :len(t)]
         tail_mask[i, :len(t)] = 1
     starts = mask.sum(1)[owner]
-    logits = model(input_ids=ids.to(device), attention_mask=torch.cat([mask[owner], tail_mask], 1).to(device),
-                   position_ids=(starts[:, None] + torch.arange(width)).to(device), past_key_values=cache).logits
+    logits = model(input_ids=ids.to(device), attention_mask=torch.cat([mask[owner], tail_mask.to(device)], 1),
+                   position_ids=starts[:, None] + torch.arange(width, device=device), past_key_values=cache).logits
     # position 0 holds the prompt's last logits, which predict the first answer token
-    logits = torch.cat([out.logits[owner.to(device)], logits], 1)
+    logits = torch.cat([out.logits[owner], logits], 1)
     labels = labels.to(device)
     nll, strength = per_sample_loss(logits, labels).tolist(), extraction_strength(logits, labels)
     bounds = [0]

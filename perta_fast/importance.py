@@ -28,8 +28,8 @@ from .errors import PertaError
 from .io import Checkpoint, SafetensorsFile, SafetensorsWriter, content_sha256
 from .loss import per_sample_loss
 from .ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
-from .outputs import (_umask_mode, atomic_file, check_output_path, kill_point, publish, remove_stale_temps, resume_dir,
-                      resume_state)
+from .outputs import (_umask_mode, atomic_file, check_output_path, kill_point, publish, remove_leftover,
+                      remove_stale_temps, resume_dir, resume_state)
 from .profiling import host_available_bytes, release_freed_memory
 
 METHODS = ("grad", "fisher")
@@ -525,14 +525,13 @@ class _RunState:
     def __init__(self, out: Path, fingerprint: dict, every: int | None, resume: bool):
         self.dir = resume_dir(out)
         remove_stale_temps(out)
-        self.every, self.saved = every, 0
+        self.every = every
         self.partial, self.acc_file = self.dir / "partial.safetensors", self.dir / "acc.safetensors"
         if resume:
             self.state = resume_state(self.dir, self.dir / "state.json", fingerprint)
         else:
             if self.dir.exists():  # a killed run's, or one never resumed
-                log.warning("%s: removed %s, left by an interrupted run", out, self.dir.name)
-                shutil.rmtree(self.dir, ignore_errors=True)
+                remove_leftover(out, self.dir)
             self.dir.mkdir(parents=True)
             self.state = {"fingerprint": fingerprint, "group": 0, "phase": "forget", "written": 0}
             self.save_state()
@@ -565,7 +564,6 @@ class _RunState:
                 return
             save_importance(acc, {"group": str(g), "phase": phase, "batch": str(done)}, self.acc_file,
                             overwrite=True)
-            self.saved += 1
             kill_point("checkpoint")
         return save
 

@@ -145,16 +145,22 @@ def remove_stale_temps(out: Path) -> list[Path]:
         if fd is None:
             continue
         try:
-            _remove(p)
+            remove_leftover(out, p)
         finally:
             os.close(fd)
-        log.warning("%s: removed %s, left by an interrupted run", out, p.name)
         removed.append(p)
     return removed
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """A file or a folder, gone (nothing if it is not there)."""
     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def remove_leftover(out: Path, path: Path) -> None:
+    """Remove what an interrupted run writing `out` left at `path`, and say so."""
+    remove_path(path)
+    log.warning("%s: removed %s, left by an interrupted run", out, path.name)
 
 
 def publish(tmp: Path, out: Path) -> None:
@@ -187,7 +193,7 @@ def _staged(out: Path, overwrite: bool, inputs: tuple, make):
         yield tmp
         publish(tmp, out)
     except BaseException:  # before the rename `tmp` is the unfinished output, after a swap the replaced one
-        _remove(tmp)
+        remove_path(tmp)
         raise
     finally:
         os.close(fd)

@@ -11,7 +11,7 @@ from .console import bar
 from .data import QA, data_hash
 from .errors import PertaError
 from .io import content_sha256
-from .outputs import atomic_dir, check_output_path
+from .outputs import atomic_dir, check_output_path, remove_path
 from .lora import is_adapter
 from .merge import MergeOptions, card_with_metrics, merge, plan_merge, write_merge
 from .models import pick_device
@@ -46,12 +46,10 @@ def remove_forget_derived(work: Path) -> list[str]:
     """Delete what unlearn derived from the forget set in `work` (θ_ft, full or LoRA, and importance
     files), and `work` itself if nothing else is left; only names unlearn writes are touched, since
     --work-dir may be a folder of the user's. Returns what was removed."""
-    import shutil
-
     removed = []
     for p in sorted(work.iterdir()) if work.is_dir() else []:
         if p.name in ("theta_ft", "theta_ft_lora") or (p.name.startswith("importance-") and ".safetensors" in p.name):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            remove_path(p)
             removed.append(p.name)
     if work.is_dir() and not any(work.iterdir()):
         work.rmdir()

@@ -91,7 +91,7 @@ class TrainCheckpoint:
 
     def __init__(self, out: Path, fingerprint: dict, every: int | None, resume: bool):
         self.dir = resume_dir(out)
-        self.fingerprint, self.every, self.saved = fingerprint, every, 0
+        self.fingerprint, self.every = fingerprint, every
         if resume:
             resume_state(self.dir, self.dir / "checkpoint" / "state.json", fingerprint)
         else:
@@ -122,7 +122,6 @@ class TrainCheckpoint:
                             tmp / "trainable.safetensors")
             torch.save(optim.state_dict(), tmp / "optim.pt")
             (tmp / "state.json").write_text(json.dumps({"fingerprint": self.fingerprint, **position}))
-        self.saved += 1
         kill_point("checkpoint")
 
 
