@@ -164,19 +164,31 @@ def score_questions(model, tokenizer, items: list[tuple[str, list[str]]], max_le
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     encoded = [encode(tokenizer, [QA(q, a) for a in answers], max_length) for q, answers in items]
-    # questions with answers of like length side by side: less padding (23 % of TOFU's answer tokens otherwise)
-    order = sorted(range(len(items)), key=lambda i: max(len(e.input_ids) - e.n_prompt for e in encoded[i]))
-    scores, group = {}, []
+    scores = {}
     with bar(total=len(items), show=desc is not None, desc=desc, unit="row", leave=False) as progress:
-        for k, i in enumerate(order):
-            group.append(i)
-            width = max(len(e.input_ids) - e.n_prompt for j in group for e in encoded[j])
-            nxt = encoded[order[k + 1]] if k + 1 < len(order) else None
-            if nxt is None or (sum(len(encoded[j]) for j in group) + len(nxt)) * width > answer_tokens:
-                scores.update(zip(group, _score_group(model, [encoded[j] for j in group], pad, device)))
-                progress.update(len(group))
-                group = []
+        for group in question_groups(encoded, answer_tokens):
+            scores.update(zip(group, _score_group(model, [encoded[j] for j in group], pad, device)))
+            progress.update(len(group))
     return [scores[i] for i in range(len(items))]
+
+
+def question_groups(encoded: list[list], answer_tokens: int = ANSWER_TOKENS_PER_FORWARD) -> list[list[int]]:
+    """The questions (indices into `encoded`, each a question's encoded answers) that score_questions runs
+    together: questions with answers of like length side by side (less padding: 23 % of TOFU's answer
+    tokens otherwise), as many as keep answers × widest answer within `answer_tokens`."""
+    def width(i):
+        return max(len(e.input_ids) - e.n_prompt for e in encoded[i])
+
+    order = sorted(range(len(encoded)), key=width)
+    groups, group = [], []
+    for k, i in enumerate(order):
+        group.append(i)
+        nxt = order[k + 1] if k + 1 < len(order) else None
+        if nxt is None or (sum(len(encoded[j]) for j in group) + len(encoded[nxt])) * max(map(width, group)) \
+                > answer_tokens:
+            groups.append(group)
+            group = []
+    return groups
 
 
 def _score_group(model, group, pad: int, device) -> list[tuple[list[float], list[float]]]:
