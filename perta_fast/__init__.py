@@ -19,7 +19,8 @@ _API = {
     "importance_file": "importance", "compute_importance": "importance", "save_importance": "importance", "estimate_importance": "importance",
     "evaluate": "eval", "evaluate_tofu": "eval", "eval_checkpoint": "eval", "tofu_splits": "eval",
     "EvalOptions": "eval", "unlearn_by_training": "baselines", "BaselineOptions": "baselines",
-    "unlearn": "pipeline", "demo": "pipeline",
+    "unlearn": "pipeline", "demo": "pipeline", "UnlearnOptions": "pipeline",
+    "calibrate": "calibration", "calibrate_files": "calibration", "CalibrateOptions": "calibration",
 }
 
 __all__ = ["__version__", "PertaError", "Checkpoint", "MergeOptions", "execute_merge", "merge",

@@ -52,12 +52,52 @@ def _add_lora(p):
     p.add_argument("--lora-targets", default="all-linear", help="all-linear, or module names: q_proj,v_proj,…")
 
 
-def _add_merge_knobs(p, lam=True):
+def lam_value(text: str) -> float | str:
+    """argparse type of unlearn's --lam: a number, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+def _add_merge_knobs(p, lam=True, auto=False):
     if lam:
-        p.add_argument("--lam", type=float, default=1.0, help="λ: how far to step against the task vector")
+        p.add_argument("--lam", type=lam_value if auto else float, default=1.0,
+                       help="λ: how far to step against the task vector" +
+                            ("; auto: calibrated on held-back rows (see calibrate)" if auto else ""))
     p.add_argument("--alpha", type=float, default=1.0, help="α: weight of retain importance")
     p.add_argument("--power", type=float, default=1.0, help="p: w = s_f^p / (s_f^p + α s_r^p + ε)")
     p.add_argument("--eps", type=float, default=1e-16)
+
+
+def _add_hold_out(p, default):
+    p.add_argument("--hold-out", type=float, default=default, metavar="FRACTION",
+                   help="hold back this fraction of each set (spread over it) for validating λ: never used for "
+                        "importance" + ("" if default else "; give calibrate's value (default 0.2)"))
+
+
+def _add_calibrate_knobs(p):
+    from .calibration import DEFAULT_LAMS
+
+    p.add_argument("--keep-retain", type=float, default=0.95,
+                   help="keep retain answer probability ≥ this × θ_full's on the held-back rows")
+    p.add_argument("--lams", type=float, nargs="+", default=list(DEFAULT_LAMS), metavar="λ",
+                   help="grid walked upwards until the retain floor breaks, then bisected")
+    p.add_argument("--bisect", type=int, default=4, help="halvings between the last λ that keeps the floor and the next")
+    p.add_argument("--forget-target", choices=["max", "base"], default="max",
+                   help="max: most forgetting the floor allows; base: until forget probability reaches θ_0's")
+    p.add_argument("--pretrained", default=None, help="θ_0, the model that never saw the data (--forget-target base)")
+    _add_hold_out(p, 0.2)
+
+
+def _calibrate_opts(a):
+    from .calibration import CalibrateOptions
+
+    return CalibrateOptions(keep_retain=a.keep_retain, lams=tuple(a.lams), bisect=a.bisect,
+                            forget_target=a.forget_target, pretrained=a.pretrained, hold_out=a.hold_out,
+                            batch_size=a.batch_size, device=a.device, dtype=a.dtype)
 
 
 def _add_finetune_knobs(p, epochs, lr):
@@ -117,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", choices=["scores", "weights"], default="scores",
                    help="scores: forget/ and retain/ fp32 scores (8 bytes per parameter); weights: the ratio w itself")
     p.add_argument("--weight-dtype", choices=dtypes.NAMES, default="fp16", help="dtype of w with --write weights")
+    _add_hold_out(p, None)
     _add_resume(p, "batches")
     _add_merge_knobs(p, lam=False)
     _add_common(p)
@@ -133,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nan-to-zero", action="store_true", help="treat NaN/Inf in inputs as 0 instead of failing")
     p.add_argument("--allow-pickle", action="store_true", help="load .bin checkpoints (weights_only=True)")
     p.add_argument("--device", default="cpu", help="where the math runs: cpu or cuda (files stay on the host)")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("calibrate", help="choose λ on held-back rows: the most forgetting that keeps retain probability")
+    p.add_argument("--base", required=True, help="θ_full")
+    p.add_argument("--finetuned", required=True, help="θ_ft: a checkpoint folder or a peft LoRA adapter folder")
+    p.add_argument("--importance", default=None,
+                   help="importance file estimated with the same --hold-out (PerTA); none: TV (w = 1)")
+    p.add_argument("--forget", required=True)
+    p.add_argument("--retain", required=True)
+    p.add_argument("--out", default=None, help="the curve as .json, with a .png beside it")
+    _add_calibrate_knobs(p)
+    _add_merge_knobs(p, lam=False)
+    p.add_argument("--batch-size", type=positive, default=16)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("unlearn", help="the whole pipeline: fine-tune θ_ft, importance, merge, evaluate")
@@ -153,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", type=float, default=None, metavar="GB", help="importance's memory budget (see importance)")
     p.add_argument("--write", choices=["scores", "weights"], default="scores",
                    help="importance file: fp32 scores, or fp16 ratio weights for this α, p, ε (4x smaller)")
-    _add_merge_knobs(p)
+    _add_merge_knobs(p, auto=True)
+    _add_calibrate_knobs(p)
     _add_finetune_knobs(p, 5, 1e-4)
     _add_common(p)
     _add_lora(p)
@@ -261,7 +318,12 @@ def _finetune(a):
 def _importance(a):
     import perta_fast as pf
 
-    meta = pf.importance_file(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, a.method, a.batch_size,
+    forget, retain = pf.load_qa(a.forget), pf.load_qa(a.retain)
+    if a.hold_out is not None:  # the rows calibrate keeps for importance, chosen the same way
+        from .data import hold_out
+
+        forget, retain = hold_out(forget, a.hold_out, a.forget)[0], hold_out(retain, a.hold_out, a.retain)[0]
+    meta = pf.importance_file(a.model, forget, retain, a.out, a.method, a.batch_size,
                               a.max_length, a.max_samples, a.device, a.overwrite, dtype=a.dtype,
                               gradient_checkpointing=a.gradient_checkpointing, adapter=a.adapter,
                               max_memory=a.max_memory, write=a.write, weight_dtype=a.weight_dtype, alpha=a.alpha,
@@ -279,18 +341,36 @@ def _merge(a):
           f"mean w {rec['mean_weight']:.4f}, {rec['seconds']} s)")
 
 
+def _calibrate(a):
+    import perta_fast as pf
+    from .calibration import calibrate_files, format_curve
+
+    res = calibrate_files(a.base, a.finetuned, a.forget, a.retain, a.importance,
+                          pf.MergeOptions(alpha=a.alpha, power=a.power, eps=a.eps), _calibrate_opts(a), a.out,
+                          a.overwrite)
+    print(format_curve(res))
+    if a.out:
+        print(f"curve: {a.out}" + (f", plot: {res['plot']}" if res["plot"] else ""))
+    print(f"λ = {res['lam']:.6g}")
+
+
 def _unlearn(a):
     import perta_fast as pf
     from .pipeline import UnlearnOptions
 
     opts = UnlearnOptions(a.method, a.lam, a.alpha, a.power, a.eps, _finetune_opts(a), a.batch_size,
                           a.max_length, a.max_samples, a.importance_model, a.device, not a.no_eval,
-                          a.eval_samples, a.dtype, a.gradient_checkpointing, a.max_memory, a.write, a.keep_work)
-    s = pf.unlearn(a.model, pf.load_qa(a.forget), pf.load_qa(a.retain), a.out, a.finetuned, opts, a.work_dir,
-                   a.overwrite)
+                          a.eval_samples, a.dtype, a.gradient_checkpointing, a.max_memory, a.write, a.keep_work,
+                          _calibrate_opts(a))
+    s = pf.unlearn(a.model, a.forget, a.retain, a.out, a.finetuned, opts, a.work_dir, a.overwrite)
     peaks = {k: f"{v / 1e9:.2f} GB" for k, v in s["peak_rss_anon_bytes"].items()}
     print(f"\nwrote {a.out} with {s['method']} (mean w {s['mean_weight']:.4f}); seconds: {json.dumps(s['seconds'])}; "
           f"peak host memory: {json.dumps(peaks)}")
+    if "calibration" in s:
+        from .calibration import format_curve
+
+        print(format_curve(s["calibration"]))
+    print(f"λ = {s['lam']:.6g}" + (" (calibrated; curve in OUT/calibration.json)" if "calibration" in s else ""))
     if "table" in s:
         print(s["table"])
     if s["work_kept"]:
@@ -364,7 +444,7 @@ def _plan(a):
 
 
 COMMANDS = {"info": _info, "plan": _plan, "convert-gguf": _convert_gguf, "finetune": _finetune, "importance": _importance,
-            "merge": _merge, "unlearn": _unlearn, "baseline": _baseline, "eval": _eval, "demo": _demo}
+            "merge": _merge, "calibrate": _calibrate, "unlearn": _unlearn, "baseline": _baseline, "eval": _eval, "demo": _demo}
 
 
 def run(a) -> None:

@@ -48,3 +48,15 @@ def bar(iterable=None, show: bool = True, **kwargs):
     from tqdm import tqdm
 
     return tqdm(iterable, disable=None if (show and _bars) else True, file=sys.stderr, **kwargs)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (Agg), or None where matplotlib is not installed: plots are extras."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

@@ -147,6 +147,26 @@ def data_hash(rows: list) -> str:
     return h.hexdigest()
 
 
+MIN_VALIDATION_ROWS = 4
+
+
+def hold_out(rows: list, fraction: float, where: str = "the set") -> tuple[list, list]:
+    """(kept, held back): `fraction` of the rows held back for validation, spread evenly over the set
+    (TOFU rows come an author at a time: the last rows would all be one author's), both in file order.
+    Deterministic, so the importance step and a later calibration agree on which rows are which."""
+    if not 0 < fraction < 1:
+        raise PertaError(f"--hold-out must be a fraction in (0, 1), got {fraction:g}")
+    n = len(rows)
+    m = round(fraction * n)
+    if m < MIN_VALIDATION_ROWS:
+        raise PertaError(f"{where}: holding back {fraction:g} of {n} rows gives {m} validation rows; calibration "
+                         f"needs at least {MIN_VALIDATION_ROWS} (raise --hold-out or add rows)")
+    if m >= n:
+        raise PertaError(f"{where}: holding back {fraction:g} of {n} rows leaves none for importance")
+    held = {int((j + 0.5) * n / m) for j in range(m)}
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
 def prompt_and_answer(tokenizer, question: str, answer: str | None = None) -> tuple[str, str]:
     """The prompt text (through the chat template when the tokenizer has one) and the answer text."""
     user = [{"role": "user", "content": question}]

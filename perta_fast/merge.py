@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -161,17 +161,17 @@ def _raise_nonfinite(inputs: list[tuple[Path, str, torch.Tensor]]):
     raise PertaError(f"{where}: tensor {name} contains NaN or Inf (pass --nan-to-zero to treat them as 0)")
 
 
-class _Executor:
-    """Streams a plan's tensors through the merge kernels into a sharded writer."""
+class MergeExecutor:
+    """Streams a plan's tensors through the merge kernels, one at a time: into a sharded writer
+    (`execute_merge`), or into a loaded model's parameters (perta_fast.calibration, which moves one model
+    over many λ with the same kernels, hence the same numbers, as the written checkpoint)."""
 
-    def __init__(self, plan: MergePlan, out_folder: Path):
+    def __init__(self, plan: MergePlan):
         self.plan, self.opts = plan, plan.options
         self.device = torch.device(plan.options.device)
         self.base_ck = Checkpoint(plan.base, True)
         self.ft_ck = None if plan.adapter else Checkpoint(plan.finetuned, True)
         self.imp = SafetensorsFile(plan.importance) if plan.importance else None
-        layout = [(s.name, s.shape, s.dtype) for s in plan.steps]
-        self.writer = ShardedWriter(out_folder, layout, self.opts.max_shard_bytes, {"perta_fast": __version__})
         self.w_sum, self.w_count = 0.0, 0
         self.backends: set[str] = set()  # the kernels that merged, recorded (and checked by the tests)
         # One output buffer for every tensor: fresh memory would be page-faulted in on each step, which
@@ -227,24 +227,26 @@ class _Executor:
         o = self.opts
         return {"lam": o.lam, "alpha": o.alpha, "power": o.power, "eps": o.eps, "nan_to_zero": o.nan_to_zero}
 
-    def run(self, progress: bool) -> dict:
-        with self.writer:  # an error closes the shard being written (its folder is the caller's to remove)
-            self._stream(bar(self.plan.steps, progress, desc="merge", unit="tensor"))
-        return {"tensors": len(self.plan.steps), "mean_weight": (self.w_sum / self.w_count) if self.w_count else 1.0,
-                "shards": len(self.writer.shard_names),
-                "merged_tensors": sum(s.action != "copy" for s in self.plan.steps), "backends": sorted(self.backends)}
+    @property
+    def mean_weight(self) -> float:
+        return (self.w_sum / self.w_count) if self.w_count else 1.0
 
-    def _stream(self, steps) -> None:
+    def tensors(self, steps, lam: float | None = None):
+        """(step, tensor) for each step, merged at `lam` (default: the plan's λ) or, for a copy step, as
+        stored. The merged tensor lives in a buffer the next step reuses: use it before asking for the next."""
+        if lam is not None:
+            self.opts = replace(self.opts, lam=lam)
+        self.w_sum, self.w_count = 0.0, 0
         for step in steps:
             base = self.base_ck.get(step.name)
             if step.action == "copy":
-                self.writer.write(step.name, base)
+                yield step, base
                 continue
             base_dev = base.to(self.device)
             merged, w_sum, nonfinite, inputs = (self._lora if step.action == "lora" else self._merge)(step, base, base_dev)
             if nonfinite and not self.opts.nan_to_zero:
                 _raise_nonfinite(inputs)
-            self.writer.write(step.name, merged)
+            yield step, merged
             if self.imp is not None:
                 self.w_sum += w_sum
                 self.w_count += base.numel()
@@ -257,7 +259,14 @@ class _Executor:
 
 def execute_merge(plan: MergePlan, out_folder: Path, progress: bool = True) -> dict:
     """Stream every tensor through the merge into `out_folder` (which must exist and be empty)."""
-    return _Executor(plan, out_folder).run(progress)
+    executor = MergeExecutor(plan)
+    layout = [(s.name, s.shape, s.dtype) for s in plan.steps]
+    writer = ShardedWriter(out_folder, layout, plan.options.max_shard_bytes, {"perta_fast": __version__})
+    with writer:  # an error closes the shard being written (its folder is the caller's to remove)
+        for step, tensor in executor.tensors(bar(plan.steps, progress, desc="merge", unit="tensor")):
+            writer.write(step.name, tensor)
+    return {"tensors": len(plan.steps), "mean_weight": executor.mean_weight, "shards": len(writer.shard_names),
+            "merged_tensors": sum(s.action != "copy" for s in plan.steps), "backends": sorted(executor.backends)}
 
 
 def merge(base: str | Path, finetuned: str | Path, out: str | Path, importance: str | Path | None = None,
@@ -318,6 +327,21 @@ def card_with_metrics(card: str, summary: dict) -> str:
     lines = [card.rstrip("\n"), "", "## Unlearning request", "",
              f"- forget set: {summary['forget_rows']} rows (sha256 {summary['forget_sha256'][:16]}…)",
              f"- retain set: {summary['retain_rows']} rows (sha256 {summary['retain_sha256'][:16]}…)"]
+    cal = summary.get("calibration")
+    if cal:
+        v = cal["validation"]
+        lines += ["", "## λ chosen by calibration", "",
+                  f"- λ = {cal['lam']:.4g}: " + (
+                      f"the smallest λ tried whose forget probability reaches the base model's "
+                      f"({cal['target_forget_prob']:.4f})" if cal["reached_target"] else "the most forgetting tried") +
+                  f" that keeps retain answer probability ≥ {cal['keep_retain']:g} × θ_full's "
+                  f"({cal['reference']['retain_prob']:.4f} → floor {cal['retain_floor']:.4f})",
+                  f"- chosen point: forget probability {cal['reference']['forget_prob']:.4f} → "
+                  f"{cal['chosen']['forget_prob']:.4f}, retain {cal['chosen']['retain_prob']:.4f}",
+                  f"- scored on {v['forget_rows']} forget and {v['retain_rows']} retain rows held back from importance; "
+                  f"{len(cal['points'])} points tried; curve: `calibration.json`, `calibration.png`"]
+        if cal.get("note"):
+            lines.append(f"- note: {cal['note']}")
     if "table" in summary:
         lines += ["", "## Before and after (answer probability and exact match)", "", "```", summary["table"], "```"]
     return "\n".join(lines) + "\n"

@@ -7,8 +7,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .console import bar
-from .data import QA, data_hash
+from .calibration import CalibrateOptions, calibrate, check_options, validation_sets, write_curve
+from .console import bar, log, pyplot
+from .data import QA, data_hash, load_qa
 from .errors import PertaError
 from .io import content_sha256
 from .outputs import atomic_dir, check_output_path, remove_path
@@ -23,7 +24,7 @@ METHODS = ("tv", "perta-grad", "perta-fisher")
 @dataclass
 class UnlearnOptions:
     method: str = "perta-grad"
-    lam: float = 1.0
+    lam: float | str = 1.0  # or "auto": chosen by perta_fast.calibration on held-back rows
     alpha: float = 1.0
     power: float = 1.0
     eps: float = 1e-16
@@ -40,6 +41,7 @@ class UnlearnOptions:
     max_memory: float | None = None  # GB: importance keeps to it by scoring parameters in groups
     write: str = "scores"  # importance file: fp32 scores, or fp16 ratio weights for this α, p, ε (4x smaller)
     keep_work: bool = False  # keep θ_ft and the importance file (both derived from the forget set) for reuse
+    calibration: CalibrateOptions = field(default_factory=CalibrateOptions)  # how lam="auto" chooses
 
 
 def remove_forget_derived(work: Path) -> list[str]:
@@ -172,12 +174,23 @@ class _StepMeter:
 def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str | Path,
             finetuned: str | Path | None = None, options: UnlearnOptions | None = None,
             work_dir: str | Path | None = None, overwrite: bool = False) -> dict:
-    """θ_full (`model_dir`) + forget + retain → θ_u in `out`; fine-tunes θ_ft when not given."""
+    """θ_full (`model_dir`) + forget + retain (rows, or files as load_qa reads them) → θ_u in `out`;
+    fine-tunes θ_ft when not given. With lam="auto", `options.calibration.hold_out` of each set is held back:
+    importance is estimated on the rest, λ chosen on those rows (perta_fast.calibration), and the curve written
+    into `out` beside the model; θ_ft still learns every forget row (all of them are to be forgotten)."""
     opts = options or UnlearnOptions()
     if opts.method not in METHODS:
         raise PertaError(f"unknown method {opts.method!r} (expected one of {', '.join(METHODS)})")
-    if not forget or not retain:
-        raise PertaError(f"the {'forget' if not forget else 'retain'} set is empty")
+    auto = opts.lam == "auto"
+    if not auto and isinstance(opts.lam, str):
+        raise PertaError(f"--lam must be a number or auto, got {opts.lam!r}")
+    where = {"forget": str(forget) if not isinstance(forget, list) else "the forget set",
+             "retain": str(retain) if not isinstance(retain, list) else "the retain set"}
+    forget, retain = load_qa(forget), load_qa(retain)
+    split = None
+    if auto:
+        check_options(opts.calibration)
+        split = validation_sets(forget, retain, opts.calibration.hold_out, where)
     inputs = tuple(p for p in (model_dir, finetuned, opts.importance_model) if p)
     check_output_path(Path(out), overwrite, inputs)
     if opts.finetune.lora_rank is not None and finetuned is None:
@@ -194,18 +207,29 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
         adapter = Path(finetuned) if is_adapter(finetuned) else None
         importance = None
         if opts.method != "tv":
-            importance = meter("importance", build_importance, opts.importance_model or model_dir, forget, retain,
+            scored = (split["forget"][0], split["retain"][0]) if auto else (forget, retain)
+            importance = meter("importance", build_importance, opts.importance_model or model_dir, *scored,
                                opts.method.split("-", 1)[1], work, opts, adapter)
         merge_opts = MergeOptions("tv" if opts.method == "tv" else "perta", opts.lam, opts.alpha, opts.power, opts.eps,
                                   device=pick_device(opts.device))
+        calibration = None
+        if auto:
+            calibration = meter("calibrate", calibrate, model_dir, finetuned, split["forget"][1], split["retain"][1],
+                                importance, merge_opts, replace(opts.calibration, device=opts.device, dtype=opts.dtype))
+            merge_opts.lam = calibration["lam"]
+            log.info("calibrated: λ = %g", merge_opts.lam)
         plan = plan_merge(model_dir, finetuned, importance, merge_opts)
         # the output appears only once evaluated and recorded: a crash in evaluation leaves nothing at `out`
         with atomic_dir(out, overwrite, inputs) as staged:
             record = meter("merge", write_merge, plan, staged)
-            summary = {"method": opts.method, "out": str(out), "finetuned": str(finetuned),
+            summary = {"method": opts.method, "lam": merge_opts.lam, "lam_chosen_by": "calibration" if auto else "user",
+                       "out": str(out), "finetuned": str(finetuned),
                        "importance": str(importance) if importance else None, "mean_weight": record["mean_weight"],
                        "forget_rows": len(forget), "forget_sha256": data_hash(forget), "retain_rows": len(retain),
                        "retain_sha256": data_hash(retain), "work": str(work), "work_kept": opts.keep_work}
+            if calibration is not None:
+                write_curve(calibration, staged)
+                summary["calibration"] = calibration
             if opts.evaluate:
                 summary["eval"] = meter("eval", evaluate_models,
                                         {"before (θ_full)": Path(model_dir), f"after ({opts.method})": staged},
@@ -226,43 +250,26 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
 
 def lambda_sweep(full: Path, finetuned: Path, importance: dict[str, Path | None], lams, sets: dict,
                  device=None) -> dict:
-    """Answer probability of θ_full − λ·(w ⊙ τ) over a λ grid for each method, merged in memory
-    (same formula as `merge`, without writing a checkpoint per point): {method: [{lam, set: prob}]}.
+    """Answer probability of θ_full − λ·(w ⊙ τ) over a λ grid for each method, merged in memory by the
+    merge's own executor (perta_fast.calibration.ModelAtLambda): {method: [{lam, set: prob}]}.
     `finetuned` is a checkpoint or a LoRA adapter folder (τ = 0 outside its targets)."""
-    import torch
-
+    from .calibration import ModelAtLambda
     from .eval import answer_probabilities
-    from .io import Checkpoint, SafetensorsFile
-    from .merge import merge_tensor, ratio_weights
-    from .models import load_model
 
-    model, tok = load_model(full, device)
-    params = dict(model.named_parameters())
-    base_ck = Checkpoint(full)
-    base = {n: base_ck.get(n) for n in params}
-    if is_adapter(finetuned):
-        from .lora import task_vectors
-
-        tau = task_vectors(finetuned, full)
-    else:
-        ft_ck = Checkpoint(finetuned)
-        tau = {n: ft_ck.get(n).float() - base[n].float() for n in params}
     curves = {}
     with bar(total=len(importance) * len(lams), desc="λ sweep", unit="point") as sweep_bar:
         for method, imp_path in importance.items():
-            imp = SafetensorsFile(imp_path) if imp_path else None
-            w = {n: ratio_weights(imp.get("forget/" + n), imp.get("retain/" + n)) if imp else None for n in tau}
+            at = ModelAtLambda(full, finetuned, imp_path, MergeOptions("perta" if imp_path else "tv"), device)
             curves[method] = []
             for lam in lams:
-                with torch.no_grad():
-                    for n, p in params.items():
-                        p.copy_(merge_tensor(base[n], tau[n], w[n], lam, delta=True) if n in tau else base[n])
+                at.set(lam)
                 point = {"lam": lam}
                 for name, rows in sets.items():
-                    probs = answer_probabilities(model, tok, rows)
+                    probs = answer_probabilities(at.model, at.tokenizer, rows)
                     point[name] = sum(probs) / len(probs)
                 curves[method].append(point)
                 sweep_bar.update(1)
+            del at
     return curves
 
 
@@ -282,12 +289,8 @@ class DemoOptions:
 
 
 def _plot(results: dict, curves: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for method, points in curves.items():

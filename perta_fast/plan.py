@@ -193,6 +193,8 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
         steps["merge"] = (b * widest + LORA_BLOCK_BYTES, "output buffer of the largest tensor + a LoRA block")
     kv_cache = 2 * s.layers * tokens * s.kv_heads * s.head_dim * b
     steps["eval"] = (weights + kv_cache + logits_bytes(s, tokens, b, False), f"weights {b}·P + KV cache + logits")
+    # calibrate: one model moved over λ in place (no second copy) and the quick eval at each point
+    steps["calibrate"] = (steps["eval"][0] + steps["merge"][0], "eval + the merge's buffers (model moved in place)")
     steps = {k: (int(v), d) for k, (v, d) in steps.items()}
     return {"shapes": s, "dtype": dt, "params": P, "steps": steps, "groups": groups}
 
