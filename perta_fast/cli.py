@@ -234,11 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tofu", default=None, help="TOFU folder (…_perturbed.json files)")
     p.add_argument("--forget-split", default="forget01", help="forget01, forget05, … (its _perturbed file)")
     p.add_argument("--retain-model", default=None,
-                   help="retain-only model (folder, or its eval .json) for forget quality")
+                   help="retain-only model for forget quality: its folder, its eval .json, or its "
+                        "open-unlearning TOFU_EVAL.json")
     p.add_argument("--max-rows", type=positive, default=None, help="first N rows of each split")
     p.add_argument("--max-new-tokens", type=positive, default=200)
     p.add_argument("--no-generate", action="store_true", help="skip greedy answers (no ROUGE-L, no model utility)")
     p.add_argument("--out", default=None, help="results .json (a markdown table goes beside it as .md)")
+    p.add_argument("--format", choices=["perta-fast", "open-unlearning"], default="perta-fast",
+                   help="open-unlearning: also TOFU_EVAL.json and TOFU_SUMMARY.json beside --out, in its log format")
     p.add_argument("--compare", nargs="+", default=None, metavar="RESULTS_JSON", help="tabulate saved results")
     _add_common(p, batch=64, checkpointing=False)  # --batch-size: questions decoded together
     p.set_defaults(max_length=512)
@@ -403,10 +406,11 @@ def _eval(a):
         raise PertaError("eval needs --model and --tofu (or --compare RESULTS_JSON …)")
     opts = ev.EvalOptions(a.batch_size, a.max_new_tokens, a.max_length, not a.no_generate, a.device, a.dtype)
     res = ev.eval_checkpoint(a.model, ev.tofu_splits(a.tofu, a.forget_split, a.max_rows), a.out,
-                             a.retain_model, opts, a.overwrite)
+                             a.retain_model, opts, a.overwrite, a.format == "open-unlearning")
     print(ev.format_results({a.model: res}))
     if a.out:
-        print(f"\nresults: {a.out} (table: {Path(a.out).with_suffix('.md')})")
+        print(f"\nresults: {a.out} (table: {Path(a.out).with_suffix('.md')})"
+              + (f"; open-unlearning logs: {', '.join(res['open_unlearning'])}" if "open_unlearning" in res else ""))
 
 
 def _demo(a):

@@ -286,7 +286,7 @@ def evaluate_split(model, tokenizer, rows: list[EvalQA], role: str, opts: EvalOp
            "truth_ratio": truth_ratio_score(ratios, forget=role == "forget"),
            "extraction_strength": sum(es) / n,
            "per_sample": {"prob": probs, "truth_ratio_raw": ratios, "extraction_strength": es,
-                          "answer_nll": answer_nll}}
+                          "answer_nll": answer_nll, "paraphrased_nll": para_nll, "perturbed_nll": pert_nll}}
     if opts.generate:
         gens = generate_answers(model, tokenizer, [r.question for r in rows], opts.max_new_tokens, opts.batch_size)
         rouge = [rouge_l_recall(g, r.answer) for g, r in zip(gens, rows)]
@@ -359,8 +359,14 @@ def reference_results(reference: str | Path, forget_rows: list[EvalQA], opts: Ev
     (truth ratios only, which is all forget quality needs)."""
     from .models import load_model
 
+    from .io import read_json
+    from .openunlearning import is_eval_log, reference_from_log
+
     reference = Path(reference)
     if reference.is_file():
+        content = read_json(reference)
+        if is_eval_log(content):  # open-unlearning's TOFU_EVAL.json
+            return reference_from_log(content, reference, forget_rows)
         return load_results(reference)
     if not reference.is_dir():
         raise PertaError(f"{reference}: retain model not found (a checkpoint folder or its eval results .json)")
@@ -371,18 +377,24 @@ def reference_results(reference: str | Path, forget_rows: list[EvalQA], opts: Ev
 
 def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out: str | Path | None = None,
                     reference: str | Path | dict | None = None, opts: EvalOptions | None = None,
-                    overwrite: bool = False) -> dict:
-    """Evaluate the checkpoint in `model_dir`; write `out` (.json) and a markdown table beside it (.md)."""
+                    overwrite: bool = False, open_unlearning: bool = False) -> dict:
+    """Evaluate the checkpoint in `model_dir`; write `out` (.json) and a markdown table beside it (.md), and
+    with `open_unlearning` also TOFU_EVAL.json and TOFU_SUMMARY.json in open-unlearning's format beside it."""
     import json
     import time
 
     from .outputs import atomic_file, check_output_path
     from .models import load_model
 
+    from .openunlearning import EVAL_NAME, SUMMARY_NAME, write_logs
+
     opts = opts or EvalOptions()
+    if open_unlearning and out is None:
+        raise PertaError("--format open-unlearning writes TOFU_EVAL.json and TOFU_SUMMARY.json beside --out: give --out")
     if out is not None:
         out = Path(out)
-        for path in (out, out.with_suffix(".md")):
+        extra = (out.with_name(EVAL_NAME), out.with_name(SUMMARY_NAME)) if open_unlearning else ()
+        for path in (out, out.with_suffix(".md"), *extra):
             check_output_path(path, overwrite, (model_dir,))
     t0 = time.perf_counter()
     if reference is not None and not isinstance(reference, dict):
@@ -403,6 +415,9 @@ def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out:
             tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False))
         with atomic_file(out.with_suffix(".md"), overwrite, (model_dir,)) as tmp:
             tmp.write_text(table + "\n")
+        if open_unlearning:
+            results["open_unlearning"] = [str(p) for p in write_logs(results, splits, out.parent, overwrite,
+                                                                     (model_dir,))]
     return results
 
 

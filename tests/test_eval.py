@@ -242,6 +242,47 @@ def test_cli_eval_writes_results_and_forget_quality(tmp_path, tiny_dir, tofu_lik
     assert len(table) == 4 and table[2].startswith("| retain |") and table[3].split("|")[2].strip() == "1"
 
 
+def test_open_unlearning_logs_round_trip(tmp_path, tiny_dir, tofu_like, capsys):
+    """Written in their schema from the same run's per-sample values, read back as a retain log."""
+    from scipy.stats import hmean
+
+    common = ["--tofu", str(tofu_like), "--max-new-tokens", "6"]
+    (tmp_path / "a").mkdir()
+    ours = tmp_path / "a" / "retain.json"
+    assert main(["eval", "--model", str(tiny_dir), *common, "--out", str(ours), "--format", "open-unlearning"]) == 0
+    res = json.loads(ours.read_text())
+    log = json.loads((tmp_path / "a" / "TOFU_EVAL.json").read_text())
+    summary = json.loads((tmp_path / "a" / "TOFU_SUMMARY.json").read_text())
+    assert summary == {k: v["agg_value"] for k, v in log.items()}
+    ratios = res["splits"]["forget"]["per_sample"]["truth_ratio_raw"]
+    scores = [log["forget_truth_ratio"]["value_by_index"][str(i)]["score"] for i in range(len(ratios))]
+    assert scores == pytest.approx([1 / r for r in ratios], rel=1e-6)  # their + 1e-10
+    assert log["forget_truth_ratio"]["agg_value"] == pytest.approx(res["splits"]["forget"]["truth_ratio"], rel=1e-6)
+    for ours_key, role, name in (("prob", "forget", "forget_Q_A_Prob"), ("rouge_l", "retain", "retain_Q_A_ROUGE"),
+                                 ("prob", "real_authors", "ra_Q_A_Prob_normalised"),
+                                 ("truth_ratio", "world_facts", "wf_Truth_Ratio"),
+                                 ("extraction_strength", "forget", "extraction_strength")):
+        # their + 1e-10 in a ratio's denominator moves it by 1e-10 / P(correct): ~4e-8 here
+        assert log[name]["agg_value"] == pytest.approx(res["splits"][role][ours_key], rel=1e-6, abs=1e-6), name
+    nine = [log[k]["agg_value"] for k in ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio",
+                                          "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE", "ra_Truth_Ratio",
+                                          "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")]
+    assert log["model_utility"]["agg_value"] == pytest.approx(hmean(nine))
+    assert log["model_utility"]["agg_value"] == pytest.approx(res["model_utility"], rel=1e-6)
+    # their log as the retain model: the same model against itself has KS p = 1, as with our own results file
+    out = tmp_path / "self.json"
+    assert main(["eval", "--model", str(tiny_dir), *common, "--no-generate", "--retain-model",
+                 str(tmp_path / "a" / "TOFU_EVAL.json"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["forget_quality"] == pytest.approx(1.0)
+    # a log of other forget rows is refused in one line, before any output
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tiny_dir), *common, "--no-generate", "--max-rows", "3", "--retain-model",
+                 str(tmp_path / "a" / "TOFU_EVAL.json"), "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another forget split" in err[0] and not (tmp_path / "x.json").exists()
+    assert main(["eval", "--model", str(tiny_dir), *common, "--format", "open-unlearning"]) == 2
+
+
 def test_eval_refuses_a_reference_on_other_rows(tmp_path, tiny_dir, tofu_like, capsys):
     ref = tmp_path / "ref.json"
     assert main(["eval", "--model", str(tiny_dir), "--tofu", str(tofu_like), "--no-generate", "--max-rows", "3",
