@@ -8,10 +8,12 @@ commit 2db47ec (2025): probability = exp(−mean answer-token loss); truth ratio
 score = P(perturbed) / (P(correct) + 1e-10), P(perturbed) = exp(−mean of the perturbed answers' losses),
 correct = the paraphrased answer on forget/retain, the answer itself on real authors / world facts (so
 score = 1/R of perta_fast.eval.truth_ratios); aggregated `closer_to_1_better` = mean min(s, 1/(s+1e-10)) for
-`forget_truth_ratio` and `true_better` = mean max(0, 1 − s) elsewhere. Their truth ratio changed once: a
-later pull request (#163, Dec 2025) added a `prob_mean` aggregator, the TOFU paper's revised
-P(para) / (P(para) + P(pert)); it is an option there, not the default, and is not what is written here.
-Forget quality is the KS test over the forget rows' scores, which is unchanged whether R or 1/R is used.
+`forget_truth_ratio` and `true_better` = mean max(0, 1 − s) elsewhere. Their truth ratio changed once:
+pull request #163 (Dec 2025) added a `prob_mean` aggregator, the TOFU paper's revised
+P(para) / (P(para) + P(pert)); its review asked that it stay an option beside the default above, though one
+of its commits (7ee901c) set it in forget_Truth_Ratio.yaml. A log written that way differs in
+forget_truth_ratio's agg_value only; it is not what is written here. Forget quality is the KS test over
+the forget rows' per-row scores, the same whether R or 1/R is used.
 """
 from __future__ import annotations
 
