@@ -83,8 +83,7 @@ def unlearn_by_training(model_dir: str | Path, forget: list[QA], retain: list[QA
                 ref[start:start + len(ids)] = sequence_nll(logits, labels.to(device))
     losses = []
     train_in_place(model, tok, forget, opts, desc=opts.method, source=str(model_dir),
-                   batch_loss=_baseline_loss(opts, ref, retain_enc, pad),
-                   warmup_steps=-(-len(forget_enc) // opts.batch_size), step_losses=losses)
+                   batch_loss=_baseline_loss(opts, ref, retain_enc, pad), step_losses=losses)
     record = {"base": str(Path(model_dir).resolve()), "forget_sha256": data_hash(forget),
               "retain_sha256": data_hash(retain), "options": asdict(opts), "step_losses": losses,
               "seconds": round(time.perf_counter() - t0, 2)}

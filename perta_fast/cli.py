@@ -100,9 +100,11 @@ def _calibrate_opts(a):
                             batch_size=a.batch_size, device=a.device, dtype=a.dtype)
 
 
-def _add_finetune_knobs(p, epochs, lr):
+def _add_finetune_knobs(p, epochs, lr, weight_decay=0.0, warmup=0):
     p.add_argument("--epochs", type=positive, default=epochs)
     p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW's (TOFU's recipe: 0.01)")
+    p.add_argument("--warmup-epochs", type=int, default=warmup, help="linear learning-rate warm-up (TOFU's recipe: 1)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -224,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["ga", "npo"], default="npo")
     p.add_argument("--beta", type=float, default=0.1, help="NPO's β")
     p.add_argument("--retain-weight", type=float, default=1.0, help="NPO's retain-loss weight")
-    _add_finetune_knobs(p, 5, 1e-5)
+    _add_finetune_knobs(p, 5, 1e-5, weight_decay=0.01, warmup=1)
     _add_common(p)
     p.add_argument("--bf16-autocast", action="store_true", help="bf16 matmuls (fp32 weights)")
     p.add_argument("--overwrite", action="store_true")
@@ -276,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _finetune_opts(a):
     from .train import FinetuneOptions
 
-    return FinetuneOptions(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, max_length=a.max_length,
+    return FinetuneOptions(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
+                           batch_size=a.batch_size, max_length=a.max_length,
                            seed=a.seed, device=a.device, dtype=a.dtype, gradient_checkpointing=a.gradient_checkpointing,
                            lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_targets=a.lora_targets)
 
@@ -387,7 +390,8 @@ def _baseline(a):
     import perta_fast as pf
     from .baselines import BaselineOptions, unlearn_by_training
 
-    opts = BaselineOptions(method=a.method, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, beta=a.beta,
+    opts = BaselineOptions(method=a.method, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay,
+                           warmup_epochs=a.warmup_epochs, batch_size=a.batch_size, beta=a.beta,
                            retain_weight=a.retain_weight, max_length=a.max_length, seed=a.seed, device=a.device,
                            bf16_autocast=a.bf16_autocast, dtype=a.dtype,
                            gradient_checkpointing=a.gradient_checkpointing)

@@ -36,6 +36,7 @@ class TrainingOptions:
     max_length: int = 256
     seed: int = 0
     weight_decay: float = 0.0
+    warmup_epochs: int = 0  # the learning rate ramps up linearly over this many epochs (TOFU's recipe: 1)
     device: str | None = None
     bf16_autocast: bool = False  # mixed precision: bf16 matmuls, fp32 weights and optimizer state
     dtype: str | None = None  # weights' dtype while training: auto (None) = the checkpoint's own
@@ -132,11 +133,11 @@ def answer_loss(net, ids, mask, labels, rows):
 
 def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc: str = "finetune",
                    source: str = "model", checkpoint: TrainCheckpoint | None = None, resume: bool = False,
-                   batch_loss=answer_loss, warmup_steps: int = 0, step_losses: list | None = None) -> list[float]:
+                   batch_loss=answer_loss, step_losses: list | None = None) -> list[float]:
     """AdamW on the mean over the set of `batch_loss(net, ids, mask, labels, rows)`, each sample's loss
     (`rows`: the batch's indices into `rows`); returns the mean loss of each epoch. The one training
-    loop: fine-tuning and the GA/NPO baselines (their losses) both run it. `warmup_steps` ramps the
-    learning rate linearly; `step_losses` (a list) receives each step's mean loss. With `checkpoint`, the
+    loop: fine-tuning and the GA/NPO baselines (their losses) both run it. The learning rate ramps up
+    linearly over `opts.warmup_epochs`; `step_losses` (a list) receives each step's mean loss. With `checkpoint`, the
     state is saved every `checkpoint.every` steps; `resume` starts from it."""
     import torch
 
@@ -147,6 +148,7 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc
     device = next(model.parameters()).device
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.lr,
                               weight_decay=opts.weight_decay)
+    warmup_steps = opts.warmup_epochs * -(-len(encoded) // opts.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / warmup_steps)) \
         if warmup_steps else None
     rank, size = distributed.rank_and_size()

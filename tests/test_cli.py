@@ -267,3 +267,16 @@ def test_each_backend_merges_by_the_formula(tmp_path, workspace, tiny_dir, backe
         # fp32 arithmetic on inputs of magnitude ~1: a few ulps of the larger operand
         torch.testing.assert_close(got[n], want, rtol=1e-5, atol=1e-6, msg=n)
     assert record["mean_weight"] == pytest.approx(w_sum / sum(t.numel() for t in base.values()), rel=1e-5)
+
+@pytest.mark.parametrize("warmup, factor", [(0, 1.0), (2, 0.5)])
+def test_warmup_scales_the_first_step(tmp_path, tiny_dir, facts, warmup, factor):
+    """AdamW's first step moves each weight by exactly its learning rate (m̂/√v̂ = ±1): one step of a
+    two-epoch warm-up moves it by half of it."""
+    from perta_fast.train import FinetuneOptions, finetune
+
+    forget, _ = facts
+    finetune(tiny_dir, forget, tmp_path / "ft", FinetuneOptions(epochs=1, lr=1e-3, batch_size=len(forget),
+                                                                warmup_epochs=warmup))
+    base, ft = load_folder(tiny_dir), load_folder(tmp_path / "ft")
+    step = max((ft[n] - base[n]).abs().max().item() for n in base)
+    assert step == pytest.approx(factor * 1e-3, rel=1e-3)
