@@ -1,51 +1,73 @@
-"""The quality table: TOFU with SmolLM2-135M-Instruct, PerTA against TV and training-based unlearning.
+"""The quality protocol: TOFU with SmolLM2-135M-Instruct, PerTA against TV (and GA/NPO), each at a λ
+calibrated under the same retain constraint, over several seeds, with the set-up questions measured.
 
-    python benchmarks/tofu.py                    # CPU size: 5 authors, forget01's two as the forget set
-    python benchmarks/tofu.py --size full --device cuda   # all 200 authors; forget01 and forget05
+    python benchmarks/tofu.py                        # CPU size, TOFU's training recipe, seeds 0 1 2
+    python benchmarks/tofu.py --recipe fast          # the earlier recipe (lr 1e-4, no decay, no warm-up)
+    python benchmarks/tofu.py --size full --device cuda [--forget forget05]   # all 200 authors
 
-Steps (each cached in --work, so a rerun only redoes what changed):
-  θ_full = base fine-tuned on the chosen authors; the retain-only model = base fine-tuned on them minus
-  the forget authors; θ_ft = θ_full fine-tuned further on the forget set; then TV, PerTA-grad and
-  PerTA-fisher over a λ grid, GA and NPO, each evaluated with TOFU's metrics (perta_fast.eval).
-Writes benchmarks/results/tofu-<size>[-<forget>].json, .md (the table) and .png (forget quality against
-model utility). TOFU's text is read from --tofu and never written into the results.
-forget10 is not offered: this TOFU folder has no forget10_perturbed.json, so its truth ratio (and forget
-quality) cannot be computed.
+CPU size (stated in the output too): the forget set is the last 4 authors of full.json (80 rows; their
+truth-ratio data are forget05_perturbed's last 80 rows); θ_full is base fine-tuned on those plus retain
+authors 0-9; the retain model on authors 0-9 alone. Importance's retain set D_r is authors 0-5; the
+evaluation's retain split is authors 6-9 (retain_perturbed rows), so no retain row both steers w and
+scores it. Full size: the standard split, D_r = the retain authors outside retain_perturbed's 0-19.
+
+Per seed (θ_ft's training order, and which 20 % of the forget set and of D_r is held back): θ_ft =
+θ_full fine-tuned on the forget set; importance (grad, fisher) at θ_full on the rows not held back; for TV,
+PerTA-grad and PerTA-fisher λ is calibrated on the held-back rows (perta_fast.calibration: the most
+forgetting that keeps D_r's answer probability ≥ --keep-retain × θ_full's) and the model at that λ gets
+TOFU's metrics; each method's λ sweep on evaluation rows gives its retain probability at the retain
+model's forget probability (matched forgetting). θ_full and the retain model are trained once (seed 0).
+
+Ablation (seed 0, sweeps only): ε = 1e-8, α = n_r/n_f and α = 99 (summed instead of mean set importance:
+TOFU forget01 with retain99), p = 2, importance at θ_0, and a LoRA θ_ft; with w's statistics (mean,
+correlation with |τ|, cosine and norm of w⊙τ against τ).
+
+Every step is cached under --work; results are written after each stage, so an interrupted run still
+leaves a table of what finished and a rerun continues. TOFU's text is never written into the results.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROWS_PER_AUTHOR = 20
+GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+TRAIN = dict(batch_size=8, bf16_autocast=True)  # bf16 matmuls, fp32 weights and optimizer state
+RECIPES = {  # θ_full and the retain model; θ_ft; a LoRA θ_ft (10× the full learning rate, as is usual)
+    "tofu": {"full": dict(epochs=5, lr=1e-5, weight_decay=0.01, warmup_epochs=1, **TRAIN),
+             "forget_ft": dict(epochs=5, lr=1e-5, weight_decay=0.01, warmup_epochs=1, **TRAIN),
+             "lora": dict(epochs=5, lr=1e-4, weight_decay=0.01, warmup_epochs=1, lora_rank=16, **TRAIN)},
+    "fast": {"full": dict(epochs=5, lr=1e-4, **TRAIN), "forget_ft": dict(epochs=5, lr=1e-4, **TRAIN),
+             "lora": dict(epochs=5, lr=1e-3, lora_rank=16, **TRAIN)},
+}
+BASELINE = dict(epochs=5, lr=1e-5, **TRAIN)  # GA/NPO: weight decay 0.01 and one warm-up epoch by default
+METHODS = {"TV": None, "PerTA-grad": "grad", "PerTA-fisher": "fisher"}
 
 
 @dataclass
 class Size:
-    retain_authors: list[int]  # indices into full.json's 200 authors; the forget authors are the last ones
-    eval_rows: dict  # role -> rows to evaluate (None: all)
+    forget_authors: list | None  # indices into full.json's 200 authors; None: the --forget split
+    train_retain_authors: list | None  # None: every author outside the forget set
+    importance_retain_authors: list | None  # D_r; None: the training retain authors outside retain_perturbed
+    eval_retain_authors: list | None  # retain_perturbed rows of these; None: all of them
+    eval_rows: dict  # role -> rows evaluated (None: all), spread over the split
+    sweep_rows: int  # forget and retain rows scored at each λ of a sweep
     max_new_tokens: int
-    lams: list[float]
-    # training runs in bf16 autocast (fp32 weights); importance and evaluation stay in fp32
-    full: dict = field(default_factory=lambda: dict(epochs=5, lr=1e-4, batch_size=8, bf16_autocast=True))
-    forget_ft: dict = field(default_factory=lambda: dict(epochs=5, lr=1e-4, batch_size=8, bf16_autocast=True))
-    baseline: dict = field(default_factory=lambda: dict(epochs=5, lr=1e-5, batch_size=8, bf16_autocast=True))
 
 
 SIZES = {
-    # 3 retain authors + forget01's 2: fits the 90-minute budget on the 2-core CPU
-    "cpu": Size(list(range(3)), {"forget": None, "retain": 30, "real_authors": 30, "world_facts": 30}, 80,
-                [0.5, 1.0, 2.0]),
-    "full": Size(None, {"forget": None, "retain": None, "real_authors": None, "world_facts": None}, 200,
-                 [0.5, 1.0, 2.0, 4.0], full=dict(epochs=5, lr=1e-4, batch_size=16, bf16_autocast=True),
-                 forget_ft=dict(epochs=5, lr=1e-4, batch_size=16, bf16_autocast=True),
-                 baseline=dict(epochs=5, lr=1e-5, batch_size=16, bf16_autocast=True)),
+    "cpu": Size(list(range(196, 200)), list(range(10)), list(range(6)), list(range(6, 10)),
+                {"forget": None, "retain": 40, "real_authors": 30, "world_facts": 30}, 40, 80),
+    "full": Size(None, None, None, None, {r: None for r in ("forget", "retain", "real_authors", "world_facts")},
+                 200, 200),
 }
 
 
@@ -56,219 +78,458 @@ def spread(rows: list, n: int | None) -> list:
     return [rows[i * len(rows) // n] for i in range(n)]
 
 
-def build_sets(tofu: Path, size: Size, forget_split: str):
+def authors(rows: list, which) -> list:
+    return [r for a in which for r in rows[a * ROWS_PER_AUTHOR:(a + 1) * ROWS_PER_AUTHOR]]
+
+
+def build_sets(tofu: Path, size: Size, forget_split: str) -> dict:
+    """forget (θ_full's and θ_ft's forget rows), train_retain, importance_retain (D_r), eval splits."""
     from perta_fast.data import load_qa
     from perta_fast.eval import tofu_splits
 
-    forget = load_qa(f"{tofu}:{forget_split}")
-    if size.retain_authors is None:
-        retain = load_qa(f"{tofu}:retain{100 - int(forget_split[-2:]):02d}")
+    full = load_qa(f"{tofu}:full")
+    if size.forget_authors is None:
+        forget = load_qa(f"{tofu}:{forget_split}")
+        n_authors = len(full) // ROWS_PER_AUTHOR - len(forget) // ROWS_PER_AUTHOR
+        train_retain = full[:n_authors * ROWS_PER_AUTHOR]
+        importance_retain = train_retain[20 * ROWS_PER_AUTHOR:]  # retain_perturbed holds authors 0-19
+        splits = tofu_splits(tofu, forget_split)
     else:
-        full = load_qa(f"{tofu}:full")
-        retain = [r for a in size.retain_authors for r in full[a * ROWS_PER_AUTHOR:(a + 1) * ROWS_PER_AUTHOR]]
-    splits = tofu_splits(tofu, forget_split)
-    if size.retain_authors is not None:  # evaluate retain rows only of authors the models were trained on
-        keep = {r.question for r in retain}
-        splits["retain"] = [r for r in splits["retain"] if r.question in keep]
+        forget, train_retain = authors(full, size.forget_authors), authors(full, size.train_retain_authors)
+        importance_retain = authors(full, size.importance_retain_authors)
+        splits = tofu_splits(tofu, "forget05")  # the last 10 authors: holds every CPU-size forget author
+        asked = {r.question for r in forget}
+        splits["forget"] = [r for r in splits["forget"] if r.question in asked]
+        kept = {r.question for r in authors(full, size.eval_retain_authors)}
+        splits["retain"] = [r for r in splits["retain"] if r.question in kept]
     splits = {role: spread(rows, size.eval_rows[role]) for role, rows in splits.items()}
-    return forget, retain, splits
+    return {"forget": forget, "train_retain": train_retain, "importance_retain": importance_retain, "splits": splits}
 
 
 def cached(path: Path, build) -> tuple[Path, float]:
     """Run `build(path)` unless `path` exists (a finished step: every writer in perta_fast is atomic);
     the step's seconds are kept beside it, so a rerun still reports them."""
-    def record():
-        return path / "perta_step.json" if path.is_dir() else path.with_suffix(path.suffix + ".step.json")
-
+    record = path.with_name(path.name + ".step.json")
     if path.exists():
-        return path, json.loads(record().read_text())["seconds"] if record().exists() else float("nan")
+        return path, json.loads(record.read_text())["seconds"] if record.exists() else float("nan")
     t0 = time.perf_counter()
     build(path)
     seconds = time.perf_counter() - t0
-    record().write_text(json.dumps({"seconds": seconds}))
+    record.write_text(json.dumps({"seconds": seconds}))
     return path, seconds
+
+
+def cached_json(path: Path, compute) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.rename(path)
+    return value
+
+
+def seeded_hold_out(rows: list, seed: int, fraction: float = 0.2) -> tuple[list, list]:
+    """(rows for importance, validation rows): a seed-dependent 20 %, each part in file order."""
+    from perta_fast.data import hold_out
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    kept_idx, held_idx = hold_out(order, fraction)
+    return [rows[i] for i in sorted(kept_idx)], [rows[i] for i in sorted(held_idx)]
+
+
+def qa(rows):
+    from perta_fast.data import QA
+
+    return [QA(r.question, r.answer) for r in rows]
+
+
+def sweep(full, finetuned, importance, merge_opts, sets: dict, lams) -> list[dict]:
+    """Answer probability on `sets` at each λ, the model moved in place (perta_fast.calibration)."""
+    from perta_fast.calibration import ModelAtLambda
+    from perta_fast.eval import answer_probabilities
+
+    at = ModelAtLambda(full, finetuned, importance, merge_opts)
+    points = []
+    for lam in lams:
+        mean_w = at.set(lam)
+        point = {"lam": lam, "mean_weight": mean_w}
+        for name, rows in sets.items():
+            probs = answer_probabilities(at.model, at.tokenizer, rows)
+            point[name] = sum(probs) / len(probs)
+        points.append(point)
+    return points
+
+
+def matched(points: list[dict], target: float) -> dict | None:
+    """Where the forget probability first falls to `target`: λ and retain probability, linearly
+    interpolated between the two points around it; None if the grid never gets there."""
+    prev = {"lam": 0.0, **points[0]["theta_full"]}
+    for p in points:
+        if p["forget"] <= target:
+            t = 0.0 if p["forget"] == prev["forget"] else (prev["forget"] - target) / (prev["forget"] - p["forget"])
+            return {"lam": prev["lam"] + t * (p["lam"] - prev["lam"]),
+                    "retain": prev["retain"] + t * (p["retain"] - prev["retain"])}
+        prev = p
+    return None
+
+
+def w_statistics(full, finetuned, importance, alpha=1.0, power=1.0, eps=1e-16) -> dict:
+    """How w relates to τ over every scored weight: mean w, Pearson correlation of w with |τ|, cosine and
+    norm ratio of w⊙τ against τ (1 and 1 for TV)."""
+    from perta_fast.io import Checkpoint, SafetensorsFile
+    from perta_fast.lora import is_adapter, task_vectors
+    from perta_fast.ops import ratio_weights
+
+    imp = SafetensorsFile(importance)
+    base = Checkpoint(full)
+    taus = task_vectors(finetuned, full) if is_adapter(finetuned) else None
+    ft = None if taus is not None else Checkpoint(finetuned)
+    acc = dict.fromkeys(("n", "w", "ww", "a", "aa", "wa", "tt", "wtt", "wwtt"), 0.0)
+    for key in imp.keys():
+        if not key.startswith("forget/"):
+            continue
+        name = key[len("forget/"):]
+        tau = taus[name] if taus is not None else ft.get(name).double() - base.get(name).double()
+        w = ratio_weights(imp.get(key), imp.get("retain/" + name), alpha, power, eps).double()
+        tau, a = tau.double(), tau.double().abs()
+        for k, v in (("n", w.numel()), ("w", w.sum()), ("ww", (w * w).sum()), ("a", a.sum()), ("aa", (a * a).sum()),
+                     ("wa", (w * a).sum()), ("tt", (tau * tau).sum()), ("wtt", (w * tau * tau).sum()),
+                     ("wwtt", (w * w * tau * tau).sum())):
+            acc[k] += float(v)
+    n = acc["n"]
+    cov = acc["wa"] / n - acc["w"] / n * acc["a"] / n
+    var_w, var_a = acc["ww"] / n - (acc["w"] / n) ** 2, acc["aa"] / n - (acc["a"] / n) ** 2
+    return {"mean_w": acc["w"] / n, "corr_w_abs_tau": cov / math.sqrt(var_w * var_a) if var_w > 0 and var_a > 0 else None,
+            "cos_wtau_tau": acc["wtt"] / math.sqrt(acc["wwtt"] * acc["tt"]) if acc["wwtt"] > 0 else None,
+            "norm_ratio": math.sqrt(acc["wwtt"] / acc["tt"]) if acc["tt"] > 0 else None}
+
+
+def mean_sd(values: list) -> dict | None:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return {"mean": m, "sd": sd, "n": len(vals)}
+
+
+def metrics(res: dict) -> dict:
+    """The numbers a row of the tables shows, from an eval results dict."""
+    s = res["splits"]
+    out = {"forget_quality": res.get("forget_quality"), "model_utility": res.get("model_utility")}
+    for role in ("forget", "retain", "real_authors", "world_facts"):
+        for key in ("prob", "rouge_l", "truth_ratio"):
+            out[f"{role} {key}"] = s[role].get(key)
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    ap.add_argument("--forget", default="forget01", choices=["forget01", "forget05"])
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="tofu")
+    ap.add_argument("--forget", default="forget01", choices=["forget01", "forget05"], help="full size's forget split")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--keep-retain", type=float, default=0.95)
+    ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--baselines", action="store_true", help="also GA and NPO, each seed (the full size always)")
     ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"))
-    ap.add_argument("--work", default=None, help="cache of models and results (default: ~/.cache/perta_fast/tofu-SIZE)")
+    ap.add_argument("--work", default=None, help="cache (default: ~/.cache/perta_fast/tofu-SIZE-RECIPE)")
     ap.add_argument("--model", default=None, help="base checkpoint (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--lams", default=None, help="comma-separated λ grid")
-    ap.add_argument("--keep-models", action="store_true", help="keep unlearned checkpoints (off: deleted after eval)")
-    ap.add_argument("--lora-rank", type=int, default=None,
-                    help="also unlearn with a LoRA θ_ft of this rank (lr 1e-3) beside the full one, same λ grid")
-    ap.add_argument("--lora-only", action="store_true",
-                    help="with --lora-rank: evaluate only θ_full, the retain model and the LoRA rows (the full-θ_ft "
-                         "rows and GA/NPO are those of the run without --lora-rank)")
     a = ap.parse_args(argv)
 
-    import torch
-
-    from perta_fast.baselines import BaselineOptions, unlearn_by_training
-    from perta_fast.eval import EvalOptions, eval_checkpoint
-    from perta_fast.importance import importance_file
-    from perta_fast.merge import MergeOptions, merge
-    from perta_fast.models import cache_dir, default_model
-    from perta_fast.train import FinetuneOptions, finetune
-
-    size = SIZES[a.size]
-    if a.lams:
-        size = replace(size, lams=[float(x) for x in a.lams.split(",")])
     tofu = Path(a.tofu)
     if not (tofu / "full.json").is_file():
         print(f"tofu.py: {tofu}: no TOFU data (full.json) here; pass --tofu", file=sys.stderr)
         return 2
+    from perta_fast.models import cache_dir, default_model
+
+    size, recipe = SIZES[a.size], RECIPES[a.recipe]
     base = Path(a.model) if a.model else default_model()
-    work = Path(a.work) if a.work else cache_dir() / f"tofu-{a.size}-{a.forget}"
+    stem = f"tofu-{a.size}-{a.recipe}" + (f"-{a.forget}" if a.size == "full" else "")
+    work = Path(a.work) if a.work else cache_dir() / stem
     work.mkdir(parents=True, exist_ok=True)
-    forget, retain, splits = build_sets(tofu, size, a.forget)
-    eval_opts = EvalOptions(batch_size=16, max_new_tokens=size.max_new_tokens, device=a.device)
-    t_start = time.perf_counter()
-
-    def ft(src, rows, knobs):
-        return lambda out: finetune(src, rows, out, FinetuneOptions(**knobs, device=a.device))
-
-    steps = {}  # each step's own seconds, as first measured (a cached step keeps its figure)
-    full, steps["θ_full fine-tune"] = cached(work / "theta_full", ft(base, retain + forget, size.full))
-    retain_model, steps["retain model fine-tune"] = cached(work / "retain_model", ft(base, retain, size.full))
-    theta_ft, steps["θ_ft fine-tune"] = cached(work / "theta_ft", ft(full, forget, size.forget_ft))
-    thetas = {"": (theta_ft, None)}
-    if a.lora_rank:
-        lora = dict(size.forget_ft, lr=1e-3, lora_rank=a.lora_rank)
-        adapter, steps["θ_ft (LoRA) fine-tune"] = cached(work / f"theta_ft_lora{a.lora_rank}", ft(full, forget, lora))
-        thetas[" (LoRA)"] = (adapter, adapter)
-    importance = {}
-    for suffix, (_, adapter) in thetas.items():
-        for method in ("grad", "fisher"):
-            tag = f"{method}-lora{a.lora_rank}" if adapter else method
-            importance[method + suffix], steps[f"importance {method}{suffix}"] = cached(
-                work / f"importance-{tag}.safetensors",
-                lambda out, m=method, ad=adapter: importance_file(full, forget, retain, out, m, 8, device=a.device,
-                                                                   adapter=ad))
-
-    def evaluate(name, folder, reference):
-        path, steps[f"eval {name}"] = cached(work / "results" / f"{name}.json",
-                                             lambda out: eval_checkpoint(folder, splits, out, reference, eval_opts))
-        return json.loads(path.read_text())
-
-    def unlearned(name, build):
-        """Build an unlearned model unless its results exist; its seconds are kept beside the results."""
-        seconds = work / "results" / f"{name}.seconds"
-        if not seconds.exists():
-            _, s = cached(work / "models" / name, build)
-            seconds.parent.mkdir(exist_ok=True)
-            seconds.write_text(str(s))
-        return work / "models" / name, float(seconds.read_text())
-
-    reference = evaluate("retain-model", retain_model, None)
-    runs = [("θ_full", None, "theta_full", full, 0.0), ("retain model", None, "retain-model", retain_model, 0.0)]
-    if a.lora_only and not a.lora_rank:
-        print("tofu.py: --lora-only needs --lora-rank", file=sys.stderr)
-        return 2
-    for suffix, (tuned, _) in thetas.items():
-        if a.lora_only and suffix == "":
-            continue
-        for method, imp in (("TV", None), ("PerTA-grad", "grad"), ("PerTA-fisher", "fisher")):
-            for lam in size.lams:
-                name = f"{method}{suffix.replace(' (LoRA)', f'-lora{a.lora_rank}')}_lam{lam:g}"
-                key = imp + suffix if imp else None
-                folder, steps[f"merge {name}"] = unlearned(name, lambda o, key=key, lam=lam, tuned=tuned: merge(
-                    full, tuned, o, importance[key] if key else None, MergeOptions("perta" if key else "tv", lam),
-                    progress=False))
-                # the whole cost of task arithmetic: θ_ft's fine-tuning, importance (PerTA), the merge
-                cost = (steps[f"θ_ft{suffix} fine-tune"] + (steps[f"importance {key}"] if key else 0.0)
-                        + steps[f"merge {name}"])
-                runs.append((method + suffix, lam, name, folder, cost))
-    for method in () if a.lora_only else ("ga", "npo"):
-        knobs = dict(size.baseline, method=method, device=a.device)
-        folder, steps[method] = unlearned(method, lambda o, k=knobs: unlearn_by_training(
-            full, forget, retain, o, BaselineOptions(**k)))
-        runs.append((method.upper(), None, method, folder, steps[method]))
-
-    table = {}
-    for method, lam, name, folder, cost in runs:
-        res = reference if method == "retain model" else evaluate(name, folder, reference)
-        if method == "retain model":
-            res = dict(res, forget_quality=1.0)  # the reference against itself: KS p-value 1 by definition
-        label = method if lam is None else f"{method} λ={lam:g}"
-        table[label] = {"method": method, "lam": lam, "unlearn_seconds": round(cost, 1),
-                        **{k: res.get(k) for k in ("forget_quality", "ks_statistic", "model_utility")},
-                        "splits": {r: {k: v for k, v in s.items() if k != "per_sample"} for r, s in res["splits"].items()}}
-        if folder.parent == work / "models" and not a.keep_models:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    stem = f"tofu-{a.size}-{a.forget}" + (f"-lora{a.lora_rank}" if a.lora_rank else "")
-    summary = {
-        "command": "python benchmarks/tofu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "model": str(base), "device": a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        "forget_set": f"{a.forget}: the last {len(forget) // ROWS_PER_AUTHOR} authors of full.json ({len(forget)} rows)",
-        "retain_set": (f"authors {size.retain_authors[0]}-{size.retain_authors[-1]} of full.json ({len(retain)} rows)"
-                       if size.retain_authors else f"every other author ({len(retain)} rows)"),
-        "eval_rows": {r: len(rows) for r, rows in splits.items()},
-        "settings": {"theta_full_and_retain_model": size.full, "theta_ft": size.forget_ft,
-                     "ga_npo": size.baseline, "lams": size.lams, "eval": asdict(eval_opts)},
-        "unlearn_seconds": "TV and PerTA: θ_ft's fine-tuning + importance (PerTA) + merge; GA/NPO: their training",
-        "step_seconds": {k: round(v, 1) for k, v in steps.items()},
-        "seconds_all_steps": round(sum(steps.values()), 1),  # what a cold run costs, without start-up
-        "results": table,
-        "wall_seconds_this_run": round(time.perf_counter() - t_start, 1),
-    }
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
-    md = markdown(table)
-    (out_dir / f"{stem}.md").write_text(md + "\n")
-    plot(table, out_dir / f"{stem}.png", summary["forget_set"])
-    print(md)
-    print(f"\nwrote {out_dir / stem}.json (every metric), .md (this table), .png (the plot); "
-          f"{summary['wall_seconds_this_run']:.0f} s this run")
+    run = Protocol(a, size, recipe, base, work, build_sets(tofu, size, a.forget), stem)
+    run.shared()
+    for seed in a.seeds:
+        run.seed(seed)
+    if not a.no_ablation:
+        run.ablation(a.seeds[0])
+    print(markdown(run.summary))
+    print(f"\nwrote {HERE / 'results' / stem}.json, .md, .png; {time.perf_counter() - run.t0:.0f} s this run")
     return 0
 
 
-def markdown(table: dict) -> str:
-    head = ("| method | λ | forget quality | model utility | forget ROUGE-L | retain ROUGE-L | forget prob | "
-            "forget truth ratio | unlearning wall time (s) |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, r in table.items():
-        s = r["splits"]
-        lam = "" if r["lam"] is None else f"{r['lam']:g}"
-        lines.append(f"| {r['method']} | {lam} | {r['forget_quality']:.3g} | "
-                     f"{r['model_utility']:.3f} | {s['forget']['rouge_l']:.3f} | {s['retain']['rouge_l']:.3f} | "
-                     f"{s['forget']['prob']:.3f} | {s['forget']['truth_ratio']:.3f} | {r['unlearn_seconds']:.1f} |")
+class Protocol:
+    def __init__(self, a, size: Size, recipe: dict, base: Path, work: Path, sets: dict, stem: str):
+        import torch
+
+        from perta_fast.eval import EvalOptions
+
+        self.a, self.size, self.recipe, self.base, self.work, self.sets, self.stem = a, size, recipe, base, work, sets, stem
+        self.eval_opts = EvalOptions(batch_size=64, max_new_tokens=size.max_new_tokens, device=a.device)
+        self.t0 = time.perf_counter()
+        self.steps: dict[str, float] = {}
+        splits = sets["splits"]
+        self.sweep_sets = {"forget": qa(spread(splits["forget"], size.sweep_rows)),
+                           "retain": qa(spread(splits["retain"], size.sweep_rows))}
+        self.summary = {
+            "command": "python benchmarks/tofu.py " + " ".join(sys.argv[1:]),
+            "model": str(base), "device": a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            "recipe": {a.recipe: recipe}, "keep_retain": a.keep_retain, "grid": GRID,
+            "sets": {"forget_rows": len(sets["forget"]), "train_retain_rows": len(sets["train_retain"]),
+                     "importance_retain_rows": len(sets["importance_retain"]),
+                     "eval_rows": {r: len(v) for r, v in splits.items()}, "sweep_rows": size.sweep_rows,
+                     "size": asdict(size)},
+            "models": {}, "seeds": {}, "ablation": {}}
+
+    # ---- steps ----
+
+    def train(self, out: Path, src, rows, knobs: dict, seed: int = 0) -> Path:
+        from perta_fast.train import FinetuneOptions, finetune
+
+        path, self.steps[f"train {out.name}"] = cached(out, lambda o: finetune(
+            src, rows, o, FinetuneOptions(**knobs, seed=seed, device=self.a.device)))
+        return path
+
+    def importance(self, out: Path, model, forget, retain, method, adapter=None) -> Path:
+        from perta_fast.importance import importance_file
+
+        path, self.steps[f"importance {out.name}"] = cached(out, lambda o: importance_file(
+            model, forget, retain, o, method, 8, device=self.a.device, adapter=adapter, progress=False))
+        return path
+
+    def evaluate(self, name: str, folder, reference) -> dict:
+        from perta_fast.eval import eval_checkpoint
+
+        path, self.steps[f"eval {name}"] = cached(self.work / "results" / f"{name}.json", lambda o: eval_checkpoint(
+            folder, self.sets["splits"], o, reference, self.eval_opts))
+        return json.loads(path.read_text())
+
+    def write(self) -> None:
+        self.summary["step_seconds"] = {k: round(v, 1) for k, v in self.steps.items()}
+        self.summary["seconds_all_steps"] = round(sum(v for v in self.steps.values() if v == v), 1)
+        self.summary["wall_seconds_this_run"] = round(time.perf_counter() - self.t0, 1)
+        self.summary["aggregate"] = aggregate(self.summary)
+        out = HERE / "results"
+        out.mkdir(exist_ok=True)
+        (out / f"{self.stem}.json").write_text(json.dumps(self.summary, indent=1, ensure_ascii=False))
+        (out / f"{self.stem}.md").write_text(markdown(self.summary) + "\n")
+        plot(self.summary, out / f"{self.stem}.png")
+
+    # ---- stages ----
+
+    def shared(self) -> None:
+        """θ_full, the retain model, and the three reference evaluations (base, θ_full, retain model)."""
+        s, w = self.sets, self.work
+        (w / "results").mkdir(exist_ok=True)
+        self.full = self.train(w / "theta_full", self.base, s["train_retain"] + s["forget"], self.recipe["full"])
+        self.retain_model = self.train(w / "retain_model", self.base, s["train_retain"], self.recipe["full"])
+        self.reference = self.evaluate("retain-model", self.retain_model, None)
+        for name, folder in (("base", self.base), ("theta_full", self.full)):
+            self.summary["models"][name] = metrics(self.evaluate(name, folder, self.reference))
+        self.summary["models"]["retain model"] = dict(metrics(self.reference), forget_quality=1.0)
+        # the retain model's forget probability on the sweep rows: the matched-forgetting target
+        self.target = cached_json(w / "results" / "sweep-target.json", lambda: sweep(
+            self.retain_model, self.retain_model, None, _merge_opts("TV"), self.sweep_sets, [0.0])[0])
+        self.summary["sweep_target"] = {k: self.target[k] for k in ("forget", "retain")}
+        self.write()
+
+    def seed(self, seed: int) -> None:
+        from perta_fast.calibration import CalibrateOptions, calibrate
+        from perta_fast.merge import merge
+
+        s, w = self.sets, self.work / f"seed{seed}"
+        w.mkdir(exist_ok=True)
+        forget_kept, forget_val = seeded_hold_out(s["forget"], seed)
+        retain_kept, retain_val = seeded_hold_out(s["importance_retain"], seed)
+        theta_ft = self.train(w / "theta_ft", self.full, s["forget"], self.recipe["forget_ft"], seed)
+        record = self.summary["seeds"].setdefault(str(seed), {"methods": {}})
+        record.update(forget_importance_rows=len(forget_kept), forget_validation_rows=len(forget_val),
+                      retain_importance_rows=len(retain_kept), retain_validation_rows=len(retain_val))
+        for method, kind in METHODS.items():
+            imp = self.importance(w / f"importance-{kind}.safetensors", self.full, forget_kept, retain_kept,
+                                  kind) if kind else None
+            opts = _merge_opts(method)
+            cal = cached_json(w / f"calibration-{method}.json", lambda: calibrate(
+                self.full, theta_ft, forget_val, retain_val, imp, opts,
+                CalibrateOptions(keep_retain=self.a.keep_retain, lams=GRID, bisect=3, generate=False,
+                                 device=self.a.device)))
+            name = f"seed{seed}-{method}"
+            res_path = self.work / "results" / f"{name}.json"
+            if not res_path.exists():
+                _, self.steps[f"merge {name}"] = cached(self.work / "models" / name, lambda o: merge(
+                    self.full, theta_ft, o, imp, replace(opts, lam=cal["lam"]), progress=False))
+            res = self.evaluate(name, self.work / "models" / name, self.reference)
+            shutil.rmtree(self.work / "models" / name, ignore_errors=True)
+            curve = cached_json(w / f"sweep-{method}.json", lambda: self._sweep(theta_ft, imp, opts))
+            record["methods"][method] = {"lam": cal["lam"], "calibration_note": cal["note"], **metrics(res),
+                                         "sweep": curve, "matched": matched(curve, self.target["forget"])}
+            self.write()
+        if self.a.baselines or self.a.size == "full":
+            self._baselines(seed, record)
+
+    def _sweep(self, finetuned, imp, opts) -> list[dict]:
+        theta_full = sweep(self.full, finetuned, imp, opts, self.sweep_sets, [0.0])[0]
+        points = sweep(self.full, finetuned, imp, opts, self.sweep_sets, GRID)
+        return [dict(p, theta_full={"forget": theta_full["forget"], "retain": theta_full["retain"]}) for p in points]
+
+    def _baselines(self, seed: int, record: dict) -> None:
+        from perta_fast.baselines import BaselineOptions, unlearn_by_training
+
+        s = self.sets
+        for method in ("ga", "npo"):
+            name = f"seed{seed}-{method.upper()}"
+            if not (self.work / "results" / f"{name}.json").exists():
+                _, self.steps[name] = cached(self.work / "models" / name, lambda o, m=method: unlearn_by_training(
+                    self.full, s["forget"], s["importance_retain"], o,
+                    BaselineOptions(method=m, seed=seed, device=self.a.device, **BASELINE)))
+            res = self.evaluate(name, self.work / "models" / name, self.reference)
+            shutil.rmtree(self.work / "models" / name, ignore_errors=True)
+            record["methods"][method.upper()] = metrics(res)
+            self.write()
+
+    def ablation(self, seed: int) -> None:
+        """One knob at a time from PerTA's defaults, sweeps only (matched forgetting) and w's statistics."""
+        s, w = self.sets, self.work / f"seed{seed}"
+        forget_kept, _ = seeded_hold_out(s["forget"], seed)
+        retain_kept, _ = seeded_hold_out(s["importance_retain"], seed)
+        theta_ft = w / "theta_ft"
+        ratio = len(retain_kept) / len(forget_kept)
+        lora = self.train(w / "theta_ft_lora", self.full, s["forget"], self.recipe["lora"], seed)
+        variants = {}
+        for kind in ("grad", "fisher"):
+            at_full = w / f"importance-{kind}.safetensors"
+            at_base = self.importance(w / f"importance-{kind}-theta0.safetensors", self.base, forget_kept, retain_kept,
+                                      kind)
+            lora_imp = self.importance(w / f"importance-{kind}-lora.safetensors", self.full, forget_kept, retain_kept,
+                                       kind, adapter=lora)
+            m = f"PerTA-{kind}"
+            variants.update({f"{m}": (theta_ft, at_full, {}), f"{m} ε=1e-8": (theta_ft, at_full, {"eps": 1e-8}),
+                             f"{m} α=n_r/n_f={ratio:g}": (theta_ft, at_full, {"alpha": ratio}),
+                             f"{m} α=99": (theta_ft, at_full, {"alpha": 99.0}),
+                             f"{m} p=2": (theta_ft, at_full, {"power": 2.0}),
+                             f"{m} at θ_0": (theta_ft, at_base, {}), f"{m} LoRA τ": (lora, lora_imp, {})})
+        variants["TV LoRA τ"] = (lora, None, {})
+        for label, (tuned, imp, knobs) in variants.items():
+            slug = label.replace(" ", "_").replace("/", "-")
+            opts = replace(_merge_opts("PerTA" if imp else "TV"), **knobs)
+            entry = cached_json(w / f"ablation-{slug}.json", lambda: {
+                "knobs": knobs, "sweep": self._sweep(tuned, imp, opts),
+                "w": w_statistics(self.full, tuned, imp, **knobs) if imp else None})
+            entry["matched"] = matched(entry["sweep"], self.target["forget"])
+            self.summary["ablation"][label] = entry
+            self.write()
+
+
+def _merge_opts(method: str):
+    from perta_fast.merge import MergeOptions
+
+    return MergeOptions("tv" if method == "TV" else "perta")
+
+
+# ---- aggregation, table, plot ----
+
+COLUMNS = ["forget_quality", "model_utility", "forget prob", "forget rouge_l", "forget truth_ratio", "retain prob",
+           "retain rouge_l", "retain truth_ratio", "real_authors prob", "real_authors rouge_l",
+           "real_authors truth_ratio", "world_facts prob", "world_facts rouge_l", "world_facts truth_ratio"]
+
+
+def aggregate(summary: dict) -> dict:
+    """Per method: mean ± sd over the seeds done of λ, every column, and the matched retain probability."""
+    by_method: dict[str, list] = {}
+    for seed in summary["seeds"].values():
+        for method, r in seed["methods"].items():
+            by_method.setdefault(method, []).append(r)
+    return {method: {"seeds": len(rs), "lam": mean_sd([r.get("lam") for r in rs]),
+                     **{c: mean_sd([r.get(c) for r in rs]) for c in COLUMNS},
+                     "matched_lam": mean_sd([(r.get("matched") or {}).get("lam") for r in rs]),
+                     "matched_retain": mean_sd([(r.get("matched") or {}).get("retain") for r in rs]),
+                     "never_matched": sum("matched" in r and r["matched"] is None for r in rs)}
+            for method, rs in by_method.items()}
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, dict):
+        sd = "" if v["sd"] is None else f" ± {v['sd']:.{digits}f}"
+        return f"{v['mean']:.{digits}f}{sd}"
+    return f"{v:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    short = ["FQ", "MU", "forget prob", "forget ROUGE", "forget TR", "retain prob", "retain ROUGE", "retain TR",
+             "RA prob", "RA ROUGE", "RA TR", "WF prob", "WF ROUGE", "WF TR"]
+    lines = ["Set-up models:", "", "| model | " + " | ".join(short) + " |", "|---|" + "---:|" * len(short)]
+    for name, m in summary["models"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c), 4 if c == "forget_quality" else 3) for c in COLUMNS) + " |")
+    agg = summary.get("aggregate", {})
+    if agg:
+        lines += ["", f"At calibrated λ (retain floor {summary['keep_retain']} × θ_full's on held-back D_r rows), "
+                  "mean ± sd over seeds:", "",
+                  "| method | seeds | λ | " + " | ".join(short) + " |", "|---|---:|---:|" + "---:|" * len(short)]
+        for method, r in agg.items():
+            lines.append(f"| {method} | {r['seeds']} | {_fmt(r['lam'], 2)} | "
+                         + " | ".join(_fmt(r[c], 4 if c == "forget_quality" else 3) for c in COLUMNS) + " |")
+        lines += ["", "Matched forgetting (λ sweep on evaluation rows): retain probability where forget probability "
+                  "reaches the retain model's:", "", "| method | λ at match | retain prob at match | seeds not reaching it |",
+                  "|---|---:|---:|---:|"]
+        for method, r in agg.items():
+            if r["matched_retain"] is not None or r["never_matched"]:
+                lines.append(f"| {method} | {_fmt(r['matched_lam'], 2)} | {_fmt(r['matched_retain'])} | "
+                             f"{r['never_matched']} |")
+    if summary.get("ablation"):
+        lines += ["", "Ablation (first seed; one knob at a time from PerTA's defaults; sweeps on evaluation rows):", "",
+                  "| variant | mean w | corr(w, \\|τ\\|) | cos(w⊙τ, τ) | \\|w⊙τ\\| / \\|τ\\| | λ at match | "
+                  "retain prob at match |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for label, e in summary["ablation"].items():
+            ws, m = e.get("w") or {}, e.get("matched") or {}
+            lines.append(f"| {label} | {_fmt(ws.get('mean_w'))} | {_fmt(ws.get('corr_w_abs_tau'))} | "
+                         f"{_fmt(ws.get('cos_wtau_tau'))} | {_fmt(ws.get('norm_ratio'))} | {_fmt(m.get('lam'), 2)} | "
+                         f"{_fmt(m.get('retain'))} |")
     return "\n".join(lines)
 
 
-def plot(table: dict, path: Path, title: str) -> None:
-    try:
-        import matplotlib
+def plot(summary: dict, path: Path) -> None:
+    from perta_fast.console import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("tofu.py: matplotlib missing; no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 5))
-    by_method: dict[str, list] = {}
-    for label, r in table.items():
-        by_method.setdefault(r["method"], []).append(r)
-    for method, rs in by_method.items():
-        xs, ys = [r["model_utility"] for r in rs], [max(r["forget_quality"], 1e-12) for r in rs]
-        if rs[0]["lam"] is None:  # one model: θ_full, the retain model, GA, NPO
-            ax.scatter(xs, ys, label=method, marker="*", s=160, zorder=3)
-        else:  # a curve over λ
-            ax.plot(xs, ys, label=method, marker="o")
-            for r in rs:
-                ax.annotate(f"λ={r['lam']:g}", (r["model_utility"], max(r["forget_quality"], 1e-12)), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-    ax.set_yscale("log")
-    ax.set_xlabel("model utility (higher = kept more)")
-    ax.set_ylabel("forget quality, KS p-value (higher = closer to the retain-only model)")
-    ax.set_title(f"TOFU, SmolLM2-135M-Instruct: {title}", fontsize=9)
-    ax.legend(fontsize=8)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for method, r in summary.get("aggregate", {}).items():
+        fq, mu = r["forget_quality"], r["model_utility"]
+        if fq and mu:
+            left.errorbar(mu["mean"], fq["mean"], xerr=mu["sd"] or 0, yerr=fq["sd"] or 0, marker="o", capsize=3,
+                          label=f"{method} (n={r['seeds']})")
+    for name, m in summary["models"].items():
+        if m.get("forget_quality") and m.get("model_utility") is not None:
+            left.scatter(m["model_utility"], m["forget_quality"], marker="*", s=150, label=name, zorder=3)
+    left.set_yscale("log")
+    left.set_xlabel("model utility")
+    left.set_ylabel("forget quality (KS p-value)")
+    left.set_title("at calibrated λ, mean ± sd over seeds", fontsize=9)
+    left.legend(fontsize=7)
+    first = next(iter(summary["seeds"].values()), {"methods": {}})
+    for method, r in first["methods"].items():
+        if "sweep" in r:
+            pts = [r["sweep"][0]["theta_full"]] + r["sweep"]
+            right.plot([p["forget"] for p in pts], [p["retain"] for p in pts], marker="o", label=method)
+    for label, e in summary.get("ablation", {}).items():
+        if label.endswith("LoRA τ") or label.startswith("PerTA-grad "):
+            pts = e["sweep"]
+            right.plot([p["forget"] for p in pts], [p["retain"] for p in pts], ls=":", lw=1, label=label)
+    if summary.get("sweep_target"):
+        right.axvline(summary["sweep_target"]["forget"], color="gray", ls="--", lw=1,
+                      label="the retain model's forget prob: the matched level")
+    right.set_xlabel("forget answer probability (sweep rows)")
+    right.set_ylabel("retain answer probability (sweep rows)")
+    right.set_title("λ sweeps, first seed (upper left is best)", fontsize=9)
+    right.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

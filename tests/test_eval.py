@@ -330,7 +330,7 @@ def test_tofu_eval_splits_load():
 
 
 @pytest.mark.skipif(not (TOFU / "full.json").is_file(), reason="TOFU data not at ../shared/data/tofu")
-def test_tofu_benchmark_cpu_size_keeps_forget01_and_evaluates_trained_authors_only():
+def test_tofu_benchmark_cpu_sets_keep_importance_and_evaluation_rows_apart():
     import importlib.util
     import sys
     from pathlib import Path
@@ -340,10 +340,19 @@ def test_tofu_benchmark_cpu_size_keeps_forget01_and_evaluates_trained_authors_on
     sys.modules["tofu_bench"] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
     size = bench.SIZES["cpu"]
-    forget, retain, splits = bench.build_sets(TOFU, size, "forget01")
-    assert forget == load_qa(f"{TOFU}:forget01")  # forget01's two authors
-    assert len(retain) == 20 * len(size.retain_authors) and not set(retain) & set(forget)
-    trained = {r.question for r in retain}
-    assert all(r.question in trained for r in splits["retain"])
-    assert {r: len(v) for r, v in splits.items()} == {r: n or 40 for r, n in size.eval_rows.items()}
-    assert [r.question for r in splits["forget"]] == [r.question for r in forget]
+    sets = bench.build_sets(TOFU, size, "forget01")
+    full = load_qa(f"{TOFU}:full")
+    assert sets["forget"] == full[-80:]  # the last 4 authors
+    assert load_qa(f"{TOFU}:forget01") == sets["forget"][-40:]
+    forget_q = {r.question for r in sets["forget"]}
+    assert [r.question for r in sets["splits"]["forget"]] == [r.question for r in sets["forget"]]
+    trained = {r.question for r in sets["train_retain"]}
+    scored = {r.question for r in sets["importance_retain"]}
+    evaluated = {r.question for r in sets["splits"]["retain"]}
+    assert scored <= trained and evaluated <= trained and not scored & evaluated and not trained & forget_q
+    assert {r: len(v) for r, v in sets["splits"].items()} == {"forget": 80, "retain": 40, "real_authors": 30,
+                                                             "world_facts": 30}
+    # each seed holds back another 20 % of the forget set and of D_r
+    kept, held = bench.seeded_hold_out(sets["forget"], 0)
+    kept1, held1 = bench.seeded_hold_out(sets["forget"], 1)
+    assert len(held) == 16 and sorted(map(id, kept + held)) == sorted(map(id, sets["forget"])) and held != held1
