@@ -92,7 +92,7 @@ def build_sets(tofu: Path, size: Size, forget_split: str) -> dict:
         forget = load_qa(f"{tofu}:{forget_split}")
         n_authors = len(full) // ROWS_PER_AUTHOR - len(forget) // ROWS_PER_AUTHOR
         train_retain = full[:n_authors * ROWS_PER_AUTHOR]
-        importance_retain = train_retain[20 * ROWS_PER_AUTHOR:]  # retain_perturbed holds authors 0-19
+        importance_retain = train_retain[20 * ROWS_PER_AUTHOR:]  # retain_perturbed: authors 0-19 (and one row)
         splits = tofu_splits(tofu, forget_split)
     else:
         forget, train_retain = authors(full, size.forget_authors), authors(full, size.train_retain_authors)
@@ -102,6 +102,8 @@ def build_sets(tofu: Path, size: Size, forget_split: str) -> dict:
         splits["forget"] = [r for r in splits["forget"] if r.question in asked]
         kept = {r.question for r in authors(full, size.eval_retain_authors)}
         splits["retain"] = [r for r in splits["retain"] if r.question in kept]
+    evaluated = {r.question for r in splits["retain"]}  # retain_perturbed strays once outside authors 0-19
+    importance_retain = [r for r in importance_retain if r.question not in evaluated]
     splits = {role: spread(rows, size.eval_rows[role]) for role, rows in splits.items()}
     return {"forget": forget, "train_retain": train_retain, "importance_retain": importance_retain, "splits": splits}
 

@@ -356,3 +356,10 @@ def test_tofu_benchmark_cpu_sets_keep_importance_and_evaluation_rows_apart():
     kept, held = bench.seeded_hold_out(sets["forget"], 0)
     kept1, held1 = bench.seeded_hold_out(sets["forget"], 1)
     assert len(held) == 16 and sorted(map(id, kept + held)) == sorted(map(id, sets["forget"])) and held != held1
+    # the full size (GPU): the standard split; D_r = the retain authors outside retain_perturbed's 0-19
+    sets = bench.build_sets(TOFU, bench.SIZES["full"], "forget05")
+    assert sets["forget"] == full[-200:] and sets["train_retain"] == full[:-200]
+    evaluated = {r.question for r in sets["splits"]["retain"]}
+    assert sets["importance_retain"] == [r for r in full[400:-200] if r.question not in evaluated]
+    assert len(sets["splits"]["retain"]) == 400 and len(sets["importance_retain"]) == 3400 - 1
+    assert not {r.question for r in sets["importance_retain"]} & {r.question for r in sets["splits"]["retain"]}
