@@ -161,23 +161,6 @@ def qa(rows):
     return [QA(r.question, r.answer) for r in rows]
 
 
-def sweep(full, finetuned, importance, merge_opts, sets: dict, lams) -> list[dict]:
-    """Answer probability on `sets` at each λ, the model moved in place (perta_fast.calibration)."""
-    from perta_fast.calibration import ModelAtLambda
-    from perta_fast.eval import answer_probabilities
-
-    at = ModelAtLambda(full, finetuned, importance, merge_opts)
-    points = []
-    for lam in lams:
-        mean_w = at.set(lam)
-        point = {"lam": lam, "mean_weight": mean_w}
-        for name, rows in sets.items():
-            probs = answer_probabilities(at.model, at.tokenizer, rows)
-            point[name] = sum(probs) / len(probs)
-        points.append(point)
-    return points
-
-
 def matched(points: list[dict], target: float) -> dict | None:
     """Where the forget probability first falls to `target`: λ and retain probability, linearly
     interpolated between the two points around it; None if the grid never gets there."""
@@ -341,6 +324,8 @@ class Protocol:
 
     def shared(self) -> None:
         """θ_full, the retain model, and the three reference evaluations (base, θ_full, retain model)."""
+        from perta_fast.calibration import probability_curve
+
         s, w = self.sets, self.work
         (w / "results").mkdir(exist_ok=True)
         self.full = self.train(w / "theta_full", self.base, s["train_retain"] + s["forget"], self.recipe["full"])
@@ -350,8 +335,8 @@ class Protocol:
             self.summary["models"][name] = metrics(self.evaluate(name, folder, self.reference))
         self.summary["models"]["retain model"] = dict(metrics(self.reference), forget_quality=1.0)
         # the retain model's forget probability on the sweep rows: the matched-forgetting target
-        self.target = cached_json(w / "results" / "sweep-target.json", lambda: sweep(
-            self.retain_model, self.retain_model, None, _merge_opts("TV"), self.sweep_sets, [0.0])[0])
+        self.target = cached_json(w / "results" / "sweep-target.json", lambda: probability_curve(
+            self.retain_model, self.retain_model, None, _merge_opts("TV"), self.sweep_sets, [0.0], self.a.device)[0])
         self.summary["sweep_target"] = {k: self.target[k] for k in ("forget", "retain")}
         self.write()
 
@@ -390,8 +375,10 @@ class Protocol:
             self._baselines(seed, record)
 
     def _sweep(self, finetuned, imp, opts) -> list[dict]:
-        theta_full = sweep(self.full, finetuned, imp, opts, self.sweep_sets, [0.0])[0]
-        points = sweep(self.full, finetuned, imp, opts, self.sweep_sets, GRID)
+        from perta_fast.calibration import probability_curve
+
+        theta_full, *points = probability_curve(self.full, finetuned, imp, opts, self.sweep_sets, (0.0,) + GRID,
+                                                self.a.device)
         return [dict(p, theta_full={"forget": theta_full["forget"], "retain": theta_full["retain"]}) for p in points]
 
     def _baselines(self, seed: int, record: dict) -> None:

@@ -90,6 +90,22 @@ class ModelAtLambda:
         return self.executor.mean_weight
 
 
+def probability_curve(base, finetuned, importance, merge_options: MergeOptions, sets: dict[str, list[QA]], lams,
+                      device=None) -> list[dict]:
+    """Mean answer probability of each set at each λ (and the mean w): [{"lam", "mean_weight", set: prob}]."""
+    from .eval import answer_probabilities
+
+    at = ModelAtLambda(base, finetuned, importance, merge_options, device)
+    points = []
+    for lam in lams:
+        point = {"lam": lam, "mean_weight": at.set(lam)}
+        for name, rows in sets.items():
+            probs = answer_probabilities(at.model, at.tokenizer, rows)
+            point[name] = sum(probs) / len(probs)
+        points.append(point)
+    return points
+
+
 def score(model, tokenizer, sets: dict[str, list[QA]], opts: CalibrateOptions) -> dict:
     """{set}_prob (mean answer probability) and, when generating, {set}_em (greedy exact match)."""
     from .eval import evaluate

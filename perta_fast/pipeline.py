@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .calibration import CalibrateOptions, calibrate, check_options, validation_sets, write_curve
+from .calibration import (CalibrateOptions, calibrate, check_options, probability_curve, validation_sets,
+                          write_curve)
 from .console import bar, log, pyplot
 from .data import QA, data_hash, load_qa
 from .errors import PertaError
@@ -251,26 +252,10 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
 def lambda_sweep(full: Path, finetuned: Path, importance: dict[str, Path | None], lams, sets: dict,
                  device=None) -> dict:
     """Answer probability of θ_full − λ·(w ⊙ τ) over a λ grid for each method, merged in memory by the
-    merge's own executor (perta_fast.calibration.ModelAtLambda): {method: [{lam, set: prob}]}.
+    merge's own executor (perta_fast.calibration): {method: [{lam, mean_weight, set: prob}]}.
     `finetuned` is a checkpoint or a LoRA adapter folder (τ = 0 outside its targets)."""
-    from .calibration import ModelAtLambda
-    from .eval import answer_probabilities
-
-    curves = {}
-    with bar(total=len(importance) * len(lams), desc="λ sweep", unit="point") as sweep_bar:
-        for method, imp_path in importance.items():
-            at = ModelAtLambda(full, finetuned, imp_path, MergeOptions("perta" if imp_path else "tv"), device)
-            curves[method] = []
-            for lam in lams:
-                at.set(lam)
-                point = {"lam": lam}
-                for name, rows in sets.items():
-                    probs = answer_probabilities(at.model, at.tokenizer, rows)
-                    point[name] = sum(probs) / len(probs)
-                curves[method].append(point)
-                sweep_bar.update(1)
-            del at
-    return curves
+    return {method: probability_curve(full, finetuned, imp, MergeOptions("perta" if imp else "tv"), sets, lams, device)
+            for method, imp in bar(importance.items(), desc="λ sweep", unit="method")}
 
 
 @dataclass
