@@ -397,40 +397,54 @@ class Protocol:
             self.write()
 
     def ablation(self, seed: int) -> None:
-        """One knob at a time from PerTA's defaults, sweeps only (matched forgetting) and w's statistics."""
+        """One knob at a time from PerTA's defaults, sweeps only (matched forgetting) and w's statistics;
+        the groups that need no new model or importance first, so a run cut short still answers most."""
         s, w = self.sets, self.work / f"seed{seed}"
         forget_kept, _ = seeded_hold_out(s["forget"], seed)
         retain_kept, _ = seeded_hold_out(s["importance_retain"], seed)
-        theta_ft = w / "theta_ft"
-        ratio = len(retain_kept) / len(forget_kept)
-        lora = self.train(w / "theta_ft_lora", self.full, s["forget"], self.recipe["lora"], seed)
-        variants = {}
-        for kind in ("grad", "fisher"):
-            at_full = w / f"importance-{kind}.safetensors"
-            at_base = self.importance(w / f"importance-{kind}-theta0.safetensors", self.base, forget_kept, retain_kept,
-                                      kind)
-            lora_imp = self.importance(w / f"importance-{kind}-lora.safetensors", self.full, forget_kept, retain_kept,
-                                       kind, adapter=lora)
-            m = f"PerTA-{kind}"
-            variants.update({f"{m}": (theta_ft, at_full, {}), f"{m} ε=1e-8": (theta_ft, at_full, {"eps": 1e-8}),
-                             f"{m} α=n_r/n_f={ratio:g}": (theta_ft, at_full, {"alpha": ratio}),
-                             f"{m} α=99": (theta_ft, at_full, {"alpha": 99.0}),
-                             f"{m} p=2": (theta_ft, at_full, {"power": 2.0}),
-                             f"{m} at θ_0": (theta_ft, at_base, {}), f"{m} LoRA τ": (lora, lora_imp, {})})
-        variants["TV LoRA τ"] = (lora, None, {})
-        other = self.train(w / "theta_ft_other", self.full, s["forget"], self.recipe["forget_ft_other"], seed)
-        lr = self.recipe["forget_ft_other"]["lr"]
-        for method, kind in METHODS.items():
-            variants[f"{method} θ_ft lr {lr:g}"] = (other, w / f"importance-{kind}.safetensors" if kind else None, {})
-        for label, (tuned, imp, knobs) in variants.items():
-            slug = label.replace(" ", "_").replace("/", "-")
-            opts = replace(_merge_opts("PerTA" if imp else "TV"), **knobs)
-            entry = cached_json(w / f"ablation-{slug}.json", lambda: {
-                "knobs": knobs, "sweep": self._sweep(tuned, imp, opts),
-                "w": w_statistics(self.full, tuned, imp, **knobs) if imp else None})
-            entry["matched"] = matched(entry["sweep"], self.target["forget"])
-            self.summary["ablation"][label] = entry
-            self.write()
+        theta_ft, ratio = w / "theta_ft", len(retain_kept) / len(forget_kept)
+
+        def at_full(kind):
+            return w / f"importance-{kind}.safetensors"
+
+        def knobs():
+            variants = {f"PerTA-{k}": (theta_ft, at_full(k), {}) for k in ("grad", "fisher")}
+            for name, knob in (("ε=1e-8", {"eps": 1e-8}), (f"α=n_r/n_f={ratio:g}", {"alpha": ratio}),
+                               ("α=99", {"alpha": 99.0}), ("p=2", {"power": 2.0})):
+                variants.update({f"PerTA-{k} {name}": (theta_ft, at_full(k), knob) for k in ("grad", "fisher")})
+            return variants
+
+        def other_lr():
+            other = self.train(w / "theta_ft_other", self.full, s["forget"], self.recipe["forget_ft_other"], seed)
+            lr = self.recipe["forget_ft_other"]["lr"]
+            return {f"{m} θ_ft lr {lr:g}": (other, at_full(k) if k else None, {}) for m, k in METHODS.items()}
+
+        def at_theta0():
+            return {f"PerTA-{k} at θ_0": (theta_ft, self.importance(
+                w / f"importance-{k}-theta0.safetensors", self.base, forget_kept, retain_kept, k), {})
+                for k in ("grad", "fisher")}
+
+        def lora():
+            adapter = self.train(w / "theta_ft_lora", self.full, s["forget"], self.recipe["lora"], seed)
+            return {f"{m} LoRA τ": (adapter, self.importance(w / f"importance-{k}-lora.safetensors", self.full,
+                                                             forget_kept, retain_kept, k, adapter=adapter) if k else None,
+                                    {}) for m, k in METHODS.items()}
+
+        for group in (knobs, other_lr, at_theta0, lora):
+            for label, (tuned, imp, knob) in group().items():
+                self._ablate(w, label, tuned, imp, knob)
+
+    def _ablate(self, w: Path, label: str, tuned, imp, knob: dict) -> None:
+        slug = label.replace(" ", "_").replace("/", "-")
+        opts = replace(_merge_opts("PerTA" if imp else "TV"), **knob)
+        main_sweep = w / f"sweep-{label}.json"  # a method's own defaults: its sweep exists already
+        entry = cached_json(w / f"ablation-{slug}.json", lambda: {
+            "knobs": knob, "sweep": json.loads(main_sweep.read_text()) if main_sweep.exists() and not knob and tuned
+            == w / "theta_ft" else self._sweep(tuned, imp, opts),
+            "w": w_statistics(self.full, tuned, imp, **knob) if imp else None})
+        entry["matched"] = matched(entry["sweep"], self.target["forget"])
+        self.summary["ablation"][label] = entry
+        self.write()
 
 
 def _merge_opts(method: str):
