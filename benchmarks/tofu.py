@@ -137,11 +137,11 @@ def cached(path: Path, build) -> tuple[Path, float]:
 def cached_json(path: Path, compute) -> dict:
     if path.exists():
         return json.loads(path.read_text())
+    from perta_fast.outputs import atomic_file
+
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.rename(path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(value))
     return value
 
 
@@ -437,11 +437,13 @@ class Protocol:
     def _ablate(self, w: Path, label: str, tuned, imp, knob: dict) -> None:
         slug = label.replace(" ", "_").replace("/", "-")
         opts = replace(_merge_opts("PerTA" if imp else "TV"), **knob)
-        main_sweep = w / f"sweep-{label}.json"  # a method's own defaults: its sweep exists already
+        default = w / f"sweep-{label}.json"  # a method at its own defaults: seed() swept it already
+
+        def curve():
+            return json.loads(default.read_text()) if default.exists() else self._sweep(tuned, imp, opts)
+
         entry = cached_json(w / f"ablation-{slug}.json", lambda: {
-            "knobs": knob, "sweep": json.loads(main_sweep.read_text()) if main_sweep.exists() and not knob and tuned
-            == w / "theta_ft" else self._sweep(tuned, imp, opts),
-            "w": w_statistics(self.full, tuned, imp, **knob) if imp else None})
+            "knobs": knob, "sweep": curve(), "w": w_statistics(self.full, tuned, imp, **knob) if imp else None})
         entry["matched"] = matched(entry["sweep"], self.target["forget"])
         self.summary["ablation"][label] = entry
         self.write()

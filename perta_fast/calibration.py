@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .console import bar, log, pyplot
@@ -70,8 +70,7 @@ class ModelAtLambda:
 
         self.model, self.tokenizer = load_model(base, device, dtype)
         math_device = pick_device(device)
-        self.plan = plan_merge(base, finetuned, importance, MergeOptions(**{**asdict(merge_options),
-                                                                            "device": math_device}))
+        self.plan = plan_merge(base, finetuned, importance, replace(merge_options, device=math_device))
         self.steps = [s for s in self.plan.steps if s.action != "copy"]
         state = self.model.state_dict(keep_vars=True)
         missing = [s.name for s in self.steps if s.name not in state]
@@ -141,7 +140,7 @@ def calibrate(base, finetuned, forget: list[QA], retain: list[QA], importance=No
             raise PertaError(f"the {label} validation set has {len(rows)} rows; calibration needs at least "
                              f"{MIN_VALIDATION_ROWS}")
     merge_options = merge_options or MergeOptions()
-    merge_options = MergeOptions(**{**asdict(merge_options), "method": "perta" if importance else "tv"})
+    merge_options = replace(merge_options, method="perta" if importance else "tv")
     target = _target_prob(opts, forget) if opts.forget_target == "base" else None
     at = ModelAtLambda(base, finetuned, importance, merge_options, opts.device, opts.dtype)
     sets = {"forget": forget, "retain": retain}

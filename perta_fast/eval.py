@@ -250,14 +250,19 @@ def forget_quality(model_ratios: list[float], retain_model_ratios: list[float]) 
     return float(res.pvalue), float(res.statistic)
 
 
-def model_utility(results: dict) -> float | None:
-    """Harmonic mean of probability, ROUGE-L and truth ratio on retain, real authors and world facts."""
+def harmonic_mean(scores: list[float]) -> float:
+    """TOFU's aggregate: 0 as soon as one score is 0."""
     from scipy.stats import hmean
 
+    return 0.0 if min(scores) <= 0 else float(hmean(scores))
+
+
+def model_utility(results: dict) -> float | None:
+    """Harmonic mean of probability, ROUGE-L and truth ratio on retain, real authors and world facts."""
     scores = [results["splits"].get(role, {}).get(m) for role in UTILITY_ROLES for m in ("prob", "rouge_l", "truth_ratio")]
     if any(s is None for s in scores):
         return None
-    return 0.0 if min(scores) <= 0 else float(hmean(scores))
+    return harmonic_mean(scores)
 
 
 def _no_paraphrase(r: EvalQA) -> bool:
@@ -344,11 +349,12 @@ def format_results(by_label: dict[str, dict]) -> str:
 
 # ---- checkpoints and files: what `perta-fast eval` runs ----
 
-def load_results(path: str | Path) -> dict:
+def load_results(path: str | Path, content: dict | None = None) -> dict:
+    """A saved results file (`content`: its JSON, when already read)."""
     from .io import read_json
 
     path = Path(path)
-    results = read_json(path)
+    results = read_json(path) if content is None else content
     if not isinstance(results.get("splits"), dict):
         raise PertaError(f"{path}: not a perta-fast eval results file (no 'splits')")
     return results
@@ -367,7 +373,7 @@ def reference_results(reference: str | Path, forget_rows: list[EvalQA], opts: Ev
         content = read_json(reference)
         if is_eval_log(content):  # open-unlearning's TOFU_EVAL.json
             return reference_from_log(content, reference, forget_rows)
-        return load_results(reference)
+        return load_results(reference, content)
     if not reference.is_dir():
         raise PertaError(f"{reference}: retain model not found (a checkpoint folder or its eval results .json)")
     model, tok = load_model(reference, opts.device, opts.dtype)

@@ -86,14 +86,14 @@ def split_metrics(role: str, split: dict, rows: list[EvalQA]) -> dict:
 
 def eval_log(results: dict, splits: dict[str, list[EvalQA]]) -> dict:
     """TOFU_EVAL.json's contents from `evaluate_tofu`'s results (plus forget quality when it has one)."""
-    from scipy.stats import hmean
+    from .eval import harmonic_mean
 
     log = {}
     for role, split in results["splits"].items():
         log.update(split_metrics(role, split, splits[role]))
     if all(name in log for name in UTILITY):
         values = [log[name]["agg_value"] for name in UTILITY]
-        log["model_utility"] = {"agg_value": 0.0 if min(values) <= 0 else float(hmean(values))}
+        log["model_utility"] = {"agg_value": harmonic_mean(values)}
     if results.get("forget_quality") is not None:
         log["forget_quality"] = {"agg_value": results["forget_quality"]}
     return log
