@@ -17,7 +17,9 @@ Per seed (θ_ft's training order, and which 20 % of the forget set and of D_r is
 PerTA-grad and PerTA-fisher λ is calibrated on the held-back rows (perta_fast.calibration: the most
 forgetting that keeps D_r's answer probability ≥ --keep-retain × θ_full's) and the model at that λ gets
 TOFU's metrics; each method's λ sweep on evaluation rows gives its retain probability at the retain
-model's forget probability (matched forgetting). θ_full and the retain model are trained once (seed 0).
+model's forget probability (matched forgetting), and the model at that λ gets TOFU's metrics too (forget
+quality, ROUGE and every utility component at matched forgetting). θ_full and the retain model are
+trained once (seed 0).
 
 Ablation (first seed, sweeps only): ε = 1e-8, α = n_r/n_f and α = 99 (summed instead of mean set
 importance: TOFU forget01 with retain99), p = 2, importance at θ_0, a LoRA θ_ft, and θ_ft at the recipe's
@@ -342,7 +344,6 @@ class Protocol:
 
     def seed(self, seed: int) -> None:
         from perta_fast.calibration import CalibrateOptions, calibrate
-        from perta_fast.merge import merge
 
         s, w = self.sets, self.work / f"seed{seed}"
         w.mkdir(exist_ok=True)
@@ -360,19 +361,30 @@ class Protocol:
                 self.full, theta_ft, forget_val, retain_val, imp, opts,
                 CalibrateOptions(keep_retain=self.a.keep_retain, lams=GRID, bisect=3, generate=False,
                                  device=self.a.device)))
-            name = f"seed{seed}-{method}"
-            res_path = self.work / "results" / f"{name}.json"
-            if not res_path.exists():
-                _, self.steps[f"merge {name}"] = cached(self.work / "models" / name, lambda o: merge(
-                    self.full, theta_ft, o, imp, replace(opts, lam=cal["lam"]), progress=False))
-            res = self.evaluate(name, self.work / "models" / name, self.reference)
-            shutil.rmtree(self.work / "models" / name, ignore_errors=True)
+            res = self._evaluate_at(f"seed{seed}-{method}", theta_ft, imp, replace(opts, lam=cal["lam"]))
             curve = cached_json(w / f"sweep-{method}.json", lambda: self._sweep(theta_ft, imp, opts))
-            record["methods"][method] = {"lam": cal["lam"], "calibration_note": cal["note"], **metrics(res),
-                                         "sweep": curve, "matched": matched(curve, self.target["forget"])}
+            match = matched(curve, self.target["forget"])
+            entry = record["methods"][method] = {"lam": cal["lam"], "calibration_note": cal["note"], **metrics(res),
+                                                 "sweep": curve, "matched": match}
             self.write()
+            if match is not None:  # every TOFU metric at matched forgetting, not the sweep's retain prob alone
+                at_match = self._evaluate_at(f"seed{seed}-{method}-matched", theta_ft, imp,
+                                             replace(opts, lam=round(match["lam"], 4)))
+                entry["at_match"] = {"lam": round(match["lam"], 4), **metrics(at_match)}
+                self.write()
         if self.a.baselines or self.a.size == "full":
             self._baselines(seed, record)
+
+    def _evaluate_at(self, name: str, finetuned, imp, opts) -> dict:
+        """TOFU's metrics of θ_full merged with `opts` (its λ included); the merged model is deleted after."""
+        from perta_fast.merge import merge
+
+        if not (self.work / "results" / f"{name}.json").exists():
+            _, self.steps[f"merge {name}"] = cached(self.work / "models" / name, lambda o: merge(
+                self.full, finetuned, o, imp, opts, progress=False))
+        res = self.evaluate(name, self.work / "models" / name, self.reference)
+        shutil.rmtree(self.work / "models" / name, ignore_errors=True)
+        return res
 
     def _sweep(self, finetuned, imp, opts) -> list[dict]:
         from perta_fast.calibration import probability_curve
@@ -470,6 +482,7 @@ def aggregate(summary: dict) -> dict:
             by_method.setdefault(method, []).append(r)
     return {method: {"seeds": len(rs), "lam": mean_sd([r.get("lam") for r in rs]),
                      **{c: mean_sd([r.get(c) for r in rs]) for c in COLUMNS},
+                     **{f"at_match {c}": mean_sd([(r.get("at_match") or {}).get(c) for r in rs]) for c in COLUMNS},
                      "matched_lam": mean_sd([(r.get("matched") or {}).get("lam") for r in rs]),
                      "matched_retain": mean_sd([(r.get("matched") or {}).get("retain") for r in rs]),
                      "never_matched": sum("matched" in r and r["matched"] is None for r in rs)}
@@ -506,6 +519,13 @@ def markdown(summary: dict) -> str:
             if r["matched_retain"] is not None or r["never_matched"]:
                 lines.append(f"| {method} | {_fmt(r['matched_lam'], 2)} | {_fmt(r['matched_retain'])} | "
                              f"{r['never_matched']} |")
+        at = {m: r for m, r in agg.items() if r["at_match forget_quality"] is not None}
+        if at:
+            lines += ["", "TOFU's metrics at that matched λ (every evaluation row), mean ± sd over seeds:", "",
+                      "| method | seeds | " + " | ".join(short) + " |", "|---|---:|" + "---:|" * len(short)]
+            for method, r in at.items():
+                lines.append(f"| {method} | {r['at_match forget_quality']['n']} | " + " | ".join(
+                    _fmt(r[f"at_match {c}"], 4 if c == "forget_quality" else 3) for c in COLUMNS) + " |")
     if summary.get("ablation"):
         lines += ["", "Ablation (first seed; one knob at a time from PerTA's defaults; sweeps on evaluation rows):", "",
                   "| variant | mean w | corr(w, \\|τ\\|) | cos(w⊙τ, τ) | \\|w⊙τ\\| / \\|τ\\| | λ at match | "
@@ -528,15 +548,22 @@ def plot(summary: dict, path: Path) -> None:
     for method, r in summary.get("aggregate", {}).items():
         fq, mu = r["forget_quality"], r["model_utility"]
         if fq and mu:
-            left.errorbar(mu["mean"], fq["mean"], xerr=mu["sd"] or 0, yerr=fq["sd"] or 0, marker="o", capsize=3,
-                          label=f"{method} (n={r['seeds']})")
-    for name, m in summary["models"].items():
+            line = left.errorbar(mu["mean"], fq["mean"], xerr=mu["sd"] or 0, yerr=fq["sd"] or 0, marker="o",
+                                 capsize=3, label=f"{method} at calibrated λ (n={r['seeds']})")
+            fq2, mu2 = r["at_match forget_quality"], r["at_match model_utility"]
+            if fq2 and mu2:  # the same method further along its λ path: read the two as a curve
+                colour = line.lines[0].get_color()
+                left.errorbar(mu2["mean"], fq2["mean"], xerr=mu2["sd"] or 0, yerr=fq2["sd"] or 0, marker="s",
+                              capsize=3, color=colour, label=f"{method} at matched forget prob (n={fq2['n']})")
+                left.plot([mu["mean"], mu2["mean"]], [fq["mean"], fq2["mean"]], color=colour, lw=1, ls=":")
+    for (name, m), marker in zip(summary["models"].items(), "*PX"):  # black: set-up models, not methods
         if m.get("forget_quality") and m.get("model_utility") is not None:
-            left.scatter(m["model_utility"], m["forget_quality"], marker="*", s=150, label=name, zorder=3)
+            left.scatter(m["model_utility"], m["forget_quality"], marker=marker, s=120, color="k", label=name,
+                         zorder=3)
     left.set_yscale("log")
     left.set_xlabel("model utility")
     left.set_ylabel("forget quality (KS p-value)")
-    left.set_title("at calibrated λ, mean ± sd over seeds", fontsize=9)
+    left.set_title("at calibrated λ (circles) and matched forgetting (squares), mean ± sd over seeds", fontsize=9)
     left.legend(fontsize=7)
     first = next(iter(summary["seeds"].values()), {"methods": {}})
     for method, r in first["methods"].items():
