@@ -1,12 +1,15 @@
 """`perta-fast plan` against measured peaks: every step on random-weight Llama-shaped checkpoints with
 SmolLM2's vocabulary, each in a fresh process: the peak of private memory plus mapped file pages (a
 checkpoint loaded in its own dtype is mapped, not copied) above the runtime's level, vs the prediction.
+`calibrate` is compared by private memory alone: it writes each λ's tensors into the loaded weights (which
+makes them private), and the merge inputs it reads stay mapped page cache the kernel can drop.
 
 Each step runs twice: with glibc mapping every allocation over 128 KiB on its own (private memory then
 follows the live tensors, the plan's quantity), and with glibc's default (what the CLI holds: freed
 tensors below its adaptive threshold stay on the heap), with the time of both.
 
     python benchmarks/plan.py            # writes benchmarks/results/plan.json and .md
+    python benchmarks/plan.py --steps calibrate --out benchmarks/results/plan-calibrate
 """
 from __future__ import annotations
 
@@ -30,16 +33,16 @@ CASES = [  # (step, dtype, options)
     ("importance", "fp32", {"method": "fisher"}), ("importance", "bf16", {"method": "fisher"}),
     ("importance", "fp32", {"method": "grad"}), ("importance", "bf16", {"method": "grad"}),
     ("importance", "bf16", {"method": "fisher", "gradient_checkpointing": True}),
-    ("eval", "fp32", {}), ("eval", "bf16", {}),
+    ("eval", "fp32", {}), ("eval", "bf16", {}), ("calibrate", "fp32", {}), ("calibrate", "bf16", {}),
 ]
 
 
-def build(folder: Path, shape: dict, tokenizer_dir: Path) -> Path:
+def build(folder: Path, shape: dict, tokenizer_dir: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, max_position_embeddings=512,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       **shape)
@@ -62,6 +65,7 @@ def main(argv=None):
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default=str(HERE / "results" / "plan"))
+    ap.add_argument("--steps", nargs="+", choices=sorted({c[0] for c in CASES}), help="only these steps")
     a = ap.parse_args(argv)
     from perta_fast.models import default_model
     from perta_fast.plan import plan_steps
@@ -72,19 +76,23 @@ def main(argv=None):
         tmp = Path(tmp)
         for name in a.configs:
             model = build(tmp / name, CONFIGS[name], default_model())
+            finetuned = build(tmp / f"{name}-ft", CONFIGS[name], default_model(), seed=1)  # calibrate's θ_ft
             length = max_tokens(model, 16)  # every batch is padded to about this: the plan's worst case
-            for dtype in ("fp32", "bf16"):
-                if dtype == "bf16":
-                    from transformers import AutoModelForCausalLM
-                    import torch
+            for src in (model, finetuned):
+                from transformers import AutoModelForCausalLM
+                import torch
 
-                    AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).save_pretrained(tmp / f"{name}-bf16")
-                    for f in model.iterdir():
-                        if "token" in f.name or f.name.endswith(".jinja"):
-                            (tmp / f"{name}-bf16" / f.name).write_bytes(f.read_bytes())
+                AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp / f"{src.name}-bf16")
+                for f in src.iterdir():
+                    if "token" in f.name or f.name.endswith(".jinja"):
+                        (tmp / f"{src.name}-bf16" / f.name).write_bytes(f.read_bytes())
             for step, dtype, opts in CASES:
-                folder = model if dtype == "fp32" else tmp / f"{name}-bf16"
-                options = {"batch_size": a.batch_size, "max_length": length, "epochs": 2, **opts}
+                if a.steps and step not in a.steps:
+                    continue
+                suffix = "" if dtype == "fp32" else "-bf16"
+                folder = tmp / f"{name}{suffix}"
+                options = {"batch_size": a.batch_size, "max_length": length, "epochs": 2,
+                           "finetuned": str(tmp / f"{name}-ft{suffix}"), **opts}
                 measured = {}
                 for label, threshold in (("tensors", TENSORS_ONLY_THRESHOLD), ("glibc", None)):
                     measured[label] = measure_step_in_subprocess(step, folder, tmp / "out",
@@ -94,16 +102,21 @@ def main(argv=None):
                 plan = plan_steps(folder, opts.get("lora_rank"), "all-linear", "auto", opts.get("method", "fisher"),
                                   a.batch_size, length, opts.get("gradient_checkpointing", False))["steps"]
                 key = {"finetune": "finetune (LoRA)" if "lora_rank" in opts else "finetune (full)",
-                       "importance": f"importance ({opts.get('method')})", "eval": "eval"}[step]
+                       "importance": f"importance ({opts.get('method')})", "eval": "eval",
+                       "calibrate": "calibrate"}[step]
                 predicted = plan[key][0]
                 tensors, glibc = measured["tensors"], measured["glibc"]
+                # calibrate writes into the loaded weights, making them private; the merge's inputs stay
+                # mapped page cache beside them (held − peak), which the kernel can drop: not the step's own
+                field = "peak_bytes" if step == "calibrate" else "held_bytes"
                 row = {"model": name, "step": key, "dtype": dtype, **{k: v for k, v in opts.items() if k != "method"},
-                       "predicted_bytes": predicted, "measured_bytes": tensors["held_bytes"],
-                       "peak_rss_anon_bytes": tensors["peak_bytes"], "runtime_bytes": tensors["runtime_bytes"],
-                       "glibc_held_bytes": glibc["held_bytes"], "seconds": round(tensors["seconds"], 2),
+                       "predicted_bytes": predicted, "measured_bytes": tensors[field], "measured": field,
+                       "peak_rss_anon_bytes": tensors["peak_bytes"], "held_bytes": tensors["held_bytes"],
+                       "runtime_bytes": tensors["runtime_bytes"],
+                       "glibc_held_bytes": glibc[field], "seconds": round(tensors["seconds"], 2),
                        "glibc_seconds": round(glibc["seconds"], 2),
-                       "ratio": round(predicted / tensors["held_bytes"], 3),
-                       "glibc_ratio": round(predicted / glibc["held_bytes"], 3)}
+                       "ratio": round(predicted / tensors[field], 3),
+                       "glibc_ratio": round(predicted / glibc[field], 3)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     out = Path(a.out)

@@ -181,6 +181,12 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
 
             model, tok = load_model(model_dir, None, dtype)
             answer_probabilities(model, tok, rows, bs, length)
+        elif step == "calibrate":  # θ_full moved over two λ and one bisection, half the rows for each set
+            from .calibration import CalibrateOptions, calibrate
+
+            half = len(rows) // 2
+            calibrate(model_dir, options["finetuned"], rows[:half], rows[half:], None, pf.MergeOptions("tv"),
+                      CalibrateOptions(lams=(0.5, 1.0), bisect=1, keep_retain=1.0, batch_size=bs, dtype=dtype))
         elif step == "merge":
             pf.merge(model_dir, options["finetuned"], out, None, pf.MergeOptions("tv"), progress=False)
         else:

@@ -68,6 +68,28 @@ def test_plan_within_25_percent_of_measured_peak(tmp_path, tiny_tokenizer, facts
     assert 0.75 <= predicted / measured <= 1.25, (predicted / 1e6, measured / 1e6)
 
 
+def test_calibrate_plan_within_25_percent_of_measured_private_peak(tmp_path, tiny_tokenizer, facts):
+    """calibrate writes each merged tensor into the loaded model, so the weights become private memory
+    (copy-on-write of the mapped checkpoint): RssAnon, not mapped pages, is its footprint. The executor's
+    inputs (θ_full's and θ_ft's files) are mapped page cache on top, which the kernel can drop."""
+    from perta_fast.data import encode
+    from perta_fast.profiling import measure_step_in_subprocess
+
+    folder, model = llama(tmp_path, tiny_tokenizer, dtype="float32")
+    finetuned, _ = llama(tmp_path, tiny_tokenizer, name="ft", dtype="float32")
+    with torch.no_grad():  # another θ_ft: a τ that moves every tensor
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(finetuned)
+    del model
+    rows = (facts[0] + facts[1])[:16]
+    length = max(len(e.input_ids) for e in encode(tiny_tokenizer, rows))
+    measured = measure_step_in_subprocess("calibrate", folder, tmp_path / "out",
+                                          {"batch_size": 8, "rows": 16, "finetuned": str(finetuned)})
+    predicted = plan_steps(folder, None, "all-linear", "auto", "fisher", 8, length)["steps"]["calibrate"][0]
+    assert 0.75 <= predicted / measured["peak_bytes"] <= 1.25, (predicted / 1e6, measured["peak_bytes"] / 1e6)
+
+
 def test_cli_plan_says_what_fits(tmp_path, capsys):
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
