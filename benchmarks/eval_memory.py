@@ -1,5 +1,6 @@
 """Peak private memory of `perta-fast eval`'s two phases against their formulas, on the CPU-size TOFU θ_full:
-scoring 40 forget questions (7 answers each, ≤ ANSWER_TOKENS_PER_FORWARD answer tokens per forward) and
+scoring 40 forget questions (7 answers each, ≤ ANSWER_TOKENS_PER_FORWARD answer tokens per forward), scoring
+the world facts (short answers: ≤ CONTEXT_TOKENS_PER_FORWARD prompt-and-answer tokens per forward) and
 greedy decoding of 64 retain questions in one batch (max 200 new tokens).
 
     python benchmarks/eval_memory.py
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +32,8 @@ def main() -> int:
     from perta_fast.profiling import TENSORS_ONLY_THRESHOLD, PeakRssAnon, map_allocations_above, release_freed_memory
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(Path.home() / ".cache/perta_fast/tofu-cpu-forget01/theta_full"))
+    ap.add_argument("--model", default=str(Path.home() / ".cache/perta_fast/tofu-cpu-scaled/theta_full"),
+                    help="a TOFU-tuned θ_full (default: the one benchmarks/tofu.py trains)")
     ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"))
     ap.add_argument("--out", default=str(HERE / "results" / "eval-memory-cpu.json"))
     a = ap.parse_args()
@@ -40,19 +43,30 @@ def main() -> int:
     b, vocab, kv_per_token = 4, c.vocab_size, 2 * c.num_hidden_layers * c.num_key_value_heads * (
         c.hidden_size // c.num_attention_heads) * 4
     splits = ev.tofu_splits(a.tofu, "forget01")
-    items = [(r.question, [r.answer, r.paraphrased_answer, *r.perturbed_answers]) for r in splits["forget"][:40]]
-    release_freed_memory()
-    with PeakRssAnon(interval=0.02) as m:
-        ev.score_questions(model, tok, items)
-    # the largest of the groups score_questions forms: its answers N, widest answer W and prompt P
-    encoded = [encode(tok, [QA(q, x) for x in ans]) for q, ans in items]
-    predicted = 0
-    for group in ev.question_groups(encoded):
-        answers = [x for j in group for x in encoded[j]]
-        n, p = len(answers), max(x.n_prompt for x in answers)
-        width = max(len(x.input_ids) - x.n_prompt for x in answers)
-        predicted = max(predicted, 2 * n * (width + 1) * vocab * b + n * (p + width) * kv_per_token)
-    report = {"score": {"measured_bytes": m.growth, "formula_bytes": predicted}}
+    report = {}
+    # forget: long answers (the logits budget binds); world facts: short ones (the KV budget binds)
+    context = ev.CONTEXT_TOKENS_PER_FORWARD
+    for phase, rows, context_tokens in (("score", splits["forget"][:40], context),
+                                        ("score world_facts", splits["world_facts"], context),
+                                        ("score world_facts, KV unbounded (before)", splits["world_facts"], 10**9)):
+        items = [(r.question, [r.answer, r.paraphrased_answer, *r.perturbed_answers]) for r in rows]
+        release_freed_memory()
+        t0 = time.perf_counter()
+        with PeakRssAnon(interval=0.02) as m:
+            ev.score_questions(model, tok, items, context_tokens=context_tokens)
+        seconds = time.perf_counter() - t0
+        # the largest of the groups score_questions forms: its answers N, widest answer W and prompt P
+        encoded = [encode(tok, [QA(q, x) for x in ans]) for q, ans in items]
+        predicted, shape = 0, None
+        for group in ev.question_groups(encoded, context_tokens=context_tokens):
+            answers = [x for j in group for x in encoded[j]]
+            n, p = len(answers), max(x.n_prompt for x in answers)
+            width = max(len(x.input_ids) - x.n_prompt for x in answers)
+            f = 2 * n * (width + 1) * vocab * b + n * (p + width) * kv_per_token
+            if f > predicted:
+                predicted, shape = f, {"answers": n, "prompt": p, "width": width}
+        report[phase] = {"measured_bytes": m.growth, "formula_bytes": predicted, "largest_group": shape,
+                         "seconds": round(seconds, 1)}
     questions = [r.question for r in splits["retain"][:64]]
     release_freed_memory()
     with PeakRssAnon(interval=0.02) as m:
@@ -62,7 +76,7 @@ def main() -> int:
     report["decode"] = {"measured_bytes": m.growth, "formula_bytes": 64 * (prompt + decoded) * kv_per_token,
                         "formula_at_200_tokens_bytes": 64 * (prompt + 200) * kv_per_token,
                         "prompt_tokens": prompt, "decoded_tokens": decoded}
-    for phase in ("score", "decode"):
+    for phase in report:
         r = report[phase]
         r["measured_over_formula"] = round(r["measured_bytes"] / r["formula_bytes"], 2)
     report["command"] = " ".join(sys.argv)

@@ -146,6 +146,9 @@ def extraction_strength(logits, labels) -> list[float]:
 
 
 ANSWER_TOKENS_PER_FORWARD = 1024  # bounds the (answers × tokens × vocab) fp32 logits: ~200 MB at 49k vocab
+# bounds the answers' copies of their prompts' KV cache: short answers (world facts: ~5 tokens) would
+# otherwise pack ~200 answers, each with its ~60-token prompt, into one forward (1.1 GB at 135M in fp32)
+CONTEXT_TOKENS_PER_FORWARD = 4096
 
 
 def question_scores(model, tokenizer, question: str, answers: list[str], max_length: int = 512):
@@ -155,8 +158,8 @@ def question_scores(model, tokenizer, question: str, answers: list[str], max_len
 
 @torch.no_grad()
 def score_questions(model, tokenizer, items: list[tuple[str, list[str]]], max_length: int = 512,
-                    answer_tokens: int = ANSWER_TOKENS_PER_FORWARD, desc: str | None = None
-                    ) -> list[tuple[list[float], list[float]]]:
+                    answer_tokens: int = ANSWER_TOKENS_PER_FORWARD, desc: str | None = None,
+                    context_tokens: int = CONTEXT_TOKENS_PER_FORWARD) -> list[tuple[list[float], list[float]]]:
     """(mean answer-token NLLs, extraction strengths) of each (question, answers), several questions per
     forward. TOFU scores 6-7 answers per question and the prompt is ~half of each: every prompt runs once,
     left-padded beside the others' (positions counted from its first real token, so the padding changes
@@ -166,26 +169,35 @@ def score_questions(model, tokenizer, items: list[tuple[str, list[str]]], max_le
     encoded = [encode(tokenizer, [QA(q, a) for a in answers], max_length) for q, answers in items]
     scores = {}
     with bar(total=len(items), show=desc is not None, desc=desc, unit="row", leave=False) as progress:
-        for group in question_groups(encoded, answer_tokens):
+        for group in question_groups(encoded, answer_tokens, context_tokens):
             scores.update(zip(group, _score_group(model, [encoded[j] for j in group], pad, device)))
             progress.update(len(group))
     return [scores[i] for i in range(len(items))]
 
 
-def question_groups(encoded: list[list], answer_tokens: int = ANSWER_TOKENS_PER_FORWARD) -> list[list[int]]:
+def question_groups(encoded: list[list], answer_tokens: int = ANSWER_TOKENS_PER_FORWARD,
+                    context_tokens: int = CONTEXT_TOKENS_PER_FORWARD) -> list[list[int]]:
     """The questions (indices into `encoded`, each a question's encoded answers) that score_questions runs
     together: questions with answers of like length side by side (less padding: 23 % of TOFU's answer
-    tokens otherwise), as many as keep answers × widest answer within `answer_tokens`."""
+    tokens otherwise), as many as keep answers × widest answer within `answer_tokens` (the logits) and
+    answers × (longest prompt + widest answer) within `context_tokens` (the KV cache)."""
     def width(i):
         return max(len(e.input_ids) - e.n_prompt for e in encoded[i])
+
+    def prompt(i):
+        return max(e.n_prompt for e in encoded[i])
 
     order = sorted(range(len(encoded)), key=width)
     groups, group = [], []
     for k, i in enumerate(order):
         group.append(i)
         nxt = order[k + 1] if k + 1 < len(order) else None
-        if nxt is None or (sum(len(encoded[j]) for j in group) + len(encoded[nxt])) * max(map(width, group)) \
-                > answer_tokens:
+        if nxt is None:
+            groups.append(group)
+            break
+        grown = group + [nxt]
+        answers, wide = sum(len(encoded[j]) for j in grown), max(map(width, grown))
+        if answers * wide > answer_tokens or answers * (max(map(prompt, grown)) + wide) > context_tokens:
             groups.append(group)
             group = []
     return groups

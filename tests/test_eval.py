@@ -130,6 +130,30 @@ def test_several_questions_per_forward_equal_separate_sequences(tiny, eval_rows,
         assert es == [es_of_one_sequence(model, tok, q, a) for a in answers]
 
 
+def test_question_groups_keep_both_budgets():
+    """Every question in exactly one group; a group of more than one question keeps answers × widest answer
+    within the logits budget and answers × (longest prompt + widest answer) within the KV budget: checked
+    by brute force over hand-made shapes, short answers with long prompts included (TOFU's world facts)."""
+    import random
+    from types import SimpleNamespace
+
+    rng = random.Random(0)
+    encoded = [[SimpleNamespace(n_prompt=p, input_ids=[0] * (p + rng.randint(1, 40))) for _ in range(rng.randint(1, 8))]
+               for p in (rng.randint(5, 90) for _ in range(200))]
+    for answer_tokens, context_tokens in ((1024, 4096), (300, 10**9), (10**9, 2000), (1, 1)):
+        def fits(g):
+            answers = [e for i in g for e in encoded[i]]
+            wide = max(len(e.input_ids) - e.n_prompt for e in answers)
+            return (len(answers) * wide <= answer_tokens
+                    and len(answers) * (max(e.n_prompt for e in answers) + wide) <= context_tokens)
+
+        groups = ev.question_groups(encoded, answer_tokens, context_tokens)
+        assert sorted(i for g in groups for i in g) == list(range(len(encoded)))
+        assert all(fits(g) for g in groups if len(g) > 1)
+        # and no group closed early: the next group's first question would have broken a budget
+        assert not any(fits(g + nxt[:1]) for g, nxt in zip(groups, groups[1:]))
+
+
 @pytest.fixture(scope="module")
 def memorised(tiny_dir, eval_rows):
     """The tiny model trained hard on half the rows, so that some answers are extractable."""
