@@ -474,6 +474,9 @@ COLUMNS = ["forget_quality", "model_utility", "forget prob", "forget rouge_l", "
            "real_authors truth_ratio", "world_facts prob", "world_facts rouge_l", "world_facts truth_ratio"]
 
 
+LEVELS = (0.7, 0.5, 0.3)  # forget probabilities (sweep rows) at which curves are also compared: the way down
+
+
 def aggregate(summary: dict) -> dict:
     """Per method: mean ± sd over the seeds done of λ, every column, and the matched retain probability."""
     by_method: dict[str, list] = {}
@@ -485,7 +488,9 @@ def aggregate(summary: dict) -> dict:
                      **{f"at_match {c}": mean_sd([(r.get("at_match") or {}).get(c) for r in rs]) for c in COLUMNS},
                      "matched_lam": mean_sd([(r.get("matched") or {}).get("lam") for r in rs]),
                      "matched_retain": mean_sd([(r.get("matched") or {}).get("retain") for r in rs]),
-                     "never_matched": sum("matched" in r and r["matched"] is None for r in rs)}
+                     "never_matched": sum("matched" in r and r["matched"] is None for r in rs),
+                     "retain_at": {str(level): mean_sd([(matched(r["sweep"], level) or {}).get("retain")
+                                                        for r in rs if "sweep" in r]) for level in LEVELS}}
             for method, rs in by_method.items()}
 
 
@@ -519,6 +524,13 @@ def markdown(summary: dict) -> str:
             if r["matched_retain"] is not None or r["never_matched"]:
                 lines.append(f"| {method} | {_fmt(r['matched_lam'], 2)} | {_fmt(r['matched_retain'])} | "
                              f"{r['never_matched']} |")
+        lines += ["", "Along the way (each method's sweep): retain probability where forget probability (θ_full's "
+                  "0.92) falls to each level, mean ± sd over seeds:", "",
+                  "| method | " + " | ".join(f"forget {x}" for x in LEVELS) + " | forget = retain model's |",
+                  "|---|" + "---:|" * (len(LEVELS) + 1)]
+        for method, r in agg.items():
+            lines.append(f"| {method} | " + " | ".join(_fmt(r["retain_at"][str(x)]) for x in LEVELS)
+                         + f" | {_fmt(r['matched_retain'])} |")
         at = {m: r for m, r in agg.items() if r["at_match forget_quality"] is not None}
         if at:
             lines += ["", "TOFU's metrics at that matched λ (every evaluation row), mean ± sd over seeds:", "",
@@ -528,13 +540,15 @@ def markdown(summary: dict) -> str:
                     _fmt(r[f"at_match {c}"], 4 if c == "forget_quality" else 3) for c in COLUMNS) + " |")
     if summary.get("ablation"):
         lines += ["", "Ablation (first seed; one knob at a time from PerTA's defaults; sweeps on evaluation rows):", "",
-                  "| variant | mean w | corr(w, \\|τ\\|) | cos(w⊙τ, τ) | \\|w⊙τ\\| / \\|τ\\| | λ at match | "
-                  "retain prob at match |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| variant | mean w | corr(w, \\|τ\\|) | cos(w⊙τ, τ) | \\|w⊙τ\\| / \\|τ\\| | "
+                  + " | ".join(f"retain at forget {x}" for x in LEVELS) + " | λ at match | retain prob at match |",
+                  "|---|" + "---:|" * (6 + len(LEVELS))]
         for label, e in summary["ablation"].items():
             ws, m = e.get("w") or {}, e.get("matched") or {}
+            along = " | ".join(_fmt((matched(e["sweep"], x) or {}).get("retain")) for x in LEVELS)
             lines.append(f"| {label} | {_fmt(ws.get('mean_w'))} | {_fmt(ws.get('corr_w_abs_tau'))} | "
-                         f"{_fmt(ws.get('cos_wtau_tau'))} | {_fmt(ws.get('norm_ratio'))} | {_fmt(m.get('lam'), 2)} | "
-                         f"{_fmt(m.get('retain'))} |")
+                         f"{_fmt(ws.get('cos_wtau_tau'))} | {_fmt(ws.get('norm_ratio'))} | {along} | "
+                         f"{_fmt(m.get('lam'), 2)} | {_fmt(m.get('retain'))} |")
     return "\n".join(lines)
 
 
