@@ -1,14 +1,18 @@
-"""Peak private memory of `perta-fast eval`'s two phases against their formulas, on the CPU-size TOFU θ_full:
-scoring 40 forget questions (7 answers each, ≤ ANSWER_TOKENS_PER_FORWARD answer tokens per forward), scoring
-the world facts (short answers: ≤ CONTEXT_TOKENS_PER_FORWARD prompt-and-answer tokens per forward) and
-greedy decoding of 64 retain questions in one batch (max 200 new tokens).
+"""Peak private memory of `perta-fast eval`'s scoring and decoding against their formulas, on the CPU-size
+TOFU θ_full: scoring 40 forget questions (7 answers each as one token tree), scoring the world facts (small
+trees, long prompts: the KV budget binds), and scoring 64 retain questions with their greedy answers (up to
+200 new tokens) continued from the scored caches.
 
     python benchmarks/eval_memory.py
 
-Formulas (b = bytes per element of the model's dtype, V vocabulary, L layers, kv = KV heads × head dim):
-  scoring:  2 · N(W+1)·V·b   the group's logits and their copy with the prompts' last logits prepended
-          + N(P+W)·2L·kv·b   each answer's copy of its prompt's KV cache plus its own
-  decoding: B(P+T)·2L·kv·b   the batch's KV cache (T: tokens decoded, at most --max-new-tokens)
+Formulas (b = bytes per element of the model's dtype, V vocabulary, L layers, kv = KV heads × head dim;
+per forward: N questions, K = widest tree + 1 logit columns, S = shared prefix + widest prompt + widest tree):
+  scoring:  N·K·V·b              the forward's logits (≤ ANSWER_TOKENS_PER_FORWARD · V · b)
+          + N·K·V·4 / chunks     log-sum-exp's fp32 temporaries, one chunk (≤ 64 MiB) at a time
+          + N·S·2L·kv·b          the forward's KV cache (≤ CONTEXT_TOKENS_PER_FORWARD tokens)
+          + N·S·(S - prefix)·b   its attention mask
+  decoding: 2 · B·(C+T)·2L·kv·b  the batch's cache (C: prefix + prompt + answer tokens agreed on, T: decoded),
+                                 held twice while the continuations' caches are assembled into it
 Measured: growth of RssAnon above the loaded model (glibc's mmap threshold pinned, so RssAnon follows the
 live tensors, as benchmarks/plan.py measures). Writes results/eval-memory-cpu.json.
 """
@@ -23,17 +27,30 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def group_formula(trees, group, n_prefix, vocab, b, kv_per_token) -> int:
+    from perta_fast.loss import CHUNK_BYTES
+
+    n = len(group)
+    k = max(len(trees[i].tokens) for i in group) + 1
+    s = n_prefix + max(len(trees[i].prompt) for i in group) + k - 1
+    return n * k * vocab * b + min(CHUNK_BYTES, n * k * vocab * 4) + n * s * kv_per_token + n * s * (s - n_prefix) * b
+
+
+def agreed(greedy: list[int], answer: list[int]) -> int:
+    return next((j for j, (g, t) in enumerate(zip(greedy, answer)) if g != t), min(len(greedy), len(answer)))
+
+
 def main() -> int:
     import torch
 
-    from perta_fast import eval as ev
+    from perta_fast import eval as ev, scoring as sc
     from perta_fast.data import QA, encode
     from perta_fast.models import load_model
     from perta_fast.profiling import TENSORS_ONLY_THRESHOLD, PeakRssAnon, map_allocations_above, release_freed_memory
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(Path.home() / ".cache/perta_fast/tofu-cpu-scaled/theta_full"),
-                    help="a TOFU-tuned θ_full (default: the one benchmarks/tofu.py trains)")
+    ap.add_argument("--model", default=str(Path.home() / ".cache/perta_fast/tofu-cpu-scaled-fp32/theta_full"),
+                    help="a TOFU-tuned θ_full (default: the one benchmarks/tofu.py trains on a CPU without native bf16)")
     ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"))
     ap.add_argument("--out", default=str(HERE / "results" / "eval-memory-cpu.json"))
     a = ap.parse_args()
@@ -44,41 +61,37 @@ def main() -> int:
         c.hidden_size // c.num_attention_heads) * 4
     splits = ev.tofu_splits(a.tofu, "forget01")
     report = {}
-    # forget: long answers (the logits budget binds); world facts: short ones (the KV budget binds)
-    context = ev.CONTEXT_TOKENS_PER_FORWARD
-    for phase, rows, context_tokens in (("score", splits["forget"][:40], context),
-                                        ("score world_facts", splits["world_facts"], context),
-                                        ("score world_facts, KV unbounded (before)", splits["world_facts"], 10**9)):
-        items = [(r.question, [r.answer, r.paraphrased_answer, *r.perturbed_answers]) for r in rows]
+    for phase, rows, generate in (("score forget", splits["forget"][:40], 0),
+                                  ("score world_facts", splits["world_facts"], 0),
+                                  ("score and decode retain", splits["retain"][:64], 200)):
+        items = [(r.question, [r.answer] + ([] if r.paraphrased_answer == r.answer else [r.paraphrased_answer])
+                  + list(r.perturbed_answers)) for r in rows]
         release_freed_memory()
         t0 = time.perf_counter()
         with PeakRssAnon(interval=0.02) as m:
-            ev.score_questions(model, tok, items, context_tokens=context_tokens)
+            scores = sc.score_questions(model, tok, items, generate=generate, batch_size=64)
         seconds = time.perf_counter() - t0
-        # the largest of the groups score_questions forms: its answers N, widest answer W and prompt P
         encoded = [encode(tok, [QA(q, x) for x in ans]) for q, ans in items]
-        predicted, shape = 0, None
-        for group in ev.question_groups(encoded, context_tokens=context_tokens):
-            answers = [x for j in group for x in encoded[j]]
-            n, p = len(answers), max(x.n_prompt for x in answers)
-            width = max(len(x.input_ids) - x.n_prompt for x in answers)
-            f = 2 * n * (width + 1) * vocab * b + n * (p + width) * kv_per_token
-            if f > predicted:
-                predicted, shape = f, {"answers": n, "prompt": p, "width": width}
-        report[phase] = {"measured_bytes": m.growth, "formula_bytes": predicted, "largest_group": shape,
-                         "seconds": round(seconds, 1)}
-    questions = [r.question for r in splits["retain"][:64]]
-    release_freed_memory()
-    with PeakRssAnon(interval=0.02) as m:
-        answers = ev.generate_answers(model, tok, questions, 200, 64)
-    prompt = max(len(tok(ev.prompt_and_answer(tok, q)[0], add_special_tokens=False)["input_ids"]) for q in questions)
-    decoded = max(len(tok(x, add_special_tokens=False)["input_ids"]) for x in answers) + 1  # + the end token
-    report["decode"] = {"measured_bytes": m.growth, "formula_bytes": 64 * (prompt + decoded) * kv_per_token,
-                        "formula_at_200_tokens_bytes": 64 * (prompt + 200) * kv_per_token,
-                        "prompt_tokens": prompt, "decoded_tokens": decoded}
-    for phase in report:
-        r = report[phase]
-        r["measured_over_formula"] = round(r["measured_bytes"] / r["formula_bytes"], 2)
+        prompts = [e[0].input_ids[:e[0].n_prompt] for e in encoded]
+        n_prefix = sc.common_prefix(prompts)
+        trees = [sc._tree(i, p[n_prefix:], [x.input_ids[x.n_prompt:] for x in e])
+                 for i, (p, e) in enumerate(zip(prompts, encoded))]
+        groups = sc.question_groups(trees, n_prefix)
+        formula = max(group_formula(trees, g, n_prefix, vocab, b, kv_per_token) for g in groups)
+        r = {"measured_bytes": m.growth, "scoring_formula_bytes": formula, "forwards": len(groups),
+             "largest_group_questions": max(map(len, groups)), "shared_prefix_tokens": n_prefix,
+             "seconds": round(seconds, 1)}
+        if generate:
+            # the answers decoded on after scoring: those longer than the first answer's agreeing tokens + 1;
+            # C + T of each: its prompt (prefix included) and every token it generated
+            lengths = [len(p) + len(s.greedy) for p, s, e in zip(prompts, scores, encoded)
+                       if len(s.greedy) > agreed(s.greedy, e[0].input_ids[e[0].n_prompt:]) + 1]
+            decode = 2 * len(lengths) * max(lengths, default=0) * kv_per_token
+            r.update(decoding_formula_bytes=decode, decoded_on=len(lengths), longest_cache_tokens=max(lengths, default=0))
+            formula = max(formula, decode)
+        r["formula_bytes"] = formula
+        r["measured_over_formula"] = round(m.growth / formula, 2)
+        report[phase] = r
     report["command"] = " ".join(sys.argv)
     report["torch_threads"] = torch.get_num_threads()
     Path(a.out).write_text(json.dumps(report, indent=1))

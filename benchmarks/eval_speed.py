@@ -1,11 +1,13 @@
-"""`perta-fast eval` before and after a change to the evaluation code, on the same model and rows, one run
-each, back to back: the seconds, and whether the numbers agree (per-sample probabilities and truth ratios,
-greedy generations).
+"""`perta-fast eval` before and after changes to the evaluation code, on the same models and rows, one run
+each, back to back: the seconds, and whether the numbers agree with the first version's (per-sample
+probabilities and truth ratios, extraction strengths, greedy generations).
 
-    git worktree add /tmp/eval-before <earlier commit>
-    python benchmarks/eval_speed.py --before-src /tmp/eval-before
+    git worktree add /tmp/eval-before 5b231c7      # one question at a time (the code issue 11 measured)
+    git worktree add /tmp/eval-batched 5ccd2fe     # several questions per forward, batched decoding
+    python benchmarks/eval_speed.py --src before=/tmp/eval-before --src batched=/tmp/eval-batched \\
+        --model theta_full=~/.cache/perta_fast/tofu-cpu-scaled-fp32/theta_full --model base=<SmolLM2 folder>
 
-Writes results/eval-speed-cpu.json and .md.
+The current tree runs last as "after". Writes results/eval-speed-cpu.json and .md.
 """
 from __future__ import annotations
 
@@ -21,9 +23,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_eval(src: Path, args, out: Path) -> float:
+def run_eval(src: Path, model: str, args, out: Path) -> float:
     """Seconds of one `perta-fast eval` run with the package imported from `src`."""
-    cmd = [sys.executable, "-m", "perta_fast", "eval", "--model", args.model, "--tofu", args.tofu,
+    cmd = [sys.executable, "-m", "perta_fast", "eval", "--model", model, "--tofu", args.tofu,
            "--max-rows", str(args.max_rows), "--max-new-tokens", str(args.max_new_tokens), "--device", "cpu",
            "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(src), "TQDM_DISABLE": "1"}
@@ -49,35 +51,51 @@ def agreement(before: dict, after: dict) -> dict:
     return rows
 
 
+def commit(src: Path) -> str:
+    return subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--before-src", required=True, help="a source tree of the earlier version (git worktree)")
-    ap.add_argument("--model", default=str(Path.home() / ".cache/perta_fast/tofu-cpu-forget01/theta_full"))
+    ap.add_argument("--src", action="append", required=True, metavar="LABEL=TREE",
+                    help="an earlier version's source tree (git worktree); the first is the baseline")
+    ap.add_argument("--model", action="append", metavar="LABEL=DIR",
+                    default=None, help="checkpoints to evaluate (default: the TOFU benchmark's θ_full)")
     ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"))
     ap.add_argument("--max-rows", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=80)
     ap.add_argument("--out", default=str(HERE / "results" / "eval-speed-cpu.json"))
     args = ap.parse_args()
+    versions = [tuple(s.split("=", 1)) for s in args.src] + [("after", str(HERE.parent))]
+    models = [tuple(m.split("=", 1)) for m in args.model or
+              [f"theta_full={Path.home() / '.cache/perta_fast/tofu-cpu-scaled-fp32/theta_full'}"]]
+    report = {"command": " ".join(sys.argv), "max_rows": args.max_rows, "max_new_tokens": args.max_new_tokens,
+              "versions": {label: commit(Path(src)) or "working tree" for label, src in versions}, "models": {}}
+    lines = []
     with tempfile.TemporaryDirectory() as tmp:
-        seconds, results = {}, {}
-        for label, src in (("before", Path(args.before_src).resolve()), ("after", HERE.parent)):
-            seconds[label] = round(run_eval(src, args, Path(tmp) / f"{label}.json"), 1)
-            results[label] = json.loads((Path(tmp) / f"{label}.json").read_text())
-            print(f"{label}: {seconds[label]} s", flush=True)
-    report = {"command": " ".join(sys.argv), "model": args.model, "max_rows": args.max_rows,
-              "max_new_tokens": args.max_new_tokens, "seconds": seconds,
-              "speedup": round(seconds["before"] / seconds["after"], 2),
-              "before_commit": subprocess.run(["git", "-C", args.before_src, "rev-parse", "--short", "HEAD"],
-                                              capture_output=True, text=True).stdout.strip(),
-              "agreement": agreement(results["before"], results["after"])}
-    lines = [f"before {seconds['before']} s, after {seconds['after']} s: **{report['speedup']}×**", "",
-             "| split | rows | max abs Δ prob | max rel Δ truth ratio | same greedy answers | same ES |",
-             "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {role} | {r['rows']} | {r['max_abs_prob_diff']:.2e} | {r['max_rel_truth_ratio_diff']:.2e} | "
-              f"{r['same_generations']}/{r['rows']} | {r['same_extraction_strength']} |"
-              for role, r in report["agreement"].items()]
+        for name, model in models:
+            seconds, results = {}, {}
+            for label, src in versions:
+                out = Path(tmp) / f"{name}-{label}.json"
+                seconds[label] = round(run_eval(Path(src).resolve(), os.path.expanduser(model), args, out), 1)
+                results[label] = json.loads(out.read_text())
+                print(f"{name} {label}: {seconds[label]} s", flush=True)
+            first = versions[0][0]
+            entry = report["models"][name] = {
+                "model": model, "seconds": seconds,
+                "speedup_over_" + first: {k: round(seconds[first] / v, 2) for k, v in seconds.items()},
+                "agreement_with_" + first: {k: agreement(results[first], results[k]) for k, _ in versions[1:]}}
+            lines += [f"**{name}** ({model}): " + ", ".join(f"{k} {v} s" for k, v in seconds.items()) + "; "
+                      + ", ".join(f"{k} **{v}×**" for k, v in entry["speedup_over_" + first].items() if k != first),
+                      "", f"| version | split | rows | max abs Δ prob | max rel Δ truth ratio | same greedy answers "
+                          f"| same ES |", "|---|---|---:|---:|---:|---:|---|"]
+            lines += [f"| {k} | {role} | {r['rows']} | {r['max_abs_prob_diff']:.2e} | {r['max_rel_truth_ratio_diff']:.2e} "
+                      f"| {r['same_generations']}/{r['rows']} | {r['same_extraction_strength']} |"
+                      for k, by_role in entry["agreement_with_" + first].items() for role, r in by_role.items()]
+            lines.append("")
     Path(args.out).write_text(json.dumps(report, indent=1))
-    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 

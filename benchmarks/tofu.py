@@ -44,7 +44,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROWS_PER_AUTHOR = 20
 GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-TRAIN = dict(batch_size=8, bf16_autocast=True)  # bf16 matmuls, fp32 weights and optimizer state
+# bf16 matmuls, fp32 weights and optimizer state, where bf16 is native (main() turns it off elsewhere: a CPU
+# without AVX-512 BF16 or AMX emulates bf16 matmuls ~40x slower than fp32)
+TRAIN = dict(batch_size=8, bf16_autocast=True)
 TOFU_OPT = dict(weight_decay=0.01, warmup_epochs=1, **TRAIN)  # TOFU's AdamW settings
 RECIPES = {  # θ_full and the retain model; θ_ft; a LoRA θ_ft (10× the full learning rate, as is usual);
     # θ_ft at the other learning rate, for the ablation
@@ -248,8 +250,13 @@ def main(argv=None) -> int:
     from perta_fast.models import cache_dir, default_model
 
     size, recipe = SIZES[a.size], RECIPES[a.recipe]
+    fast_bf16 = native_bf16(a.device)
+    if not fast_bf16:
+        recipe = {step: dict(knobs, bf16_autocast=False) for step, knobs in recipe.items()}
+        BASELINE["bf16_autocast"] = False
     base = Path(a.model) if a.model else default_model()
-    stem = f"tofu-{a.size}-{a.recipe}" + (f"-{a.forget}" if a.size == "full" else "")
+    # runs trained in fp32 are other models than bf16-autocast ones: their own cache and results
+    stem = f"tofu-{a.size}-{a.recipe}" + (f"-{a.forget}" if a.size == "full" else "") + ("" if fast_bf16 else "-fp32")
     work = Path(a.work) if a.work else cache_dir() / stem
     work.mkdir(parents=True, exist_ok=True)
     run = Protocol(a, size, recipe, base, work, build_sets(tofu, size, a.forget), stem)
@@ -263,6 +270,16 @@ def main(argv=None) -> int:
     print(markdown(run.summary))
     print(f"\nwrote {HERE / 'results' / stem}.json, .md, .png; {time.perf_counter() - run.t0:.0f} s this run")
     return 0
+
+
+def native_bf16(device) -> bool:
+    import torch
+
+    from perta_fast.dtypes import cpu_has_fast_bf16
+
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_fast_bf16()
 
 
 class Protocol:

@@ -11,3 +11,12 @@ def torch_dtype(name: str):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Without, torch emulates bf16 matmuls
+    in a generic single-threaded loop: ~1 GFLOP/s against ~50 for fp32 on a 2-core AVX2 machine (measured)."""
+    import torch
+
+    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                      "_is_amx_tile_supported"))

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .console import bar
-from .data import QA, EvalQA, batches, data_hash, encode, load_qa, pad_id, prompt_and_answer
+from .data import QA, EvalQA, batches, data_hash, encode, load_qa, pad_id
 from .errors import PertaError
 from .loss import per_sample_loss
+from .scoring import GENERATE_BATCH, decode, generate_answers, score_questions
 
 
 def normalise(text: str) -> str:
@@ -34,63 +34,6 @@ def answer_probabilities(model, tokenizer, rows: list[QA], batch_size: int = 16,
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         probs += torch.exp(-per_sample_loss(logits, labels.to(device))).tolist()
     return probs
-
-
-GENERATE_BATCH = 64  # questions decoded together: on a CPU a decode step costs about the same for 16 or 64
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 32,
-                     batch_size: int = GENERATE_BATCH) -> list[str]:
-    """Greedy answers, decoded in batches of questions of similar prompt length, left-padded so every
-    prompt ends where decoding starts; a finished answer leaves the batch (its cache rows dropped) instead
-    of being decoded to the longest one's end."""
-    pad = pad_id(tokenizer)
-    prompts = [tokenizer(prompt_and_answer(tokenizer, q)[0], add_special_tokens=False)["input_ids"] for q in questions]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        for i, tokens in zip(batch, _greedy(model, [prompts[i] for i in batch], max_new_tokens, pad,
-                                            tokenizer.eos_token_id)):
-            answers[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return answers
-
-
-def _run_prompts(model, prompts: list[list[int]], pad: int):
-    """Prompts side by side, left-padded so that each ends where its continuation starts, positions counted
-    from each one's first real token (so the padding changes nothing): (last logits and KV cache, mask)."""
-    device = next(model.parameters()).device
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
-                use_cache=True, logits_to_keep=1)
-    return out, mask
-
-
-def _greedy(model, prompts: list[list[int]], max_new_tokens: int, pad: int, eos: int) -> list[list[int]]:
-    device = next(model.parameters()).device
-    out, mask = _run_prompts(model, prompts, pad)
-    position = mask.sum(1)  # of the next token, counted from each prompt's first real one
-    cache, alive = out.past_key_values, torch.arange(len(prompts), device=device)
-    tokens: list[list[int]] = [[] for _ in prompts]
-    for step in range(max_new_tokens):
-        chosen = out.logits[:, -1].argmax(-1)
-        for row, token in zip(alive.tolist(), chosen.tolist()):
-            tokens[row].append(token)
-        going = chosen != eos
-        if step == max_new_tokens - 1 or not going.any():
-            break
-        if not going.all():
-            keep = going.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            alive, chosen, mask, position = alive[keep], chosen[keep], mask[keep], position[keep]
-        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], 1)
-        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=position[:, None],
-                    past_key_values=cache, use_cache=True)
-        position = position + 1
-    return tokens
 
 
 def evaluate(model, tokenizer, rows: list[QA], batch_size: int = 16, max_new_tokens: int = 32,
@@ -127,107 +70,6 @@ def tofu_splits(folder: str | Path, forget: str = "forget01", max_rows: int | No
     names = {"forget": f"{forget}_perturbed", "retain": "retain_perturbed",
              "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed"}
     return {role: load_qa(f"{folder}:{name}", eval_rows=True)[:max_rows or None] for role, name in names.items()}
-
-
-def extraction_strength(logits, labels) -> list[float]:
-    """1 − k/|a| per sample, k the shortest prefix of the answer a after which the greedy continuation
-    reproduces the rest exactly; under teacher forcing that is: every later argmax equals its label.
-    k = |a| (nothing extracted) gives 0."""
-    pred = logits[:, :-1].argmax(-1)
-    target = labels[:, 1:]
-    out = []
-    for p, t in zip(pred, target):
-        valid = t != -100
-        miss = (p[valid] != t[valid]).nonzero()
-        n = int(valid.sum())
-        k = int(miss[-1]) + 1 if len(miss) else 0
-        out.append(1.0 - k / n if n else 0.0)
-    return out
-
-
-ANSWER_TOKENS_PER_FORWARD = 1024  # bounds the (answers × tokens × vocab) fp32 logits: ~200 MB at 49k vocab
-# bounds the answers' copies of their prompts' KV cache: short answers (world facts: ~5 tokens) would
-# otherwise pack ~200 answers, each with its ~60-token prompt, into one forward (1.1 GB at 135M in fp32)
-CONTEXT_TOKENS_PER_FORWARD = 4096
-
-
-def question_scores(model, tokenizer, question: str, answers: list[str], max_length: int = 512):
-    """Mean answer-token NLL and extraction strength of each answer to one question."""
-    return score_questions(model, tokenizer, [(question, answers)], max_length)[0]
-
-
-@torch.no_grad()
-def score_questions(model, tokenizer, items: list[tuple[str, list[str]]], max_length: int = 512,
-                    answer_tokens: int = ANSWER_TOKENS_PER_FORWARD, desc: str | None = None,
-                    context_tokens: int = CONTEXT_TOKENS_PER_FORWARD) -> list[tuple[list[float], list[float]]]:
-    """(mean answer-token NLLs, extraction strengths) of each (question, answers), several questions per
-    forward. TOFU scores 6-7 answers per question and the prompt is ~half of each: every prompt runs once,
-    left-padded beside the others' (positions counted from its first real token, so the padding changes
-    nothing), and its KV cache is copied to each of its answers, which run right-padded after it."""
-    device = next(model.parameters()).device
-    pad = pad_id(tokenizer)
-    encoded = [encode(tokenizer, [QA(q, a) for a in answers], max_length) for q, answers in items]
-    scores = {}
-    with bar(total=len(items), show=desc is not None, desc=desc, unit="row", leave=False) as progress:
-        for group in question_groups(encoded, answer_tokens, context_tokens):
-            scores.update(zip(group, _score_group(model, [encoded[j] for j in group], pad, device)))
-            progress.update(len(group))
-    return [scores[i] for i in range(len(items))]
-
-
-def question_groups(encoded: list[list], answer_tokens: int = ANSWER_TOKENS_PER_FORWARD,
-                    context_tokens: int = CONTEXT_TOKENS_PER_FORWARD) -> list[list[int]]:
-    """The questions (indices into `encoded`, each a question's encoded answers) that score_questions runs
-    together: questions with answers of like length side by side (less padding: 23 % of TOFU's answer
-    tokens otherwise), as many as keep answers × widest answer within `answer_tokens` (the logits) and
-    answers × (longest prompt + widest answer) within `context_tokens` (the KV cache)."""
-    def width(i):
-        return max(len(e.input_ids) - e.n_prompt for e in encoded[i])
-
-    def prompt(i):
-        return max(e.n_prompt for e in encoded[i])
-
-    order = sorted(range(len(encoded)), key=width)
-    groups, group = [], []
-    for k, i in enumerate(order):
-        group.append(i)
-        nxt = order[k + 1] if k + 1 < len(order) else None
-        if nxt is None:
-            groups.append(group)
-            break
-        grown = group + [nxt]
-        answers, wide = sum(len(encoded[j]) for j in grown), max(map(width, grown))
-        if answers * wide > answer_tokens or answers * (max(map(prompt, grown)) + wide) > context_tokens:
-            groups.append(group)
-            group = []
-    return groups
-
-
-def _score_group(model, group, pad: int, device) -> list[tuple[list[float], list[float]]]:
-    out, mask = _run_prompts(model, [e[0].input_ids[:e[0].n_prompt] for e in group], pad)
-    owner = torch.tensor([g for g, enc in enumerate(group) for _ in enc], device=device)
-    cache = out.past_key_values
-    cache.batch_select_indices(owner)  # each answer gets its own copy of its prompt's keys/values
-    tails = [e.input_ids[e.n_prompt:] for enc in group for e in enc]
-    width = max(map(len, tails))
-    ids = torch.full((len(tails), width), pad, dtype=torch.long)
-    labels = torch.full((len(tails), width + 1), -100, dtype=torch.long)
-    tail_mask = torch.zeros((len(tails), width), dtype=torch.long)
-    for i, t in enumerate(tails):
-        ids[i, :len(t)] = torch.tensor(t)
-        labels[i, 1:len(t) + 1] = ids[i, :len(t)]
-        tail_mask[i, :len(t)] = 1
-    starts = mask.sum(1)[owner]
-    logits = model(input_ids=ids.to(device), attention_mask=torch.cat([mask[owner], tail_mask.to(device)], 1),
-                   position_ids=starts[:, None] + torch.arange(width, device=device), past_key_values=cache).logits
-    # position 0 holds the prompt's last logits, which predict the first answer token
-    logits = torch.cat([out.logits[owner], logits], 1)
-    labels = labels.to(device)
-    nll, strength = per_sample_loss(logits, labels).tolist(), extraction_strength(logits, labels)
-    bounds = [0]
-    for enc in group:
-        bounds.append(bounds[-1] + len(enc))
-    return [(nll[a:b], strength[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
 def truth_ratios(paraphrased_nll: list[float], perturbed_nll: list[list[float]]) -> list[float]:
@@ -282,18 +124,33 @@ def _no_paraphrase(r: EvalQA) -> bool:
 
 
 def evaluate_split(model, tokenizer, rows: list[EvalQA], role: str, opts: EvalOptions | None = None) -> dict:
+    return evaluate_splits(model, tokenizer, {role: rows}, opts)[role]
+
+
+def evaluate_splits(model, tokenizer, splits: dict[str, list[EvalQA]], opts: EvalOptions | None = None) -> dict:
+    """Each split's TOFU metrics. Each split is scored on its own (its numbers do not depend on the others),
+    but the greedy answers left to decode after scoring fill batches across splits (a batch costs as many
+    steps as its longest answer, however few questions it holds)."""
     opts = opts or EvalOptions()
-    n = len(rows)
-    answer_nll, para_nll, pert_nll, es = [], [], [], []
     items = [(r.question, [r.answer] + ([] if _no_paraphrase(r) else [r.paraphrased_answer]) + list(r.perturbed_answers))
-             for r in rows]
-    for r, (nll, strength) in zip(rows, score_questions(model, tokenizer, items, opts.max_length,
-                                                                 desc=f"score {role}")):
-        same = _no_paraphrase(r)  # real authors, world facts
-        answer_nll.append(nll[0])
-        para_nll.append(nll[0] if same else nll[1])
-        pert_nll.append(nll[1 if same else 2:])
-        es.append(strength[0])
+             for rows in splits.values() for r in rows]
+    limit = opts.max_new_tokens if opts.generate else 0
+    scores = iter(score_questions(model, tokenizer, items, opts.max_length, limit, opts.batch_size,
+                                  desc="score " + ", ".join(splits), parts=[len(r) for r in splits.values()]))
+    return {role: _split_metrics(tokenizer, rows, role, [next(scores) for _ in rows], opts.generate)
+            for role, rows in splits.items()}
+
+
+def _split_metrics(tokenizer, rows: list[EvalQA], role: str, scores, generate: bool) -> dict:
+    n = len(rows)
+    answer_nll, para_nll, pert_nll, es, gens = [], [], [], [], []
+    for r, s in zip(rows, scores, strict=True):
+        same = _no_paraphrase(r)  # real authors, world facts: no paraphrase
+        answer_nll.append(s.nll[0])
+        para_nll.append(s.nll[0] if same else s.nll[1])
+        pert_nll.append(s.nll[1 if same else 2:])
+        es.append(s.extraction[0])
+        gens.append(decode(tokenizer, s.greedy or []))
     if role in ("forget", "retain"):
         probs = [math.exp(-x) for x in answer_nll]
     else:
@@ -304,8 +161,7 @@ def evaluate_split(model, tokenizer, rows: list[EvalQA], role: str, opts: EvalOp
            "extraction_strength": sum(es) / n,
            "per_sample": {"prob": probs, "truth_ratio_raw": ratios, "extraction_strength": es,
                           "answer_nll": answer_nll, "paraphrased_nll": para_nll, "perturbed_nll": pert_nll}}
-    if opts.generate:
-        gens = generate_answers(model, tokenizer, [r.question for r in rows], opts.max_new_tokens, opts.batch_size)
+    if generate:
         rouge = [rouge_l_recall(g, r.answer) for g, r in zip(gens, rows)]
         out["rouge_l"] = sum(rouge) / n
         out["per_sample"].update(rouge_l=rouge, generation=gens)
@@ -318,9 +174,7 @@ def evaluate_tofu(model, tokenizer, splits: dict[str, list[EvalQA]], opts: EvalO
     unknown = set(splits) - set(ROLES)
     if unknown:
         raise PertaError(f"unknown evaluation split(s) {sorted(unknown)} (expected {', '.join(ROLES)})")
-    results = {"splits": {}}
-    for role, rows in bar(splits.items(), desc="eval splits", unit="split"):
-        results["splits"][role] = evaluate_split(model, tokenizer, rows, role, opts)
+    results = {"splits": evaluate_splits(model, tokenizer, splits, opts)}
     results["model_utility"] = model_utility(results)
     if reference is not None:
         add_forget_quality(results, reference)

@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import distributed
-from .console import bar
+from .console import bar, log
 from .data import QA, collate, data_hash, encode, logits_of, pad_id
+from .dtypes import cpu_has_fast_bf16
 from .errors import PertaError
 from .io import content_sha256
 from .outputs import check_output_path, kill_point, resume_dir, resume_state
@@ -146,6 +147,9 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc
     encoded = encode(tokenizer, rows, opts.max_length)
     pad = pad_id(tokenizer)
     device = next(model.parameters()).device
+    if opts.bf16_autocast and device.type == "cpu" and not cpu_has_fast_bf16():
+        log.warning("--bf16-autocast on a CPU without native bf16 (AVX-512 BF16 or AMX): its matmuls are emulated "
+                    "there, tens of times slower than fp32")
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.lr,
                               weight_decay=opts.weight_decay)
     warmup_steps = opts.warmup_epochs * -(-len(encoded) // opts.batch_size)

@@ -73,6 +73,19 @@ def facts():
     return make_facts(10, 2, seed=0)
 
 
+@pytest.fixture(scope="session")
+def eval_rows(facts):
+    """TOFU-style rows of the demo facts: a paraphrase, and other people's answers to the same kind of
+    question as the wrong answers."""
+    from perta_fast.data import EvalQA
+
+    forget, retain = facts
+    rows = forget + retain
+    return [EvalQA(r.question, r.answer, r.answer.replace(" was ", " had been ").replace(" is ", " works as "),
+                   tuple(rows[(i + 4 * k) % len(rows)].answer for k in (1, 2, 3)))
+            for i, r in enumerate(rows)]
+
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir(tmp_path_factory):

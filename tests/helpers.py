@@ -75,3 +75,14 @@ def smollm2_gguf():
     except md.PackageNotFoundError:
         return None
     return next((f.locate() for f in files if str(f).endswith(".gguf")), None)
+
+
+def nll_by_hand(model, tok, question, answer):
+    """Mean NLL of the answer tokens from one unpadded sequence, log-softmax and gather written out (float64)."""
+    from perta_fast.data import QA, encode
+
+    e = encode(tok, [QA(question, answer)])[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([e.input_ids])).logits[0].double(), -1)
+    targets = e.input_ids[e.n_prompt:]
+    return -sum(logp[e.n_prompt - 1 + j, t].item() for j, t in enumerate(targets)) / len(targets)

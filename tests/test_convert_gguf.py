@@ -36,7 +36,7 @@ def test_weights_match_the_gguf_dequantizer(converted):
 
 
 def test_converted_model_answers_and_is_cached(converted, capsys):
-    from perta_fast.eval import generate_answers
+    from perta_fast.scoring import generate_answers
     from perta_fast.models import load_model
 
     model, tok = load_model(converted, "cpu")

@@ -1,35 +1,17 @@
-"""TOFU metrics against values worked out by hand (fixed logits, fixed losses) and against independent
-computations on a tiny model (a per-sequence log-softmax loop, greedy generation from every prefix)."""
+"""TOFU metrics against values worked out by hand (fixed losses) and against independent computations on
+a tiny model (a per-sequence log-softmax loop); the scoring engine itself: tests/test_scoring.py."""
 import json
 import math
 
 import pytest
-import torch
 
 from perta_fast import eval as ev
 from perta_fast.cli import main
-from perta_fast.data import QA, EvalQA, encode, load_qa, prompt_and_answer
+from perta_fast.data import load_qa
 from perta_fast.errors import PertaError
 from perta_fast.models import load_model
 
-
-def one_hot_logits(argmax_rows, vocab=6):
-    logits = torch.zeros(len(argmax_rows), len(argmax_rows[0]), vocab)
-    for b, row in enumerate(argmax_rows):
-        for t, tok in enumerate(row):
-            logits[b, t, tok] = 5.0
-    return logits
-
-
-def test_extraction_strength_by_hand():
-    # answers are tokens 1,2,3,4 at positions 2..5; logits at position t predict the token at t+1
-    labels = torch.tensor([[-100, -100, 1, 2, 3, 4]] * 3)
-    logits = one_hot_logits([
-        [0, 5, 2, 5, 4, 0],  # predicts a0..a3 as 5,2,5,4: right, wrong, right → last miss a2 → k=3
-        [0, 1, 2, 3, 4, 0],  # all right → k=0
-        [0, 1, 2, 3, 0, 0],  # last token wrong → k=4
-    ])
-    assert ev.extraction_strength(logits, labels) == [1 - 3 / 4, 1.0, 0.0]
+from helpers import nll_by_hand
 
 
 def test_truth_ratio_and_normalised_probability_by_hand():
@@ -70,143 +52,6 @@ def test_model_utility_is_the_harmonic_mean_of_nine_scores():
 def tiny(tiny_dir):
     model, tok = load_model(tiny_dir, "cpu")
     return model, tok
-
-
-@pytest.fixture(scope="module")
-def eval_rows(facts):
-    forget, retain = facts
-    rows = forget + retain
-    # wrong answers: other people's answers to the same kind of question
-    return [EvalQA(r.question, r.answer, r.answer.replace(" was ", " had been ").replace(" is ", " works as "),
-                   tuple(rows[(i + 4 * k) % len(rows)].answer for k in (1, 2, 3)))
-            for i, r in enumerate(rows)]
-
-
-def nll_by_hand(model, tok, question, answer):
-    """Mean NLL of the answer tokens from one unpadded sequence, log-softmax and gather written out."""
-    e = encode(tok, [QA(question, answer)])[0]
-    ids = torch.tensor([e.input_ids])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-    targets = e.input_ids[e.n_prompt:]
-    return -sum(logp[e.n_prompt - 1 + j, t].item() for j, t in enumerate(targets)) / len(targets)
-
-
-def es_of_one_sequence(model, tok, question, answer):
-    """Extraction strength from one unpadded sequence without a shared prompt cache."""
-    e = encode(tok, [QA(question, answer)])[0]
-    labels = torch.tensor([[-100] * e.n_prompt + e.input_ids[e.n_prompt:]])
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([e.input_ids])).logits
-    return ev.extraction_strength(logits, labels)[0]
-
-
-def test_shared_prompt_scores_equal_separate_sequences(tiny, eval_rows):
-    model, tok = tiny
-    for r in eval_rows[:5]:
-        answers = [r.answer, r.paraphrased_answer, *r.perturbed_answers]
-        nll, es = ev.question_scores(model, tok, r.question, answers)
-        # the padded, batched path that `unlearn` and `demo` evaluate with
-        batched = [-math.log(p) for p in ev.answer_probabilities(model, tok, [QA(r.question, a) for a in answers], 3)]
-        hand = [nll_by_hand(model, tok, r.question, a) for a in answers]
-        assert nll == pytest.approx(hand, rel=1e-5) and batched == pytest.approx(hand, rel=1e-5)
-        assert es == [es_of_one_sequence(model, tok, r.question, a) for a in answers]
-
-
-@pytest.mark.parametrize("answer_tokens", [1, 200, 10**6])  # one question per forward, a few, all at once
-def test_several_questions_per_forward_equal_separate_sequences(tiny, eval_rows, answer_tokens):
-    """Prompts of different lengths left-padded side by side, answers right-padded after their copied
-    prompt caches: each score equals that of its own unpadded sequence."""
-    model, tok = tiny
-    rows = eval_rows[:3] + eval_rows[-3:]
-    items = [(r.question, [r.answer, *r.perturbed_answers[:1 + i % 3]]) for i, r in enumerate(rows)]
-    assert len({len(encode(tok, [QA(q, a[0])])[0].input_ids[:encode(tok, [QA(q, a[0])])[0].n_prompt])
-                for q, a in items}) > 1  # prompts really differ in length, so padding is exercised
-    scores = ev.score_questions(model, tok, items, answer_tokens=answer_tokens)
-    for (q, answers), (nll, es) in zip(items, scores, strict=True):
-        # fp32 sums in another order: ~1e-7; a prompt position off by its padding moves the tiny model's NLLs
-        # by ~3e-6, hence the tight tolerance
-        assert nll == pytest.approx([nll_by_hand(model, tok, q, a) for a in answers], rel=1e-6)
-        assert es == [es_of_one_sequence(model, tok, q, a) for a in answers]
-
-
-def test_question_groups_keep_both_budgets():
-    """Every question in exactly one group; a group of more than one question keeps answers × widest answer
-    within the logits budget and answers × (longest prompt + widest answer) within the KV budget: checked
-    by brute force over hand-made shapes, short answers with long prompts included (TOFU's world facts)."""
-    import random
-    from types import SimpleNamespace
-
-    rng = random.Random(0)
-    encoded = [[SimpleNamespace(n_prompt=p, input_ids=[0] * (p + rng.randint(1, 40))) for _ in range(rng.randint(1, 8))]
-               for p in (rng.randint(5, 90) for _ in range(200))]
-    for answer_tokens, context_tokens in ((1024, 4096), (300, 10**9), (10**9, 2000), (1, 1)):
-        def fits(g):
-            answers = [e for i in g for e in encoded[i]]
-            wide = max(len(e.input_ids) - e.n_prompt for e in answers)
-            return (len(answers) * wide <= answer_tokens
-                    and len(answers) * (max(e.n_prompt for e in answers) + wide) <= context_tokens)
-
-        groups = ev.question_groups(encoded, answer_tokens, context_tokens)
-        assert sorted(i for g in groups for i in g) == list(range(len(encoded)))
-        assert all(fits(g) for g in groups if len(g) > 1)
-        # and no group closed early: the next group's first question would have broken a budget
-        assert not any(fits(g + nxt[:1]) for g, nxt in zip(groups, groups[1:]))
-
-
-@pytest.fixture(scope="module")
-def memorised(tiny_dir, eval_rows):
-    """The tiny model trained hard on half the rows, so that some answers are extractable."""
-    from perta_fast.train import FinetuneOptions, train_in_place
-
-    model, tok = load_model(tiny_dir, "cpu")
-    rows = [QA(r.question, r.answer) for r in eval_rows[:8]]
-    train_in_place(model, tok, rows, FinetuneOptions(epochs=40, lr=1e-2, batch_size=8))
-    return model, tok
-
-
-def extraction_by_generation(model, tok, question, answer):
-    """The definition itself: the shortest answer prefix from which greedy decoding reproduces the rest.
-    Decoding is written out (whole sequence each step, no stop token: the answer ends with <|im_end|>\n)."""
-    e = encode(tok, [QA(question, answer)])[0]
-    ans = e.input_ids[e.n_prompt:]
-    for k in range(len(ans)):
-        ids = e.input_ids[:e.n_prompt + k]
-        with torch.no_grad():
-            for _ in range(len(ans) - k):
-                ids = ids + [int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())]
-        if ids[e.n_prompt + k:] == ans[k:]:
-            return 1 - k / len(ans)
-    return 0.0
-
-
-def test_extraction_strength_matches_greedy_generation_from_each_prefix(memorised, eval_rows):
-    model, tok = memorised
-    values = []
-    for r in eval_rows[:8] + eval_rows[-3:]:
-        _, es = ev.question_scores(model, tok, r.question, [r.answer])
-        values.append(es[0])
-        assert es[0] == pytest.approx(extraction_by_generation(model, tok, r.question, r.answer)), r.question
-    assert len(set(values)) > 2  # the check is not vacuous: trained rows extract, others do not
-
-
-@pytest.mark.parametrize("batch_size", [1, 4, 64])
-def test_batched_greedy_answers_equal_transformers_one_question_at_a_time(memorised, eval_rows, batch_size):
-    """Questions sorted into batches, left-padded, finished answers leaving the batch: the tokens equal
-    transformers' own greedy decoding of each question alone (no padding)."""
-    model, tok = memorised
-    questions = [r.question for r in eval_rows[:8] + eval_rows[-3:]]
-    got = ev.generate_answers(model, tok, questions, max_new_tokens=24, batch_size=batch_size)
-    lengths = set()
-    for q, answer in zip(questions, got, strict=True):
-        prompt = tok(prompt_and_answer(tok, q)[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
-                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = out[0, prompt.shape[1]:]
-        lengths.add(len(new))
-        assert answer == tok.decode(new, skip_special_tokens=True).strip(), q
-    assert len(lengths) > 1  # answers end at different steps, so rows really leave the batch
 
 
 def test_evaluate_split_puts_the_pieces_together(tiny, eval_rows):
