@@ -88,8 +88,8 @@ def main() -> int:
                 "agreement_with_" + first: {k: agreement(results[first], results[k]) for k, _ in versions[1:]}}
             lines += [f"**{name}** ({model}): " + ", ".join(f"{k} {v} s" for k, v in seconds.items()) + "; "
                       + ", ".join(f"{k} **{v}×**" for k, v in entry["speedup_over_" + first].items() if k != first),
-                      "", f"| version | split | rows | max abs Δ prob | max rel Δ truth ratio | same greedy answers "
-                          f"| same ES |", "|---|---|---:|---:|---:|---:|---|"]
+                      "", "| version | split | rows | max abs Δ prob | max rel Δ truth ratio | same greedy answers "
+                          "| same ES |", "|---|---|---:|---:|---:|---:|---|"]
             lines += [f"| {k} | {role} | {r['rows']} | {r['max_abs_prob_diff']:.2e} | {r['max_rel_truth_ratio_diff']:.2e} "
                       f"| {r['same_generations']}/{r['rows']} | {r['same_extraction_strength']} |"
                       for k, by_role in entry["agreement_with_" + first].items() for role, r in by_role.items()]
