@@ -1,7 +1,7 @@
 """Peak private memory of `perta-fast eval`'s scoring and decoding against their formulas, on the CPU-size
 TOFU θ_full: scoring 40 forget questions (7 answers each as one token tree), scoring the world facts (small
-trees, long prompts: the KV budget binds), and scoring 64 retain questions with their greedy answers (up to
-200 new tokens) continued from the scored caches.
+trees, long prompts: the KV budget binds), and scoring 128 retain questions (one decode batch) with their
+greedy answers (up to 200 new tokens) continued from the scored caches.
 
     python benchmarks/eval_memory.py
 
@@ -63,13 +63,13 @@ def main() -> int:
     report = {}
     for phase, rows, generate in (("score forget", splits["forget"][:40], 0),
                                   ("score world_facts", splits["world_facts"], 0),
-                                  ("score and decode retain", splits["retain"][:64], 200)):
+                                  ("score and decode retain", splits["retain"][:sc.GENERATE_BATCH], 200)):
         items = [(r.question, [r.answer] + ([] if r.paraphrased_answer == r.answer else [r.paraphrased_answer])
                   + list(r.perturbed_answers)) for r in rows]
         release_freed_memory()
         t0 = time.perf_counter()
         with PeakRssAnon(interval=0.02) as m:
-            scores = sc.score_questions(model, tok, items, generate=generate, batch_size=64)
+            scores = sc.score_questions(model, tok, items, generate=generate)
         seconds = time.perf_counter() - t0
         encoded = [encode(tok, [QA(q, x) for x in ans]) for q, ans in items]
         prompts = [e[0].input_ids[:e[0].n_prompt] for e in encoded]

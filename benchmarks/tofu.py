@@ -289,7 +289,7 @@ class Protocol:
         from perta_fast.eval import EvalOptions
 
         self.a, self.size, self.recipe, self.base, self.work, self.sets, self.stem = a, size, recipe, base, work, sets, stem
-        self.eval_opts = EvalOptions(batch_size=64, max_new_tokens=size.max_new_tokens, device=a.device)
+        self.eval_opts = EvalOptions(max_new_tokens=size.max_new_tokens, device=a.device)
         self.t0 = time.perf_counter()
         self.steps: dict[str, float] = {}
         splits = sets["splits"]

@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["perta-fast", "open-unlearning"], default="perta-fast",
                    help="open-unlearning: also TOFU_EVAL.json and TOFU_SUMMARY.json beside --out, in its log format")
     p.add_argument("--compare", nargs="+", default=None, metavar="RESULTS_JSON", help="tabulate saved results")
-    _add_common(p, batch=64, checkpointing=False)  # --batch-size: questions decoded together
+    _add_common(p, batch=128, checkpointing=False)  # --batch-size: questions decoded together (scoring.GENERATE_BATCH)
     p.set_defaults(max_length=512)
     p.add_argument("--overwrite", action="store_true")
 

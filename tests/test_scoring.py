@@ -134,23 +134,30 @@ def test_extraction_strength_matches_greedy_generation_from_each_prefix(memorise
     assert len(set(values)) > 2  # the check is not vacuous: trained rows extract, others do not
 
 
-def transformers_greedy(model, tok, question, max_new_tokens):
-    prompt = tok(prompt_and_answer(tok, question)[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return out[0, prompt.shape[1]:].tolist()
+@pytest.fixture(scope="module")
+def transformers_greedy(memorised, eval_rows):
+    """transformers' own greedy decoding of each question alone (no padding), 24 new tokens at most."""
+    model, tok = memorised
+    answers = {}
+    for r in eval_rows[:8] + eval_rows[-3:]:
+        prompt = tok(prompt_and_answer(tok, r.question)[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        answers[r.question] = out[0, prompt.shape[1]:].tolist()
+    return answers
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 64])
-def test_batched_greedy_answers_equal_transformers_one_question_at_a_time(memorised, eval_rows, batch_size):
+def test_batched_greedy_answers_equal_transformers_one_question_at_a_time(memorised, eval_rows, batch_size,
+                                                                          transformers_greedy):
     """From the prompts alone: questions sorted into batches, left-padded, finished answers leaving the batch."""
     model, tok = memorised
     questions = [r.question for r in eval_rows[:8] + eval_rows[-3:]]
     got = sc.generate_answers(model, tok, questions, max_new_tokens=24, batch_size=batch_size)
     lengths = set()
     for q, answer in zip(questions, got, strict=True):
-        new = transformers_greedy(model, tok, q, 24)
+        new = transformers_greedy[q]
         lengths.add(len(new))
         assert answer == tok.decode(new, skip_special_tokens=True).strip(), q
     assert len(lengths) > 1  # answers end at different steps, so rows really leave the batch
@@ -159,7 +166,7 @@ def test_batched_greedy_answers_equal_transformers_one_question_at_a_time(memori
 @pytest.mark.parametrize("batch_size, max_new_tokens, answer_tokens", [(1, 24, 10**6), (4, 24, 60), (64, 24, 10**6),
                                                                        (3, 5, 60)])
 def test_greedy_answers_continued_from_scoring_equal_transformers(memorised, eval_rows, batch_size, max_new_tokens,
-                                                                 answer_tokens):
+                                                                 answer_tokens, transformers_greedy):
     """Greedy answers started from the first answer's teacher forcing (the memorised rows agree with it to
     their end, the others part from it early) and decoded on from the scored cache, several forwards'
     worth side by side: the tokens equal transformers' own greedy decoding of each question alone."""
@@ -170,7 +177,7 @@ def test_greedy_answers_continued_from_scoring_equal_transformers(memorised, eva
                                 answer_tokens=answer_tokens)
     agreed, lengths = set(), set()
     for (q, answers), s in zip(items, scores, strict=True):
-        expected = transformers_greedy(model, tok, q, 24)
+        expected = transformers_greedy[q]
         assert s.greedy == expected[:max_new_tokens], q
         first = encode(tok, [QA(q, answers[0])])[0]
         tail = first.input_ids[first.n_prompt:]
