@@ -11,8 +11,9 @@ per forward: N questions, K = widest tree + 1 logit columns, S = shared prefix +
           + N·K·V·4 / chunks     log-sum-exp's fp32 temporaries, one chunk (≤ 64 MiB) at a time
           + N·S·2L·kv·b          the forward's KV cache (≤ CONTEXT_TOKENS_PER_FORWARD tokens)
           + N·S·(S - prefix)·b   its attention mask
-  decoding: 2 · B·(C+T)·2L·kv·b  the batch's cache (C: prefix + prompt + answer tokens agreed on, T: decoded),
-                                 held twice while the continuations' caches are assembled into it
+  decoding: Σ C_i·2L·kv·b         the B continuations' caches (C: prefix + prompt + answer tokens agreed on)
+          + B·(max C + ROOM)·2L·kv·b   the decode cache they are copied into, with room for ROOM tokens;
+                                 when T (tokens decoded on) passes ROOM it doubles, both held during the copy
 Measured: growth of RssAnon above the loaded model (glibc's mmap threshold pinned, so RssAnon follows the
 live tensors, as benchmarks/plan.py measures). Writes results/eval-memory-cpu.json.
 """
@@ -83,11 +84,14 @@ def main() -> int:
              "seconds": round(seconds, 1)}
         if generate:
             # the answers decoded on after scoring: those longer than the first answer's agreeing tokens + 1;
-            # C + T of each: its prompt (prefix included) and every token it generated
-            lengths = [len(p) + len(s.greedy) for p, s, e in zip(prompts, scores, encoded)
-                       if len(s.greedy) > agreed(s.greedy, e[0].input_ids[e[0].n_prompt:]) + 1]
-            decode = 2 * len(lengths) * max(lengths, default=0) * kv_per_token
-            r.update(decoding_formula_bytes=decode, decoded_on=len(lengths), longest_cache_tokens=max(lengths, default=0))
+            # C of each: its prompt (prefix included) and the agreeing tokens, T: the tokens decoded after
+            on = [(len(p) + m, len(s.greedy) - m - 1) for p, s, e in zip(prompts, scores, encoded)
+                  for m in [agreed(s.greedy, e[0].input_ids[e[0].n_prompt:])] if len(s.greedy) > m + 1]
+            c_max, t_max = max(c for c, _ in on), max(t for _, t in on)
+            held = len(on) * (c_max + sc.ROOM)
+            decode = (sum(c for c, _ in on) + held * (3 if t_max > sc.ROOM else 1)) * kv_per_token
+            r.update(decoding_formula_bytes=decode, decoded_on=len(on), longest_prompt_and_agreed=c_max,
+                     most_decoded=t_max)
             formula = max(formula, decode)
         r["formula_bytes"] = formula
         r["measured_over_formula"] = round(m.growth / formula, 2)

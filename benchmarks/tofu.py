@@ -26,6 +26,8 @@ importance: TOFU forget01 with retain99), p = 2, importance at θ_0, a LoRA θ_f
 other learning rate; with w's statistics (mean, correlation with |τ|, cosine and norm of w⊙τ against τ).
 Order: the first two seeds, the ablation, then the third seed.
 
+Training uses bf16 autocast (fp32 weights) where bf16 matmuls are native (a GPU, or a CPU with AVX-512 BF16
+or AMX) and fp32 elsewhere; an fp32 run is another set of models, so its cache and results carry "-fp32".
 Every step is cached under --work; results are written after each stage, so an interrupted run still
 leaves a table of what finished and a rerun continues. TOFU's text is never written into the results.
 """

@@ -150,10 +150,11 @@ def transformers_greedy(memorised, eval_rows):
 
 @pytest.mark.parametrize("batch_size", [1, 4, 64])
 def test_batched_greedy_answers_equal_transformers_one_question_at_a_time(memorised, eval_rows, batch_size,
-                                                                          transformers_greedy):
+                                                                          transformers_greedy, monkeypatch):
     """From the prompts alone: questions sorted into batches, left-padded, finished answers leaving the batch."""
     model, tok = memorised
     questions = [r.question for r in eval_rows[:8] + eval_rows[-3:]]
+    monkeypatch.setattr(sc, "ROOM", 1 if batch_size == 4 else 64)  # and with a cache out of room at once
     got = sc.generate_answers(model, tok, questions, max_new_tokens=24, batch_size=batch_size)
     lengths = set()
     for q, answer in zip(questions, got, strict=True):
@@ -163,14 +164,17 @@ def test_batched_greedy_answers_equal_transformers_one_question_at_a_time(memori
     assert len(lengths) > 1  # answers end at different steps, so rows really leave the batch
 
 
-@pytest.mark.parametrize("batch_size, max_new_tokens, answer_tokens", [(1, 24, 10**6), (4, 24, 60), (64, 24, 10**6),
-                                                                       (3, 5, 60)])
+@pytest.mark.parametrize("batch_size, max_new_tokens, answer_tokens, room", [
+    (1, 24, 10**6, 64), (4, 24, 60, 64), (64, 24, 10**6, 64), (3, 5, 60, 64),
+    (4, 24, 60, 1)])  # the decode cache out of room at once: it doubles its buffers as it goes
 def test_greedy_answers_continued_from_scoring_equal_transformers(memorised, eval_rows, batch_size, max_new_tokens,
-                                                                 answer_tokens, transformers_greedy):
+                                                                 answer_tokens, room, transformers_greedy,
+                                                                 monkeypatch):
     """Greedy answers started from the first answer's teacher forcing (the memorised rows agree with it to
     their end, the others part from it early) and decoded on from the scored cache, several forwards'
     worth side by side: the tokens equal transformers' own greedy decoding of each question alone."""
     model, tok = memorised
+    monkeypatch.setattr(sc, "ROOM", room)
     rows = eval_rows[:8] + eval_rows[-3:]
     items = tree_items(rows)
     scores = sc.score_questions(model, tok, items, generate=max_new_tokens, batch_size=batch_size,
