@@ -13,7 +13,8 @@ per forward: N questions, K = widest tree + 1 logit columns, S = shared prefix +
           + N·S·(S - prefix)·b   its attention mask
   decoding: Σ C_i·2L·kv·b         the B continuations' caches (C: prefix + prompt + answer tokens agreed on)
           + B·(max C + ROOM)·2L·kv·b   the decode cache they are copied into, with room for ROOM tokens;
-                                 when T (tokens decoded on) passes ROOM it doubles, both held during the copy
+                                 when T (tokens decoded on) passes ROOM it doubles a layer at a time (the
+                                 continuations gone by then): 2 + 1/L times the decode cache
 Measured: growth of RssAnon above the loaded model (glibc's mmap threshold pinned, so RssAnon follows the
 live tensors, as benchmarks/plan.py measures). Writes results/eval-memory-cpu.json.
 """
@@ -89,7 +90,9 @@ def main() -> int:
                   for m in [agreed(s.greedy, e[0].input_ids[e[0].n_prompt:])] if len(s.greedy) > m + 1]
             c_max, t_max = max(c for c, _ in on), max(t for _, t in on)
             held = len(on) * (c_max + sc.ROOM)
-            decode = (sum(c for c, _ in on) + held * (3 if t_max > sc.ROOM else 1)) * kv_per_token
+            decode = int(max(sum(n for n, _ in on) + held,
+                             held * (2 + 1 / model.config.num_hidden_layers) if t_max > sc.ROOM else 0)
+                         * kv_per_token)
             r.update(decoding_formula_bytes=decode, decoded_on=len(on), longest_prompt_and_agreed=c_max,
                      most_decoded=t_max)
             formula = max(formula, decode)
