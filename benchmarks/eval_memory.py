@@ -88,7 +88,7 @@ def main() -> int:
             # C of each: its prompt (prefix included) and the agreeing tokens, T: the tokens decoded after
             on = [(len(p) + m, len(s.greedy) - m - 1) for p, s, e in zip(prompts, scores, encoded)
                   for m in [agreed(s.greedy, e[0].input_ids[e[0].n_prompt:])] if len(s.greedy) > m + 1]
-            c_max, t_max = max(c for c, _ in on), max(t for _, t in on)
+            c_max, t_max = max((n for n, _ in on), default=0), max((t for _, t in on), default=0)
             held = len(on) * (c_max + sc.ROOM)
             decode = int(max(sum(n for n, _ in on) + held,
                              held * (2 + 1 / model.config.num_hidden_layers) if t_max > sc.ROOM else 0)
