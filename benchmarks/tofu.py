@@ -18,8 +18,10 @@ PerTA-grad and PerTA-fisher λ is calibrated on the held-back rows (perta_fast.c
 forgetting that keeps D_r's answer probability ≥ --keep-retain × θ_full's) and the model at that λ gets
 TOFU's metrics; each method's λ sweep on evaluation rows gives its retain probability at the retain
 model's forget probability (matched forgetting), and the model at that λ gets TOFU's metrics too (forget
-quality, ROUGE and every utility component at matched forgetting). θ_full and the retain model are
-trained once (seed 0).
+quality, ROUGE and every utility component at matched forgetting). Then matched forget quality: each
+method's forget quality at every grid λ (the forget split scored, no generation), the seed's level = the
+highest forget quality every method reaches, and each method at the first λ reaching it gets TOFU's
+metrics. θ_full and the retain model are trained once (seed 0).
 
 Ablation (first seed, sweeps only): ε = 1e-8, α = n_r/n_f and α = 99 (summed instead of mean set
 importance: TOFU forget01 with retain99), p = 2, importance at θ_0, a LoRA θ_ft, and θ_ft at the recipe's
@@ -180,6 +182,27 @@ def matched(points: list[dict], target: float) -> dict | None:
     return None
 
 
+def quality_target(curves: dict[str, list[dict]]) -> float | None:
+    """One seed's matched forget-quality level: the highest forget quality that every method reaches
+    somewhere on its λ grid (a level one method never reaches cannot be matched)."""
+    peaks = [max(p["forget_quality"] for p in c) for c in curves.values() if c]
+    return min(peaks) if peaks else None
+
+
+def first_reaching(points: list[dict], target: float) -> float | None:
+    """The smallest λ at which forget quality rises to `target`: log FQ (a p-value spanning decades)
+    interpolated linearly in λ between the two points around it; None if no point reaches it."""
+    prev = None
+    for p in points:
+        if p["forget_quality"] >= target:
+            if prev is None or prev["forget_quality"] <= 0:
+                return p["lam"]
+            a, b = math.log(prev["forget_quality"]), math.log(p["forget_quality"])
+            return prev["lam"] + (math.log(target) - a) / (b - a) * (p["lam"] - prev["lam"])
+        prev = p
+    return None
+
+
 def w_statistics(full, finetuned, importance, alpha=1.0, power=1.0, eps=1e-16) -> dict:
     """How w relates to τ over every scored weight: mean w, Pearson correlation of w with |τ|, cosine and
     norm ratio of w⊙τ against τ (1 and 1 for TV)."""
@@ -265,10 +288,12 @@ def main(argv=None) -> int:
     run.shared()
     for seed in a.seeds[:2]:  # the ablation (first seed) before the third seed: it answers more per minute
         run.seed(seed)
+        run.quality(seed)
     if not a.no_ablation:
         run.ablation(a.seeds[0])
     for seed in a.seeds[2:]:
         run.seed(seed)
+        run.quality(seed)
     print(markdown(run.summary))
     print(f"\nwrote {HERE / 'results' / stem}.json, .md, .png; {time.perf_counter() - run.t0:.0f} s this run")
     return 0
@@ -394,6 +419,51 @@ class Protocol:
         if self.a.baselines or self.a.size == "full":
             self._baselines(seed, record)
 
+    def quality(self, seed: int) -> None:
+        """Matched forget quality: each method's forget quality along its λ grid (the forget split scored
+        against the retain model's truth ratios, no generation), then every method at the first λ where it
+        reaches the seed's matched level, with all of TOFU's metrics there."""
+        w, record = self.work / f"seed{seed}", self.summary["seeds"][str(seed)]
+        start = {"lam": 0.0, "forget_quality": self.summary["models"]["theta_full"]["forget_quality"]}
+        curves, imps = {}, {}
+        for method, kind in METHODS.items():
+            imps[method] = w / f"importance-{kind}.safetensors" if kind else None
+            points = self._quality_sweep(w / "quality-sweep" / method, w / "theta_ft", imps[method], _merge_opts(method))
+            self.steps[f"quality sweep seed{seed} {method}"] = sum(p["seconds"] for p in points)
+            curves[method] = [start] + points
+            record["methods"][method]["quality_sweep"] = points
+        target = record["quality_target"] = quality_target(curves)
+        self.write()
+        for method, curve in curves.items():
+            lam = round(first_reaching(curve, target), 4)
+            res = self._evaluate_at(f"seed{seed}-{method}-quality", w / "theta_ft", imps[method],
+                                    replace(_merge_opts(method), lam=lam))
+            record["methods"][method]["at_quality"] = {"lam": lam, **metrics(res)}
+            self.write()
+
+    def _quality_sweep(self, folder: Path, finetuned, imp, opts) -> list[dict]:
+        """Forget quality, probability and truth ratio at each grid λ, each point cached on its own (a
+        point costs about half an evaluation: a cut run keeps what it scored)."""
+        from perta_fast.calibration import ModelAtLambda
+        from perta_fast.eval import evaluate_split, forget_quality
+
+        reference = self.reference["splits"]["forget"]["per_sample"]["truth_ratio_raw"]
+        at = None
+
+        def point(lam):
+            nonlocal at
+            t0 = time.perf_counter()
+            at = at or ModelAtLambda(self.full, finetuned, imp, opts, self.a.device)
+            at.set(lam)
+            res = evaluate_split(at.model, at.tokenizer, self.sets["splits"]["forget"], "forget",
+                                 replace(self.eval_opts, generate=False))
+            return {"lam": lam, "forget_quality": forget_quality(res["per_sample"]["truth_ratio_raw"], reference)[0],
+                    "forget_prob": res["prob"], "forget_truth_ratio": res["truth_ratio"],
+                    "seconds": round(time.perf_counter() - t0, 1)}
+
+        folder.mkdir(parents=True, exist_ok=True)
+        return [cached_json(folder / f"lam{lam:g}.json", lambda: point(lam)) for lam in GRID]
+
     def _evaluate_at(self, name: str, finetuned, imp, opts) -> dict:
         """TOFU's metrics of θ_full merged with `opts` (its λ included); the merged model is deleted after."""
         from perta_fast.merge import merge
@@ -505,6 +575,8 @@ def aggregate(summary: dict) -> dict:
     return {method: {"seeds": len(rs), "lam": mean_sd([r.get("lam") for r in rs]),
                      **{c: mean_sd([r.get(c) for r in rs]) for c in COLUMNS},
                      **{f"at_match {c}": mean_sd([(r.get("at_match") or {}).get(c) for r in rs]) for c in COLUMNS},
+                     **{f"at_quality {c}": mean_sd([(r.get("at_quality") or {}).get(c) for r in rs]) for c in COLUMNS},
+                     "quality_lam": mean_sd([(r.get("at_quality") or {}).get("lam") for r in rs]),
                      "matched_lam": mean_sd([(r.get("matched") or {}).get("lam") for r in rs]),
                      "matched_retain": mean_sd([(r.get("matched") or {}).get("retain") for r in rs]),
                      "never_matched": sum("matched" in r and r["matched"] is None for r in rs),
@@ -557,6 +629,18 @@ def markdown(summary: dict) -> str:
             for method, r in at.items():
                 lines.append(f"| {method} | {r['at_match forget_quality']['n']} | " + " | ".join(
                     _fmt(r[f"at_match {c}"], 4 if c == "forget_quality" else 3) for c in COLUMNS) + " |")
+        at = {m: r for m, r in agg.items() if r["at_quality forget_quality"] is not None}
+        if at:
+            targets = [s["quality_target"] for s in summary["seeds"].values() if s.get("quality_target")]
+            lines += ["", "Matched forget quality: per seed, the highest forget quality every method reaches on its λ "
+                      f"grid (levels {', '.join(f'{t:.3g}' for t in targets)}); each method at the first λ reaching "
+                      "it (log FQ interpolated between grid points), TOFU's metrics there (FQ as measured), "
+                      "mean ± sd over seeds:", "",
+                      "| method | seeds | λ | " + " | ".join(short) + " |", "|---|---:|---:|" + "---:|" * len(short)]
+            for method, r in at.items():
+                lines.append(f"| {method} | {r['at_quality forget_quality']['n']} | {_fmt(r['quality_lam'], 2)} | "
+                             + " | ".join(_fmt(r[f"at_quality {c}"], 4 if c == "forget_quality" else 3)
+                                          for c in COLUMNS) + " |")
     if summary.get("ablation"):
         lines += ["", "Ablation (first seed; one knob at a time from PerTA's defaults; sweeps on evaluation rows):", "",
                   "| variant | mean w | corr(w, \\|τ\\|) | cos(w⊙τ, τ) | \\|w⊙τ\\| / \\|τ\\| | "
@@ -589,6 +673,11 @@ def plot(summary: dict, path: Path) -> None:
                 left.errorbar(mu2["mean"], fq2["mean"], xerr=mu2["sd"] or 0, yerr=fq2["sd"] or 0, marker="s",
                               capsize=3, color=colour, label=f"{method} at matched forget prob (n={fq2['n']})")
                 left.plot([mu["mean"], mu2["mean"]], [fq["mean"], fq2["mean"]], color=colour, lw=1, ls=":")
+            fq3, mu3 = r["at_quality forget_quality"], r["at_quality model_utility"]
+            if fq3 and mu3:
+                left.errorbar(mu3["mean"], fq3["mean"], xerr=mu3["sd"] or 0, yerr=fq3["sd"] or 0, marker="^",
+                              capsize=3, color=line.lines[0].get_color(),
+                              label=f"{method} at matched forget quality (n={fq3['n']})")
     for (name, m), marker in zip(summary["models"].items(), "*PX"):  # black: set-up models, not methods
         if m.get("forget_quality") and m.get("model_utility") is not None:
             left.scatter(m["model_utility"], m["forget_quality"], marker=marker, s=120, color="k", label=name,
@@ -596,7 +685,8 @@ def plot(summary: dict, path: Path) -> None:
     left.set_yscale("log")
     left.set_xlabel("model utility")
     left.set_ylabel("forget quality (KS p-value)")
-    left.set_title("at calibrated λ (circles) and matched forgetting (squares), mean ± sd over seeds", fontsize=9)
+    left.set_title("at calibrated λ (circles), matched forget prob (squares) and matched FQ (triangles), "
+                   "mean ± sd over seeds", fontsize=8)
     left.legend(fontsize=7)
     first = next(iter(summary["seeds"].values()), {"methods": {}})
     for method, r in first["methods"].items():

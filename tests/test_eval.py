@@ -198,8 +198,7 @@ def test_tofu_eval_splits_load():
     assert [r.question for r in splits["forget"]] == [r.question for r in load_qa(f"{TOFU}:forget01")]
 
 
-@pytest.mark.skipif(not (TOFU / "full.json").is_file(), reason="TOFU data not at ../shared/data/tofu")
-def test_tofu_benchmark_cpu_sets_keep_importance_and_evaluation_rows_apart():
+def _tofu_benchmark():
     import importlib.util
     import sys
     from pathlib import Path
@@ -208,6 +207,29 @@ def test_tofu_benchmark_cpu_sets_keep_importance_and_evaluation_rows_apart():
     bench = importlib.util.module_from_spec(spec)
     sys.modules["tofu_bench"] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_tofu_benchmark_matches_forget_quality_at_the_level_every_method_reaches():
+    bench = _tofu_benchmark()
+
+    def curve(*fq):
+        return [{"lam": lam, "forget_quality": q} for lam, q in zip((0.0, 1.0, 2.0, 4.0), fq)]
+
+    # TV peaks at 0.1 and falls again (over-forgetting); PerTA climbs to 0.5: the common level is TV's peak
+    curves = {"TV": curve(1e-5, 1e-3, 0.1, 1e-4), "PerTA": curve(1e-5, 1e-4, 1e-2, 0.5)}
+    target = bench.quality_target(curves)
+    assert target == 0.1
+    assert bench.first_reaching(curves["TV"], target) == 2.0  # the peak itself, not the fall after it
+    # PerTA crosses 0.1 between λ 2 (0.01) and 4 (0.5): log-linear, 2 + 2·log(10)/log(50)
+    assert bench.first_reaching(curves["PerTA"], target) == pytest.approx(2 + 2 * math.log(10) / math.log(50))
+    assert bench.first_reaching(curves["TV"], 0.2) is None
+    assert bench.first_reaching(curve(0.3, 0.4, 0.5, 0.6), 0.2) == 0.0  # θ_full already there
+
+
+@pytest.mark.skipif(not (TOFU / "full.json").is_file(), reason="TOFU data not at ../shared/data/tofu")
+def test_tofu_benchmark_cpu_sets_keep_importance_and_evaluation_rows_apart():
+    bench = _tofu_benchmark()
     size = bench.SIZES["cpu"]
     sets = bench.build_sets(TOFU, size, "forget01")
     full = load_qa(f"{TOFU}:full")
