@@ -661,7 +661,7 @@ def plot(summary: dict, path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (left, right, third) = plt.subplots(1, 3, figsize=(19, 5))
     for method, r in summary.get("aggregate", {}).items():
         fq, mu = r["forget_quality"], r["model_utility"]
         if fq and mu:
@@ -704,6 +704,18 @@ def plot(summary: dict, path: Path) -> None:
     right.set_ylabel("retain answer probability (sweep rows)")
     right.set_title("λ sweeps, first seed (upper left is best)", fontsize=9)
     right.legend(fontsize=6)
+    for method, r in first["methods"].items():
+        if r.get("quality_sweep"):
+            pts = r["quality_sweep"]
+            third.plot([p["lam"] for p in pts], [p["forget_quality"] for p in pts], marker="o", label=method)
+    if first.get("quality_target"):
+        third.axhline(first["quality_target"], color="gray", ls="--", lw=1, label="the matched level")
+    third.set_xscale("log", base=2)
+    third.set_yscale("log")
+    third.set_xlabel("λ")
+    third.set_ylabel("forget quality (KS p-value, every forget row)")
+    third.set_title("forget quality along λ, first seed", fontsize=9)
+    third.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
