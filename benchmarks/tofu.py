@@ -26,7 +26,7 @@ metrics. θ_full and the retain model are trained once (seed 0).
 Ablation (first seed, sweeps only): ε = 1e-8, α = n_r/n_f and α = 99 (summed instead of mean set
 importance: TOFU forget01 with retain99), p = 2, importance at θ_0, a LoRA θ_ft, and θ_ft at the recipe's
 other learning rate; with w's statistics (mean, correlation with |τ|, cosine and norm of w⊙τ against τ).
-Order: the first two seeds, the ablation, then the third seed.
+Order: the first two seeds, the ablation, the third seed, then matched forget quality seed by seed.
 
 Training uses bf16 autocast (fp32 weights) where bf16 matmuls are native (a GPU, or a CPU with AVX-512 BF16
 or AMX) and fp32 elsewhere; an fp32 run is another set of models, so its cache and results carry "-fp32".
@@ -288,11 +288,11 @@ def main(argv=None) -> int:
     run.shared()
     for seed in a.seeds[:2]:  # the ablation (first seed) before the third seed: it answers more per minute
         run.seed(seed)
-        run.quality(seed)
     if not a.no_ablation:
         run.ablation(a.seeds[0])
     for seed in a.seeds[2:]:
         run.seed(seed)
+    for seed in a.seeds:  # last: ~8 forget-split scorings per method and seed, so the tables above come first
         run.quality(seed)
     print(markdown(run.summary))
     print(f"\nwrote {HERE / 'results' / stem}.json, .md, .png; {time.perf_counter() - run.t0:.0f} s this run")
@@ -594,12 +594,21 @@ def _fmt(v, digits=3) -> str:
     return f"{v:.{digits}f}"
 
 
+def _cell(v, column: str) -> str:
+    """Three decimals; forget quality, a p-value that spans decades, in two significant digits."""
+    if column != "forget_quality" or v is None:
+        return _fmt(v)
+    if isinstance(v, dict):
+        return f"{v['mean']:.2g}" + ("" if v["sd"] is None else f" ± {v['sd']:.2g}")
+    return f"{v:.2g}"
+
+
 def markdown(summary: dict) -> str:
     short = ["FQ", "MU", "forget prob", "forget ROUGE", "forget TR", "retain prob", "retain ROUGE", "retain TR",
              "RA prob", "RA ROUGE", "RA TR", "WF prob", "WF ROUGE", "WF TR"]
     lines = ["Set-up models:", "", "| model | " + " | ".join(short) + " |", "|---|" + "---:|" * len(short)]
     for name, m in summary["models"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c), 4 if c == "forget_quality" else 3) for c in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(m.get(c), c) for c in COLUMNS) + " |")
     agg = summary.get("aggregate", {})
     if agg:
         lines += ["", f"At calibrated λ (retain floor {summary['keep_retain']} × θ_full's on held-back D_r rows), "
@@ -607,7 +616,7 @@ def markdown(summary: dict) -> str:
                   "| method | seeds | λ | " + " | ".join(short) + " |", "|---|---:|---:|" + "---:|" * len(short)]
         for method, r in agg.items():
             lines.append(f"| {method} | {r['seeds']} | {_fmt(r['lam'], 2)} | "
-                         + " | ".join(_fmt(r[c], 4 if c == "forget_quality" else 3) for c in COLUMNS) + " |")
+                         + " | ".join(_cell(r[c], c) for c in COLUMNS) + " |")
         lines += ["", "Matched forgetting (λ sweep on evaluation rows): retain probability where forget probability "
                   "reaches the retain model's:", "", "| method | λ at match | retain prob at match | seeds not reaching it |",
                   "|---|---:|---:|---:|"]
@@ -628,7 +637,7 @@ def markdown(summary: dict) -> str:
                       "| method | seeds | " + " | ".join(short) + " |", "|---|---:|" + "---:|" * len(short)]
             for method, r in at.items():
                 lines.append(f"| {method} | {r['at_match forget_quality']['n']} | " + " | ".join(
-                    _fmt(r[f"at_match {c}"], 4 if c == "forget_quality" else 3) for c in COLUMNS) + " |")
+                    _cell(r[f"at_match {c}"], c) for c in COLUMNS) + " |")
         at = {m: r for m, r in agg.items() if r["at_quality forget_quality"] is not None}
         if at:
             targets = [s["quality_target"] for s in summary["seeds"].values() if s.get("quality_target")]
@@ -639,7 +648,7 @@ def markdown(summary: dict) -> str:
                       "| method | seeds | λ | " + " | ".join(short) + " |", "|---|---:|---:|" + "---:|" * len(short)]
             for method, r in at.items():
                 lines.append(f"| {method} | {r['at_quality forget_quality']['n']} | {_fmt(r['quality_lam'], 2)} | "
-                             + " | ".join(_fmt(r[f"at_quality {c}"], 4 if c == "forget_quality" else 3)
+                             + " | ".join(_cell(r[f"at_quality {c}"], c)
                                           for c in COLUMNS) + " |")
     if summary.get("ablation"):
         lines += ["", "Ablation (first seed; one knob at a time from PerTA's defaults; sweeps on evaluation rows):", "",
