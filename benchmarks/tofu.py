@@ -337,16 +337,19 @@ class Protocol:
     def train(self, out: Path, src, rows, knobs: dict, seed: int = 0) -> Path:
         from perta_fast.train import FinetuneOptions, finetune
 
-        path, self.steps[f"train {out.name}"] = cached(out, lambda o: finetune(
+        path, self.steps[f"train {self._step_name(out)}"] = cached(out, lambda o: finetune(
             src, rows, o, FinetuneOptions(**knobs, seed=seed, device=self.a.device)))
         return path
 
     def importance(self, out: Path, model, forget, retain, method, adapter=None) -> Path:
         from perta_fast.importance import importance_file
 
-        path, self.steps[f"importance {out.name}"] = cached(out, lambda o: importance_file(
+        path, self.steps[f"importance {self._step_name(out)}"] = cached(out, lambda o: importance_file(
             model, forget, retain, o, method, 8, device=self.a.device, adapter=adapter, progress=False))
         return path
+
+    def _step_name(self, out: Path) -> str:  # seedN/theta_ft: every seed has a theta_ft
+        return str(out.relative_to(self.work)) if out.is_relative_to(self.work) else out.name
 
     def evaluate(self, name: str, folder, reference) -> dict:
         from perta_fast.eval import eval_checkpoint
@@ -599,7 +602,8 @@ def _cell(v, column: str) -> str:
     if column != "forget_quality" or v is None:
         return _fmt(v)
     if isinstance(v, dict):
-        return f"{v['mean']:.2g}" + ("" if v["sd"] is None else f" ± {v['sd']:.2g}")
+        sd = v["sd"] if v["sd"] is None or v["sd"] > 1e-9 * v["mean"] else 0.0  # equal seeds, up to rounding
+        return f"{v['mean']:.2g}" + ("" if sd is None else f" ± {sd:.2g}")
     return f"{v:.2g}"
 
 
