@@ -706,6 +706,9 @@ def plot(summary: dict, path: Path) -> None:
         if "sweep" in r:
             pts = [r["sweep"][0]["theta_full"]] + r["sweep"]
             right.plot([p["forget"] for p in pts], [p["retain"] for p in pts], marker="o", label=method)
+        if r.get("quality_sweep"):
+            pts = r["quality_sweep"]
+            third.plot([p["lam"] for p in pts], [p["forget_quality"] for p in pts], marker="o", label=method)
     for label, e in summary.get("ablation", {}).items():
         if label.endswith("LoRA τ") or label.startswith("PerTA-grad "):
             pts = e["sweep"]
@@ -717,10 +720,6 @@ def plot(summary: dict, path: Path) -> None:
     right.set_ylabel("retain answer probability (sweep rows)")
     right.set_title("λ sweeps, first seed (upper left is best)", fontsize=9)
     right.legend(fontsize=6)
-    for method, r in first["methods"].items():
-        if r.get("quality_sweep"):
-            pts = r["quality_sweep"]
-            third.plot([p["lam"] for p in pts], [p["forget_quality"] for p in pts], marker="o", label=method)
     if first.get("quality_target"):
         third.axhline(first["quality_target"], color="gray", ls="--", lw=1, label="the matched level")
     third.set_xscale("log", base=2)
