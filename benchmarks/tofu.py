@@ -19,9 +19,9 @@ forgetting that keeps D_r's answer probability ≥ --keep-retain × θ_full's) a
 TOFU's metrics; each method's λ sweep on evaluation rows gives its retain probability at the retain
 model's forget probability (matched forgetting), and the model at that λ gets TOFU's metrics too (forget
 quality, ROUGE and every utility component at matched forgetting). Then matched forget quality: each
-method's forget quality at every grid λ (the forget split scored, no generation), the seed's level = the
-highest forget quality every method reaches, and each method at the first λ reaching it gets TOFU's
-metrics. θ_full and the retain model are trained once (seed 0).
+method's forget quality at every grid λ from its calibrated λ up (the forget split scored, no generation),
+the seed's level = the highest forget quality every method reaches, and each method at the smallest λ found
+to reach it (two bisections in log λ below the first grid point that does) gets TOFU's metrics. θ_full and the retain model are trained once (seed 0).
 
 Ablation (first seed, sweeps only): ε = 1e-8, α = n_r/n_f and α = 99 (summed instead of mean set
 importance: TOFU forget01 with retain99), p = 2, importance at θ_0, a LoRA θ_ft, and θ_ft at the recipe's
@@ -189,18 +189,28 @@ def quality_target(curves: dict[str, list[dict]]) -> float | None:
     return min(peaks) if peaks else None
 
 
-def first_reaching(points: list[dict], target: float) -> float | None:
-    """The smallest λ at which forget quality rises to `target`: log FQ (a p-value spanning decades)
-    interpolated linearly in λ between the two points around it; None if no point reaches it."""
-    prev = None
-    for p in points:
-        if p["forget_quality"] >= target:
-            if prev is None or prev["forget_quality"] <= 0:
-                return p["lam"]
-            a, b = math.log(prev["forget_quality"]), math.log(p["forget_quality"])
-            return prev["lam"] + (math.log(target) - a) / (b - a) * (p["lam"] - prev["lam"])
-        prev = p
-    return None
+def first_reaching(points: list[dict], target: float, score, steps: int = 2) -> dict | None:
+    """The smallest λ found whose measured forget quality reaches `target`: the first grid point that does,
+    then `steps` bisections in log λ between it and the point before, `score(λ)` measuring each (a
+    p-value is not interpolated: it moves in discrete KS steps). None if no point reaches it."""
+    lo = None
+    for hi in points:
+        if hi["forget_quality"] >= target:
+            break
+        lo = hi
+    else:
+        return None
+    for _ in range(steps if lo is not None else 0):
+        mid = score(round(math.sqrt(lo["lam"] * hi["lam"]), 4))
+        lo, hi = (lo, mid) if mid["forget_quality"] >= target else (mid, hi)
+    return hi
+
+
+def from_calibrated(grid, lam: float) -> list:
+    """The grid from the last point at or below the calibrated λ up: below it a method forgets less than
+    the retain constraint allows, and forget quality sits at its floor there (seed 0 of run B)."""
+    below = [g for g in grid if g <= lam]
+    return [g for g in grid if g >= (below[-1] if below else grid[0])]
 
 
 def w_statistics(full, finetuned, importance, alpha=1.0, power=1.0, eps=1e-16) -> dict:
@@ -423,37 +433,42 @@ class Protocol:
             self._baselines(seed, record)
 
     def quality(self, seed: int) -> None:
-        """Matched forget quality: each method's forget quality along its λ grid (the forget split scored
-        against the retain model's truth ratios, no generation), then every method at the first λ where it
-        reaches the seed's matched level, with all of TOFU's metrics there."""
+        """Matched forget quality: each method's forget quality along its λ grid from the calibrated λ up
+        (the forget split scored against the retain model's truth ratios, no generation), the seed's level
+        (the lowest of the methods' peaks), the smallest λ reaching it by bisection, and every method there
+        with all of TOFU's metrics."""
         w, record = self.work / f"seed{seed}", self.summary["seeds"][str(seed)]
-        start = {"lam": 0.0, "forget_quality": self.summary["models"]["theta_full"]["forget_quality"]}
-        curves, imps = {}, {}
+        curves, imps, scorers = {}, {}, {}
         for method, kind in METHODS.items():
             imps[method] = w / f"importance-{kind}.safetensors" if kind else None
-            points = self._quality_sweep(w / "quality-sweep" / method, w / "theta_ft", imps[method], _merge_opts(method))
-            self.steps[f"quality sweep seed{seed} {method}"] = sum(p["seconds"] for p in points)
-            curves[method] = [start] + points
-            record["methods"][method]["quality_sweep"] = points
+            scorers[method] = self._forget_quality_at(w / "quality-sweep" / method, w / "theta_ft", imps[method],
+                                                      _merge_opts(method))
+            curves[method] = [scorers[method](lam)
+                              for lam in from_calibrated(GRID, record["methods"][method]["lam"])]
+            record["methods"][method]["quality_sweep"] = curves[method]
         target = record["quality_target"] = quality_target(curves)
         self.write()
         for method, curve in curves.items():
-            lam = round(first_reaching(curve, target), 4)
-            res = self._evaluate_at(f"seed{seed}-{method}-quality", w / "theta_ft", imps[method],
-                                    replace(_merge_opts(method), lam=lam))
-            record["methods"][method]["at_quality"] = {"lam": lam, **metrics(res)}
+            found = first_reaching(curve, target, scorers[method])
+            self.steps[f"quality sweep seed{seed} {method}"] = sum(p["seconds"] for p in scorers[method].scored)
+            res = self._evaluate_at(f"seed{seed}-{method}-quality-lam{found['lam']:g}", w / "theta_ft", imps[method],
+                                    replace(_merge_opts(method), lam=found["lam"]))
+            bisected = scorers[method].scored[len(curve):]
+            record["methods"][method]["at_quality"] = {"lam": found["lam"], "bisected": bisected, **metrics(res)}
             self.write()
 
-    def _quality_sweep(self, folder: Path, finetuned, imp, opts) -> list[dict]:
-        """Forget quality, probability and truth ratio at each grid λ, each point cached on its own (a
-        point costs about half an evaluation: a cut run keeps what it scored)."""
+    def _forget_quality_at(self, folder: Path, finetuned, imp, opts):
+        """score(λ): forget quality, probability and truth ratio of θ_full merged at λ in memory, each λ
+        cached on its own (a point costs about half an evaluation: a cut run keeps what it scored);
+        score.scored lists every point it returned."""
         from perta_fast.calibration import ModelAtLambda
         from perta_fast.eval import evaluate_split, forget_quality
 
         reference = self.reference["splits"]["forget"]["per_sample"]["truth_ratio_raw"]
         at = None
+        folder.mkdir(parents=True, exist_ok=True)
 
-        def point(lam):
+        def measure(lam):
             nonlocal at
             t0 = time.perf_counter()
             at = at or ModelAtLambda(self.full, finetuned, imp, opts, self.a.device)
@@ -464,8 +479,13 @@ class Protocol:
                     "forget_prob": res["prob"], "forget_truth_ratio": res["truth_ratio"],
                     "seconds": round(time.perf_counter() - t0, 1)}
 
-        folder.mkdir(parents=True, exist_ok=True)
-        return [cached_json(folder / f"lam{lam:g}.json", lambda: point(lam)) for lam in GRID]
+        def score(lam):
+            point = cached_json(folder / f"lam{lam:g}.json", lambda: measure(lam))
+            score.scored.append(point)
+            return point
+
+        score.scored = []
+        return score
 
     def _evaluate_at(self, name: str, finetuned, imp, opts) -> dict:
         """TOFU's metrics of θ_full merged with `opts` (its λ included); the merged model is deleted after."""
@@ -647,7 +667,7 @@ def markdown(summary: dict) -> str:
             targets = [s["quality_target"] for s in summary["seeds"].values() if s.get("quality_target")]
             lines += ["", "Matched forget quality: per seed, the highest forget quality every method reaches on its λ "
                       f"grid (levels {', '.join(f'{t:.3g}' for t in targets)}); each method at the first λ reaching "
-                      "it (log FQ interpolated between grid points), TOFU's metrics there (FQ as measured), "
+                      "it (two bisections in log λ from the grid, FQ measured at each), TOFU's metrics there, "
                       "mean ± sd over seeds:", "",
                       "| method | seeds | λ | " + " | ".join(short) + " |", "|---|---:|---:|" + "---:|" * len(short)]
             for method, r in at.items():

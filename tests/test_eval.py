@@ -213,18 +213,47 @@ def _tofu_benchmark():
 def test_tofu_benchmark_matches_forget_quality_at_the_level_every_method_reaches():
     bench = _tofu_benchmark()
 
-    def curve(*fq):
-        return [{"lam": lam, "forget_quality": q} for lam, q in zip((0.0, 1.0, 2.0, 4.0), fq)]
+    # forget quality as a known function of λ: TV rises as λ²/40 to its peak 0.1 at λ 2 and then falls
+    # (over-forgetting); PerTA rises as λ²/100 (crossing 0.1 at λ √10) up to 0.64 at λ 8
+    def tv(lam):
+        return lam ** 2 / 40 if lam <= 2 else 0.1 * 2 / lam ** 2
 
-    # TV peaks at 0.1 and falls again (over-forgetting); PerTA climbs to 0.5: the common level is TV's peak
-    curves = {"TV": curve(1e-5, 1e-3, 0.1, 1e-4), "PerTA": curve(1e-5, 1e-4, 1e-2, 0.5)}
+    def perta(lam):
+        return lam ** 2 / 100
+
+    scored = []
+
+    def scorer(f):
+        def score(lam):
+            scored.append(lam)
+            return {"lam": lam, "forget_quality": f(lam)}
+        return score
+
+    grid = (1.0, 2.0, 4.0, 8.0)
+    curves = {name: [scorer(f)(lam) for lam in grid] for name, f in (("TV", tv), ("PerTA", perta))}
     target = bench.quality_target(curves)
     assert target == 0.1
-    assert bench.first_reaching(curves["TV"], target) == 2.0  # the peak itself, not the fall after it
-    # PerTA crosses 0.1 between λ 2 (0.01) and 4 (0.5): log-linear, 2 + 2·log(10)/log(50)
-    assert bench.first_reaching(curves["PerTA"], target) == pytest.approx(2 + 2 * math.log(10) / math.log(50))
-    assert bench.first_reaching(curves["TV"], 0.2) is None
-    assert bench.first_reaching(curve(0.3, 0.4, 0.5, 0.6), 0.2) == 0.0  # θ_full already there
+    scored.clear()
+    found = bench.first_reaching(curves["PerTA"], target, scorer(perta))
+    # two bisections in log λ between 2 and 4: the λ found reaches the level by measurement, and lies
+    # within one quarter-octave above the true crossing
+    assert len(scored) == 2 and found["lam"] in scored
+    assert found["forget_quality"] >= target
+    assert math.sqrt(10) <= found["lam"] <= math.sqrt(10) * 2 ** 0.25
+    deep = bench.first_reaching(curves["PerTA"], target, scorer(perta), steps=12)
+    assert deep["lam"] == pytest.approx(math.sqrt(10), rel=1e-3)
+    # TV's level is its own peak: bisecting below it finds nothing smaller, not the fall after it
+    assert bench.first_reaching(curves["TV"], target, scorer(tv))["lam"] == 2.0
+    assert bench.first_reaching(curves["TV"], 0.2, scorer(tv)) is None
+    scored.clear()  # the first grid point already reaches it: nothing below it to bisect against
+    assert bench.first_reaching(curves["PerTA"], 0.001, scorer(perta))["lam"] == 1.0 and not scored
+
+
+def test_tofu_benchmark_quality_sweep_starts_at_the_calibrated_lambda():
+    bench = _tofu_benchmark()
+    assert bench.from_calibrated((0.5, 1.0, 2.0, 4.0), 1.12) == [1.0, 2.0, 4.0]
+    assert bench.from_calibrated((0.5, 1.0, 2.0, 4.0), 2.0) == [2.0, 4.0]
+    assert bench.from_calibrated((0.5, 1.0, 2.0, 4.0), 0.1) == [0.5, 1.0, 2.0, 4.0]
 
 
 @pytest.mark.skipif(not (TOFU / "full.json").is_file(), reason="TOFU data not at ../shared/data/tofu")
