@@ -726,9 +726,12 @@ def plot(summary: dict, path: Path) -> None:
         if "sweep" in r:
             pts = [r["sweep"][0]["theta_full"]] + r["sweep"]
             right.plot([p["forget"] for p in pts], [p["retain"] for p in pts], marker="o", label=method)
-        if r.get("quality_sweep"):
-            pts = r["quality_sweep"]
-            third.plot([p["lam"] for p in pts], [p["forget_quality"] for p in pts], marker="o", label=method)
+        if r.get("quality_sweep"):  # the grid and the bisection's points, the matched λ starred
+            at = r.get("at_quality") or {}
+            pts = sorted(r["quality_sweep"] + at.get("bisected", []), key=lambda p: p["lam"])
+            line, = third.plot([p["lam"] for p in pts], [p["forget_quality"] for p in pts], marker="o", label=method)
+            if at:
+                third.scatter(at["lam"], at["forget_quality"], marker="*", s=150, color=line.get_color(), zorder=3)
     for label, e in summary.get("ablation", {}).items():
         if label.endswith("LoRA τ") or label.startswith("PerTA-grad "):
             pts = e["sweep"]
@@ -746,8 +749,9 @@ def plot(summary: dict, path: Path) -> None:
     third.set_yscale("log")
     third.set_xlabel("λ")
     third.set_ylabel("forget quality (KS p-value, every forget row)")
-    third.set_title("forget quality along λ, first seed", fontsize=9)
-    third.legend(fontsize=6)
+    third.set_title("forget quality along λ, first seed (★ the matched λ)", fontsize=9)
+    if third.get_legend_handles_labels()[0]:
+        third.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
