@@ -608,6 +608,26 @@ def aggregate(summary: dict) -> dict:
             for method, rs in by_method.items()}
 
 
+GAIN_COLUMNS = ["model_utility", "forget prob", "retain prob", "retain rouge_l", "real_authors rouge_l",
+                "world_facts rouge_l"]
+
+
+def gains_over_tv(summary: dict, stage: str) -> dict:
+    """Per method but TV, each GAIN_COLUMNS column's difference from TV at `stage` ("at_match",
+    "at_quality"), paired within a seed (θ_ft and the held-back rows shared), mean ± sd over the seeds
+    where both have it: the spread of the gain itself, not of either method alone."""
+    out: dict = {}
+    for seed in summary["seeds"].values():
+        tv = seed["methods"].get("TV", {}).get(stage)
+        for method, r in seed["methods"].items():
+            if method == "TV" or not tv or not r.get(stage):
+                continue
+            for c in GAIN_COLUMNS:
+                if r[stage].get(c) is not None and tv.get(c) is not None:
+                    out.setdefault(method, {}).setdefault(c, []).append(r[stage][c] - tv[c])
+    return {m: {c: mean_sd(v) for c, v in cols.items()} for m, cols in out.items()}
+
+
 def _fmt(v, digits=3) -> str:
     if v is None:
         return "-"
@@ -674,6 +694,15 @@ def markdown(summary: dict) -> str:
                 lines.append(f"| {method} | {r['at_quality forget_quality']['n']} | {_fmt(r['quality_lam'], 2)} | "
                              + " | ".join(_cell(r[f"at_quality {c}"], c)
                                           for c in COLUMNS) + " |")
+    for stage, title in (("at_match", "matched forget probability"), ("at_quality", "matched forget quality")):
+        gains = gains_over_tv(summary, stage)
+        if gains:
+            lines += ["", f"Gain over TV at {title}, paired by seed (method − TV), mean ± sd:", "",
+                      "| method | seeds | MU | forget prob | retain prob | retain ROUGE | RA ROUGE | WF ROUGE |",
+                      "|---|---:|" + "---:|" * len(GAIN_COLUMNS)]
+            for method, g in gains.items():
+                lines.append(f"| {method} | {g['model_utility']['n']} | "
+                             + " | ".join(_fmt(g.get(c)) for c in GAIN_COLUMNS) + " |")
     if summary.get("ablation"):
         lines += ["", "Ablation (first seed; one knob at a time from PerTA's defaults; sweeps on evaluation rows):", "",
                   "| variant | mean w | corr(w, \\|τ\\|) | cos(w⊙τ, τ) | \\|w⊙τ\\| / \\|τ\\| | "

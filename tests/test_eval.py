@@ -283,3 +283,23 @@ def test_tofu_benchmark_cpu_sets_keep_importance_and_evaluation_rows_apart():
     assert sets["importance_retain"] == [r for r in full[400:-200] if r.question not in evaluated]
     assert len(sets["splits"]["retain"]) == 400 and len(sets["importance_retain"]) == 3400 - 1
     assert not {r.question for r in sets["importance_retain"]} & {r.question for r in sets["splits"]["retain"]}
+
+
+def test_tofu_benchmark_gains_over_tv_are_paired_within_a_seed():
+    bench = _tofu_benchmark()
+
+    def row(mu, retain):
+        return {"at_quality": {"model_utility": mu, "retain prob": retain}}
+
+    # TV's utility moves a lot between seeds, PerTA's gain over it is constant: paired, the gain's sd is 0
+    summary = {"seeds": {"0": {"methods": {"TV": row(0.10, 0.2), "PerTA": row(0.15, 0.3)}},
+                         "1": {"methods": {"TV": row(0.30, 0.4), "PerTA": row(0.35, 0.4)}},
+                         "2": {"methods": {"TV": row(0.20, 0.1), "PerTA": {}}}}}  # PerTA not done: left out
+    gains = bench.gains_over_tv(summary, "at_quality")
+    assert set(gains) == {"PerTA"}
+    assert gains["PerTA"]["model_utility"]["mean"] == pytest.approx(0.05)
+    assert gains["PerTA"]["model_utility"]["sd"] == pytest.approx(0.0, abs=1e-12)
+    assert gains["PerTA"]["model_utility"]["n"] == 2
+    assert gains["PerTA"]["retain prob"]["mean"] == pytest.approx(0.05)
+    assert gains["PerTA"]["retain prob"]["sd"] == pytest.approx(math.sqrt(0.005))  # 0.1 and 0.0
+    assert "forget prob" not in gains["PerTA"]
