@@ -21,7 +21,8 @@ model's forget probability (matched forgetting), and the model at that λ gets T
 quality, ROUGE and every utility component at matched forgetting). Then matched forget quality: each
 method's forget quality at every grid λ from its calibrated λ up (the forget split scored, no generation),
 the seed's level = the highest forget quality every method reaches, and each method at the smallest λ found
-to reach it (two bisections in log λ below the first grid point that does) gets TOFU's metrics. θ_full and the retain model are trained once (seed 0).
+to reach it (two bisections in log λ below the first grid point that does) gets TOFU's metrics. θ_full
+and the retain model are trained once (seed 0).
 
 Ablation (first seed, sweeps only): ε = 1e-8, α = n_r/n_f and α = 99 (summed instead of mean set
 importance: TOFU forget01 with retain99), p = 2, importance at θ_0, a LoRA θ_ft, and θ_ft at the recipe's
