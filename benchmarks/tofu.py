@@ -214,6 +214,23 @@ def from_calibrated(grid, lam: float) -> list:
     return [g for g in grid if g >= (below[-1] if below else grid[0])]
 
 
+def quality_scan(grid, calibrated: float, matched_lam: float | None, score) -> list[dict]:
+    """Forget quality over the grid from one octave below matched forgetting (where the forget probability
+    reaches the retain model's, and forget quality peaks near it), then down one grid point at a time,
+    never below the calibrated λ's, while the lowest point is above the curve's minimum: the rise from the
+    floor, where any level is first reached, is then inside the scan. The whole range from the calibrated
+    λ where the grid never reaches matched forgetting. On run B's records (every point from the calibrated
+    λ up) it scores 31 of the 50 points and finds the same level in every seed."""
+    allowed = from_calibrated(grid, calibrated)
+    below_half = [g for g in allowed if matched_lam is not None and g <= matched_lam / 2]
+    start = below_half[-1] if below_half else allowed[0]
+    lower = [g for g in allowed if g < start]
+    curve = [score(g) for g in allowed if g >= start]
+    while lower and curve[0]["forget_quality"] > min(p["forget_quality"] for p in curve):
+        curve.insert(0, score(lower.pop()))
+    return curve
+
+
 def w_statistics(full, finetuned, importance, alpha=1.0, power=1.0, eps=1e-16) -> dict:
     """How w relates to τ over every scored weight: mean w, Pearson correlation of w with |τ|, cosine and
     norm ratio of w⊙τ against τ (1 and 1 for TV)."""
@@ -277,6 +294,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="cache (default: ~/.cache/perta_fast/tofu-SIZE-RECIPE)")
     ap.add_argument("--model", default=None, help="base checkpoint (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--name", default=None, help="results file stem (default: the cache folder's name): keeps an earlier "
+                    "run's results files beside this one's")
     a = ap.parse_args(argv)
 
     tofu = Path(a.tofu)
@@ -295,7 +314,7 @@ def main(argv=None) -> int:
     stem = f"tofu-{a.size}-{a.recipe}" + (f"-{a.forget}" if a.size == "full" else "") + ("" if fast_bf16 else "-fp32")
     work = Path(a.work) if a.work else cache_dir() / stem
     work.mkdir(parents=True, exist_ok=True)
-    run = Protocol(a, size, recipe, base, work, build_sets(tofu, size, a.forget), stem)
+    run = Protocol(a, size, recipe, base, work, build_sets(tofu, size, a.forget), a.name or stem)
     run.shared()
     for seed in a.seeds[:2]:  # the ablation (first seed) before the third seed: it answers more per minute
         run.seed(seed)
@@ -306,7 +325,7 @@ def main(argv=None) -> int:
     for seed in a.seeds:  # last: ~8 forget-split scorings per method and seed, so the tables above come first
         run.quality(seed)
     print(markdown(run.summary))
-    print(f"\nwrote {HERE / 'results' / stem}.json, .md, .png; {time.perf_counter() - run.t0:.0f} s this run")
+    print(f"\nwrote {HERE / 'results' / run.stem}.json, .md, .png; {time.perf_counter() - run.t0:.0f} s this run")
     return 0
 
 
@@ -434,8 +453,8 @@ class Protocol:
             self._baselines(seed, record)
 
     def quality(self, seed: int) -> None:
-        """Matched forget quality: each method's forget quality along its λ grid from the calibrated λ up
-        (the forget split scored against the retain model's truth ratios, no generation), the seed's level
+        """Matched forget quality: each method's forget quality along its λ grid around matched forgetting
+        (quality_scan; the forget split scored against the retain model's truth ratios, no generation), the seed's level
         (the lowest of the methods' peaks), the smallest λ reaching it by bisection, and every method there
         with all of TOFU's metrics."""
         w, record = self.work / f"seed{seed}", self.summary["seeds"][str(seed)]
@@ -444,8 +463,8 @@ class Protocol:
             imps[method] = w / f"importance-{kind}.safetensors" if kind else None
             scorers[method] = self._forget_quality_at(w / "quality-sweep" / method, w / "theta_ft", imps[method],
                                                       _merge_opts(method))
-            curves[method] = [scorers[method](lam)
-                              for lam in from_calibrated(GRID, record["methods"][method]["lam"])]
+            entry = record["methods"][method]
+            curves[method] = quality_scan(GRID, entry["lam"], (entry["matched"] or {}).get("lam"), scorers[method])
             record["methods"][method]["quality_sweep"] = curves[method]
         target = record["quality_target"] = quality_target(curves)
         self.write()

@@ -256,6 +256,34 @@ def test_tofu_benchmark_quality_sweep_starts_at_the_calibrated_lambda():
     assert bench.from_calibrated((0.5, 1.0, 2.0, 4.0), 0.1) == [0.5, 1.0, 2.0, 4.0]
 
 
+def test_tofu_benchmark_quality_scan_starts_an_octave_below_matched_forgetting_and_holds_the_rise():
+    bench = _tofu_benchmark()
+    grid = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+    def scan(fq, calibrated, matched):
+        scored = []
+
+        def score(lam):
+            scored.append(lam)
+            return {"lam": lam, "forget_quality": fq(lam)}
+        return [p["lam"] for p in bench.quality_scan(grid, calibrated, matched, score)], scored
+
+    def peaked(at):  # at its floor up to at/4, rising to a peak at `at`, falling after it
+        return lambda lam: 0.0 if lam <= at / 4 else 1.0 / (1.0 + abs(math.log2(lam / at)))
+
+    # the peak near matched forgetting (λ 12): the scan starts at 4 (≤ 12/2), which is at the floor
+    lams, scored = scan(peaked(16.0), 1.1, 12.0)
+    assert lams == [4.0, 8.0, 16.0, 32.0] and sorted(scored) == lams
+    # a peak far below matched forgetting: the scan walks down until its lowest point is the floor,
+    # and never below the calibrated λ's grid point
+    lams, _ = scan(peaked(2.0), 0.6, 20.0)
+    assert lams == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    lams, _ = scan(peaked(2.0), 1.1, 20.0)
+    assert lams[0] == 1.0 and 2.0 in lams
+    # the grid never reaches matched forgetting: everything from the calibrated λ
+    assert scan(peaked(16.0), 1.1, None)[0] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+
+
 @pytest.mark.skipif(not (TOFU / "full.json").is_file(), reason="TOFU data not at ../shared/data/tofu")
 def test_tofu_benchmark_cpu_sets_keep_importance_and_evaluation_rows_apart():
     bench = _tofu_benchmark()
