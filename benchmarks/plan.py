@@ -27,13 +27,18 @@ CONFIGS = {  # hidden, intermediate, layers, heads, kv heads
     "llama-120M": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4),
 }
+# perta-fast eval at its defaults on TOFU-size work: 128 questions (the facts repeated) decoded together to
+# 200 new tokens (at random weights no answer agrees with its scored one or ends)
+EVAL = {"rows": 128, "batch_size": 128, "max_new_tokens": 200}
 CASES = [  # (step, dtype, options)
     ("finetune", "fp32", {}), ("finetune", "bf16", {}), ("finetune", "fp32", {"lora_rank": 8}),
     ("finetune", "bf16", {"lora_rank": 8}), ("finetune", "bf16", {"lora_rank": 8, "gradient_checkpointing": True}),
     ("importance", "fp32", {"method": "fisher"}), ("importance", "bf16", {"method": "fisher"}),
     ("importance", "fp32", {"method": "grad"}), ("importance", "bf16", {"method": "grad"}),
     ("importance", "bf16", {"method": "fisher", "gradient_checkpointing": True}),
-    ("eval", "fp32", {}), ("eval", "bf16", {}), ("calibrate", "fp32", {}), ("calibrate", "bf16", {}),
+    ("quick-eval", "fp32", {}), ("quick-eval", "bf16", {}),
+    ("eval", "fp32", EVAL), ("eval", "bf16", EVAL),
+    ("calibrate", "fp32", {}), ("calibrate", "bf16", {}),
 ]
 
 
@@ -51,13 +56,14 @@ def build(folder: Path, shape: dict, tokenizer_dir: Path, seed: int = 0) -> Path
     return folder
 
 
-def max_tokens(model_dir: Path, rows: int) -> int:
+def max_tokens(model_dir: Path, rows: int, prompt_only: bool = False) -> int:
     from perta_fast.data import encode
     from perta_fast.facts import make_facts
     from perta_fast.models import load_tokenizer
 
     forget, retain = make_facts(10, 2, 0)
-    return max(len(e.input_ids) for e in encode(load_tokenizer(model_dir), (forget + retain)[:rows]))
+    encoded = encode(load_tokenizer(model_dir), (forget + retain)[:rows])
+    return max(e.n_prompt if prompt_only else len(e.input_ids) for e in encoded)
 
 
 def main(argv=None):
@@ -99,10 +105,14 @@ def main(argv=None):
                                                                  {**options, "mmap_threshold": threshold})
                     shutil.rmtree(tmp / "out", ignore_errors=True)
                     (tmp / "out").unlink(missing_ok=True)
+                # the eval's continuations hold their prompts alone (nothing agrees at random weights)
+                context = max_tokens(model, 16, prompt_only=True) if step == "eval" else length
                 plan = plan_steps(folder, opts.get("lora_rank"), "all-linear", "auto", opts.get("method", "fisher"),
-                                  a.batch_size, length, opts.get("gradient_checkpointing", False))["steps"]
+                                  a.batch_size, context, opts.get("gradient_checkpointing", False),
+                                  eval_batch=options["batch_size"], max_new_tokens=opts.get("max_new_tokens", 200))["steps"]
                 key = {"finetune": "finetune (LoRA)" if "lora_rank" in opts else "finetune (full)",
-                       "importance": f"importance ({opts.get('method')})", "eval": "eval",
+                       "importance": f"importance ({opts.get('method')})", "quick-eval": "quick eval",
+                       "eval": "eval (TOFU)",
                        "calibrate": "calibrate"}[step]
                 predicted = plan[key][0]
                 tensors, glibc = measured["tensors"], measured["glibc"]
@@ -125,7 +135,7 @@ def main(argv=None):
     lines = ["| model | step | dtype | options | predicted MB | held MB | predicted / held | glibc default: held MB "
              "| predicted / held | time, 128 KiB / default |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        opts = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("lora_rank", "gradient_checkpointing"))
+        opts = ", ".join(f"{k}={v}" for k, v in r.items() if k in ("lora_rank", "gradient_checkpointing", *EVAL))
         lines.append(f"| {r['model']} | {r['step']} | {r['dtype']} | {opts} | {r['predicted_bytes'] / 1e6:.0f} | "
                      f"{r['measured_bytes'] / 1e6:.0f} | {r['ratio']:.2f} | {r['glibc_held_bytes'] / 1e6:.0f} | "
                      f"{r['glibc_ratio']:.2f} | {r['seconds'] / r['glibc_seconds']:.2f} |")

@@ -11,7 +11,14 @@ Bytes per parameter P (b = bytes of the compute dtype), plus activations per tok
                     one parameter's fp32 buffer 4·max(P_i) beside the weights
   merge             the largest tensor's output buffer (inputs are mapped files) + a 16 MiB LoRA block;
                     on a GPU also that tensor's inputs copied there
-  eval              weights b·P + KV cache + logits
+  quick eval        weights b·P + KV cache + logits of one batch (calibrate's and unlearn's checks)
+  eval (TOFU)       weights b·P + the larger of `perta-fast eval`'s phases at its defaults (128 questions
+                    decoded together, up to 200 new tokens; C = --max-length tokens of prompt and
+                    agreed answer a question): scoring one forward (logits of ≤ 1024 answer tokens, an
+                    fp32 log-sum-exp chunk, KV cache and tree mask of ≤ 4096 context tokens) beside the
+                    continuations waiting to be decoded; decoding a batch's continuations copied into
+                    a decode cache with room for 64 tokens that doubles, a layer at a time, until the
+                    answers fit (2 + 1/L times the cache at each doubling)
 
 Activations are counted from the tensors autograd saves in a Llama-style decoder layer, per token:
 norm inputs and outputs, q/k/v/attention output, the gated MLP's four I-wide tensors; with gradient
@@ -37,6 +44,9 @@ RUNTIME_HOST_BYTES = 0.4e9  # python + torch + transformers + peft, measured on 
 LORA_BLOCK_BYTES = 4 * (1 << 22)  # perta_fast.merge.LORA_BLOCK_ELEMENTS of fp32
 LOSS_CHUNK_BYTES = 1 << 26  # perta_fast.loss.CHUNK_BYTES: fp32 tokens × vocabulary the loss forms at once
 CHUNK_ELEMENTS = 1 << 25  # perta_fast.ops.CHUNK_ELEMENTS: per-sample gradients the torch path forms at once
+# perta_fast.scoring's bounds and EvalOptions' default: what `perta-fast eval` holds at once
+ANSWER_TOKENS_PER_FORWARD, CONTEXT_TOKENS_PER_FORWARD, GENERATE_BATCH, DECODE_ROOM = 1024, 4096, 128, 64
+MAX_NEW_TOKENS = 200
 
 
 @dataclass
@@ -140,13 +150,43 @@ def importance_working_bytes(s: Shapes, batch_size: int, max_length: int, b: int
     return working
 
 
+def tofu_eval_bytes(s: Shapes, b: int, context: int, batch: int = GENERATE_BATCH,
+                    max_new_tokens: int = MAX_NEW_TOKENS) -> int:
+    """`perta-fast eval`'s peak above the weights, the larger of its phases (the module docstring), with
+    `context` tokens of prompt and agreed answer a question (a continuation's cache)."""
+    kv = 2 * s.layers * s.kv_heads * s.head_dim * b  # bytes of keys and values per token
+    logits = ANSWER_TOKENS_PER_FORWARD * s.vocab
+    waiting = (batch - 1) * context * kv if max_new_tokens else 0  # scored, not yet a full batch to decode
+    scoring = (logits * b + min(LOSS_CHUNK_BYTES, 4 * logits)
+               + CONTEXT_TOKENS_PER_FORWARD * (kv + context * b) + waiting)
+    size = context + DECODE_ROOM  # tokens the decode cache holds a row
+    decoding = batch * (context + size) * kv  # the continuations while they are copied in
+    while size < context + max_new_tokens:  # out of room: a layer's old and new buffers side by side
+        decoding = max(decoding, int(batch * size * kv * (2 + 1 / s.layers)))
+        size = 2 * size + 1
+    return max(scoring, decoding + batch * s.vocab * b if max_new_tokens else 0)  # + a decode step's logits
+
+
+def _eval_batch_that_fits(s, b, weights, context, batch, max_new_tokens, memory_gb) -> str:
+    """Where the eval does not fit the budget: the most questions decoded together that do (the decode
+    cache is what grows with them), as a hint."""
+    if memory_gb is None:
+        return ""
+    room = memory_gb * GB - RUNTIME_HOST_BYTES - weights
+    if tofu_eval_bytes(s, b, context, batch, max_new_tokens) <= room:
+        return ""
+    fits = next((n for n in range(batch - 1, 0, -1) if tofu_eval_bytes(s, b, context, n, max_new_tokens) <= room), None)
+    return f"; eval --batch-size {fits} fits" if fits else ""
+
+
 def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targets: str = "all-linear",
                dtype: str = "auto", method: str = "fisher", batch_size: int = 8, max_length: int = 256,
                checkpointing: bool = False, groups: int = 1, memory_gb: float | None = None,
-               device: str = "cpu") -> dict:
+               device: str = "cpu", eval_batch: int = GENERATE_BATCH, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """{"steps": {step: (bytes, formula)}, ...}: each step's peak memory, without the runtime's own.
     With `memory_gb`, importance is split into as many parameter groups as that budget needs
-    (`importance --max-memory`), and "groups" says how many."""
+    (`importance --max-memory`), and "groups" says how many. `eval_batch` and `max_new_tokens` are
+    `perta-fast eval`'s --batch-size and --max-new-tokens."""
     config_path = Path(config_path)
     if config_path.is_dir():
         config_path = config_path / "config.json"
@@ -192,9 +232,14 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
     else:  # inputs are read from the mapped files; only the output buffer is held
         steps["merge"] = (b * widest + LORA_BLOCK_BYTES, "output buffer of the largest tensor + a LoRA block")
     kv_cache = 2 * s.layers * tokens * s.kv_heads * s.head_dim * b
-    steps["eval"] = (weights + kv_cache + logits_bytes(s, tokens, b, False), f"weights {b}·P + KV cache + logits")
+    steps["quick eval"] = (weights + kv_cache + logits_bytes(s, tokens, b, False),
+                           f"weights {b}·P + KV cache + logits of a batch")
+    steps["eval (TOFU)"] = (weights + tofu_eval_bytes(s, b, max_length, eval_batch, max_new_tokens),
+                            f"weights {b}·P + scoring or decoding ({eval_batch} questions, {max_new_tokens} new tokens)"
+                            + _eval_batch_that_fits(s, b, weights, max_length, eval_batch, max_new_tokens, memory_gb))
     # calibrate: one model moved over λ in place (no second copy) and the quick eval at each point
-    steps["calibrate"] = (steps["eval"][0] + steps["merge"][0], "eval + the merge's buffers (model moved in place)")
+    steps["calibrate"] = (steps["quick eval"][0] + steps["merge"][0],
+                          "quick eval + the merge's buffers (model moved in place)")
     steps = {k: (int(v), d) for k, (v, d) in steps.items()}
     return {"shapes": s, "dtype": dt, "params": P, "steps": steps, "groups": groups}
 

@@ -155,7 +155,7 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
     from .models import load_tokenizer
 
     forget, retain = make_facts(10, 2, 0)
-    rows = (forget + retain)[:options.get("rows", 16)]
+    rows = ((forget + retain) * (1 + options.get("rows", 16) // len(forget + retain)))[:options.get("rows", 16)]
     bs, length, dtype = options.get("batch_size", 8), options.get("max_length", 256), options.get("dtype")
     ckpt = options.get("gradient_checkpointing", False)
     # by default the live tensors (the plan's quantity), not what glibc's heap also keeps; None: glibc's own
@@ -175,12 +175,19 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
         elif step == "importance":
             pf.importance_file(model_dir, rows, rows, out, options.get("method", "fisher"), bs, length,
                                progress=False, dtype=dtype, gradient_checkpointing=ckpt, adapter=options.get("adapter"))
-        elif step == "eval":
+        elif step == "quick-eval":
             from .eval import answer_probabilities
             from .models import load_model
 
             model, tok = load_model(model_dir, None, dtype)
             answer_probabilities(model, tok, rows, bs, length)
+        elif step == "eval":  # perta-fast eval's scoring and decoding: batch_size questions decoded together
+            from .models import load_model
+            from .scoring import score_questions
+
+            model, tok = load_model(model_dir, None, dtype)
+            score_questions(model, tok, [(r.question, [r.answer]) for r in rows], length,
+                            options.get("max_new_tokens", 200), bs)
         elif step == "calibrate":  # θ_full moved over two λ and one bisection, half the rows for each set
             from .calibration import CalibrateOptions, calibrate
 

@@ -68,6 +68,33 @@ def test_plan_within_25_percent_of_measured_peak(tmp_path, tiny_tokenizer, facts
     assert 0.75 <= predicted / measured <= 1.25, (predicted / 1e6, measured / 1e6)
 
 
+@pytest.mark.parametrize("phase,rows,batch,new_tokens,kv_heads", [("scoring", 128, 64, 0, 4),
+                                                                   ("decoding", 64, 64, 200, 8)])
+def test_tofu_eval_plan_within_25_percent_of_measured_peak(tmp_path, tiny_tokenizer, facts, phase, rows, batch,
+                                                           new_tokens, kv_heads):
+    """`perta-fast eval`'s scoring and decoding (the facts repeated to `rows` questions), each phase where
+    it is the larger. Scoring: 128 questions fill a forward's 1024 answer tokens, the plan's bound. Decoding:
+    at random weights no answer agrees with its first scored one or ends, so all 64 are decoded to 200
+    new tokens and the decode cache doubles twice; a continuation holds its prompt alone, so the plan's C
+    (--max-length: prompt and agreed answer) is the longest prompt."""
+    from perta_fast.data import encode
+    from perta_fast.plan import tofu_eval_bytes
+    from perta_fast.profiling import measure_step_in_subprocess
+
+    folder, model = llama(tmp_path, tiny_tokenizer, dtype="float32", num_key_value_heads=kv_heads)
+    del model
+    length = max(e.n_prompt for e in encode(tiny_tokenizer, facts[0] + facts[1]))
+    measured = measure_step_in_subprocess("eval", folder, tmp_path / "out", {"rows": rows, "batch_size": batch,
+                                                                           "max_new_tokens": new_tokens})
+    plan = plan_steps(folder, None, "all-linear", "auto", "fisher", 8, length, eval_batch=batch,
+                      max_new_tokens=new_tokens)
+    shapes = plan["shapes"]
+    if phase == "decoding":  # the case measures what it says: the plan's decoding outweighs its scoring
+        assert tofu_eval_bytes(shapes, 4, length, batch, new_tokens) > 2 * tofu_eval_bytes(shapes, 4, length, batch, 0)
+    predicted = plan["steps"]["eval (TOFU)"][0]
+    assert 0.75 <= predicted / measured["held_bytes"] <= 1.25, (predicted / 1e6, measured["held_bytes"] / 1e6)
+
+
 def test_calibrate_plan_within_25_percent_of_measured_private_peak(tmp_path, tiny_tokenizer, facts):
     """calibrate writes each merged tensor into the loaded model, so the weights become private memory
     (copy-on-write of the mapped checkpoint): RssAnon, not mapped pages, is its footprint. The executor's
@@ -103,6 +130,17 @@ def test_cli_plan_says_what_fits(tmp_path, capsys):
     assert "does not fit" not in lines["finetune(LoRA)"] and " fits" in lines["finetune(LoRA)"]
     assert main(["plan", "--model", str(tmp_path), "--memory", "40GB"]) == 0
     assert "does not fit" in next(l for l in capsys.readouterr().out.splitlines() if "finetune (full)" in l)
+    # TOFU's evaluation at 128 questions decoded together does not fit 24 GB (the decode cache); the
+    # hint's batch does, and one question more does not
+    assert main(["plan", "--model", str(tmp_path), "--memory", "24GB"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "eval (TOFU)" in l)
+    assert "does not fit" in line and "eval --batch-size " in line
+    fits = int(line.split("eval --batch-size ")[1].split()[0])
+
+    def eval_gb(batch):
+        return plan_steps(tmp_path, eval_batch=batch)["steps"]["eval (TOFU)"][0] / 1e9 + 0.4  # + the runtime
+
+    assert 1 <= fits < 128 and eval_gb(fits) <= 24 < eval_gb(fits + 1)
 
 
 def test_cli_plan_bad_config(tmp_path, capsys):
@@ -118,10 +156,13 @@ def test_cli_plan_bad_config(tmp_path, capsys):
 
 def test_plan_constants_mirror_the_code():
     """plan.py reads no torch (it must stay instant): its copies of the chunk sizes must match the code's."""
-    from perta_fast import loss, ops, plan
+    from perta_fast import eval as ev, loss, ops, plan, scoring
 
     assert plan.LOSS_CHUNK_BYTES == loss.CHUNK_BYTES
     assert plan.CHUNK_ELEMENTS == ops.CHUNK_ELEMENTS
+    assert (plan.ANSWER_TOKENS_PER_FORWARD, plan.CONTEXT_TOKENS_PER_FORWARD, plan.GENERATE_BATCH, plan.DECODE_ROOM) == (
+        scoring.ANSWER_TOKENS_PER_FORWARD, scoring.CONTEXT_TOKENS_PER_FORWARD, scoring.GENERATE_BATCH, scoring.ROOM)
+    assert plan.MAX_NEW_TOKENS == ev.EvalOptions().max_new_tokens
 
 
 def test_plan_offers_host_accumulators_where_a_gpu_needs_groups(tmp_path):
