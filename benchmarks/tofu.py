@@ -464,8 +464,8 @@ class Protocol:
             scorers[method] = self._forget_quality_at(w / "quality-sweep" / method, w / "theta_ft", imps[method],
                                                       _merge_opts(method))
             entry = record["methods"][method]
-            curves[method] = quality_scan(GRID, entry["lam"], (entry["matched"] or {}).get("lam"), scorers[method])
-            record["methods"][method]["quality_sweep"] = curves[method]
+            curves[method] = entry["quality_sweep"] = quality_scan(GRID, entry["lam"], (entry["matched"] or {}).get("lam"),
+                                                                   scorers[method])
         target = record["quality_target"] = quality_target(curves)
         self.write()
         for method, curve in curves.items():

@@ -164,7 +164,9 @@ def tofu_eval_bytes(s: Shapes, b: int, context: int, batch: int = GENERATE_BATCH
     while size < context + max_new_tokens:  # out of room: a layer's old and new buffers side by side
         decoding = max(decoding, int(batch * size * kv * (2 + 1 / s.layers)))
         size = 2 * size + 1
-    return max(scoring, decoding + batch * s.vocab * b if max_new_tokens else 0)  # + a decode step's logits
+    if not max_new_tokens:
+        return scoring
+    return max(scoring, decoding + batch * s.vocab * b)  # + a decode step's logits
 
 
 def _eval_batch_that_fits(s, b, weights, context, batch, max_new_tokens, memory_gb) -> str:

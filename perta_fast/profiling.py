@@ -154,8 +154,8 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
     from .facts import make_facts
     from .models import load_tokenizer
 
-    forget, retain = make_facts(10, 2, 0)
-    rows = ((forget + retain) * (1 + options.get("rows", 16) // len(forget + retain)))[:options.get("rows", 16)]
+    facts = sum(make_facts(10, 2, 0), [])
+    rows = [facts[i % len(facts)] for i in range(options.get("rows", 16))]  # repeated past the 40 facts
     bs, length, dtype = options.get("batch_size", 8), options.get("max_length", 256), options.get("dtype")
     ckpt = options.get("gradient_checkpointing", False)
     # by default the live tensors (the plan's quantity), not what glibc's heap also keeps; None: glibc's own

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from perta_fast.cli import main
-from perta_fast.plan import Shapes, plan_steps
+from perta_fast.plan import RUNTIME_HOST_BYTES, Shapes, plan_steps
 
 
 def llama(tmp_path, tokenizer, name="m", **overrides):
@@ -138,7 +138,7 @@ def test_cli_plan_says_what_fits(tmp_path, capsys):
     fits = int(line.split("eval --batch-size ")[1].split()[0])
 
     def eval_gb(batch):
-        return plan_steps(tmp_path, eval_batch=batch)["steps"]["eval (TOFU)"][0] / 1e9 + 0.4  # + the runtime
+        return (plan_steps(tmp_path, eval_batch=batch)["steps"]["eval (TOFU)"][0] + RUNTIME_HOST_BYTES) / 1e9
 
     assert 1 <= fits < 128 and eval_gb(fits) <= 24 < eval_gb(fits + 1)
 
