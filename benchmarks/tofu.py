@@ -143,15 +143,18 @@ def cached(path: Path, build) -> tuple[Path, float]:
     return path, seconds
 
 
-def cached_json(path: Path, compute) -> dict:
-    if path.exists():
-        return json.loads(path.read_text())
+def cached_json(path: Path, compute) -> tuple[dict, float]:
+    """`compute()`'s value stored at `path` unless a finished run stored it; with its seconds, as cached()
+    keeps them: calibrations and sweeps are steps of the protocol's wall time too."""
     from perta_fast.outputs import atomic_file
 
-    value = compute()
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(value))
-    return value
+    def build(out: Path) -> None:
+        value = compute()
+        with atomic_file(out) as tmp:
+            tmp.write_text(json.dumps(value))
+
+    path, seconds = cached(path, build)
+    return json.loads(path.read_text()), seconds
 
 
 def seeded_hold_out(rows: list, seed: int, fraction: float = 0.2) -> tuple[list, list]:
@@ -414,8 +417,9 @@ class Protocol:
             self.summary["models"][name] = metrics(self.evaluate(name, folder, self.reference))
         self.summary["models"]["retain model"] = dict(metrics(self.reference), forget_quality=1.0)
         # the retain model's forget probability on the sweep rows: the matched-forgetting target
-        self.target = cached_json(w / "results" / "sweep-target.json", lambda: probability_curve(
-            self.retain_model, self.retain_model, None, _merge_opts("TV"), self.sweep_sets, [0.0], self.a.device)[0])
+        self.target, self.steps["sweep target"] = cached_json(
+            w / "results" / "sweep-target.json", lambda: probability_curve(
+                self.retain_model, self.retain_model, None, _merge_opts("TV"), self.sweep_sets, [0.0], self.a.device)[0])
         self.summary["sweep_target"] = {k: self.target[k] for k in ("forget", "retain")}
         self.write()
 
@@ -434,12 +438,13 @@ class Protocol:
             imp = self.importance(w / f"importance-{kind}.safetensors", self.full, forget_kept, retain_kept,
                                   kind) if kind else None
             opts = _merge_opts(method)
-            cal = cached_json(w / f"calibration-{method}.json", lambda: calibrate(
-                self.full, theta_ft, forget_val, retain_val, imp, opts,
+            cal, self.steps[f"calibrate seed{seed} {method}"] = cached_json(
+                w / f"calibration-{method}.json", lambda: calibrate(self.full, theta_ft, forget_val, retain_val, imp, opts,
                 CalibrateOptions(keep_retain=self.a.keep_retain, lams=GRID, bisect=3, generate=False,
                                  device=self.a.device)))
             res = self._evaluate_at(f"seed{seed}-{method}", theta_ft, imp, replace(opts, lam=cal["lam"]))
-            curve = cached_json(w / f"sweep-{method}.json", lambda: self._sweep(theta_ft, imp, opts))
+            curve, self.steps[f"sweep seed{seed} {method}"] = cached_json(w / f"sweep-{method}.json",
+                                                                          lambda: self._sweep(theta_ft, imp, opts))
             match = matched(curve, self.target["forget"])
             entry = record["methods"][method] = {"lam": cal["lam"], "calibration_note": cal["note"], **metrics(res),
                                                  "sweep": curve, "matched": match}
@@ -500,7 +505,7 @@ class Protocol:
                     "seconds": round(time.perf_counter() - t0, 1)}
 
         def score(lam):
-            point = cached_json(folder / f"lam{lam:g}.json", lambda: measure(lam))
+            point, _ = cached_json(folder / f"lam{lam:g}.json", lambda: measure(lam))  # its seconds are in it
             score.scored.append(point)
             return point
 
@@ -586,7 +591,7 @@ class Protocol:
         def curve():
             return json.loads(default.read_text()) if default.exists() else self._sweep(tuned, imp, opts)
 
-        entry = cached_json(w / f"ablation-{slug}.json", lambda: {
+        entry, self.steps[f"ablation {label}"] = cached_json(w / f"ablation-{slug}.json", lambda: {
             "knobs": knob, "sweep": curve(), "w": w_statistics(self.full, tuned, imp, **knob) if imp else None})
         entry["matched"] = matched(entry["sweep"], self.target["forget"])
         self.summary["ablation"][label] = entry
