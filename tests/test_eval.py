@@ -234,17 +234,30 @@ def test_tofu_benchmark_matches_forget_quality_at_the_level_every_method_reaches
     target = bench.quality_target(curves)
     assert target == 0.1
     scored.clear()
-    found = bench.first_reaching(curves["PerTA"], target, scorer(perta))
+    found = bench.first_reaching(curves["PerTA"], target, scorer(perta), steps=2)
     # two bisections in log λ between 2 and 4: the λ found reaches the level by measurement, and lies
     # within one quarter-octave above the true crossing
     assert len(scored) == 2 and found["lam"] in scored
     assert found["forget_quality"] >= target
     assert math.sqrt(10) <= found["lam"] <= math.sqrt(10) * 2 ** 0.25
+    scored.clear()  # the default, four: within a sixteenth of an octave
+    found = bench.first_reaching(curves["PerTA"], target, scorer(perta))
+    assert len(scored) == 4 and found["forget_quality"] >= target
+    assert math.sqrt(10) <= found["lam"] <= math.sqrt(10) * 2 ** (1 / 16)
     deep = bench.first_reaching(curves["PerTA"], target, scorer(perta), steps=12)
     assert deep["lam"] == pytest.approx(math.sqrt(10), rel=1e-3)
     # TV's level is its own peak: bisecting below it finds nothing smaller, not the fall after it
     assert bench.first_reaching(curves["TV"], target, scorer(tv))["lam"] == 2.0
     assert bench.first_reaching(curves["TV"], 0.2, scorer(tv)) is None
+    # forget quality in KS steps (a p-value takes few values): bisection stops at the first point
+    # measured at the level itself, as any λ there matches it
+    def steps_of(lam):
+        return min(int(lam) / 10, 0.5)
+
+    scored.clear()
+    found = bench.first_reaching([{"lam": 1.0, "forget_quality": 0.1}, {"lam": 4.0, "forget_quality": 0.4}], 0.2,
+                                 scorer(steps_of))
+    assert scored == [2.0] and found == {"lam": 2.0, "forget_quality": 0.2}
     scored.clear()  # the first grid point already reaches it: nothing below it to bisect against
     assert bench.first_reaching(curves["PerTA"], 0.001, scorer(perta))["lam"] == 1.0 and not scored
 
