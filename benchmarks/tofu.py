@@ -21,8 +21,7 @@ model's forget probability (matched forgetting), and the model at that λ gets T
 quality, ROUGE and every utility component at matched forgetting). Then matched forget quality: each
 method's forget quality at every grid λ from its calibrated λ up (the forget split scored, no generation),
 the seed's level = the highest forget quality every method reaches, and each method at the smallest λ found
-to reach it (up to four bisections in log λ below the first grid point that does, stopping at a point
-measured at the level itself) gets TOFU's metrics. θ_full and the retain model are trained once (seed 0).
+to reach it (four bisections in log λ below the first grid point that does) gets TOFU's metrics. θ_full and the retain model are trained once (seed 0).
 
 Ablation (first seed, sweeps only): ε = 1e-8, α = n_r/n_f and α = 99 (summed instead of mean set
 importance: TOFU forget01 with retain99), p = 2, importance at θ_0, a LoRA θ_ft, and θ_ft at the recipe's
@@ -195,10 +194,10 @@ def quality_target(curves: dict[str, list[dict]]) -> float | None:
 
 def first_reaching(points: list[dict], target: float, score, steps: int = 4) -> dict | None:
     """The smallest λ found whose measured forget quality reaches `target`: the first grid point that does,
-    then up to `steps` bisections in log λ between it and the point before, `score(λ)` measuring each (a
-    p-value is not interpolated: it moves in discrete KS steps), stopping at the first point measured at the
-    level itself (the same KS step: nothing smaller is sought, as any λ there matches). None if no point
-    reaches it."""
+    then `steps` bisections in log λ between it and the point before, `score(λ)` measuring each (a
+    p-value is not interpolated: it moves in discrete KS steps). No early stop at a point measured at the
+    level itself: a smaller λ may sit at the same KS step, and stopping would evaluate the method whose level
+    it is (its own peak) deeper than it needs to go. None if no point reaches it."""
     lo = None
     for hi in points:
         if hi["forget_quality"] >= target:
@@ -207,8 +206,6 @@ def first_reaching(points: list[dict], target: float, score, steps: int = 4) -> 
     else:
         return None
     for _ in range(steps if lo is not None else 0):
-        if math.isclose(hi["forget_quality"], target, rel_tol=1e-9):
-            break
         mid = score(round(math.sqrt(lo["lam"] * hi["lam"]), 4))
         lo, hi = (lo, mid) if mid["forget_quality"] >= target else (mid, hi)
     return hi
@@ -716,7 +713,7 @@ def markdown(summary: dict) -> str:
             targets = [s["quality_target"] for s in summary["seeds"].values() if s.get("quality_target")]
             lines += ["", "Matched forget quality: per seed, the highest forget quality every method reaches on its λ "
                       f"grid (levels {', '.join(f'{t:.3g}' for t in targets)}); each method at the first λ reaching "
-                      "it (up to four bisections in log λ from the grid, FQ measured at each, stopping at the level), "
+                      "it (four bisections in log λ from the grid, FQ measured at each), "
                       "TOFU's metrics there, mean ± sd over seeds:", "",
                       "| method | seeds | λ | " + " | ".join(short) + " |", "|---|---:|---:|" + "---:|" * len(short)]
             for method, r in at.items():
