@@ -788,7 +788,7 @@ def plot(summary: dict, path: Path) -> None:
             if at:
                 third.scatter(at["lam"], at["forget_quality"], marker="*", s=150, color=line.get_color(), zorder=3)
     for label, e in summary.get("ablation", {}).items():
-        if label.endswith("LoRA τ") or label.startswith("PerTA-grad "):
+        if label.endswith("LoRA τ") or label.startswith(("PerTA-grad ", "TV ")):
             pts = e["sweep"]
             right.plot([p["forget"] for p in pts], [p["retain"] for p in pts], ls=":", lw=1, label=label)
     if summary.get("sweep_target"):
