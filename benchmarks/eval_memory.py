@@ -11,10 +11,13 @@ per forward: N questions, K = widest tree + 1 logit columns, S = shared prefix +
           + N·K·V·4 / chunks     log-sum-exp's fp32 temporaries, one chunk (≤ 64 MiB) at a time
           + N·S·2L·kv·b          the forward's KV cache (≤ CONTEXT_TOKENS_PER_FORWARD tokens)
           + N·S·(S - prefix)·b   its attention mask
-  decoding: Σ C_i·2L·kv·b         the B continuations' caches (C: prefix + prompt + answer tokens agreed on)
-          + B·(max C + ROOM)·2L·kv·b   the decode cache they are copied into, with room for ROOM tokens;
-                                 when T (tokens decoded on) passes ROOM it doubles a layer at a time (the
-                                 continuations gone by then): 2 + 1/L times the decode cache
+          + Σ C_i·2L·kv·b        with decoding: the caches of the continuations scored so far, this forward's
+                                 included, waiting to be decoded (C: prefix + prompt + answer tokens agreed on)
+  decoding: Σ C_i·2L·kv·b         the B continuations' caches
+          + B·(max C + R)·2L·kv·b   the decode cache they are copied into, with room for R = min(ROOM, limit)
+                                 tokens; when the tokens decoded on pass R it doubles a layer at a time (the
+                                 continuations gone by then), up to max C + limit tokens: at each doubling
+                                 the grown cache plus one layer of the old
 Measured: growth of RssAnon above the loaded model (glibc's mmap threshold pinned, so RssAnon follows the
 live tensors, as benchmarks/plan.py measures). Writes results/eval-memory-cpu.json.
 """
@@ -51,13 +54,21 @@ def main() -> int:
     from perta_fast.profiling import TENSORS_ONLY_THRESHOLD, PeakRssAnon, map_allocations_above, release_freed_memory
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(Path.home() / ".cache/perta_fast/tofu-cpu-scaled-fp32/theta_full"),
-                    help="a TOFU-tuned θ_full (default: the one benchmarks/tofu.py trains on a CPU without native bf16)")
+    ap.add_argument("--model", default=None, help="a TOFU-tuned θ_full (default: the one benchmarks/tofu.py "
+                    "trains, with bf16 autocast or in fp32, whichever its cache holds)")
     ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"))
     ap.add_argument("--out", default=str(HERE / "results" / "eval-memory-cpu.json"))
     a = ap.parse_args()
+    from perta_fast.models import cache_dir
+
+    model_dir = a.model or next((d for d in (cache_dir() / f"tofu-cpu-scaled{s}/theta_full" for s in ("", "-fp32"))
+                                 if d.is_dir()), None)
+    if model_dir is None:
+        print(f"eval_memory.py: no TOFU θ_full in {cache_dir()} (run benchmarks/tofu.py first) or pass --model",
+              file=sys.stderr)
+        return 2
     map_allocations_above(TENSORS_ONLY_THRESHOLD)
-    model, tok = load_model(a.model, "cpu")
+    model, tok = load_model(model_dir, "cpu")
     c = model.config
     b, vocab, kv_per_token = 4, c.vocab_size, 2 * c.num_hidden_layers * c.num_key_value_heads * (
         c.hidden_size // c.num_attention_heads) * 4
@@ -79,27 +90,36 @@ def main() -> int:
         trees = [sc._tree(i, p[n_prefix:], [x.input_ids[x.n_prompt:] for x in e])
                  for i, (p, e) in enumerate(zip(prompts, encoded))]
         groups = sc.question_groups(trees, n_prefix)
-        formula = max(group_formula(trees, g, n_prefix, vocab, b, kv_per_token) for g in groups)
-        r = {"measured_bytes": m.growth, "scoring_formula_bytes": formula, "forwards": len(groups),
+        # the answers decoded on after scoring: those longer than the first answer's agreeing tokens + 1;
+        # C of each (question index: C): its prompt (prefix included) and the agreeing tokens
+        on = {i: len(p) + m for i, (p, s, e) in enumerate(zip(prompts, scores, encoded))
+              for m in [agreed(s.greedy, e[0].input_ids[e[0].n_prompt:])] if len(s.greedy) > m + 1} if generate else {}
+        waiting, scoring = 0, 0
+        for g in groups:
+            waiting += sum(on.get(i, 0) for i in g) * kv_per_token
+            scoring = max(scoring, group_formula(trees, g, n_prefix, vocab, b, kv_per_token) + waiting)
+        formula = scoring
+        r = {"measured_bytes": m.growth, "scoring_formula_bytes": scoring, "forwards": len(groups),
              "largest_group_questions": max(map(len, groups)), "shared_prefix_tokens": n_prefix,
              "seconds": round(seconds, 1)}
         if generate:
-            # the answers decoded on after scoring: those longer than the first answer's agreeing tokens + 1;
-            # C of each: its prompt (prefix included) and the agreeing tokens, T: the tokens decoded after
-            on = [(len(p) + m, len(s.greedy) - m - 1) for p, s, e in zip(prompts, scores, encoded)
-                  for m in [agreed(s.greedy, e[0].input_ids[e[0].n_prompt:])] if len(s.greedy) > m + 1]
-            c_max, t_max = max((n for n, _ in on), default=0), max((t for _, t in on), default=0)
-            held = len(on) * (c_max + sc.ROOM)
-            decode = int(max(sum(n for n, _ in on) + held,
-                             held * (2 + 1 / model.config.num_hidden_layers) if t_max > sc.ROOM else 0)
-                         * kv_per_token)
-            r.update(decoding_formula_bytes=decode, decoded_on=len(on), longest_prompt_and_agreed=c_max,
-                     most_decoded=t_max)
+            c_max = max(on.values(), default=0)
+            t_max = max((len(scores[i].greedy) - (c - len(prompts[i])) - 1 for i, c in on.items()), default=0)
+            size, most = c_max + min(sc.ROOM, generate), c_max + generate
+            decode = len(on) * size + sum(on.values())  # tokens: the decode cache and the continuations
+            while size < c_max + t_max:  # decoded past its room: doubled, up to `most`
+                grown = min(2 * size + 1, most)
+                decode = max(decode, len(on) * (grown + size / model.config.num_hidden_layers))
+                size = grown
+            decode = int(decode * kv_per_token)
+            r.update(decoding_formula_bytes=decode, decoded_on=len(on),
+                     longest_prompt_and_agreed=c_max, most_decoded=t_max)
             formula = max(formula, decode)
         r["formula_bytes"] = formula
         r["measured_over_formula"] = round(m.growth / formula, 2)
         report[phase] = r
     report["command"] = " ".join(sys.argv)
+    report["model"] = str(model_dir)
     report["torch_threads"] = torch.get_num_threads()
     Path(a.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

@@ -17,8 +17,8 @@ Bytes per parameter P (b = bytes of the compute dtype), plus activations per tok
                     agreed answer a question): scoring one forward (logits of ≤ 1024 answer tokens, an
                     fp32 log-sum-exp chunk, KV cache and tree mask of ≤ 4096 context tokens) beside the
                     continuations waiting to be decoded; decoding a batch's continuations copied into
-                    a decode cache with room for 64 tokens that doubles, a layer at a time, until the
-                    answers fit (2 + 1/L times the cache at each doubling)
+                    a decode cache with room for 64 tokens that doubles, a layer at a time, up to
+                    C + 200 tokens (at each doubling the new cache plus 1/L of the old)
 
 Activations are counted from the tensors autograd saves in a Llama-style decoder layer, per token:
 norm inputs and outputs, q/k/v/attention output, the gated MLP's four I-wide tensors; with gradient
@@ -159,11 +159,13 @@ def tofu_eval_bytes(s: Shapes, b: int, context: int, batch: int = GENERATE_BATCH
     waiting = (batch - 1) * context * kv if max_new_tokens else 0  # scored, not yet a full batch to decode
     scoring = (logits * b + min(LOSS_CHUNK_BYTES, 4 * logits)
                + CONTEXT_TOKENS_PER_FORWARD * (kv + context * b) + waiting)
-    size = context + DECODE_ROOM  # tokens the decode cache holds a row
+    most = context + max_new_tokens  # tokens a row's decode cache can reach
+    size = context + min(DECODE_ROOM, max_new_tokens)  # tokens the decode cache first holds a row
     decoding = batch * (context + size) * kv  # the continuations while they are copied in
-    while size < context + max_new_tokens:  # out of room: a layer's old and new buffers side by side
-        decoding = max(decoding, int(batch * size * kv * (2 + 1 / s.layers)))
-        size = 2 * size + 1
+    while size < most:  # out of room: twice the tokens (at most `most`), a layer's old and new side by side
+        grown = min(2 * size + 1, most)
+        decoding = max(decoding, int(batch * kv * (grown + size / s.layers)))
+        size = grown
     if not max_new_tokens:
         return scoring
     return max(scoring, decoding + batch * s.vocab * b)  # + a decode step's logits

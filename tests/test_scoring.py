@@ -203,3 +203,51 @@ def test_a_part_scores_as_it_would_alone(memorised, eval_rows):
     alone = sc.score_questions(model, tok, a, generate=12) + sc.score_questions(model, tok, b, generate=12)
     assert [(s.nll, s.extraction) for s in together] == [(s.nll, s.extraction) for s in alone]
     assert [s.greedy for s in together] == [s.greedy for s in alone]
+
+
+@pytest.mark.parametrize("path", ["continued from scoring", "from the prompts"])
+def test_decoding_frees_each_cache_it_replaces(memorised, eval_rows, path, monkeypatch):
+    """Rows leaving the batch and room running out give the decode cache new tensors; the old ones (and the
+    prompts' own cache, once copied) are gone by the next decode step, not held to the end of decoding:
+    held, they cost up to 1.75× the decode cache (benchmarks/eval_memory.py)."""
+    import weakref
+
+    model, tok = memorised
+    monkeypatch.setattr(sc, "ROOM", 1)  # out of room at the first step: every layer swaps its buffers
+    layer = sc._roomy_layer_class()
+    replaced, checked, swaps = [], [], set()
+    select, update, forward, run_prompts = layer.batch_select_indices, layer.update, sc._forward, sc._run_prompts
+
+    def watch_select(self, indices):
+        replaced.append(weakref.ref(self.room_k))
+        swaps.add("rows left")
+        select(self, indices)
+
+    def watch_update(self, key_states, value_states, *args, **kwargs):
+        if self.length + key_states.shape[2] > self.room_k.shape[2]:
+            replaced.append(weakref.ref(self.room_k))
+            swaps.add("out of room")
+        return update(self, key_states, value_states, *args, **kwargs)
+
+    def watch_prompts(model, prompts, pad):
+        out, mask = run_prompts(model, prompts, pad)
+        replaced.extend(weakref.ref(x.keys) for x in sc._cache_of(out).layers)
+        return out, mask
+
+    def check_forward(model, cache=None, **inputs):
+        if cache is not None:  # a decode step: everything replaced before it must be freed by now
+            checked.append(len(replaced))
+            assert all(ref() is None for ref in replaced)
+        return forward(model, cache, **inputs)
+
+    monkeypatch.setattr(layer, "batch_select_indices", watch_select)
+    monkeypatch.setattr(layer, "update", watch_update)
+    monkeypatch.setattr(sc, "_run_prompts", watch_prompts)
+    monkeypatch.setattr(sc, "_forward", check_forward)
+    rows = eval_rows[:8] + eval_rows[-3:]
+    if path == "continued from scoring":
+        sc.score_questions(model, tok, tree_items(rows), generate=24)
+    else:
+        sc.generate_answers(model, tok, [r.question for r in rows], max_new_tokens=24)
+    # not vacuous: both kinds of swap happened, and decode steps ran after them
+    assert swaps == {"rows left", "out of room"} and sum(n > 0 for n in checked) > 5
