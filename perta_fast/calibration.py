@@ -36,7 +36,7 @@ class CalibrateOptions:
     hold_out: float = 0.2  # fraction of each set held back for validation (by calibrate_files and unlearn)
     generate: bool = True  # greedy exact match at each point (reported; the choice uses probabilities)
     max_new_tokens: int = 32
-    batch_size: int = 16
+    batch_size: int = 128  # questions decoded together for exact match (perta_fast.scoring.GENERATE_BATCH)
     device: str | None = None
     dtype: str | None = None
 
@@ -124,7 +124,7 @@ def _target_prob(opts: CalibrateOptions, forget: list[QA]) -> float:
     from .models import load_model
 
     model, tok = load_model(opts.pretrained, opts.device, opts.dtype)
-    probs = answer_probabilities(model, tok, forget, opts.batch_size)
+    probs = answer_probabilities(model, tok, forget)
     del model
     return sum(probs) / len(probs)
 

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="the curve as .json, with a .png beside it")
     _add_calibrate_knobs(p)
     _add_merge_knobs(p, lam=False)
-    p.add_argument("--batch-size", type=positive, default=16)
+    p.add_argument("--batch-size", type=positive, default=128, help="questions decoded together (exact match)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     p.add_argument("--overwrite", action="store_true")

@@ -11,7 +11,8 @@ Bytes per parameter P (b = bytes of the compute dtype), plus activations per tok
                     one parameter's fp32 buffer 4·max(P_i) beside the weights
   merge             the largest tensor's output buffer (inputs are mapped files) + a 16 MiB LoRA block;
                     on a GPU also that tensor's inputs copied there
-  quick eval        weights b·P + KV cache + logits of one batch (calibrate's and unlearn's checks)
+  quick eval        weights b·P + eval (TOFU)'s scoring forward below (calibrate's and unlearn's answer
+                    probabilities, through the same scorer; their greedy exact-match decoding is not counted)
   eval (TOFU)       weights b·P + the larger of `perta-fast eval`'s phases at its defaults (128 questions
                     decoded together, up to 200 new tokens; C = --max-length tokens of prompt and
                     agreed answer a question): scoring one forward (logits of ≤ 1024 answer tokens, an
@@ -151,14 +152,16 @@ def importance_working_bytes(s: Shapes, batch_size: int, max_length: int, b: int
 
 
 def tofu_eval_bytes(s: Shapes, b: int, context: int, batch: int = GENERATE_BATCH,
-                    max_new_tokens: int = MAX_NEW_TOKENS) -> int:
+                    max_new_tokens: int = MAX_NEW_TOKENS, device: str = "cpu") -> int:
     """`perta-fast eval`'s peak above the weights, the larger of its phases (the module docstring), with
     `context` tokens of prompt and agreed answer a question (a continuation's cache)."""
     kv = 2 * s.layers * s.kv_heads * s.head_dim * b  # bytes of keys and values per token
     logits = ANSWER_TOKENS_PER_FORWARD * s.vocab
     waiting = (batch - 1) * context * kv if max_new_tokens else 0  # scored, not yet a full batch to decode
-    scoring = (logits * b + min(LOSS_CHUNK_BYTES, 4 * logits)
-               + CONTEXT_TOKENS_PER_FORWARD * (kv + context * b) + waiting)
+    # a CPU matmul in bf16/fp16 writes an fp32 result, then casts it (measured: a 1024 x 49152 bf16 linear
+    # holds 301 MB, its output 101 MB); that buffer is gone before the log-sum-exp forms its fp32 chunk
+    fp32_scratch = 4 * logits if device == "cpu" and b < 4 else min(LOSS_CHUNK_BYTES, 4 * logits)
+    scoring = logits * b + fp32_scratch + CONTEXT_TOKENS_PER_FORWARD * (kv + context * b) + waiting
     most = context + max_new_tokens  # tokens a row's decode cache can reach
     size = context + min(DECODE_ROOM, max_new_tokens)  # tokens the decode cache first holds a row
     decoding = batch * (context + size) * kv  # the continuations while they are copied in
@@ -171,15 +174,16 @@ def tofu_eval_bytes(s: Shapes, b: int, context: int, batch: int = GENERATE_BATCH
     return max(scoring, decoding + batch * s.vocab * b)  # + a decode step's logits
 
 
-def _eval_batch_that_fits(s, b, weights, context, batch, max_new_tokens, memory_gb) -> str:
+def _eval_batch_that_fits(s, b, weights, context, batch, max_new_tokens, memory_gb, device) -> str:
     """Where the eval does not fit the budget: the most questions decoded together that do (the decode
     cache is what grows with them), as a hint."""
     if memory_gb is None:
         return ""
     room = memory_gb * GB - RUNTIME_HOST_BYTES - weights
-    if tofu_eval_bytes(s, b, context, batch, max_new_tokens) <= room:
+    if tofu_eval_bytes(s, b, context, batch, max_new_tokens, device) <= room:
         return ""
-    fits = next((n for n in range(batch - 1, 0, -1) if tofu_eval_bytes(s, b, context, n, max_new_tokens) <= room), None)
+    fits = next((n for n in range(batch - 1, 0, -1) if tofu_eval_bytes(s, b, context, n, max_new_tokens, device) <= room),
+                None)
     return f"; eval --batch-size {fits} fits" if fits else ""
 
 
@@ -235,12 +239,12 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
         steps["merge"] = ((2 * b + 8) * widest + LORA_BLOCK_BYTES, "output + inputs of the largest tensor on the GPU")
     else:  # inputs are read from the mapped files; only the output buffer is held
         steps["merge"] = (b * widest + LORA_BLOCK_BYTES, "output buffer of the largest tensor + a LoRA block")
-    kv_cache = 2 * s.layers * tokens * s.kv_heads * s.head_dim * b
-    steps["quick eval"] = (weights + kv_cache + logits_bytes(s, tokens, b, False),
-                           f"weights {b}·P + KV cache + logits of a batch")
-    steps["eval (TOFU)"] = (weights + tofu_eval_bytes(s, b, max_length, eval_batch, max_new_tokens),
+    steps["quick eval"] = (weights + tofu_eval_bytes(s, b, max_length, max_new_tokens=0, device=device),
+                           f"weights {b}·P + a scoring forward (answer probabilities)")
+    steps["eval (TOFU)"] = (weights + tofu_eval_bytes(s, b, max_length, eval_batch, max_new_tokens, device),
                             f"weights {b}·P + scoring or decoding ({eval_batch} questions, {max_new_tokens} new tokens)"
-                            + _eval_batch_that_fits(s, b, weights, max_length, eval_batch, max_new_tokens, memory_gb))
+                            + _eval_batch_that_fits(s, b, weights, max_length, eval_batch, max_new_tokens, memory_gb,
+                                                                  device))
     # calibrate: one model moved over λ in place (no second copy) and the quick eval at each point
     steps["calibrate"] = (steps["quick eval"][0] + steps["merge"][0],
                           "quick eval + the merge's buffers (model moved in place)")

@@ -180,7 +180,7 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
             from .models import load_model
 
             model, tok = load_model(model_dir, None, dtype)
-            answer_probabilities(model, tok, rows, bs, length)
+            answer_probabilities(model, tok, rows, length)
         elif step == "eval":  # perta-fast eval's scoring and decoding: batch_size questions decoded together
             from .models import load_model
             from .scoring import score_questions
@@ -193,7 +193,8 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
 
             half = len(rows) // 2
             calibrate(model_dir, options["finetuned"], rows[:half], rows[half:], None, pf.MergeOptions("tv"),
-                      CalibrateOptions(lams=(0.5, 1.0), bisect=1, keep_retain=1.0, batch_size=bs, dtype=dtype))
+                      CalibrateOptions(lams=(0.5, 1.0), bisect=1, keep_retain=1.0, batch_size=bs, dtype=dtype,
+                                       generate=options.get("generate", True)))
         elif step == "merge":
             pf.merge(model_dir, options["finetuned"], out, None, pf.MergeOptions("tv"), progress=False)
         else:

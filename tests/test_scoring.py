@@ -80,6 +80,20 @@ def test_scores_equal_separate_sequences(tiny, eval_rows, answer_tokens):
         assert s.greedy is None
 
 
+def test_answer_probabilities_equal_each_unpadded_sequence(tiny, eval_rows):
+    """The quick eval's probabilities (token-tree scorer) and the padded-batch reference both against
+    exp(−NLL) of each row's own unpadded sequence in float64: fp32 sums in another order, ~1e-7."""
+    from math import exp
+
+    from perta_fast.eval import answer_probabilities, padded_answer_probabilities
+
+    model, tok = tiny
+    rows = [QA(r.question, r.answer) for r in eval_rows]
+    by_hand = [exp(-nll_by_hand(model, tok, r.question, r.answer)) for r in rows]
+    assert answer_probabilities(model, tok, rows) == pytest.approx(by_hand, rel=1e-6)
+    assert padded_answer_probabilities(model, tok, rows, batch_size=3) == pytest.approx(by_hand, rel=1e-6)
+
+
 def test_question_groups_keep_both_budgets():
     """Every question in exactly one group; a group of more than one question keeps questions × (widest tree
     + 1) within the logits budget and questions × (prefix + longest prompt + widest tree) within the KV
