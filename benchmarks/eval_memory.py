@@ -51,6 +51,7 @@ def main() -> int:
     from perta_fast import eval as ev, scoring as sc
     from perta_fast.data import QA, encode
     from perta_fast.models import load_model
+    from perta_fast.plan import doubling_peak_tokens
     from perta_fast.profiling import TENSORS_ONLY_THRESHOLD, PeakRssAnon, map_allocations_above, release_freed_memory
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -105,12 +106,10 @@ def main() -> int:
         if generate:
             c_max = max(on.values(), default=0)
             t_max = max((len(scores[i].greedy) - (c - len(prompts[i])) - 1 for i, c in on.items()), default=0)
-            size, most = c_max + min(sc.ROOM, generate), c_max + generate
-            decode = len(on) * size + sum(on.values())  # tokens: the decode cache and the continuations
-            while size < c_max + t_max:  # decoded past its room: doubled, up to `most`
-                grown = min(2 * size + 1, most)
-                decode = max(decode, len(on) * (grown + size / model.config.num_hidden_layers))
-                size = grown
+            size = c_max + min(sc.ROOM, generate)
+            # tokens: the decode cache and the continuations, or the cache doubling up to what was decoded
+            decode = max(len(on) * size + sum(on.values()), len(on) * doubling_peak_tokens(
+                size, c_max + t_max, c_max + generate, model.config.num_hidden_layers))
             decode = int(decode * kv_per_token)
             r.update(decoding_formula_bytes=decode, decoded_on=len(on),
                      longest_prompt_and_agreed=c_max, most_decoded=t_max)

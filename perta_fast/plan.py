@@ -164,14 +164,21 @@ def tofu_eval_bytes(s: Shapes, b: int, context: int, batch: int = GENERATE_BATCH
     scoring = logits * b + fp32_scratch + CONTEXT_TOKENS_PER_FORWARD * (kv + context * b) + waiting
     most = context + max_new_tokens  # tokens a row's decode cache can reach
     size = context + min(DECODE_ROOM, max_new_tokens)  # tokens the decode cache first holds a row
-    decoding = batch * (context + size) * kv  # the continuations while they are copied in
-    while size < most:  # out of room: twice the tokens (at most `most`), a layer's old and new side by side
-        grown = min(2 * size + 1, most)
-        decoding = max(decoding, int(batch * kv * (grown + size / s.layers)))
-        size = grown
+    decoding = max(batch * (context + size) * kv,  # the continuations while they are copied in
+                   int(batch * kv * doubling_peak_tokens(size, most, most, s.layers)))
     if not max_new_tokens:
         return scoring
     return max(scoring, decoding + batch * s.vocab * b)  # + a decode step's logits
+
+
+def doubling_peak_tokens(size: int, until: int, most: int, layers: int) -> float:
+    """A row's most tokens in the decode cache while it doubles from `size` tokens until it holds `until`
+    (never past `most`): at each doubling, a layer at a time, the grown buffers plus one layer of the old."""
+    peak = 0.0
+    while size < until:
+        grown = min(2 * size + 1, most)
+        peak, size = max(peak, grown + size / layers), grown
+    return peak
 
 
 def _eval_batch_that_fits(s, b, weights, context, batch, max_new_tokens, memory_gb, device) -> str:
@@ -182,8 +189,8 @@ def _eval_batch_that_fits(s, b, weights, context, batch, max_new_tokens, memory_
     room = memory_gb * GB - RUNTIME_HOST_BYTES - weights
     if tofu_eval_bytes(s, b, context, batch, max_new_tokens, device) <= room:
         return ""
-    fits = next((n for n in range(batch - 1, 0, -1) if tofu_eval_bytes(s, b, context, n, max_new_tokens, device) <= room),
-                None)
+    fits = next((n for n in range(batch - 1, 0, -1)
+                 if tofu_eval_bytes(s, b, context, n, max_new_tokens, device) <= room), None)
     return f"; eval --batch-size {fits} fits" if fits else ""
 
 
