@@ -42,11 +42,12 @@ def main(argv=None) -> int:
     from perta_fast.data import QA, load_qa
     from perta_fast.eval import answer_probabilities, padded_answer_probabilities
     from perta_fast.models import default_model, load_model
+    from perta_fast.outputs import atomic_file
 
+    rows = [QA(r.question, r.answer) for split in ("forget05", "retain_perturbed")
+            for r in load_qa(f"{a.tofu}:{split}")[:a.rows]]  # first: a wrong --tofu fails before the model loads
     model_dir = a.model or str(default_model())
     model, tok = load_model(model_dir, "cpu", a.dtype)
-    rows = [QA(r.question, r.answer) for split in ("forget05", "retain_perturbed")
-            for r in load_qa(f"{a.tofu}:{split}")[:a.rows]]
     padded_s, padded = timed(lambda: padded_answer_probabilities(model, tok, rows), a.repeats)
     tree_s, tree = timed(lambda: answer_probabilities(model, tok, rows), a.repeats)
     report = {"command": " ".join(["python", "benchmarks/probability_speed.py", *(argv or sys.argv[1:])]),
@@ -56,17 +57,24 @@ def main(argv=None) -> int:
               "speedup": round(padded_s / tree_s, 2),
               "max_abs_prob_diff": max(abs(x - y) for x, y in zip(padded, tree)),
               "mean_prob": sum(tree) / len(tree)}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     table = ("| rows | padded batches (s) | token tree (s) | speed-up | max abs Δ prob |\n|---:|---:|---:|---:|---:|\n"
              f"| {len(rows)} | {padded_s:.2f} | {tree_s:.2f} | {padded_s / tree_s:.2f}× | "
              f"{report['max_abs_prob_diff']:.1e} |\n")
-    out.with_suffix(".md").write_text(table)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out.with_suffix(".json"), json.dumps(report, indent=1)), (out.with_suffix(".md"), table)):
+        with atomic_file(path, overwrite=True) as tmp:
+            tmp.write_text(text)
     print(json.dumps(report, indent=1))
     print(table)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from perta_fast.errors import PertaError
+
+    try:
+        sys.exit(main())
+    except PertaError as e:  # bad --tofu, --model or --dtype: one line, nothing written
+        print(f"probability_speed.py: {e}", file=sys.stderr)
+        sys.exit(2)
