@@ -38,8 +38,11 @@ CASES = [  # (step, dtype, options)
     ("importance", "bf16", {"method": "fisher", "gradient_checkpointing": True}),
     ("quick-eval", "fp32", {"rows": 128}), ("quick-eval", "bf16", {"rows": 128}),  # a full forward: the plan's bound
     ("eval", "fp32", EVAL), ("eval", "bf16", EVAL),
-    # 128 rows a set fill a scoring forward (the plan's bound); no exact match, which the plan leaves out
+    # 128 rows a set fill a scoring forward (the plan's bound); without and with exact match at calibrate's
+    # defaults (128 questions decoded together, 32 new tokens)
     ("calibrate", "fp32", {"rows": 256, "generate": False}), ("calibrate", "bf16", {"rows": 256, "generate": False}),
+    ("calibrate", "fp32", {"rows": 256, "generate": True, "batch_size": 128}),
+    ("calibrate", "bf16", {"rows": 256, "generate": True, "batch_size": 128}),
 ]
 
 
@@ -110,7 +113,9 @@ def main(argv=None):
                 context = max_tokens(model, 16, prompt_only=True) if step == "eval" else length
                 plan = plan_steps(folder, opts.get("lora_rank"), "all-linear", "auto", opts.get("method", "fisher"),
                                   a.batch_size, context, opts.get("gradient_checkpointing", False),
-                                  eval_batch=options["batch_size"], max_new_tokens=opts.get("max_new_tokens", 200))["steps"]
+                                  eval_batch=options["batch_size"], max_new_tokens=opts.get("max_new_tokens", 200),
+                                  calibrate_batch=options["batch_size"], exact_match=opts.get("generate", True),
+                                  prompt_length=max_tokens(model, 16, prompt_only=True))["steps"]
                 key = {"finetune": "finetune (LoRA)" if "lora_rank" in opts else "finetune (full)",
                        "importance": f"importance ({opts.get('method')})", "quick-eval": "quick eval",
                        "eval": "eval (TOFU)",

@@ -12,7 +12,10 @@ Bytes per parameter P (b = bytes of the compute dtype), plus activations per tok
   merge             the largest tensor's output buffer (inputs are mapped files) + a 16 MiB LoRA block;
                     on a GPU also that tensor's inputs copied there
   quick eval        weights b·P + eval (TOFU)'s scoring forward below (calibrate's and unlearn's answer
-                    probabilities, through the same scorer; their greedy exact-match decoding is not counted)
+                    probabilities, through the same scorer)
+  calibrate         the larger of the quick eval and its greedy exact-match decoding (decoding below, from
+                    prompts of up to C tokens: 128 questions, 32 new tokens at calibrate's defaults), plus
+                    the merge's buffers (the model is moved over λ in place, no second copy)
   eval (TOFU)       weights b·P + the larger of `perta-fast eval`'s phases at its defaults (128 questions
                     decoded together, up to 200 new tokens; C = --max-length tokens of prompt and
                     agreed answer a question): scoring one forward (logits of ≤ 1024 answer tokens, an
@@ -48,6 +51,7 @@ CHUNK_ELEMENTS = 1 << 25  # perta_fast.ops.CHUNK_ELEMENTS: per-sample gradients 
 # perta_fast.scoring's bounds and EvalOptions' default: what `perta-fast eval` holds at once
 ANSWER_TOKENS_PER_FORWARD, CONTEXT_TOKENS_PER_FORWARD, GENERATE_BATCH, DECODE_ROOM = 1024, 4096, 128, 64
 MAX_NEW_TOKENS = 200
+EXACT_MATCH_TOKENS = 32  # perta_fast.calibration.CalibrateOptions' max_new_tokens
 
 
 @dataclass
@@ -155,20 +159,35 @@ def tofu_eval_bytes(s: Shapes, b: int, context: int, batch: int = GENERATE_BATCH
                     max_new_tokens: int = MAX_NEW_TOKENS, device: str = "cpu") -> int:
     """`perta-fast eval`'s peak above the weights, the larger of its phases (the module docstring), with
     `context` tokens of prompt and agreed answer a question (a continuation's cache)."""
-    kv = 2 * s.layers * s.kv_heads * s.head_dim * b  # bytes of keys and values per token
+    kv = kv_bytes_per_token(s, b)
     logits = ANSWER_TOKENS_PER_FORWARD * s.vocab
     waiting = (batch - 1) * context * kv if max_new_tokens else 0  # scored, not yet a full batch to decode
     # a CPU matmul in bf16/fp16 writes an fp32 result, then casts it (measured: a 1024 x 49152 bf16 linear
     # holds 301 MB, its output 101 MB); that buffer is gone before the log-sum-exp forms its fp32 chunk
     fp32_scratch = 4 * logits if device == "cpu" and b < 4 else min(LOSS_CHUNK_BYTES, 4 * logits)
     scoring = logits * b + fp32_scratch + CONTEXT_TOKENS_PER_FORWARD * (kv + context * b) + waiting
-    most = context + max_new_tokens  # tokens a row's decode cache can reach
-    size = context + min(DECODE_ROOM, max_new_tokens)  # tokens the decode cache first holds a row
-    decoding = max(batch * (context + size) * kv,  # the continuations while they are copied in
-                   int(batch * kv * doubling_peak_tokens(size, most, most, s.layers)))
     if not max_new_tokens:
         return scoring
-    return max(scoring, decoding + batch * s.vocab * b)  # + a decode step's logits
+    return max(scoring, decoding_bytes(s, b, context, batch, max_new_tokens, device))
+
+
+def kv_bytes_per_token(s: Shapes, b: int) -> int:
+    return 2 * s.layers * s.kv_heads * s.head_dim * b
+
+
+def decoding_bytes(s: Shapes, b: int, context: int, batch: int, max_new_tokens: int, device: str = "cpu") -> int:
+    """Greedy decoding of `batch` rows that each start from `context` tokens of cache (perta_fast.scoring):
+    the larger of the cache they are copied from beside the roomy cache they are copied into, and that
+    cache filled, doubling up to context + max_new_tokens; plus a decode step's logits. On the CPU a fresh
+    buffer holds only the pages written, so while the rows are copied in the room beyond them is not yet
+    memory (measured: calibrate's exact match, 32 tokens of room, 0.81 of the held peak counted in full)."""
+    kv = kv_bytes_per_token(s, b)
+    most = context + max_new_tokens  # tokens a row's decode cache can reach
+    size = context + min(DECODE_ROOM, max_new_tokens)  # tokens the decode cache first holds a row
+    copied = context + (context if device == "cpu" else size)
+    tokens = max(copied, size, doubling_peak_tokens(size, most, most, s.layers))
+    logits = batch * s.vocab * (b + (4 if device == "cpu" and b < 4 else 0))  # the fp32 result, as in scoring
+    return int(batch * kv * tokens) + logits
 
 
 def doubling_peak_tokens(size: int, until: int, most: int, layers: int) -> float:
@@ -181,27 +200,26 @@ def doubling_peak_tokens(size: int, until: int, most: int, layers: int) -> float
     return peak
 
 
-def _eval_batch_that_fits(s, b, weights, context, batch, max_new_tokens, memory_gb, device) -> str:
-    """Where the eval does not fit the budget: the most questions decoded together that do (the decode
-    cache is what grows with them), as a hint."""
-    if memory_gb is None:
+def _batch_that_fits(bytes_at, batch: int, room: float | None, command: str) -> str:
+    """Where a decoding step does not fit `room` bytes, the most questions decoded together that do (the
+    decode cache is what grows with them), as a hint: `bytes_at(n)` is the step's bytes at n questions."""
+    if room is None or bytes_at(batch) <= room:
         return ""
-    room = memory_gb * GB - RUNTIME_HOST_BYTES - weights
-    if tofu_eval_bytes(s, b, context, batch, max_new_tokens, device) <= room:
-        return ""
-    fits = next((n for n in range(batch - 1, 0, -1)
-                 if tofu_eval_bytes(s, b, context, n, max_new_tokens, device) <= room), None)
-    return f"; eval --batch-size {fits} fits" if fits else ""
+    fits = next((n for n in range(batch - 1, 0, -1) if bytes_at(n) <= room), None)
+    return f"; {command} --batch-size {fits} fits" if fits else ""
 
 
 def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targets: str = "all-linear",
                dtype: str = "auto", method: str = "fisher", batch_size: int = 8, max_length: int = 256,
                checkpointing: bool = False, groups: int = 1, memory_gb: float | None = None,
-               device: str = "cpu", eval_batch: int = GENERATE_BATCH, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+               device: str = "cpu", eval_batch: int = GENERATE_BATCH, max_new_tokens: int = MAX_NEW_TOKENS,
+               calibrate_batch: int = GENERATE_BATCH, exact_match: bool = True, prompt_length: int | None = None) -> dict:
     """{"steps": {step: (bytes, formula)}, ...}: each step's peak memory, without the runtime's own.
     With `memory_gb`, importance is split into as many parameter groups as that budget needs
     (`importance --max-memory`), and "groups" says how many. `eval_batch` and `max_new_tokens` are
-    `perta-fast eval`'s --batch-size and --max-new-tokens."""
+    `perta-fast eval`'s --batch-size and --max-new-tokens; `calibrate_batch` and `exact_match` calibrate's
+    --batch-size and whether it decodes (CalibrateOptions.generate), from prompts of `prompt_length` tokens
+    (default `max_length`, which bounds them)."""
     config_path = Path(config_path)
     if config_path.is_dir():
         config_path = config_path / "config.json"
@@ -246,15 +264,23 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
         steps["merge"] = ((2 * b + 8) * widest + LORA_BLOCK_BYTES, "output + inputs of the largest tensor on the GPU")
     else:  # inputs are read from the mapped files; only the output buffer is held
         steps["merge"] = (b * widest + LORA_BLOCK_BYTES, "output buffer of the largest tensor + a LoRA block")
-    steps["quick eval"] = (weights + tofu_eval_bytes(s, b, max_length, max_new_tokens=0, device=device),
-                           f"weights {b}·P + a scoring forward (answer probabilities)")
+    room = None if memory_gb is None else memory_gb * GB - RUNTIME_HOST_BYTES - weights
+    scoring = tofu_eval_bytes(s, b, max_length, max_new_tokens=0, device=device)
+    steps["quick eval"] = (weights + scoring, f"weights {b}·P + a scoring forward (answer probabilities)")
     steps["eval (TOFU)"] = (weights + tofu_eval_bytes(s, b, max_length, eval_batch, max_new_tokens, device),
                             f"weights {b}·P + scoring or decoding ({eval_batch} questions, {max_new_tokens} new tokens)"
-                            + _eval_batch_that_fits(s, b, weights, max_length, eval_batch, max_new_tokens, memory_gb,
-                                                                  device))
-    # calibrate: one model moved over λ in place (no second copy) and the quick eval at each point
-    steps["calibrate"] = (steps["quick eval"][0] + steps["merge"][0],
-                          "quick eval + the merge's buffers (model moved in place)")
+                            + _batch_that_fits(lambda n: tofu_eval_bytes(s, b, max_length, n, max_new_tokens, device),
+                                               eval_batch, room, "eval"))
+    # calibrate (and unlearn --lam auto): one model moved over λ in place, scored and decoded at each point
+    def calibrate_bytes(questions: int) -> int:
+        decoding = decoding_bytes(s, b, prompt_length or max_length, questions, EXACT_MATCH_TOKENS, device)
+        return max(scoring, decoding if exact_match else 0) + steps["merge"][0]
+
+    steps["calibrate"] = (weights + calibrate_bytes(calibrate_batch),
+                          f"quick eval or exact-match decoding ({calibrate_batch} questions, {EXACT_MATCH_TOKENS} new "
+                          "tokens) + the merge's buffers" + _batch_that_fits(calibrate_bytes, calibrate_batch, room,
+                                                                              "calibrate")
+                          if exact_match else "quick eval + the merge's buffers (no exact match)")
     steps = {k: (int(v), d) for k, (v, d) in steps.items()}
     return {"shapes": s, "dtype": dt, "params": P, "steps": steps, "groups": groups}
 

@@ -98,28 +98,40 @@ def test_tofu_eval_plan_within_25_percent_of_measured_peak(tmp_path, tiny_tokeni
     assert 0.75 <= predicted / measured["held_bytes"] <= 1.25, (predicted / 1e6, measured["held_bytes"] / 1e6)
 
 
-def test_calibrate_plan_within_25_percent_of_measured_private_peak(tmp_path, tiny_tokenizer, facts):
+@pytest.mark.parametrize("phase,rows,batch,generate,wide", [
+    ("scoring", 256, 8, False, {}),
+    ("decoding", 512, 256, True, {"num_key_value_heads": 8, "head_dim": 128, "vocab_size": 4096, "num_hidden_layers": 4})])
+def test_calibrate_plan_within_25_percent_of_measured_private_peak(tmp_path, tiny_tokenizer, facts, phase, rows, batch,
+                                                                   generate, wide):
     """calibrate writes each merged tensor into the loaded model, so the weights become private memory
     (copy-on-write of the mapped checkpoint): RssAnon, not mapped pages, is its footprint. The executor's
     inputs (θ_full's and θ_ft's files) are mapped page cache on top, which the kernel can drop. 128 rows a
-    set fill a scoring forward's answer-token bound, which the plan assumes; exact match is off, as the plan
-    leaves it out (and decoding 128 rows 8 at a time at every λ took 8 minutes here)."""
+    set fill a scoring forward's answer-token bound, which the plan assumes. Decoding: exact match, 32 new
+    tokens (at random weights none ends early), 256 questions of a set decoded together, wide heads and a
+    narrow vocabulary: the decode cache outweighs the scoring forward's bound by enough that the scoring
+    alone would predict under 0.75 of the peak."""
     from perta_fast.data import encode
+    from perta_fast.plan import EXACT_MATCH_TOKENS, decoding_bytes
     from perta_fast.profiling import measure_step_in_subprocess
 
-    folder, model = llama(tmp_path, tiny_tokenizer, dtype="float32")
-    finetuned, _ = llama(tmp_path, tiny_tokenizer, name="ft", dtype="float32")
+    folder, model = llama(tmp_path, tiny_tokenizer, dtype="float32", **wide)
+    finetuned, _ = llama(tmp_path, tiny_tokenizer, name="ft", dtype="float32", **wide)
     with torch.no_grad():  # another θ_ft: a τ that moves every tensor
         for p in model.parameters():
             p.add_(0.01)
     model.save_pretrained(finetuned)
     del model
-    rows = (facts[0] + facts[1])[:16]
-    length = max(len(e.input_ids) for e in encode(tiny_tokenizer, rows))
+    encoded = encode(tiny_tokenizer, (facts[0] + facts[1])[:16])
+    length, prompts = max(len(e.input_ids) for e in encoded), max(e.n_prompt for e in encoded)
     measured = measure_step_in_subprocess("calibrate", folder, tmp_path / "out",
-                                          {"batch_size": 8, "rows": 256, "finetuned": str(finetuned),
-                                           "generate": False})
-    predicted = plan_steps(folder, None, "all-linear", "auto", "fisher", 8, length)["steps"]["calibrate"][0]
+                                          {"batch_size": batch, "rows": rows, "finetuned": str(finetuned),
+                                           "generate": generate})
+    plan = plan_steps(folder, None, "all-linear", "auto", "fisher", 8, length, calibrate_batch=batch,
+                      exact_match=generate, prompt_length=prompts)
+    scoring = plan["steps"]["quick eval"][0] - 4 * plan["params"]
+    if phase == "decoding":  # the case measures what it says: the plan's decoding outweighs its scoring
+        assert decoding_bytes(plan["shapes"], 4, prompts, batch, EXACT_MATCH_TOKENS) > 2 * scoring
+    predicted = plan["steps"]["calibrate"][0]
     assert 0.75 <= predicted / measured["peak_bytes"] <= 1.25, (predicted / 1e6, measured["peak_bytes"] / 1e6)
 
 
@@ -144,9 +156,21 @@ def test_cli_plan_says_what_fits(tmp_path, capsys):
     fits = int(line.split("eval --batch-size ")[1].split()[0])
 
     def eval_gb(batch):
-        return (plan_steps(tmp_path, eval_batch=batch)["steps"]["eval (TOFU)"][0] + RUNTIME_HOST_BYTES) / 1e9
+        step = plan_steps(tmp_path, eval_batch=batch, device="cuda")["steps"]["eval (TOFU)"]
+        return (step[0] + RUNTIME_HOST_BYTES) / 1e9
 
     assert 1 <= fits < 128 and eval_gb(fits) <= 24 < eval_gb(fits + 1)
+    # calibrate's exact match (128 prompts decoded together) does not fit either; its hint is calibrate's own
+    assert main(["plan", "--model", str(tmp_path), "--memory", "24GB"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.split()[0] == "calibrate")
+    assert "does not fit" in line and "calibrate --batch-size " in line
+    fits = int(line.split("calibrate --batch-size ")[1].split()[0])
+
+    def calibrate_gb(batch):
+        step = plan_steps(tmp_path, calibrate_batch=batch, device="cuda")["steps"]["calibrate"]
+        return (step[0] + RUNTIME_HOST_BYTES) / 1e9
+
+    assert 1 <= fits < 128 and calibrate_gb(fits) <= 24 < calibrate_gb(fits + 1)
 
 
 def test_cli_plan_bad_config(tmp_path, capsys):
@@ -163,12 +187,15 @@ def test_cli_plan_bad_config(tmp_path, capsys):
 def test_plan_constants_mirror_the_code():
     """plan.py reads no torch (it must stay instant): its copies of the chunk sizes must match the code's."""
     from perta_fast import eval as ev, loss, ops, plan, scoring
+    from perta_fast.calibration import CalibrateOptions
 
     assert plan.LOSS_CHUNK_BYTES == loss.CHUNK_BYTES
     assert plan.CHUNK_ELEMENTS == ops.CHUNK_ELEMENTS
     assert (plan.ANSWER_TOKENS_PER_FORWARD, plan.CONTEXT_TOKENS_PER_FORWARD, plan.GENERATE_BATCH, plan.DECODE_ROOM) == (
         scoring.ANSWER_TOKENS_PER_FORWARD, scoring.CONTEXT_TOKENS_PER_FORWARD, scoring.GENERATE_BATCH, scoring.ROOM)
     assert plan.MAX_NEW_TOKENS == ev.EvalOptions().max_new_tokens
+    assert plan.EXACT_MATCH_TOKENS == CalibrateOptions().max_new_tokens
+    assert plan.GENERATE_BATCH == CalibrateOptions().batch_size
 
 
 def test_plan_offers_host_accumulators_where_a_gpu_needs_groups(tmp_path):
