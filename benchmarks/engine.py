@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -55,6 +54,7 @@ def bench_importance(model_dir: Path, n_samples: int, batch_sizes: list[int], de
     from perta_fast.importance import estimate_importance
     from perta_fast.models import load_model
     from perta_fast.profiling import PeakRssAnon
+    from timing import median, run_seconds  # benchmarks/timing.py
 
     forget, retain = make_facts(10, 2, seed=0)
     rows = (forget + retain)[:n_samples]
@@ -65,17 +65,12 @@ def bench_importance(model_dir: Path, n_samples: int, batch_sizes: list[int], de
     def timed(fn, repeats=3):
         fn(rows[:2])  # warm-up: first-call allocations and kernel selection
         sync()
-        runs = []
         with PeakRssAnon() as mem:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn(rows)
-                sync()
-                runs.append(time.perf_counter() - t0)
+            runs, _ = run_seconds(lambda: fn(rows), repeats, warm_up=False, sync=sync)
         gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
-        return {"s_per_sample": sorted(runs)[len(runs) // 2] / len(rows), "runs_s": runs,
+        return {"s_per_sample": median(runs) / len(rows), "runs_s": runs,
                 "rss_anon_growth_mb": mem.growth / 2**20, "gpu_peak_mb": gpu / 2**20 if gpu else None}
 
     def loop_fisher(sub):  # the naive exact method: one ordinary backward per sample

@@ -13,27 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from perta_fast import ops
+from timing import median, run_seconds  # benchmarks/timing.py
 
 HERE = Path(__file__).resolve().parent
 
 
 def median_seconds(fn, repeats: int) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    fn()  # warm-up: page faults of fresh outputs, thread pool start, kernel compilation
-    sync()
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        runs.append(time.perf_counter() - t0)
-    return sorted(runs)[len(runs) // 2]
+    return median(run_seconds(fn, repeats, sync=torch.cuda.synchronize if torch.cuda.is_available() else None)[0])
 
 
 def with_backend(name, fn):

@@ -12,20 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
+from timing import run_seconds  # benchmarks/timing.py
+
 HERE = Path(__file__).resolve().parent
-
-
-def timed(fn, repeats: int):
-    """The fastest of `repeats` runs (the first also warms the allocator and kernels) and its result."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def main(argv=None) -> int:
@@ -48,8 +39,10 @@ def main(argv=None) -> int:
             for r in load_qa(f"{a.tofu}:{split}")[:a.rows]]  # first: a wrong --tofu fails before the model loads
     model_dir = a.model or str(default_model())
     model, tok = load_model(model_dir, "cpu", a.dtype)
-    padded_s, padded = timed(lambda: padded_answer_probabilities(model, tok, rows), a.repeats)
-    tree_s, tree = timed(lambda: answer_probabilities(model, tok, rows), a.repeats)
+    # the fastest of the repeats; the first also warms the allocator and kernels
+    padded_runs, padded = run_seconds(lambda: padded_answer_probabilities(model, tok, rows), a.repeats, warm_up=False)
+    tree_runs, tree = run_seconds(lambda: answer_probabilities(model, tok, rows), a.repeats, warm_up=False)
+    padded_s, tree_s = min(padded_runs), min(tree_runs)
     report = {"command": " ".join(["python", "benchmarks/probability_speed.py", *(argv or sys.argv[1:])]),
               "model": model_dir, "dtype": str(next(model.parameters()).dtype), "rows": len(rows),
               "threads": torch.get_num_threads(), "repeats": a.repeats,
