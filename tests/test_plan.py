@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from perta_fast.cli import main
-from perta_fast.plan import RUNTIME_HOST_BYTES, Shapes, plan_steps
+from perta_fast.plan import RUNTIME_HOST_BYTES, Shapes, activations, logits_bytes, plan_steps
 
 
 def llama(tmp_path, tokenizer, name="m", **overrides):
@@ -68,6 +68,31 @@ def test_plan_within_25_percent_of_measured_peak(tmp_path, tiny_tokenizer, facts
            "importance": f"importance ({opts.get('method')})", "quick-eval": "quick eval"}[step]
     predicted = plan["steps"][key][0]
     assert 0.75 <= predicted / measured <= 1.25, (predicted / 1e6, measured / 1e6)
+
+
+@pytest.mark.parametrize("layers,batch,end_larger", [(8, 8, False), (1, 1, True)])
+def test_mean_gradient_plan_counts_the_tied_embedding_at_its_moment(tmp_path, tiny_tokenizer, facts, layers, batch,
+                                                                    end_larger):
+    """Mean-gradient importance of a tied Llama: the output layer's part of the shared gradient is held
+    beside the activations, and at the end of the backward, with the activations gone, autograd holds it,
+    the lookup's part and their sum. At 8 layers and batch 8 the activations' moment is the peak (counting
+    the three copies beside the activations predicted 1.21 of it); at 1 layer and batch 1 the end is. Within
+    15 %: the two moments differ by more than that here."""
+    from perta_fast.data import encode
+    from perta_fast.profiling import measure_step_in_subprocess
+
+    folder, model = llama(tmp_path, tiny_tokenizer, dtype="float32", num_hidden_layers=layers)
+    del model
+    rows = (facts[0] + facts[1])[:16]
+    length = max(len(e.input_ids) for e in encode(tiny_tokenizer, rows))
+    measured = measure_step_in_subprocess("importance", folder, tmp_path / "out", {
+        "batch_size": batch, "max_length": length, "rows": 16, "method": "grad"})["held_bytes"]
+    plan = plan_steps(folder, None, "all-linear", "auto", "grad", batch, length)
+    s, tokens = plan["shapes"], batch * length
+    beside_activations = activations(s, tokens, 4, False) + logits_bytes(s, tokens, 4, True) + 4 * s.vocab * s.hidden
+    assert (3 * 4 * s.vocab * s.hidden > beside_activations) == end_larger  # the case is the moment it names
+    predicted = plan["steps"]["importance (grad)"][0]
+    assert 0.85 <= predicted / measured <= 1.15, (predicted / 1e6, measured / 1e6)
 
 
 @pytest.mark.parametrize("phase,rows,batch,new_tokens,kv_heads,head_dim", [("scoring", 128, 64, 0, 4, 64),
