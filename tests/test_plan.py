@@ -173,29 +173,19 @@ def test_cli_plan_says_what_fits(tmp_path, capsys):
     assert "does not fit" not in lines["finetune(LoRA)"] and " fits" in lines["finetune(LoRA)"]
     assert main(["plan", "--model", str(tmp_path), "--memory", "40GB"]) == 0
     assert "does not fit" in next(l for l in capsys.readouterr().out.splitlines() if "finetune (full)" in l)
-    # TOFU's evaluation at 128 questions decoded together does not fit 24 GB (the decode cache); the
-    # hint's batch does, and one question more does not
+    # TOFU's evaluation and calibrate's exact match, 128 questions decoded together, do not fit 24 GB (the
+    # decode cache); each hint's batch does, and one question more does not
     assert main(["plan", "--model", str(tmp_path), "--memory", "24GB"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if "eval (TOFU)" in l)
-    assert "does not fit" in line and "eval --batch-size " in line
-    fits = int(line.split("eval --batch-size ")[1].split()[0])
+    text = capsys.readouterr().out
+    for step, command, knob in (("eval (TOFU)", "eval", "eval_batch"), ("calibrate", "calibrate", "calibrate_batch")):
+        line = next(l for l in text.splitlines() if l.strip().startswith(step))
+        assert "does not fit" in line and f"{command} --batch-size " in line
+        fits = int(line.split(f"{command} --batch-size ")[1].split()[0])
 
-    def eval_gb(batch):
-        step = plan_steps(tmp_path, eval_batch=batch, device="cuda")["steps"]["eval (TOFU)"]
-        return (step[0] + RUNTIME_HOST_BYTES) / 1e9
+        def gb(batch):
+            return (plan_steps(tmp_path, device="cuda", **{knob: batch})["steps"][step][0] + RUNTIME_HOST_BYTES) / 1e9
 
-    assert 1 <= fits < 128 and eval_gb(fits) <= 24 < eval_gb(fits + 1)
-    # calibrate's exact match (128 prompts decoded together) does not fit either; its hint is calibrate's own
-    assert main(["plan", "--model", str(tmp_path), "--memory", "24GB"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.split()[0] == "calibrate")
-    assert "does not fit" in line and "calibrate --batch-size " in line
-    fits = int(line.split("calibrate --batch-size ")[1].split()[0])
-
-    def calibrate_gb(batch):
-        step = plan_steps(tmp_path, calibrate_batch=batch, device="cuda")["steps"]["calibrate"]
-        return (step[0] + RUNTIME_HOST_BYTES) / 1e9
-
-    assert 1 <= fits < 128 and calibrate_gb(fits) <= 24 < calibrate_gb(fits + 1)
+        assert 1 <= fits < 128 and gb(fits) <= 24 < gb(fits + 1), step
 
 
 def test_cli_plan_bad_config(tmp_path, capsys):
