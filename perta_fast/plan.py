@@ -166,13 +166,18 @@ def tofu_eval_bytes(s: Shapes, b: int, context: int, batch: int = GENERATE_BATCH
     kv = kv_bytes_per_token(s, b)
     logits = ANSWER_TOKENS_PER_FORWARD * s.vocab
     waiting = (batch - 1) * context * kv if max_new_tokens else 0  # scored, not yet a full batch to decode
-    # a CPU matmul in bf16/fp16 writes an fp32 result, then casts it (measured: a 1024 x 49152 bf16 linear
-    # holds 301 MB, its output 101 MB); that buffer is gone before the log-sum-exp forms its fp32 chunk
-    fp32_scratch = 4 * logits if device == "cpu" and b < 4 else min(LOSS_CHUNK_BYTES, 4 * logits)
+    # that fp32 result is gone before the log-sum-exp forms its fp32 chunk
+    fp32_scratch = 4 * logits if cpu_matmul_writes_fp32(b, device) else min(LOSS_CHUNK_BYTES, 4 * logits)
     scoring = logits * b + fp32_scratch + CONTEXT_TOKENS_PER_FORWARD * (kv + context * b) + waiting
     if not max_new_tokens:
         return scoring
     return max(scoring, decoding_bytes(s, b, context, batch, max_new_tokens, device))
+
+
+def cpu_matmul_writes_fp32(b: int, device: str) -> bool:
+    """A CPU matmul in bf16/fp16 writes an fp32 result, then casts it (measured: a 1024 x 49152 bf16 linear
+    holds 301 MB, its output 101 MB): logits cost 4 more bytes an entry while they are formed."""
+    return device == "cpu" and b < 4
 
 
 def kv_bytes_per_token(s: Shapes, b: int) -> int:
@@ -184,13 +189,13 @@ def decoding_bytes(s: Shapes, b: int, context: int, batch: int, max_new_tokens: 
     the larger of the cache they are copied from beside the roomy cache they are copied into, and that
     cache filled, doubling up to context + max_new_tokens; plus a decode step's logits. On the CPU a fresh
     buffer holds only the pages written, so while the rows are copied in the room beyond them is not yet
-    memory (measured: calibrate's exact match, 32 tokens of room, 0.81 of the held peak counted in full)."""
+    memory (tests/test_plan.py's exact-match case: 0.985 of the held peak; with the room counted, 1.26)."""
     kv = kv_bytes_per_token(s, b)
     most = context + max_new_tokens  # tokens a row's decode cache can reach
     size = context + min(DECODE_ROOM, max_new_tokens)  # tokens the decode cache first holds a row
     copied = context + (context if device == "cpu" else size)
     tokens = max(copied, size, doubling_peak_tokens(size, most, most, s.layers))
-    logits = batch * s.vocab * (b + (4 if device == "cpu" and b < 4 else 0))  # the fp32 result, as in scoring
+    logits = batch * s.vocab * (b + (4 if cpu_matmul_writes_fp32(b, device) else 0))
     return int(batch * kv * tokens) + logits
 
 
