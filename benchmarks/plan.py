@@ -88,6 +88,7 @@ def main(argv=None):
             model = build(tmp / name, CONFIGS[name], default_model())
             finetuned = build(tmp / f"{name}-ft", CONFIGS[name], default_model(), seed=1)  # calibrate's θ_ft
             length = max_tokens(model, 16)  # every batch is padded to about this: the plan's worst case
+            prompts = max_tokens(model, 16, prompt_only=True)  # what the eval and exact match decode from
             for src in (model, finetuned):
                 from transformers import AutoModelForCausalLM
                 import torch
@@ -110,12 +111,12 @@ def main(argv=None):
                     shutil.rmtree(tmp / "out", ignore_errors=True)
                     (tmp / "out").unlink(missing_ok=True)
                 # the eval's continuations hold their prompts alone (nothing agrees at random weights)
-                context = max_tokens(model, 16, prompt_only=True) if step == "eval" else length
+                context = prompts if step == "eval" else length
                 plan = plan_steps(folder, opts.get("lora_rank"), "all-linear", "auto", opts.get("method", "fisher"),
                                   a.batch_size, context, opts.get("gradient_checkpointing", False),
                                   eval_batch=options["batch_size"], max_new_tokens=opts.get("max_new_tokens", 200),
                                   calibrate_batch=options["batch_size"], exact_match=opts.get("generate", True),
-                                  prompt_length=max_tokens(model, 16, prompt_only=True))["steps"]
+                                  prompt_length=prompts)["steps"]
                 key = {"finetune": "finetune (LoRA)" if "lora_rank" in opts else "finetune (full)",
                        "importance": f"importance ({opts.get('method')})", "quick-eval": "quick eval",
                        "eval": "eval (TOFU)",

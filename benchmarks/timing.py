@@ -5,13 +5,12 @@ from __future__ import annotations
 import time
 
 
-def run_seconds(fn, repeats: int, warm_up=None, sync=None) -> tuple[list[float], object]:
-    """Seconds of each of `repeats` calls of `fn`, after one untimed call of `warm_up` (default `fn`
-    itself: page faults of fresh outputs, thread pool start, kernel compilation; False: none), and what
-    the last call returned."""
+def run_seconds(fn, repeats: int, warm_up: bool = True, sync=None) -> tuple[list[float], object]:
+    """Seconds of each of `repeats` calls of `fn`, after one untimed call (`warm_up`: page faults of fresh
+    outputs, thread pool start, kernel compilation), and what the last call returned."""
     sync = sync or (lambda: None)
-    if warm_up is not False:
-        (warm_up or fn)()
+    if warm_up:
+        fn()
         sync()
     runs, out = [], None
     for _ in range(repeats):
