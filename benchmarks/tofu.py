@@ -30,6 +30,8 @@ Order: the first two seeds, the ablation, the third seed, then matched forget qu
 
 Training uses bf16 autocast (fp32 weights) where bf16 matmuls are native (a GPU, or a CPU with AVX-512 BF16
 or AMX) and fp32 elsewhere; an fp32 run is another set of models, so its cache and results carry "-fp32".
+Scoring (evaluations, calibrations, sweeps) is fp32 unless --bf16-scoring (bf16 autocast: other numbers, its
+own cache and results, "-bf16scoring").
 Every step is cached under --work; results are written after each stage, so an interrupted run still
 leaves a table of what finished and a rerun continues. TOFU's text is never written into the results.
 """
@@ -293,6 +295,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--keep-retain", type=float, default=0.95)
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--no-quality", action="store_true", help="stop at matched forget probability: no matched forget "
+                    "quality (its ~8 forget-split scorings a method and seed are about 40 %% of the protocol without the "
+                    "ablation)")
+    ap.add_argument("--bf16-scoring", action="store_true", help="score (evaluations, calibrations, sweeps) with bf16 "
+                    "autocast too, not in fp32: needs native bf16; its own cache and results (\"-bf16scoring\")")
     ap.add_argument("--baselines", action="store_true", help="also GA and NPO, each seed (the full size always)")
     ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"))
     ap.add_argument("--work", default=None, help="cache (default: ~/.cache/perta_fast/tofu-SIZE-RECIPE)")
@@ -310,12 +317,17 @@ def main(argv=None) -> int:
 
     size, recipe = SIZES[a.size], RECIPES[a.recipe]
     fast_bf16 = native_bf16(a.device)
+    if a.bf16_scoring and not fast_bf16:
+        print("tofu.py: --bf16-scoring needs native bf16 matmuls (a GPU, or a CPU with AVX-512 BF16 or AMX)",
+              file=sys.stderr)
+        return 2
     if not fast_bf16:
         recipe = {step: dict(knobs, bf16_autocast=False) for step, knobs in recipe.items()}
         BASELINE["bf16_autocast"] = False
     base = Path(a.model) if a.model else default_model()
     # runs trained in fp32 are other models than bf16-autocast ones: their own cache and results
-    stem = f"tofu-{a.size}-{a.recipe}" + (f"-{a.forget}" if a.size == "full" else "") + ("" if fast_bf16 else "-fp32")
+    stem = f"tofu-{a.size}-{a.recipe}" + (f"-{a.forget}" if a.size == "full" else "") + ("" if fast_bf16 else "-fp32") \
+        + ("-bf16scoring" if a.bf16_scoring else "")
     work = Path(a.work) if a.work else cache_dir() / stem
     work.mkdir(parents=True, exist_ok=True)
     run = Protocol(a, size, recipe, base, work, build_sets(tofu, size, a.forget), a.name or stem)
@@ -326,8 +338,8 @@ def main(argv=None) -> int:
         run.ablation(a.seeds[0])
     for seed in a.seeds[2:]:
         run.seed(seed)
-    for seed in a.seeds:  # last: ~8 forget-split scorings per method and seed, so the tables above come first
-        run.quality(seed)
+    for seed in [] if a.no_quality else a.seeds:  # last: ~8 forget-split scorings per method and seed, so the tables
+        run.quality(seed)  # above come first
     print(markdown(run.summary))
     print(f"\nwrote {HERE / 'results' / run.stem}.json, .md, .png; {time.perf_counter() - run.t0:.0f} s this run")
     return 0
@@ -350,7 +362,7 @@ class Protocol:
         from perta_fast.eval import EvalOptions
 
         self.a, self.size, self.recipe, self.base, self.work, self.sets, self.stem = a, size, recipe, base, work, sets, stem
-        self.eval_opts = EvalOptions(max_new_tokens=size.max_new_tokens, device=a.device)
+        self.eval_opts = EvalOptions(max_new_tokens=size.max_new_tokens, device=a.device, bf16_autocast=a.bf16_scoring)
         self.t0 = time.perf_counter()
         self.steps: dict[str, float] = {}
         splits = sets["splits"]
@@ -359,7 +371,8 @@ class Protocol:
         self.summary = {
             "command": "python benchmarks/tofu.py " + " ".join(sys.argv[1:]),
             "model": str(base), "device": a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-            "recipe": {a.recipe: recipe}, "keep_retain": a.keep_retain, "grid": GRID,
+            "recipe": {a.recipe: recipe}, "scoring": "bf16 autocast" if a.bf16_scoring else "fp32",
+            "keep_retain": a.keep_retain, "grid": GRID,
             "sets": {"forget_rows": len(sets["forget"]), "train_retain_rows": len(sets["train_retain"]),
                      "importance_retain_rows": len(sets["importance_retain"]),
                      "eval_rows": {r: len(v) for r, v in splits.items()}, "sweep_rows": size.sweep_rows,
@@ -420,7 +433,8 @@ class Protocol:
         # the retain model's forget probability on the sweep rows: the matched-forgetting target
         self.target, self.steps["sweep target"] = cached_json(
             w / "results" / "sweep-target.json", lambda: probability_curve(
-                self.retain_model, self.retain_model, None, _merge_opts("TV"), self.sweep_sets, [0.0], self.a.device)[0])
+                self.retain_model, self.retain_model, None, _merge_opts("TV"), self.sweep_sets, [0.0], self.a.device,
+                self.a.bf16_scoring)[0])
         self.summary["sweep_target"] = {k: self.target[k] for k in ("forget", "retain")}
         self.write()
 
@@ -442,7 +456,7 @@ class Protocol:
             cal, self.steps[f"calibrate seed{seed} {method}"] = cached_json(
                 w / f"calibration-{method}.json", lambda: calibrate(self.full, theta_ft, forget_val, retain_val, imp, opts,
                 CalibrateOptions(keep_retain=self.a.keep_retain, lams=GRID, bisect=3, generate=False,
-                                 device=self.a.device)))
+                                 device=self.a.device, bf16_autocast=self.a.bf16_scoring)))
             res = self._evaluate_at(f"seed{seed}-{method}", theta_ft, imp, replace(opts, lam=cal["lam"]))
             curve, self.steps[f"sweep seed{seed} {method}"] = cached_json(w / f"sweep-{method}.json",
                                                                           lambda: self._sweep(theta_ft, imp, opts))
@@ -528,7 +542,7 @@ class Protocol:
         from perta_fast.calibration import probability_curve
 
         theta_full, *points = probability_curve(self.full, finetuned, imp, opts, self.sweep_sets, (0.0,) + GRID,
-                                                self.a.device)
+                                                self.a.device, self.a.bf16_scoring)
         return [dict(p, theta_full={"forget": theta_full["forget"], "retain": theta_full["retain"]}) for p in points]
 
     def _baselines(self, seed: int, record: dict) -> None:

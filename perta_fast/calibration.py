@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .console import bar, log, pyplot
 from .data import MIN_VALIDATION_ROWS, QA, data_hash, hold_out
+from .dtypes import autocast_for
 from .errors import PertaError
 from .merge import MergeExecutor, MergeOptions, plan_merge
 
@@ -39,6 +40,7 @@ class CalibrateOptions:
     batch_size: int = 128  # questions decoded together for exact match (perta_fast.scoring.GENERATE_BATCH)
     device: str | None = None
     dtype: str | None = None
+    bf16_autocast: bool = False  # score with bf16 matmuls over the loaded weights (eval.EvalOptions' knob)
 
 
 def check_options(opts: CalibrateOptions) -> tuple[float, ...]:
@@ -90,17 +92,18 @@ class ModelAtLambda:
 
 
 def probability_curve(base, finetuned, importance, merge_options: MergeOptions, sets: dict[str, list[QA]], lams,
-                      device=None) -> list[dict]:
+                      device=None, bf16_autocast: bool = False) -> list[dict]:
     """Mean answer probability of each set at each λ (and the mean w): [{"lam", "mean_weight", set: prob}]."""
     from .eval import answer_probabilities
 
     at = ModelAtLambda(base, finetuned, importance, merge_options, device)
     points = []
     for lam in lams:
-        point = {"lam": lam, "mean_weight": at.set(lam)}
-        for name, rows in sets.items():
-            probs = answer_probabilities(at.model, at.tokenizer, rows)
-            point[name] = sum(probs) / len(probs)
+        point = {"lam": lam, "mean_weight": at.set(lam)}  # the merge outside autocast: its math stays fp32
+        with autocast_for(at.model, bf16_autocast):
+            for name, rows in sets.items():
+                probs = answer_probabilities(at.model, at.tokenizer, rows)
+                point[name] = sum(probs) / len(probs)
         points.append(point)
     return points
 
@@ -110,11 +113,12 @@ def score(model, tokenizer, sets: dict[str, list[QA]], opts: CalibrateOptions) -
     from .eval import evaluate
 
     point = {}
-    for name, rows in sets.items():
-        r = evaluate(model, tokenizer, rows, opts.batch_size, opts.max_new_tokens, opts.generate)
-        point[f"{name}_prob"] = r["answer_prob"]
-        if opts.generate:
-            point[f"{name}_em"] = r["exact_match"]
+    with autocast_for(model, opts.bf16_autocast):
+        for name, rows in sets.items():
+            r = evaluate(model, tokenizer, rows, opts.batch_size, opts.max_new_tokens, opts.generate)
+            point[f"{name}_prob"] = r["answer_prob"]
+            if opts.generate:
+                point[f"{name}_em"] = r["exact_match"]
     return point
 
 
@@ -124,7 +128,8 @@ def _target_prob(opts: CalibrateOptions, forget: list[QA]) -> float:
     from .models import load_model
 
     model, tok = load_model(opts.pretrained, opts.device, opts.dtype)
-    probs = answer_probabilities(model, tok, forget)
+    with autocast_for(model, opts.bf16_autocast):
+        probs = answer_probabilities(model, tok, forget)
     del model
     return sum(probs) / len(probs)
 
@@ -180,6 +185,7 @@ def calibrate(base, finetuned, forget: list[QA], retain: list[QA], importance=No
     result = {"lam": lam, "forget_target": opts.forget_target, "reached_target": reached, "keep_retain": opts.keep_retain,
               "reference": reference, "retain_floor": floor, "target_forget_prob": target,
               "grid": list(lams), "bisect": opts.bisect, "method": merge_options.method,
+              "scoring": "bf16 autocast" if opts.bf16_autocast else "model dtype",
               "merge_options": {k: v for k, v in asdict(merge_options).items() if k in ("alpha", "power", "eps")},
               "validation": {"forget_rows": len(forget), "forget_sha256": data_hash(forget),
                              "retain_rows": len(retain), "retain_sha256": data_hash(retain)},

@@ -92,12 +92,18 @@ def _add_calibrate_knobs(p):
     _add_hold_out(p, 0.2)
 
 
-def _calibrate_opts(a):
+def _calibrate_opts(a, bf16_autocast=False):
     from .calibration import CalibrateOptions
 
     return CalibrateOptions(keep_retain=a.keep_retain, lams=tuple(a.lams), bisect=a.bisect,
                             forget_target=a.forget_target, pretrained=a.pretrained, hold_out=a.hold_out,
-                            batch_size=a.batch_size, device=a.device, dtype=a.dtype)
+                            batch_size=a.batch_size, device=a.device, dtype=a.dtype, bf16_autocast=bf16_autocast)
+
+
+def _add_bf16_scoring(p):
+    p.add_argument("--bf16-autocast", action="store_true",
+                   help="score with bf16 matmuls over the loaded weights: faster where bf16 is native (a GPU, AVX-512 "
+                        "BF16 or AMX), not fp32's numbers")
 
 
 def _add_finetune_knobs(p, epochs, lr, weight_decay=0.0, warmup=0):
@@ -191,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive, default=128, help="questions decoded together (exact match)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
+    _add_bf16_scoring(p)
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("unlearn", help="the whole pipeline: fine-tune θ_ft, importance, merge, evaluate")
@@ -247,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="+", default=None, metavar="RESULTS_JSON", help="tabulate saved results")
     _add_common(p, batch=128, checkpointing=False)  # --batch-size: questions decoded together (scoring.GENERATE_BATCH)
     p.set_defaults(max_length=512)
+    _add_bf16_scoring(p)
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("plan", help="each step's peak memory for a model, from its config alone (nothing loaded)")
@@ -352,7 +360,7 @@ def _calibrate(a):
     from .calibration import calibrate_files, format_curve
 
     res = calibrate_files(a.base, a.finetuned, a.forget, a.retain, a.importance,
-                          pf.MergeOptions(alpha=a.alpha, power=a.power, eps=a.eps), _calibrate_opts(a), a.out,
+                          pf.MergeOptions(alpha=a.alpha, power=a.power, eps=a.eps), _calibrate_opts(a, a.bf16_autocast), a.out,
                           a.overwrite)
     print(format_curve(res))
     if a.out:
@@ -408,7 +416,8 @@ def _eval(a):
         return
     if not a.model or not a.tofu:
         raise PertaError("eval needs --model and --tofu (or --compare RESULTS_JSON …)")
-    opts = ev.EvalOptions(a.batch_size, a.max_new_tokens, a.max_length, not a.no_generate, a.device, a.dtype)
+    opts = ev.EvalOptions(a.batch_size, a.max_new_tokens, a.max_length, not a.no_generate, a.device, a.dtype,
+                          a.bf16_autocast)
     res = ev.eval_checkpoint(a.model, ev.tofu_splits(a.tofu, a.forget_split, a.max_rows), a.out,
                              a.retain_model, opts, a.overwrite, a.format == "open-unlearning")
     print(ev.format_results({a.model: res}))

@@ -20,3 +20,35 @@ def cpu_has_fast_bf16() -> bool:
 
     return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
                                                                       "_is_amx_tile_supported"))
+
+
+def autocast(device, on: bool):
+    """bf16 matmuls over the model's own (fp32) weights while `on` (torch.autocast); else nothing."""
+    import contextlib
+
+    import torch
+
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+_warned: set[str] = set()
+
+
+def warn_if_emulated_bf16(device, on: bool, flag: str = "--bf16-autocast") -> None:
+    """Once per flag and process: a calibration scores under autocast at every λ."""
+    import torch
+
+    from .console import log
+
+    if on and torch.device(device).type == "cpu" and not cpu_has_fast_bf16() and flag not in _warned:
+        _warned.add(flag)
+        log.warning(f"{flag} on a CPU without native bf16 (AVX-512 BF16 or AMX): its matmuls are emulated there, "
+                    "tens of times slower than fp32")
+
+
+def autocast_for(model, on: bool):
+    """`autocast` on the model's device, warning first where bf16 is emulated."""
+    device = next(model.parameters()).device
+    warn_if_emulated_bf16(device, on)
+    return autocast(device, on)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .data import QA, EvalQA, batches, data_hash, encode, load_qa, pad_id
+from .dtypes import autocast_for
 from .errors import PertaError
 from .loss import per_sample_loss
 from .scoring import GENERATE_BATCH, decode, generate_answers, score_questions
@@ -75,6 +76,7 @@ class EvalOptions:
     generate: bool = True  # greedy answers for ROUGE-L; off, ROUGE-L is left out (and model utility with it)
     device: str | None = None
     dtype: str | None = None  # auto (None): the checkpoint's own
+    bf16_autocast: bool = False  # bf16 matmuls over the loaded weights: faster where bf16 is native, other numbers
 
 
 def tofu_splits(folder: str | Path, forget: str = "forget01", max_rows: int | None = None) -> dict[str, list[EvalQA]]:
@@ -147,8 +149,9 @@ def evaluate_splits(model, tokenizer, splits: dict[str, list[EvalQA]], opts: Eva
     items = [(r.question, [r.answer] + ([] if _no_paraphrase(r) else [r.paraphrased_answer]) + list(r.perturbed_answers))
              for rows in splits.values() for r in rows]
     limit = opts.max_new_tokens if opts.generate else 0
-    scores = iter(score_questions(model, tokenizer, items, opts.max_length, limit, opts.batch_size,
-                                  desc="score " + ", ".join(splits), parts=[len(r) for r in splits.values()]))
+    with autocast_for(model, opts.bf16_autocast):
+        scores = iter(score_questions(model, tokenizer, items, opts.max_length, limit, opts.batch_size,
+                                      desc="score " + ", ".join(splits), parts=[len(r) for r in splits.values()]))
     return {role: _split_metrics(tokenizer, rows, role, [next(scores) for _ in rows], opts.generate)
             for role, rows in splits.items()}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import distributed
 from .console import bar, log
 from .data import QA, collate, data_hash, encode, logits_of, pad_id
-from .dtypes import cpu_has_fast_bf16
+from .dtypes import autocast, warn_if_emulated_bf16
 from .errors import PertaError
 from .io import content_sha256
 from .outputs import check_output_path, kill_point, resume_dir, resume_state
@@ -76,14 +76,6 @@ def with_lora(model, opts: FinetuneOptions, source: str):
         return get_peft_model(model, config)
     except ValueError as e:  # peft's word for targets that match no module
         raise PertaError(f"{source}: --lora-targets {opts.lora_targets}: {str(e).splitlines()[0]}") from None
-
-
-def autocast(device, on: bool):
-    import contextlib
-
-    import torch
-
-    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
 class TrainCheckpoint:
@@ -147,9 +139,7 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc
     encoded = encode(tokenizer, rows, opts.max_length)
     pad = pad_id(tokenizer)
     device = next(model.parameters()).device
-    if opts.bf16_autocast and device.type == "cpu" and not cpu_has_fast_bf16():
-        log.warning("--bf16-autocast on a CPU without native bf16 (AVX-512 BF16 or AMX): its matmuls are emulated "
-                    "there, tens of times slower than fp32")
+    warn_if_emulated_bf16(device, opts.bf16_autocast)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=opts.lr,
                               weight_decay=opts.weight_decay)
     warmup_steps = opts.warmup_epochs * -(-len(encoded) // opts.batch_size)

@@ -175,3 +175,24 @@ def test_unlearn_lam_auto_merges_at_the_calibrated_lam(ws, tmp_path, capsys):
     torch.testing.assert_close(got[n], base[n] - cal["lam"] * w * (ft[n] - base[n]))
     assert main(["unlearn", "--model", str(ws / "full"), "--forget", str(ws / "forget.json"), "--retain",
                  str(ws / "retain.json"), "--out", str(tmp_path / "x"), "--lam", "often"]) == 2
+
+
+def test_bf16_autocast_scores_every_point_with_bf16_matmuls(ws, tmp_path, capsys):
+    """`calibrate --bf16-autocast`: θ_full's retain probability is the one scored apart under the same autocast,
+    and not fp32's (so the option reached the scoring)."""
+    from perta_fast.eval import answer_probabilities
+    from perta_fast.models import load_model
+
+    out = tmp_path / "cal.json"
+    assert main(["calibrate", "--base", str(ws / "full"), "--finetuned", str(ws / "ft"), "--forget",
+                 str(ws / "forget.json"), "--retain", str(ws / "retain.json"), "--lams", "0.5", "1", "--bisect", "0",
+                 "--batch-size", "8", "--bf16-autocast", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    model, tok = load_model(ws / "full")
+    retain = _validation(ws, "retain")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ac = answer_probabilities(model, tok, retain)
+    fp32 = _prob(ws / "full", retain)
+    assert res["scoring"] == "bf16 autocast"
+    torch.testing.assert_close(res["reference"]["retain_prob"], sum(ac) / len(ac), rtol=1e-6, atol=0)
+    assert abs(res["reference"]["retain_prob"] - fp32) > 1e-7  # 2e-6 measured; fp32 scored twice: bit-identical
