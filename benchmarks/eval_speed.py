@@ -7,7 +7,12 @@ probabilities and truth ratios, extraction strengths, greedy generations).
     python benchmarks/eval_speed.py --src before=/tmp/eval-before --src batched=/tmp/eval-batched \\
         --model theta_full=~/.cache/perta_fast/tofu-cpu-scaled-fp32/theta_full --model base=<SmolLM2 folder>
 
-The current tree runs last as "after". Writes results/eval-speed-cpu.json and .md.
+The current tree runs last as "after"; with --bf16-autocast it runs once more as "after-bf16" (`eval
+--bf16-autocast`: bf16 matmuls over the fp32 weights; its agreement columns say how far bf16 moves the numbers).
+Writes results/eval-speed-cpu.json and .md.
+
+    python benchmarks/eval_speed.py --bf16-autocast --model base=<SmolLM2 folder> \\
+        --out benchmarks/results/eval-speed-bf16-cpu.json    # fp32 against bf16 autocast, same tree
 """
 from __future__ import annotations
 
@@ -23,11 +28,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_eval(src: Path, model: str, args, out: Path) -> float:
+def run_eval(src: Path, model: str, args, out: Path, extra: tuple = ()) -> float:
     """Seconds of one `perta-fast eval` run with the package imported from `src`."""
     cmd = [sys.executable, "-m", "perta_fast", "eval", "--model", model, "--tofu", args.tofu,
            "--max-rows", str(args.max_rows), "--max-new-tokens", str(args.max_new_tokens), "--device", "cpu",
-           "--out", str(out)]
+           "--out", str(out), *extra]
     env = {**os.environ, "PYTHONPATH": str(src), "TQDM_DISABLE": "1"}
     t = time.perf_counter()
     # cwd elsewhere: the current folder would come before PYTHONPATH on sys.path
@@ -58,34 +63,37 @@ def commit(src: Path) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", action="append", required=True, metavar="LABEL=TREE",
+    ap.add_argument("--src", action="append", default=[], metavar="LABEL=TREE",
                     help="an earlier version's source tree (git worktree); the first is the baseline")
     ap.add_argument("--model", action="append", metavar="LABEL=DIR",
                     default=None, help="checkpoints to evaluate (default: the TOFU benchmark's θ_full)")
     ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"))
     ap.add_argument("--max-rows", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=80)
+    ap.add_argument("--bf16-autocast", action="store_true", help="also the current tree with eval --bf16-autocast")
     ap.add_argument("--out", default=str(HERE / "results" / "eval-speed-cpu.json"))
     args = ap.parse_args()
-    versions = [tuple(s.split("=", 1)) for s in args.src] + [("after", str(HERE.parent))]
+    versions = [(*s.split("=", 1), ()) for s in args.src] + [("after", str(HERE.parent), ())]
+    if args.bf16_autocast:
+        versions.append(("after-bf16", str(HERE.parent), ("--bf16-autocast",)))
     models = [tuple(m.split("=", 1)) for m in args.model or
               [f"theta_full={Path.home() / '.cache/perta_fast/tofu-cpu-scaled-fp32/theta_full'}"]]
     report = {"command": " ".join(sys.argv), "max_rows": args.max_rows, "max_new_tokens": args.max_new_tokens,
-              "versions": {label: commit(Path(src)) or "working tree" for label, src in versions}, "models": {}}
+              "versions": {label: commit(Path(src)) or "working tree" for label, src, _ in versions}, "models": {}}
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models:
             seconds, results = {}, {}
-            for label, src in versions:
+            for label, src, extra in versions:
                 out = Path(tmp) / f"{name}-{label}.json"
-                seconds[label] = round(run_eval(Path(src).resolve(), os.path.expanduser(model), args, out), 1)
+                seconds[label] = round(run_eval(Path(src).resolve(), os.path.expanduser(model), args, out, extra), 1)
                 results[label] = json.loads(out.read_text())
                 print(f"{name} {label}: {seconds[label]} s", flush=True)
             first = versions[0][0]
             entry = report["models"][name] = {
                 "model": model, "seconds": seconds,
                 "speedup_over_" + first: {k: round(seconds[first] / v, 2) for k, v in seconds.items()},
-                "agreement_with_" + first: {k: agreement(results[first], results[k]) for k, _ in versions[1:]}}
+                "agreement_with_" + first: {k: agreement(results[first], results[k]) for k, _, _ in versions[1:]}}
             lines += [f"**{name}** ({model}): " + ", ".join(f"{k} {v} s" for k, v in seconds.items()) + "; "
                       + ", ".join(f"{k} **{v}×**" for k, v in entry["speedup_over_" + first].items() if k != first),
                       "", "| version | split | rows | max abs Δ prob | max rel Δ truth ratio | same greedy answers "

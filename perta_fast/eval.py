@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .console import log
 from .data import QA, EvalQA, batches, data_hash, encode, load_qa, pad_id
 from .dtypes import autocast_for
 from .errors import PertaError
@@ -254,7 +255,12 @@ def reference_results(reference: str | Path, forget_rows: list[EvalQA], opts: Ev
         content = read_json(reference)
         if is_eval_log(content):  # open-unlearning's TOFU_EVAL.json
             return reference_from_log(content, reference, forget_rows)
-        return load_results(reference, content)
+        results = load_results(reference, content)
+        theirs = results.get("options", {}).get("bf16_autocast", False)
+        if theirs != opts.bf16_autocast:  # KS on truth ratios scored two ways measures the precision too
+            log.warning(f"{reference}: the retain model was scored {'with' if theirs else 'without'} --bf16-autocast, "
+                        f"this model {'with' if opts.bf16_autocast else 'without'}: forget quality compares the two")
+        return results
     if not reference.is_dir():
         raise PertaError(f"{reference}: retain model not found (a checkpoint folder or its eval results .json)")
     model, tok = load_model(reference, opts.device, opts.dtype)

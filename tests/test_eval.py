@@ -362,3 +362,25 @@ def test_bf16_autocast_scores_with_bf16_matmuls(tiny, eval_rows):
     # a quarter of one bf16 step (2^-8) is room enough; fp32's own paths agree to ~1e-6, autocast's differ more
     assert got["answer_nll"] == pytest.approx(by_hand, rel=1e-3)
     assert max(abs(a - b) for a, b in zip(got["answer_nll"], fp32["answer_nll"])) > 2e-5
+
+
+def test_tofu_benchmark_refuses_bf16_scoring_without_native_bf16(tmp_path, monkeypatch, capsys):
+    bench = _tofu_benchmark()
+    (tmp_path / "full.json").write_text("[]")  # past the data check, before anything is loaded
+    monkeypatch.setattr(bench, "native_bf16", lambda device: False)
+    assert bench.main(["--bf16-scoring", "--tofu", str(tmp_path), "--work", str(tmp_path / "work")]) == 2
+    assert "--bf16-scoring needs native bf16" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
+def test_eval_warns_when_the_retain_log_was_scored_another_way(tmp_path, tiny_dir, tofu_like, capsys):
+    common = ["--model", str(tiny_dir), "--tofu", str(tofu_like), "--no-generate"]
+    ref = tmp_path / "retain.json"
+    assert main(["eval", *common, "--out", str(ref)]) == 0
+    assert json.loads(ref.read_text())["options"]["bf16_autocast"] is False
+    capsys.readouterr()
+    assert main(["eval", *common, "--retain-model", str(ref), "--bf16-autocast"]) == 0
+    err = capsys.readouterr().err
+    assert f"{ref}: the retain model was scored without --bf16-autocast, this model with" in err
+    assert main(["eval", *common, "--retain-model", str(ref)]) == 0
+    assert "--bf16-autocast" not in capsys.readouterr().err
