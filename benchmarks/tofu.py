@@ -821,6 +821,8 @@ def plot(summary: dict, path: Path) -> None:
     third.set_title("forget quality along λ, first seed (★ the matched λ)", fontsize=9)
     if third.get_legend_handles_labels()[0]:
         third.legend(fontsize=6)
+    else:  # --no-quality, or a run cut before matched forget quality
+        third.text(0.5, 0.5, "matched forget quality not run", ha="center", va="center", transform=third.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
