@@ -5,6 +5,21 @@ transformers is imported lazily, when a function that needs it is first used.
 """
 __version__ = "0.1.0"
 
+
+def _unshadow_kernels() -> None:
+    """Run from a checkout's root (`python -m perta_fast`, `python -m pytest`), the source folder kernels/
+    (installed as perta_fast.kernels) would be the top-level `kernels`, a name Hugging Face's package holds
+    and transformers >= 5.25 imports: take the checkout's root off sys.path (an installed copy has none)."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "csrc").is_dir() and (root / "kernels").is_dir():
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+
+
+_unshadow_kernels()
+
 # The merge path needs only torch and safetensors, so it is imported eagerly (this also keeps the
 # function `merge` from being shadowed by its module); everything that needs transformers is lazy.
 from .errors import PertaError  # noqa: E402

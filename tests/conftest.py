@@ -2,13 +2,8 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-# `python -m pytest` puts the checkout's root on sys.path, and there the source folder kernels/ (installed as
-# perta_fast.kernels) would shadow Hugging Face's `kernels` package, which transformers >= 5.25 imports
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+import perta_fast  # noqa: F401  first: it takes the checkout's root off sys.path (see perta_fast._unshadow_kernels)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
