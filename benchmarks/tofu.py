@@ -338,8 +338,9 @@ def main(argv=None) -> int:
         run.ablation(a.seeds[0])
     for seed in a.seeds[2:]:
         run.seed(seed)
-    for seed in [] if a.no_quality else a.seeds:  # last: ~8 forget-split scorings per method and seed, so the tables
-        run.quality(seed)  # above come first
+    if not a.no_quality:  # last: ~8 forget-split scorings per method and seed, so the tables above come first
+        for seed in a.seeds:
+            run.quality(seed)
     print(markdown(run.summary))
     print(f"\nwrote {HERE / 'results' / run.stem}.json, .md, .png; {time.perf_counter() - run.t0:.0f} s this run")
     return 0

@@ -32,19 +32,20 @@ def autocast(device, on: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
 
 
-_warned: set[str] = set()
+_warned = False
 
 
-def warn_if_emulated_bf16(device, on: bool, flag: str = "--bf16-autocast") -> None:
-    """Once per flag and process: a calibration scores under autocast at every λ."""
+def warn_if_emulated_bf16(device, on: bool) -> None:
+    """Once per process: a calibration scores under autocast at every λ."""
     import torch
 
     from .console import log
 
-    if on and torch.device(device).type == "cpu" and not cpu_has_fast_bf16() and flag not in _warned:
-        _warned.add(flag)
-        log.warning(f"{flag} on a CPU without native bf16 (AVX-512 BF16 or AMX): its matmuls are emulated there, "
-                    "tens of times slower than fp32")
+    global _warned
+    if on and torch.device(device).type == "cpu" and not cpu_has_fast_bf16() and not _warned:
+        _warned = True
+        log.warning("--bf16-autocast on a CPU without native bf16 (AVX-512 BF16 or AMX): its matmuls are emulated "
+                    "there, tens of times slower than fp32")
 
 
 def autocast_for(model, on: bool):
