@@ -32,3 +32,22 @@ def test_older_transformers_is_refused_in_one_line(monkeypatch, capsys, tiny_dir
         assert not (tmp_path / "o").exists()
     else:
         assert code == 0, err
+
+
+def test_no_benchmark_script_shadows_an_installed_module():
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named like an installed top-level
+    module replaces it for everything the script imports: benchmarks/kernels.py hid Hugging Face's `kernels`,
+    which transformers >= 5.25 imports, and every model load in a benchmark failed."""
+    import importlib.util
+    import sys
+
+    bench = (Path(__file__).parents[1] / "benchmarks").resolve()
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != bench]
+    try:
+        clashes = [f.stem for f in bench.glob("*.py") if f.stem not in sys.modules and importlib.util.find_spec(f.stem)]
+        clashes += [f.stem for f in bench.glob("*.py") if f.stem in sys.modules
+                    and Path(getattr(sys.modules[f.stem], "__file__", None) or bench).resolve().parent != bench]
+    finally:
+        sys.path[:] = saved
+    assert clashes == []

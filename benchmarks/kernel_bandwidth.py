@@ -1,8 +1,8 @@
 """Elementwise kernels against the machine's copy bandwidth and against torch eager, in one run.
 
-    python benchmarks/kernels.py                    # CPU: the C++ backend vs torch
-    python benchmarks/kernels.py --elements 16777216
-    python benchmarks/kernels.py --device cuda --backend triton   # a GPU: Triton vs torch
+    python benchmarks/kernel_bandwidth.py                    # CPU: the C++ backend vs torch
+    python benchmarks/kernel_bandwidth.py --elements 16777216
+    python benchmarks/kernel_bandwidth.py --device cuda --backend triton   # a GPU: Triton vs torch
 
 Effective bandwidth = (bytes read + bytes written) / time. The ceiling is a plain torch copy of a
 large tensor measured in the same run (read + write). Writes benchmarks/results/kernels-<device>.json
@@ -88,7 +88,7 @@ def main():
                          "kernel_s": k, "torch_eager_s": t, "kernel_GBps": nbytes / k / 1e9,
                          "torch_GBps": nbytes / t / 1e9, "kernel_vs_copy": nbytes / k / 1e9 / copy_gbps,
                          "speedup_vs_torch": t / k})
-    result = {"command": " ".join(["python", "benchmarks/kernels.py"] + sys.argv[1:]), "backend": a.backend,
+    result = {"command": " ".join(["python", "benchmarks/kernel_bandwidth.py"] + sys.argv[1:]), "backend": a.backend,
               "torch": torch.__version__, "device": a.device, "threads": torch.get_num_threads(), "elements": n,
               "copy_GBps": copy_gbps, "rows": rows}
     out = Path(a.out) if a.out else HERE / "results" / f"kernels-{a.device.split(':')[0]}.json"
