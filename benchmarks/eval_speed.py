@@ -28,16 +28,30 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_eval(src: Path, model: str, args, out: Path, extra: tuple = ()) -> float:
-    """Seconds of one `perta-fast eval` run with the package imported from `src`."""
+def rss_anon(pid: int) -> int:
+    try:
+        return next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):  # exited between two polls
+        return 0
+
+
+def run_eval(src: Path, model: str, args, out: Path, extra: tuple = ()) -> tuple[float, int]:
+    """Seconds and peak private memory (RssAnon, polled every 10 ms; glibc's default heap) of one
+    `perta-fast eval` run with the package imported from `src`."""
     cmd = [sys.executable, "-m", "perta_fast", "eval", "--model", model, "--tofu", args.tofu,
            "--max-rows", str(args.max_rows), "--max-new-tokens", str(args.max_new_tokens), "--device", "cpu",
            "--out", str(out), *extra]
     env = {**os.environ, "PYTHONPATH": str(src), "TQDM_DISABLE": "1"}
     t = time.perf_counter()
     # cwd elsewhere: the current folder would come before PYTHONPATH on sys.path
-    subprocess.run(cmd, env=env, cwd=tempfile.gettempdir(), check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    proc, peak = subprocess.Popen(cmd, env=env, cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL), 0
+    while proc.poll() is None:
+        peak = max(peak, rss_anon(proc.pid))
+        time.sleep(0.01)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return time.perf_counter() - t, peak
 
 
 def agreement(before: dict, after: dict) -> dict:
@@ -83,18 +97,20 @@ def main() -> int:
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models:
-            seconds, results = {}, {}
+            seconds, peak_mb, results = {}, {}, {}
             for label, src, extra in versions:
                 out = Path(tmp) / f"{name}-{label}.json"
-                seconds[label] = round(run_eval(Path(src).resolve(), os.path.expanduser(model), args, out, extra), 1)
+                took, peak = run_eval(Path(src).resolve(), os.path.expanduser(model), args, out, extra)
+                seconds[label], peak_mb[label] = round(took, 1), round(peak / 2**20)
                 results[label] = json.loads(out.read_text())
-                print(f"{name} {label}: {seconds[label]} s", flush=True)
+                print(f"{name} {label}: {seconds[label]} s, peak RssAnon {peak_mb[label]} MB", flush=True)
             first = versions[0][0]
             entry = report["models"][name] = {
-                "model": model, "seconds": seconds,
+                "model": model, "seconds": seconds, "peak_rss_anon_mb": peak_mb,
                 "speedup_over_" + first: {k: round(seconds[first] / v, 2) for k, v in seconds.items()},
                 "agreement_with_" + first: {k: agreement(results[first], results[k]) for k, _, _ in versions[1:]}}
-            lines += [f"**{name}** ({model}): " + ", ".join(f"{k} {v} s" for k, v in seconds.items()) + "; "
+            lines += [f"**{name}** ({model}): " + ", ".join(f"{k} {v} s ({peak_mb[k]} MB peak RssAnon)"
+                                                            for k, v in seconds.items()) + "; "
                       + ", ".join(f"{k} **{v}×**" for k, v in entry["speedup_over_" + first].items() if k != first),
                       "", "| version | split | rows | max abs Δ prob | max rel Δ truth ratio | same greedy answers "
                           "| same ES |", "|---|---|---:|---:|---:|---:|---|"]

@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--memory", default=None, help="what you have, e.g. 80GB: each step says fits or does not fit")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="whose memory the figures are")
+    p.add_argument("--bf16-autocast", action="store_true", help="training (baseline), eval and calibrate with "
+                   "--bf16-autocast over fp32 weights: autocast's bf16 copy of every weight comes on top")
 
     p = sub.add_parser("demo", help="the built-in job: SmolLM2-135M-Instruct forgets invented people")
     p.add_argument("--out", default="perta-demo")
@@ -456,7 +458,7 @@ def _plan(a):
         raise PertaError(f"--lora-rank must be a positive integer, got {a.lora_rank}")
     memory = parse_gb(a.memory) if a.memory else None
     result = plan_steps(a.model, a.lora_rank, a.lora_targets, a.dtype, a.method, a.batch_size, a.max_length,
-                        a.gradient_checkpointing, memory_gb=memory, device=a.device)
+                        a.gradient_checkpointing, memory_gb=memory, device=a.device, bf16_autocast=a.bf16_autocast)
     print(format_plan(result, memory, a.device))
 
 

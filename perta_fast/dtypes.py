@@ -49,7 +49,10 @@ def warn_if_emulated_bf16(device, on: bool) -> None:
 
 
 def autocast_for(model, on: bool):
-    """`autocast` on the model's device, warning first where bf16 is emulated."""
+    """`autocast` on the model's device, warning first where bf16 is emulated. Its cast cache stays on: it
+    holds a bf16 copy of every weight for the context's life (2 bytes a parameter, which `perta-fast plan
+    --bf16-autocast` counts), but without it decoding recasts every weight for each token: a whole eval at
+    135M took 152.0 s instead of 131.7 (benchmarks/RESULTS.md, "Evaluation in bf16 autocast")."""
     device = next(model.parameters()).device
     warn_if_emulated_bf16(device, on)
     return autocast(device, on)

@@ -222,13 +222,16 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
                dtype: str = "auto", method: str = "fisher", batch_size: int = 8, max_length: int = 256,
                checkpointing: bool = False, groups: int = 1, memory_gb: float | None = None,
                device: str = "cpu", eval_batch: int = GENERATE_BATCH, max_new_tokens: int = MAX_NEW_TOKENS,
-               calibrate_batch: int = GENERATE_BATCH, exact_match: bool = True, prompt_length: int | None = None) -> dict:
+               calibrate_batch: int = GENERATE_BATCH, exact_match: bool = True, prompt_length: int | None = None,
+               bf16_autocast: bool = False) -> dict:
     """{"steps": {step: (bytes, formula)}, ...}: each step's peak memory, without the runtime's own.
     With `memory_gb`, importance is split into as many parameter groups as that budget needs
     (`importance --max-memory`), and "groups" says how many. `eval_batch` and `max_new_tokens` are
     `perta-fast eval`'s --batch-size and --max-new-tokens; `calibrate_batch` and `exact_match` calibrate's
     --batch-size and whether it decodes (CalibrateOptions.generate), from prompts of `prompt_length` tokens
-    (default `max_length`, which bounds them)."""
+    (default `max_length`, which bounds them). `bf16_autocast` (fine-tuning's, eval's and calibrate's
+    --bf16-autocast over fp32 weights): autocast keeps a bf16 copy of every weight that requires grad until
+    its context exits (its cast cache), 2·P more in the full fine-tune and every scoring step."""
     config_path = Path(config_path)
     if config_path.is_dir():
         config_path = config_path / "config.json"
@@ -241,8 +244,10 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
     tokens = batch_size * max_length
     weights = b * P
     loss = logits_bytes(s, tokens, b, True)
-    steps = {"finetune (full)": (4 * weights + activations(s, tokens, b, checkpointing) + loss,
-                                 f"weights, grads, AdamW moments {4 * b}·P + activations + logits")}
+    casts = 2 * P if bf16_autocast and dt == "fp32" else 0  # autocast's cast cache (nothing to cast otherwise)
+    cast_note = " + bf16 weight copies 2·P (autocast)" if casts else ""
+    steps = {"finetune (full)": (4 * weights + activations(s, tokens, b, checkpointing) + loss + casts,
+                                 f"weights, grads, AdamW moments {4 * b}·P + activations + logits" + cast_note)}
     scored = P
     if lora_rank:
         adapter = 16 * s.lora_params(lora_rank, targets)
@@ -273,11 +278,13 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
         steps["merge"] = ((2 * b + 8) * widest + LORA_BLOCK_BYTES, "output + inputs of the largest tensor on the GPU")
     else:  # inputs are read from the mapped files; only the output buffer is held
         steps["merge"] = (b * widest + LORA_BLOCK_BYTES, "output buffer of the largest tensor + a LoRA block")
+    # scoring under autocast: the fp32 figures bound its activations, and its weight copies come on top
+    weights += casts
     room = None if memory_gb is None else memory_gb * GB - RUNTIME_HOST_BYTES - weights
     scoring = tofu_eval_bytes(s, b, max_length, max_new_tokens=0, device=device)
-    steps["quick eval"] = (weights + scoring, f"weights {b}·P + a scoring forward (answer probabilities)")
+    steps["quick eval"] = (weights + scoring, f"weights {b}·P{cast_note} + a scoring forward (answer probabilities)")
     steps["eval (TOFU)"] = (weights + tofu_eval_bytes(s, b, max_length, eval_batch, max_new_tokens, device),
-                            f"weights {b}·P + scoring or decoding ({eval_batch} questions, {max_new_tokens} new tokens)"
+                            f"weights {b}·P{cast_note} + scoring or decoding ({eval_batch} questions, {max_new_tokens} new tokens)"
                             + _batch_that_fits(lambda n: tofu_eval_bytes(s, b, max_length, n, max_new_tokens, device),
                                                eval_batch, room, "eval"))
     # calibrate (and unlearn --lam auto): one model moved over λ in place, scored and decoded at each point
@@ -287,9 +294,9 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
 
     steps["calibrate"] = (weights + calibrate_bytes(calibrate_batch),
                           f"quick eval or exact-match decoding ({calibrate_batch} questions, {EXACT_MATCH_TOKENS} new "
-                          "tokens) + the merge's buffers" + _batch_that_fits(calibrate_bytes, calibrate_batch, room,
+                          f"tokens) + the merge's buffers{cast_note}" + _batch_that_fits(calibrate_bytes, calibrate_batch, room,
                                                                               "calibrate")
-                          if exact_match else "quick eval + the merge's buffers (no exact match)")
+                          if exact_match else f"quick eval + the merge's buffers (no exact match){cast_note}")
     steps = {k: (int(v), d) for k, (v, d) in steps.items()}
     return {"shapes": s, "dtype": dt, "params": P, "steps": steps, "groups": groups}
 

@@ -182,12 +182,14 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
             model, tok = load_model(model_dir, None, dtype)
             answer_probabilities(model, tok, rows, length)
         elif step == "eval":  # perta-fast eval's scoring and decoding: batch_size questions decoded together
+            from .dtypes import autocast_for
             from .models import load_model
             from .scoring import score_questions
 
             model, tok = load_model(model_dir, None, dtype)
-            score_questions(model, tok, [(r.question, [r.answer]) for r in rows], length,
-                            options.get("max_new_tokens", 200), bs)
+            with autocast_for(model, options.get("bf16_autocast", False)):  # as evaluate_splits scores
+                score_questions(model, tok, [(r.question, [r.answer]) for r in rows], length,
+                                options.get("max_new_tokens", 200), bs)
         elif step == "calibrate":  # θ_full moved over two λ and one bisection, half the rows for each set
             from .calibration import CalibrateOptions, calibrate
 

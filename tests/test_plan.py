@@ -231,3 +231,19 @@ def test_plan_offers_host_accumulators_where_a_gpu_needs_groups(tmp_path):
     on_cpu = plan_steps(tmp_path, method="fisher", batch_size=1, max_length=512, checkpointing=True, memory_gb=40)
     assert "importance (fisher, host)" not in on_cpu["steps"]  # on the CPU the host is the device
 
+
+
+def test_bf16_autocast_plan_adds_the_measured_weight_copies(tmp_path, tiny_tokenizer):
+    """eval --bf16-autocast over fp32 weights: torch's autocast keeps a bf16 copy of every weight that requires
+    grad until its context exits, and evaluate_splits scores under one context. The plan's extra (2·P) against the
+    measured difference between scoring with and without autocast, same model and rows (few: the activations
+    are small beside the copies, and a CPU that emulates bf16 stays quick)."""
+    from perta_fast.profiling import measure_step_in_subprocess
+
+    folder, model = llama(tmp_path, tiny_tokenizer, dtype="float32", num_hidden_layers=4)
+    del model
+    held = {on: measure_step_in_subprocess("eval", folder, tmp_path / f"out{on}", {
+        "rows": 8, "batch_size": 8, "max_new_tokens": 0, "bf16_autocast": on})["held_bytes"] for on in (False, True)}
+    plan = {on: plan_steps(folder, max_length=64, bf16_autocast=on)["steps"]["eval (TOFU)"][0] for on in (False, True)}
+    measured, predicted = held[True] - held[False], plan[True] - plan[False]
+    assert 0.8 <= predicted / measured <= 1.25, (predicted / 1e6, measured / 1e6)
