@@ -1,7 +1,8 @@
 """The quality protocol: TOFU with SmolLM2-135M-Instruct, PerTA against TV (and GA/NPO), each at a λ
 calibrated under the same retain constraint, over several seeds, with the set-up questions measured.
 
-    python benchmarks/tofu.py                        # CPU size, seeds 0 1 2, the "scaled" recipe
+    python benchmarks/tofu.py                        # CPU size, seeds 0 1 2, the "scaled" recipe (~100 min, 2 cores)
+    python benchmarks/tofu.py --quality --ablation   # everything: matched forget quality and the set-up knobs too
     python benchmarks/tofu.py --recipe tofu          # TOFU's lr 1e-5 for θ_full too (too low at 135M)
     python benchmarks/tofu.py --recipe fast          # the earlier recipe (lr 1e-4, no decay, no warm-up)
     python benchmarks/tofu.py --size full --device cuda [--forget forget05]   # all 200 authors
@@ -28,10 +29,15 @@ importance: TOFU forget01 with retain99), p = 2, importance at θ_0, a LoRA θ_f
 other learning rate; with w's statistics (mean, correlation with |τ|, cosine and norm of w⊙τ against τ).
 Order: the first two seeds, the ablation, the third seed, then matched forget quality seed by seed.
 
+The default run is the part of the protocol a 2-core session can afford: set-up and 3 seeds to matched
+forget probability (run E measured 99.4 min on a CPU with AVX-512 BF16, scoring in bf16). Matched forget
+quality (--quality, ~20 min a seed there) and the ablation (--ablation, ~68 min in fp32 scoring) are one
+flag each; a rerun with them continues from the cache.
+
 Training uses bf16 autocast (fp32 weights) where bf16 matmuls are native (a GPU, or a CPU with AVX-512 BF16
 or AMX) and fp32 elsewhere; an fp32 run is another set of models, so its cache and results carry "-fp32".
-Scoring (evaluations, calibrations, sweeps) is fp32 unless --bf16-scoring (bf16 autocast: other numbers, its
-own cache and results, "-bf16scoring").
+Scoring (evaluations, calibrations, sweeps) is in bf16 autocast where bf16 is native and fp32 elsewhere
+(--scoring fp32 forces fp32: other numbers, so a bf16-scored run has its own cache and results, "-bf16scoring").
 Every step is cached under --work; results are written after each stage, so an interrupted run still
 leaves a table of what finished and a rerun continues. TOFU's text is never written into the results.
 """
@@ -294,12 +300,12 @@ def main(argv=None) -> int:
     ap.add_argument("--forget", default="forget01", choices=["forget01", "forget05"], help="full size's forget split")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--keep-retain", type=float, default=0.95)
-    ap.add_argument("--no-ablation", action="store_true")
-    ap.add_argument("--no-quality", action="store_true", help="stop at matched forget probability: no matched forget "
-                    "quality (its ~8 forget-split scorings a method and seed are about 40 %% of the protocol without the "
-                    "ablation)")
-    ap.add_argument("--bf16-scoring", action="store_true", help="score (evaluations, calibrations, sweeps) with bf16 "
-                    "autocast too, not in fp32: needs native bf16; its own cache and results (\"-bf16scoring\")")
+    ap.add_argument("--ablation", action="store_true", help="also the set-up knobs on the first seed (ε, α, p, θ_0, "
+                    "LoRA τ, θ_ft's other learning rate; ~68 min on 2 cores)")
+    ap.add_argument("--quality", action="store_true", help="also matched forget quality: ~8 forget-split scorings a "
+                    "method and seed (~20 min a seed on 2 cores)")
+    ap.add_argument("--scoring", choices=["auto", "fp32", "bf16"], default="auto", help="precision of evaluations, "
+                    "calibrations and sweeps: bf16 autocast needs native bf16; auto: bf16 where native, else fp32")
     ap.add_argument("--baselines", action="store_true", help="also GA and NPO, each seed (the full size always)")
     ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"))
     ap.add_argument("--work", default=None, help="cache (default: ~/.cache/perta_fast/tofu-SIZE-RECIPE)")
@@ -317,10 +323,11 @@ def main(argv=None) -> int:
 
     size, recipe = SIZES[a.size], RECIPES[a.recipe]
     fast_bf16 = native_bf16(a.device)
-    if a.bf16_scoring and not fast_bf16:
-        print("tofu.py: --bf16-scoring needs native bf16 matmuls (a GPU, or a CPU with AVX-512 BF16 or AMX)",
+    if a.scoring == "bf16" and not fast_bf16:
+        print("tofu.py: --scoring bf16 needs native bf16 matmuls (a GPU, or a CPU with AVX-512 BF16 or AMX)",
               file=sys.stderr)
         return 2
+    a.bf16_scoring = a.scoring == "bf16" or (a.scoring == "auto" and fast_bf16)
     if not fast_bf16:
         recipe = {step: dict(knobs, bf16_autocast=False) for step, knobs in recipe.items()}
         BASELINE["bf16_autocast"] = False
@@ -334,11 +341,11 @@ def main(argv=None) -> int:
     run.shared()
     for seed in a.seeds[:2]:  # the ablation (first seed) before the third seed: it answers more per minute
         run.seed(seed)
-    if not a.no_ablation:
+    if a.ablation:
         run.ablation(a.seeds[0])
     for seed in a.seeds[2:]:
         run.seed(seed)
-    if not a.no_quality:  # last: ~8 forget-split scorings per method and seed, so the tables above come first
+    if a.quality:  # last: ~8 forget-split scorings per method and seed, so the tables above come first
         for seed in a.seeds:
             run.quality(seed)
     print(markdown(run.summary))
@@ -822,7 +829,7 @@ def plot(summary: dict, path: Path) -> None:
     third.set_title("forget quality along λ, first seed (★ the matched λ)", fontsize=9)
     if third.get_legend_handles_labels()[0]:
         third.legend(fontsize=6)
-    else:  # --no-quality, or a run cut before matched forget quality
+    else:  # no --quality, or a run cut before matched forget quality
         third.text(0.5, 0.5, "matched forget quality not run", ha="center", va="center", transform=third.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -368,9 +368,37 @@ def test_tofu_benchmark_refuses_bf16_scoring_without_native_bf16(tmp_path, monke
     bench = _tofu_benchmark()
     (tmp_path / "full.json").write_text("[]")  # past the data check, before anything is loaded
     monkeypatch.setattr(bench, "native_bf16", lambda device: False)
-    assert bench.main(["--bf16-scoring", "--tofu", str(tmp_path), "--work", str(tmp_path / "work")]) == 2
-    assert "--bf16-scoring needs native bf16" in capsys.readouterr().err
+    assert bench.main(["--scoring", "bf16", "--tofu", str(tmp_path), "--work", str(tmp_path / "work")]) == 2
+    assert "--scoring bf16 needs native bf16" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_tofu_benchmark_default_run_is_the_affordable_protocol(tmp_path, monkeypatch, native):
+    bench = _tofu_benchmark()
+    (tmp_path / "full.json").write_text("[]")
+    calls = []
+
+    class Recorder:  # the protocol's stages, in the order main() asks for them
+        def __init__(self, a, size, recipe, base, work, sets, stem):
+            calls.append(("scoring in bf16", a.bf16_scoring, "training in bf16", recipe["full"]["bf16_autocast"]))
+            self.stem, self.summary, self.t0 = stem, {}, 0.0
+
+        def __getattr__(self, stage):
+            return lambda *args: calls.append((stage, *args))
+
+    monkeypatch.setattr(bench, "native_bf16", lambda device: native)
+    monkeypatch.setattr(bench, "Protocol", Recorder)
+    monkeypatch.setattr(bench, "build_sets", lambda *args: {})
+    monkeypatch.setattr(bench, "markdown", lambda summary: "")
+    common = ["--tofu", str(tmp_path), "--model", str(tmp_path), "--work", str(tmp_path / "work")]
+    assert bench.main(common) == 0
+    assert calls == [("scoring in bf16", native, "training in bf16", native),
+                     ("shared",), ("seed", 0), ("seed", 1), ("seed", 2)]
+    calls.clear()
+    assert bench.main([*common, "--quality", "--ablation", "--scoring", "fp32"]) == 0
+    assert calls == [("scoring in bf16", False, "training in bf16", native), ("shared",), ("seed", 0), ("seed", 1),
+                     ("ablation", 0), ("seed", 2), ("quality", 0), ("quality", 1), ("quality", 2)]
 
 
 def test_eval_warns_when_the_retain_log_was_scored_another_way(tmp_path, tiny_dir, tofu_like, capsys):
