@@ -5,7 +5,7 @@ calibrated under the same retain constraint, over several seeds, with the set-up
     python benchmarks/tofu.py --quality --ablation   # everything: matched forget quality and the set-up knobs too
     python benchmarks/tofu.py --recipe tofu          # TOFU's lr 1e-5 for θ_full too (too low at 135M)
     python benchmarks/tofu.py --recipe fast          # the earlier recipe (lr 1e-4, no decay, no warm-up)
-    python benchmarks/tofu.py --size full --device cuda [--forget forget05]   # all 200 authors
+    python benchmarks/tofu.py --size full --device cuda --quality [--ablation] [--forget forget05]   # 200 authors
 
 CPU size (stated in the output too): the forget set is the last 4 authors of full.json (80 rows; their
 truth-ratio data are forget05_perturbed's last 80 rows); θ_full is base fine-tuned on those plus retain
