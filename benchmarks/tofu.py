@@ -771,7 +771,11 @@ def plot(summary: dict, path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, (left, right, third) = plt.subplots(1, 3, figsize=(19, 5))
+    first = next(iter(summary["seeds"].values()), {"methods": {}})
+    # the default run has no matched forget quality: no empty third panel for it
+    with_quality = any(r.get("quality_sweep") for r in first["methods"].values())
+    fig, axes = plt.subplots(1, 3 if with_quality else 2, figsize=(19 if with_quality else 13, 5))
+    left, right, third = (*axes, None)[:3]
     for method, r in summary.get("aggregate", {}).items():
         fq, mu = r["forget_quality"], r["model_utility"]
         if fq and mu:
@@ -798,7 +802,6 @@ def plot(summary: dict, path: Path) -> None:
     left.set_title("at calibrated λ (circles), matched forget prob (squares) and matched FQ (triangles), "
                    "mean ± sd over seeds", fontsize=8)
     left.legend(fontsize=7)
-    first = next(iter(summary["seeds"].values()), {"methods": {}})
     for method, r in first["methods"].items():
         if "sweep" in r:
             pts = [r["sweep"][0]["theta_full"]] + r["sweep"]
@@ -820,17 +823,15 @@ def plot(summary: dict, path: Path) -> None:
     right.set_ylabel("retain answer probability (sweep rows)")
     right.set_title("λ sweeps, first seed (upper left is best)", fontsize=9)
     right.legend(fontsize=6)
-    if first.get("quality_target"):
-        third.axhline(first["quality_target"], color="gray", ls="--", lw=1, label="the matched level")
-    third.set_xscale("log", base=2)
-    third.set_yscale("log")
-    third.set_xlabel("λ")
-    third.set_ylabel("forget quality (KS p-value, every forget row)")
-    third.set_title("forget quality along λ, first seed (★ the matched λ)", fontsize=9)
-    if third.get_legend_handles_labels()[0]:
+    if third is not None:
+        if first.get("quality_target"):
+            third.axhline(first["quality_target"], color="gray", ls="--", lw=1, label="the matched level")
+        third.set_xscale("log", base=2)
+        third.set_yscale("log")
+        third.set_xlabel("λ")
+        third.set_ylabel("forget quality (KS p-value, every forget row)")
+        third.set_title("forget quality along λ, first seed (★ the matched λ)", fontsize=9)
         third.legend(fontsize=6)
-    else:  # no --quality, or a run cut before matched forget quality
-        third.text(0.5, 0.5, "matched forget quality not run", ha="center", va="center", transform=third.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
