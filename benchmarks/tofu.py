@@ -30,7 +30,8 @@ other learning rate; with w's statistics (mean, correlation with |τ|, cosine an
 Order: the first two seeds, the ablation, the third seed, then matched forget quality seed by seed.
 
 The default run is the part of the protocol a 2-core session can afford: set-up and 3 seeds to matched
-forget probability (run E measured 99.4 min on a CPU with AVX-512 BF16, scoring in bf16). Matched forget
+forget probability (run F: 98.2 min for this command from a fresh clone, 2 cores with AVX-512 BF16,
+scoring in bf16; run E 99.4 min). Matched forget
 quality (--quality, ~20 min a seed there) and the ablation (--ablation, ~68 min in fp32 scoring) are one
 flag each; a rerun with them continues from the cache.
 
