@@ -77,12 +77,23 @@ def smollm2_gguf():
     return next((f.locate() for f in files if str(f).endswith(".gguf")), None)
 
 
+def tokens_by_hand(tok, question, answer):
+    """(input ids, prompt length) with the prompt and answer written out here, not by perta_fast.data: the
+    tests' ChatML template (conftest.CHATML), or the plain format without a template. The oracle for
+    where answer-only labels start."""
+    if getattr(tok, "chat_template", None):
+        assert "<|im_start|>" in tok.chat_template, "tokens_by_hand knows the tests' ChatML template only"
+        prompt, text = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n", f"{answer}<|im_end|>\n"
+    else:
+        prompt, text = f"Question: {question}\nAnswer: ", f"{answer}{tok.eos_token or ''}"
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    return p + tok(text, add_special_tokens=False)["input_ids"], len(p)
+
+
 def nll_by_hand(model, tok, question, answer):
     """Mean NLL of the answer tokens from one unpadded sequence, log-softmax and gather written out (float64)."""
-    from perta_fast.data import QA, encode
-
-    e = encode(tok, [QA(question, answer)])[0]
+    ids, n_prompt = tokens_by_hand(tok, question, answer)
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=torch.tensor([e.input_ids])).logits[0].double(), -1)
-    targets = e.input_ids[e.n_prompt:]
-    return -sum(logp[e.n_prompt - 1 + j, t].item() for j, t in enumerate(targets)) / len(targets)
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    targets = ids[n_prompt:]
+    return -sum(logp[n_prompt - 1 + j, t].item() for j, t in enumerate(targets)) / len(targets)

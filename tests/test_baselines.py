@@ -6,23 +6,16 @@ import math
 import pytest
 import torch
 
-from helpers import load_folder
+from helpers import load_folder, nll_by_hand
 from perta_fast.baselines import BaselineOptions, unlearn_by_training
 from perta_fast.cli import main
-from perta_fast.data import encode
 from perta_fast.errors import PertaError
 from perta_fast.models import load_model
 
 
 def mean_nll_by_hand(model_dir, rows):
     model, tok = load_model(model_dir, "cpu")
-    total = 0.0
-    for e in encode(tok, rows):
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([e.input_ids])).logits[0].double(), -1)
-        targets = e.input_ids[e.n_prompt:]
-        total += -sum(logp[e.n_prompt - 1 + j, t].item() for j, t in enumerate(targets)) / len(targets)
-    return total / len(rows)
+    return sum(nll_by_hand(model, tok, r.question, r.answer) for r in rows) / len(rows)
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])

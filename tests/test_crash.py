@@ -130,3 +130,30 @@ def test_killed_convert_gguf_leaves_nothing_half_made(tmp_path, smollm2_dir):
     want, got = load_folder(smollm2_dir), load_folder(out)
     assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
     assert (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_publish_makes_every_file_and_folder_durable_before_the_rename(tmp_path, monkeypatch, existing):
+    """A power cut right after the rename must find data, not empty files: every file and folder of the
+    finished temp tree is fsynced while it still has its temp name, and the parent folder after the rename."""
+    from perta_fast import outputs
+
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "old").write_text("old")
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", spy)
+    with outputs.atomic_dir(out, overwrite=existing) as tmp:
+        (tmp / "sub").mkdir()
+        for rel in ("a.bin", "sub/b.bin"):
+            (tmp / rel).write_bytes(b"x" * 10)
+    want = {str(tmp / "a.bin"), str(tmp / "sub" / "b.bin"), str(tmp / "sub"), str(tmp)}
+    assert want <= set(synced), sorted(want - set(synced))
+    assert synced[-1] == str(tmp_path)  # the rename itself made durable, last
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "sub"]

@@ -62,6 +62,32 @@ def test_padding_never_changes_the_loss(tiny_tokenizer, facts):
     assert (labels[0] != -100).sum() == len(enc[0].input_ids) - enc[0].n_prompt
 
 
+
+@pytest.mark.parametrize("template", [True, False])
+def test_labels_cover_exactly_the_answer_tokens_written_out_by_hand(tiny_tokenizer, facts, template):
+    """Where the answer starts, from prompt and answer strings written out in the test (helpers.tokens_by_hand),
+    not from perta_fast.data: one token off either way changes what every loss, score and importance sees."""
+    from copy import deepcopy
+
+    from perta_fast.data import collate
+
+    from helpers import tokens_by_hand
+
+    tok = tiny_tokenizer if template else deepcopy(tiny_tokenizer)
+    if not template:
+        tok.chat_template = None
+    rows = facts[0][:3] + facts[1][:3]
+    enc = encode(tok, rows)
+    ids, mask, labels = collate(enc, pad_id(tok))
+    for i, r in enumerate(rows):
+        want_ids, n_prompt = tokens_by_hand(tok, r.question, r.answer)
+        assert enc[i].input_ids == want_ids and enc[i].n_prompt == n_prompt
+        n = len(want_ids)
+        assert labels[i, :n_prompt].eq(-100).all() and labels[i, n:].eq(-100).all()
+        assert labels[i, n_prompt:n].tolist() == want_ids[n_prompt:]
+        assert tok.decode(labels[i, n_prompt:n].tolist()) == r.answer + ("<|im_end|>\n" if template else "<|im_end|>")
+
+
 needs_tofu = pytest.mark.skipif(not (TOFU / "full.json").is_file(), reason=f"TOFU data not found at {TOFU}")
 
 

@@ -412,3 +412,23 @@ def test_eval_warns_when_the_retain_log_was_scored_another_way(tmp_path, tiny_di
     assert f"{ref}: the retain model was scored without --bf16-autocast, this model with" in err
     assert main(["eval", *common, "--retain-model", str(ref)]) == 0
     assert "--bf16-autocast" not in capsys.readouterr().err
+
+
+def test_forget_quality_compares_with_the_reference_not_the_model_itself(tmp_path, tiny_dir, tofu_like):
+    """A reference whose forget truth ratios all lie above the model's: the KS statistic is 1 and, for two
+    samples of 6, the exact p-value is 2 / C(12, 6) = 2/924 (a model compared with itself would give p = 1)."""
+    common = ["--tofu", str(tofu_like), "--max-new-tokens", "4", "--no-generate"]
+    own = tmp_path / "own.json"
+    assert main(["eval", "--model", str(tiny_dir), *common, "--out", str(own)]) == 0
+    reference = json.loads(own.read_text())
+    ratios = reference["splits"]["forget"]["per_sample"]["truth_ratio_raw"]
+    assert len(ratios) == 6
+    reference["splits"]["forget"]["per_sample"]["truth_ratio_raw"] = [1e6 + i for i in range(6)]
+    ref_file = tmp_path / "reference.json"
+    ref_file.write_text(json.dumps(reference))
+    out = tmp_path / "against.json"
+    assert main(["eval", "--model", str(tiny_dir), *common, "--retain-model", str(ref_file), "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert max(ratios) < 1e6
+    assert res["ks_statistic"] == 1.0
+    assert res["forget_quality"] == pytest.approx(2 / math.comb(12, 6))

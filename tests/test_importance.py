@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_model
-from perta_fast.data import encode
+from helpers import tokens_by_hand
 from perta_fast.errors import PertaError
 from perta_fast.importance import estimate_importance
 
@@ -12,12 +12,13 @@ from perta_fast.importance import estimate_importance
 def oracle_per_sample_grads(model, tokenizer, rows):
     """One unpadded sample at a time: the gradient of its mean answer-token cross-entropy."""
     grads = []
-    for e in encode(tokenizer, rows):
-        ids = torch.tensor([e.input_ids])
+    for r in rows:
+        input_ids, n_prompt = tokens_by_hand(tokenizer, r.question, r.answer)
+        ids = torch.tensor([input_ids])
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=ids).logits[0, :-1]
         targets = ids[0, 1:]
-        answer = torch.arange(len(targets)) >= e.n_prompt - 1
+        answer = torch.arange(len(targets)) >= n_prompt - 1
         F.cross_entropy(logits[answer], targets[answer]).backward()
         grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
     model.zero_grad(set_to_none=True)
@@ -161,7 +162,10 @@ def test_exact_fisher_refuses_a_linear_fed_flattened_tokens(tiny_tokenizer, fact
     with pytest.raises(PertaError, match=r"model.layers.0.mlp.down_proj.linear.weight receives inputs of shape "
                                          r"\(\d+, 48\), not \(batch 2, tokens, features\)"):
         estimate_importance(model, tiny_tokenizer, facts[0][:2], "fisher", batch_size=2, progress=False)
-    assert estimate_importance(model, tiny_tokenizer, facts[0][:2], "grad", progress=False)
+    scores = estimate_importance(model, tiny_tokenizer, facts[0][:2], "grad", progress=False)
+    name = "model.layers.0.mlp.down_proj.linear.weight"
+    assert set(scores) == {n for n, _ in model.named_parameters()} and scores[name].shape == (32, 48)
+    assert scores[name].abs().sum() > 0  # a real gradient reached the wrapped Linear
 
 
 def test_exact_fisher_on_a_plain_toy_model_matches_the_loop(tiny_tokenizer, facts):

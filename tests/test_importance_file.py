@@ -181,6 +181,10 @@ def test_resume_refuses_other_data_and_a_missing_checkpoint(tmp_path, tiny_dir, 
     other = _cli_importance(tmp_path, tiny_dir, ["--checkpoint-every", "1", "--resume"])
     assert other.returncode == 2 and "other retain_sha256" in other.stderr, other.stderr
     (tmp_path / "r.json").write_text(json.dumps([r.__dict__ for r in facts[1][:4]]))
+    (tmp_path / "f.json").write_text(json.dumps([r.__dict__ for r in facts[0][1:5]]))  # other forget data
+    other = _cli_importance(tmp_path, tiny_dir, ["--checkpoint-every", "1", "--resume"])
+    assert other.returncode == 2 and "other forget_sha256" in other.stderr, other.stderr
+    (tmp_path / "f.json").write_text(json.dumps([r.__dict__ for r in facts[0][:4]]))
     other = _cli_importance(tmp_path, tiny_dir, ["--checkpoint-every", "1", "--resume", "--batch-size", "3"])
     assert other.returncode == 2 and "other batch_size" in other.stderr
     assert not (tmp_path / "imp.safetensors").exists()

@@ -265,3 +265,17 @@ def test_cli_unlearn_with_lora(tmp_path, tiny_tokenizer, facts):
     assert names == {n for n in full if not torch.equal(got[n], full[n])} | (names - set(full))
     assert all(torch.equal(got[n], full[n]) for n in full if n not in names)
     assert tree_digest(base) == before
+
+
+def test_rslora_adapter_merges_with_alpha_over_sqrt_rank(tmp_path, tiny_tokenizer):
+    """rsLoRA scales B·A by α/√r, not α/r: the fused merge against peft's own merge_and_unload."""
+    base = save_base(tmp_path / "full", tiny_tokenizer)
+    adapter = make_adapter(base, tmp_path / "adapter", ["q_proj", "down_proj"], rank=4, use_rslora=True)
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_rslora"] is True
+    ft = materialise(base, adapter, tmp_path / "ft", tiny_tokenizer)
+    merge(base, adapter, tmp_path / "fused", None, MergeOptions("tv", lam=-1.0), progress=False)
+    got, want, full = load_folder(tmp_path / "fused"), load_folder(ft), load_folder(base)
+    changed = [n for n in full if not torch.equal(want[n], full[n])]
+    assert len(changed) == 4
+    for n in want:  # λ = −1 re-applies τ: θ_full + τ is θ_ft itself (tolerance as in the test above)
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-6, msg=n)

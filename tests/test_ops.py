@@ -68,6 +68,11 @@ def test_ratio(backend, dtype, shape, alpha, power):
         s_r.reshape(-1)[0] = 0  # 0/0 → w = 0
     want = ratio_weights(s_f, s_r, alpha, power, 0.0)
     got = ratio(s_f, s_r, alpha, power, 0.0)
+    # the formula in float64, independent of ratio_weights (which the torch backend runs): fp32 inputs
+    # rounded from `dtype`, a few fp32 roundings (pow, add, multiply, divide) of a value in [0, 1]
+    f64, r64 = s_f.double() ** power, s_r.double() ** power
+    w64 = torch.where(f64 == 0, 0.0, f64 / (f64 + alpha * r64))
+    assert ((got.double() - w64).abs() <= 8 * 2**-24).all()
     # p = 1: the same fp32 operations in the same order; p ≠ 1: pow may differ by an ulp or two
     torch.testing.assert_close(got, want, rtol=0 if power == 1 else 1e-6, atol=0 if power == 1 else 1e-7)
     if s_f.numel():
@@ -104,6 +109,12 @@ def test_merge(backend, dtype, shape, kind):
     assert nonfinite == 0
     want = merge_tensor(base, ft, want_w, 1.7)
     assert got.dtype == dtype and got.shape == base.shape
+    # the formula in float64, independent of merge_tensor (which the torch backend runs): fp32 arithmetic,
+    # then one rounding to `dtype` (truncation in Triton's interpreter: also within one ulp)
+    b64 = base.double()
+    want64 = b64 - 1.7 * (1.0 if want_w is None else want_w.double()) * (ft.double() - b64)
+    scale = b64.abs() + 1.7 * (b64.abs() + ft.double().abs())
+    assert ((got.double() - want64).abs() <= torch.finfo(dtype).eps * want64.abs() + 8 * 2**-24 * scale).all()
     # identical fp32 operation order, then one round-to-nearest-even cast: equal to the bit
     torch.testing.assert_close(got, want, **exact(backend, dtype))
     want_sum = base.numel() if want_w is None else float(want_w.double().sum())
@@ -139,9 +150,17 @@ def test_merge_rounding_at_the_edges(backend, dtype):
     info = torch.finfo(dtype)
     base = torch.tensor([0.0, info.tiny, info.tiny / 8, info.max, -info.max, 1.0, 1e-3, -2.5], dtype=dtype)
     ft = torch.tensor([info.tiny * 3, -info.tiny, 0.0, -info.max, info.max, 1.0 + 3 * info.eps, 2e-3, 7.0], dtype=dtype)
+    # ties: with λ = 1, θ − (ft − θ) is 1 + half an ulp (exact in fp32): round-to-nearest-even gives 1; and
+    # 1 + 3/2 ulp gives 1 + 2 ulp. A round-half-up cast gives 1 + 1 ulp for both; half-down 1 + 1 ulp for the second
+    half = info.eps / 2
+    base = torch.cat([base, torch.ones(2, dtype=dtype)])
+    ft = torch.cat([ft, torch.tensor([1 - half, 1 - 3 * half], dtype=dtype)])
+    assert ft[-2].item() == 1 - half and ft[-1].item() == 1 - 3 * half  # representable below 1
     for lam in (0.5, 1.0, 1.3):
         got, _, _ = merge_tensors(base, ft, lam=lam)
         torch.testing.assert_close(got, merge_tensor(base, ft, None, lam), equal_nan=True, **exact(backend, dtype))
+        if lam == 1.0 and exact(backend, dtype)["rtol"] == 0:
+            assert got[-2].item() == 1.0 and got[-1].item() == 1 + 2 * info.eps
 
 
 def test_bad_arguments_are_refused():
@@ -153,7 +172,9 @@ def test_bad_arguments_are_refused():
         merge_tensors(torch.zeros(3), torch.zeros(3), w=torch.zeros(3), s_f=torch.zeros(3), s_r=torch.zeros(3))
 
 
-def test_forced_unavailable_backend_warns_once_and_falls_back(monkeypatch, capsys):
+def test_forced_unavailable_backend_warns_once_and_falls_back(monkeypatch, caplog):
+    """The warning is a log record (how it reaches stderr is console's business, and untouched when this
+    test runs alone)."""
     monkeypatch.setattr(ops, "_TRITON_WHY", ["simulated: no GPU here"])
     monkeypatch.setenv("PERTA_FAST_BACKEND", "triton")
     ops._warned.clear()
@@ -161,8 +182,8 @@ def test_forced_unavailable_backend_warns_once_and_falls_back(monkeypatch, capsy
     for _ in range(3):
         got, _, _ = merge_tensors(base, ft, lam=1.0)
     torch.testing.assert_close(got, merge_tensor(base, ft, None, 1.0))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "triton unavailable: simulated: no GPU here" in err[0]
+    warned = [r.getMessage() for r in caplog.records if r.name == "perta_fast" and r.levelname == "WARNING"]
+    assert len(warned) == 1 and "triton unavailable: simulated: no GPU here" in warned[0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -204,3 +225,13 @@ def test_linear_fisher_equals_per_sample_loop(backend, dtype, b, t, n_in, n_out)
     assert got is acc
     # fp32 dot products over t terms, then squared: relative error ~ t·2^-24 doubled; 1e-5 covers t ≤ 21
     torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_tensors_of_every_kernel_dtype_go_to_cpp(monkeypatch, dtype):
+    """By device and dtype, nothing forced: the C++ kernels take fp32, bf16 and fp16 on the CPU (the torch
+    path gives the same numbers, so only the choice itself shows a silent fall-back); float64 has no kernel."""
+    monkeypatch.delenv("PERTA_FAST_BACKEND", raising=False)
+    ops.set_backend(None)
+    assert ops.pick_backend(torch.zeros(3, dtype=dtype), torch.zeros(3)) == "cpp"
+    assert ops.pick_backend(torch.zeros(3, dtype=torch.float64)) == "torch"
