@@ -22,7 +22,7 @@ NAIVE_MERGE = """
 import sys, time, torch
 from safetensors.torch import load_file, save_file
 from perta_fast.merge import merge_tensor, ratio_weights
-from perta_fast.profiling import PeakRssAnon
+from perta_fast.memory import PeakRssAnon
 base_file, ft_file, imp_file, out_file = sys.argv[1:5]
 t0 = time.perf_counter()
 with PeakRssAnon() as mem:
@@ -35,7 +35,7 @@ print(time.perf_counter() - t0, mem.growth)
 STREAMED_MERGE = """
 import sys, time
 from perta_fast.merge import merge
-from perta_fast.profiling import PeakRssAnon
+from perta_fast.memory import PeakRssAnon
 base, ft, imp, out = sys.argv[1:5]
 t0 = time.perf_counter()
 with PeakRssAnon() as mem:
@@ -53,7 +53,7 @@ def bench_importance(model_dir: Path, n_samples: int, batch_sizes: list[int], de
     from perta_fast.facts import make_facts
     from perta_fast.importance import estimate_importance
     from perta_fast.models import load_model
-    from perta_fast.profiling import PeakRssAnon
+    from perta_fast.memory import PeakRssAnon
     from timing import median, run_seconds  # benchmarks/timing.py
 
     forget, retain = make_facts(10, 2, seed=0)
@@ -100,9 +100,9 @@ def bench_importance(model_dir: Path, n_samples: int, batch_sizes: list[int], de
     results = {"batch-size-1 loop fisher": timed(loop_fisher)}
     for batch in batch_sizes:
         results[f"plain batched backward (grad), batch {batch}"] = timed(
-            lambda r: estimate_importance(model, tok, r, "grad", batch, progress=False))
+            lambda r: estimate_importance(model, tok, r, "grad", batch_size=batch, progress=False))
         results[f"exact fisher (hooks), batch {batch}"] = timed(
-            lambda r: estimate_importance(model, tok, r, "fisher", batch, progress=False))
+            lambda r: estimate_importance(model, tok, r, "fisher", batch_size=batch, progress=False))
         if device == "cpu" and batch * param_bytes > 6 * 2**30:  # squared one parameter at a time
             results[f"torch.func vmap fisher, batch {batch}"] = {
                 "skipped": f"its per-sample gradients alone take {batch * param_bytes / 2**30:.1f} GiB, "

@@ -52,7 +52,7 @@ def main() -> int:
     from perta_fast.data import QA, encode
     from perta_fast.models import load_model
     from perta_fast.plan import doubling_peak_tokens
-    from perta_fast.profiling import TENSORS_ONLY_THRESHOLD, PeakRssAnon, map_allocations_above, release_freed_memory
+    from perta_fast.memory import TENSORS_ONLY_THRESHOLD, PeakRssAnon, map_allocations_above, release_freed_memory
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a TOFU-tuned θ_full (default: the one benchmarks/tofu.py "

@@ -25,7 +25,7 @@ def one(kind: str, dtype: str, b: int, t: int, v: int) -> dict:
     import torch
 
     from perta_fast.loss import per_sample_loss, reference_per_sample_loss
-    from perta_fast.profiling import PeakRssAnon, release_freed_memory
+    from perta_fast.memory import PeakRssAnon, release_freed_memory
 
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     fn = {"chunked": per_sample_loss, "plain": reference_per_sample_loss}[kind]

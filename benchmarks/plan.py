@@ -79,7 +79,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from perta_fast.models import default_model
     from perta_fast.plan import plan_steps
-    from perta_fast.profiling import TENSORS_ONLY_THRESHOLD, measure_step_in_subprocess
+    from perta_fast.memory import TENSORS_ONLY_THRESHOLD
+    from perta_fast.profiling import measure_step_in_subprocess
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -106,7 +106,7 @@ def run_importance(model: Path, work: Path, a, model_bytes: int) -> dict:
 
     from perta_fast.facts import make_facts
     from perta_fast.plan import Shapes
-    from perta_fast.profiling import run_and_watch
+    from perta_fast.memory import run_and_watch
 
     forget, retain = make_facts(a.people, a.forget_people, seed=0)
     retain = retain[:a.retain_rows]

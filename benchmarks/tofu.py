@@ -7,6 +7,10 @@ calibrated under the same retain constraint, over several seeds, with the set-up
     python benchmarks/tofu.py --recipe fast          # the earlier recipe (lr 1e-4, no decay, no warm-up)
     python benchmarks/tofu.py --size full --device cuda --quality [--ablation] [--forget forget05]   # 200 authors
 
+This file is the protocol (what runs, in which order, with which options); tofu_steps.py holds the steps it
+is made of (the sets, the on-disk cache, the searches along a λ sweep) and tofu_report.py the report
+(aggregates, paired gains over TV, tables, plot).
+
 CPU size (stated in the output too): the forget set is the last 4 authors of full.json (80 rows; their
 truth-ratio data are forget05_perturbed's last 80 rows); θ_full is base fine-tuned on those plus retain
 authors 0-9; the retain model on authors 0-9 alone. Importance's retain set D_r is authors 0-5; the
@@ -46,16 +50,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its steps and report beside it, however it is loaded
+from tofu_report import aggregate, markdown, plot  # noqa: E402
+from tofu_steps import (Size, merge_opts, build_sets, cached, cached_json, first_reaching, matched,  # noqa: E402
+                        metrics, native_bf16, qa, quality_scan, quality_target, seeded_hold_out, spread, w_statistics)
+
 HERE = Path(__file__).resolve().parent
-ROWS_PER_AUTHOR = 20
 GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 # bf16 matmuls, fp32 weights and optimizer state, where bf16 is native (main() turns it off elsewhere: a CPU
 # without AVX-512 BF16 or AMX emulates bf16 matmuls ~40x slower than fp32)
@@ -82,216 +88,12 @@ BASELINE = dict(epochs=5, lr=1e-5, **TRAIN)  # GA/NPO: weight decay 0.01 and one
 METHODS = {"TV": None, "PerTA-grad": "grad", "PerTA-fisher": "fisher"}
 
 
-@dataclass
-class Size:
-    forget_authors: list | None  # indices into full.json's 200 authors; None: the --forget split
-    train_retain_authors: list | None  # None: every author outside the forget set
-    importance_retain_authors: list | None  # D_r; None: the training retain authors outside retain_perturbed
-    eval_retain_authors: list | None  # retain_perturbed rows of these; None: all of them
-    eval_rows: dict  # role -> rows evaluated (None: all), spread over the split
-    sweep_rows: int  # forget and retain rows scored at each λ of a sweep
-    max_new_tokens: int
-
-
 SIZES = {
     "cpu": Size(list(range(196, 200)), list(range(10)), list(range(6)), list(range(6, 10)),
                 {"forget": None, "retain": 40, "real_authors": 30, "world_facts": 30}, 40, 80),
     "full": Size(None, None, None, None, {r: None for r in ("forget", "retain", "real_authors", "world_facts")},
                  200, 200),
 }
-
-
-def spread(rows: list, n: int | None) -> list:
-    """n rows spread evenly over the split (every author represented), or all."""
-    if n is None or n >= len(rows):
-        return rows
-    return [rows[i * len(rows) // n] for i in range(n)]
-
-
-def authors(rows: list, which) -> list:
-    return [r for a in which for r in rows[a * ROWS_PER_AUTHOR:(a + 1) * ROWS_PER_AUTHOR]]
-
-
-def build_sets(tofu: Path, size: Size, forget_split: str) -> dict:
-    """forget (θ_full's and θ_ft's forget rows), train_retain, importance_retain (D_r), eval splits."""
-    from perta_fast.data import load_qa
-    from perta_fast.eval import tofu_splits
-
-    full = load_qa(f"{tofu}:full")
-    if size.forget_authors is None:
-        forget = load_qa(f"{tofu}:{forget_split}")
-        n_authors = len(full) // ROWS_PER_AUTHOR - len(forget) // ROWS_PER_AUTHOR
-        train_retain = full[:n_authors * ROWS_PER_AUTHOR]
-        importance_retain = train_retain[20 * ROWS_PER_AUTHOR:]  # retain_perturbed: authors 0-19 (and one row)
-        splits = tofu_splits(tofu, forget_split)
-    else:
-        forget, train_retain = authors(full, size.forget_authors), authors(full, size.train_retain_authors)
-        importance_retain = authors(full, size.importance_retain_authors)
-        splits = tofu_splits(tofu, "forget05")  # the last 10 authors: holds every CPU-size forget author
-        asked = {r.question for r in forget}
-        splits["forget"] = [r for r in splits["forget"] if r.question in asked]
-        kept = {r.question for r in authors(full, size.eval_retain_authors)}
-        splits["retain"] = [r for r in splits["retain"] if r.question in kept]
-    evaluated = {r.question for r in splits["retain"]}  # retain_perturbed strays once outside authors 0-19
-    importance_retain = [r for r in importance_retain if r.question not in evaluated]
-    splits = {role: spread(rows, size.eval_rows[role]) for role, rows in splits.items()}
-    return {"forget": forget, "train_retain": train_retain, "importance_retain": importance_retain, "splits": splits}
-
-
-def cached(path: Path, build) -> tuple[Path, float]:
-    """Run `build(path)` unless `path` exists (a finished step: every writer in perta_fast is atomic);
-    the step's seconds are kept beside it, so a rerun still reports them."""
-    record = path.with_name(path.name + ".step.json")
-    if path.exists():
-        return path, json.loads(record.read_text())["seconds"] if record.exists() else float("nan")
-    t0 = time.perf_counter()
-    build(path)
-    seconds = time.perf_counter() - t0
-    record.write_text(json.dumps({"seconds": seconds}))
-    return path, seconds
-
-
-def cached_json(path: Path, compute) -> tuple[dict, float]:
-    """`compute()`'s value stored at `path` unless a finished run stored it; with its seconds, as cached()
-    keeps them: calibrations and sweeps are steps of the protocol's wall time too."""
-    from perta_fast.outputs import atomic_file
-
-    def build(out: Path) -> None:
-        value = compute()
-        with atomic_file(out) as tmp:
-            tmp.write_text(json.dumps(value))
-
-    path, seconds = cached(path, build)
-    return json.loads(path.read_text()), seconds
-
-
-def seeded_hold_out(rows: list, seed: int, fraction: float = 0.2) -> tuple[list, list]:
-    """(rows for importance, validation rows): a seed-dependent 20 %, each part in file order."""
-    from perta_fast.data import hold_out
-
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    kept_idx, held_idx = hold_out(order, fraction)
-    return [rows[i] for i in sorted(kept_idx)], [rows[i] for i in sorted(held_idx)]
-
-
-def qa(rows):
-    from perta_fast.data import QA
-
-    return [QA(r.question, r.answer) for r in rows]
-
-
-def matched(points: list[dict], target: float) -> dict | None:
-    """Where the forget probability first falls to `target`: λ and retain probability, linearly
-    interpolated between the two points around it; None if the grid never gets there."""
-    prev = {"lam": 0.0, **points[0]["theta_full"]}
-    for p in points:
-        if p["forget"] <= target:
-            t = 0.0 if p["forget"] == prev["forget"] else (prev["forget"] - target) / (prev["forget"] - p["forget"])
-            return {"lam": prev["lam"] + t * (p["lam"] - prev["lam"]),
-                    "retain": prev["retain"] + t * (p["retain"] - prev["retain"])}
-        prev = p
-    return None
-
-
-def quality_target(curves: dict[str, list[dict]]) -> float | None:
-    """One seed's matched forget-quality level: the highest forget quality that every method reaches
-    somewhere on its λ grid (a level one method never reaches cannot be matched)."""
-    peaks = [max(p["forget_quality"] for p in c) for c in curves.values() if c]
-    return min(peaks) if peaks else None
-
-
-def first_reaching(points: list[dict], target: float, score, steps: int = 4) -> dict | None:
-    """The smallest λ found whose measured forget quality reaches `target`: the first grid point that does,
-    then `steps` bisections in log λ between it and the point before, `score(λ)` measuring each (a
-    p-value is not interpolated: it moves in discrete KS steps). No early stop at a point measured at the
-    level itself: a smaller λ may sit at the same KS step, and stopping would evaluate the method whose level
-    it is (its own peak) deeper than it needs to go. None if no point reaches it."""
-    lo = None
-    for hi in points:
-        if hi["forget_quality"] >= target:
-            break
-        lo = hi
-    else:
-        return None
-    for _ in range(steps if lo is not None else 0):
-        mid = score(round(math.sqrt(lo["lam"] * hi["lam"]), 4))
-        lo, hi = (lo, mid) if mid["forget_quality"] >= target else (mid, hi)
-    return hi
-
-
-def from_calibrated(grid, lam: float) -> list:
-    """The grid from the last point at or below the calibrated λ up: below it a method forgets less than
-    the retain constraint allows, and forget quality sits at its floor there (seed 0 of run B)."""
-    below = [g for g in grid if g <= lam]
-    return [g for g in grid if g >= (below[-1] if below else grid[0])]
-
-
-def quality_scan(grid, calibrated: float, matched_lam: float | None, score) -> list[dict]:
-    """Forget quality over the grid from one octave below matched forgetting (where the forget probability
-    reaches the retain model's, and forget quality peaks near it), then down one grid point at a time,
-    never below the calibrated λ's, while the lowest point is above the curve's minimum: the rise from the
-    floor, where any level is first reached, is then inside the scan. The whole range from the calibrated
-    λ where the grid never reaches matched forgetting. On run B's records (every point from the calibrated
-    λ up) it scores 31 of the 50 points and finds the same level in every seed."""
-    allowed = from_calibrated(grid, calibrated)
-    below_half = [g for g in allowed if matched_lam is not None and g <= matched_lam / 2]
-    start = below_half[-1] if below_half else allowed[0]
-    lower = [g for g in allowed if g < start]
-    curve = [score(g) for g in allowed if g >= start]
-    while lower and curve[0]["forget_quality"] > min(p["forget_quality"] for p in curve):
-        curve.insert(0, score(lower.pop()))
-    return curve
-
-
-def w_statistics(full, finetuned, importance, alpha=1.0, power=1.0, eps=1e-16) -> dict:
-    """How w relates to τ over every scored weight: mean w, Pearson correlation of w with |τ|, cosine and
-    norm ratio of w⊙τ against τ (1 and 1 for TV)."""
-    from perta_fast.io import Checkpoint, SafetensorsFile
-    from perta_fast.lora import is_adapter, task_vectors
-    from perta_fast.ops import ratio_weights
-
-    imp = SafetensorsFile(importance)
-    base = Checkpoint(full)
-    taus = task_vectors(finetuned, full) if is_adapter(finetuned) else None
-    ft = None if taus is not None else Checkpoint(finetuned)
-    acc = dict.fromkeys(("n", "w", "ww", "a", "aa", "wa", "tt", "wtt", "wwtt"), 0.0)
-    for key in imp.keys():
-        if not key.startswith("forget/"):
-            continue
-        name = key[len("forget/"):]
-        tau = taus[name] if taus is not None else ft.get(name).double() - base.get(name).double()
-        w = ratio_weights(imp.get(key), imp.get("retain/" + name), alpha, power, eps).double()
-        tau, a = tau.double(), tau.double().abs()
-        for k, v in (("n", w.numel()), ("w", w.sum()), ("ww", (w * w).sum()), ("a", a.sum()), ("aa", (a * a).sum()),
-                     ("wa", (w * a).sum()), ("tt", (tau * tau).sum()), ("wtt", (w * tau * tau).sum()),
-                     ("wwtt", (w * w * tau * tau).sum())):
-            acc[k] += float(v)
-    n = acc["n"]
-    cov = acc["wa"] / n - acc["w"] / n * acc["a"] / n
-    var_w, var_a = acc["ww"] / n - (acc["w"] / n) ** 2, acc["aa"] / n - (acc["a"] / n) ** 2
-    return {"mean_w": acc["w"] / n, "corr_w_abs_tau": cov / math.sqrt(var_w * var_a) if var_w > 0 and var_a > 0 else None,
-            "cos_wtau_tau": acc["wtt"] / math.sqrt(acc["wwtt"] * acc["tt"]) if acc["wwtt"] > 0 else None,
-            "norm_ratio": math.sqrt(acc["wwtt"] / acc["tt"]) if acc["tt"] > 0 else None}
-
-
-def mean_sd(values: list) -> dict | None:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    m = sum(vals) / len(vals)
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
-    return {"mean": m, "sd": sd, "n": len(vals)}
-
-
-def metrics(res: dict) -> dict:
-    """The numbers a row of the tables shows, from an eval results dict."""
-    s = res["splits"]
-    out = {"forget_quality": res.get("forget_quality"), "model_utility": res.get("model_utility")}
-    for role in ("forget", "retain", "real_authors", "world_facts"):
-        for key in ("prob", "rouge_l", "truth_ratio"):
-            out[f"{role} {key}"] = s[role].get(key)
-    return out
 
 
 def main(argv=None) -> int:
@@ -354,16 +156,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def native_bf16(device) -> bool:
-    import torch
-
-    from perta_fast.dtypes import cpu_has_fast_bf16
-
-    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_fast_bf16()
-
-
 class Protocol:
     def __init__(self, a, size: Size, recipe: dict, base: Path, work: Path, sets: dict, stem: str):
         import torch
@@ -401,7 +193,7 @@ class Protocol:
         from perta_fast.importance import importance_file
 
         path, self.steps[f"importance {self._step_name(out)}"] = cached(out, lambda o: importance_file(
-            model, forget, retain, o, method, 8, device=self.a.device, adapter=adapter, progress=False))
+            model, forget, retain, o, method=method, batch_size=8, device=self.a.device, adapter=adapter, progress=False))
         return path
 
     def _step_name(self, out: Path) -> str:  # seedN/theta_ft: every seed has a theta_ft
@@ -442,7 +234,7 @@ class Protocol:
         # the retain model's forget probability on the sweep rows: the matched-forgetting target
         self.target, self.steps["sweep target"] = cached_json(
             w / "results" / "sweep-target.json", lambda: probability_curve(
-                self.retain_model, self.retain_model, None, _merge_opts("TV"), self.sweep_sets, [0.0], self.a.device,
+                self.retain_model, self.retain_model, None, merge_opts("TV"), self.sweep_sets, [0.0], self.a.device,
                 self.a.bf16_scoring)[0])
         self.summary["sweep_target"] = {k: self.target[k] for k in ("forget", "retain")}
         self.write()
@@ -461,7 +253,7 @@ class Protocol:
         for method, kind in METHODS.items():
             imp = self.importance(w / f"importance-{kind}.safetensors", self.full, forget_kept, retain_kept,
                                   kind) if kind else None
-            opts = _merge_opts(method)
+            opts = merge_opts(method)
             cal, self.steps[f"calibrate seed{seed} {method}"] = cached_json(
                 w / f"calibration-{method}.json", lambda: calibrate(self.full, theta_ft, forget_val, retain_val, imp, opts,
                 CalibrateOptions(keep_retain=self.a.keep_retain, lams=GRID, bisect=3, generate=False,
@@ -491,7 +283,7 @@ class Protocol:
         for method, kind in METHODS.items():
             imps[method] = w / f"importance-{kind}.safetensors" if kind else None
             scorers[method] = self._forget_quality_at(w / "quality-sweep" / method, w / "theta_ft", imps[method],
-                                                      _merge_opts(method))
+                                                      merge_opts(method))
             entry = record["methods"][method]
             curves[method] = entry["quality_sweep"] = quality_scan(GRID, entry["lam"], (entry["matched"] or {}).get("lam"),
                                                                    scorers[method])
@@ -501,7 +293,7 @@ class Protocol:
             found = first_reaching(curve, target, scorers[method])
             self.steps[f"quality sweep seed{seed} {method}"] = sum(p["seconds"] for p in scorers[method].scored)
             res = self._evaluate_at(f"seed{seed}-{method}-quality-lam{found['lam']:g}", w / "theta_ft", imps[method],
-                                    replace(_merge_opts(method), lam=found["lam"]))
+                                    replace(merge_opts(method), lam=found["lam"]))
             bisected = scorers[method].scored[len(curve):]
             record["methods"][method]["at_quality"] = {"lam": found["lam"], "bisected": bisected, **metrics(res)}
             self.write()
@@ -609,7 +401,7 @@ class Protocol:
 
     def _ablate(self, w: Path, label: str, tuned, imp, knob: dict) -> None:
         slug = label.replace(" ", "_").replace("/", "-")
-        opts = replace(_merge_opts("PerTA" if imp else "TV"), **knob)
+        opts = replace(merge_opts("PerTA" if imp else "TV"), **knob)
         default = w / f"sweep-{label}.json"  # a method at its own defaults: seed() swept it already
 
         def curve():
@@ -622,220 +414,7 @@ class Protocol:
         self.write()
 
 
-def _merge_opts(method: str):
-    from perta_fast.merge import MergeOptions
-
-    return MergeOptions("tv" if method == "TV" else "perta")
-
-
 # ---- aggregation, table, plot ----
-
-COLUMNS = ["forget_quality", "model_utility", "forget prob", "forget rouge_l", "forget truth_ratio", "retain prob",
-           "retain rouge_l", "retain truth_ratio", "real_authors prob", "real_authors rouge_l",
-           "real_authors truth_ratio", "world_facts prob", "world_facts rouge_l", "world_facts truth_ratio"]
-
-
-LEVELS = (0.7, 0.5, 0.3)  # forget probabilities (sweep rows) at which curves are also compared: the way down
-
-
-def aggregate(summary: dict) -> dict:
-    """Per method: mean ± sd over the seeds done of λ, every column, and the matched retain probability."""
-    by_method: dict[str, list] = {}
-    for seed in summary["seeds"].values():
-        for method, r in seed["methods"].items():
-            by_method.setdefault(method, []).append(r)
-    return {method: {"seeds": len(rs), "lam": mean_sd([r.get("lam") for r in rs]),
-                     **{c: mean_sd([r.get(c) for r in rs]) for c in COLUMNS},
-                     **{f"at_match {c}": mean_sd([(r.get("at_match") or {}).get(c) for r in rs]) for c in COLUMNS},
-                     **{f"at_quality {c}": mean_sd([(r.get("at_quality") or {}).get(c) for r in rs]) for c in COLUMNS},
-                     "quality_lam": mean_sd([(r.get("at_quality") or {}).get("lam") for r in rs]),
-                     "matched_lam": mean_sd([(r.get("matched") or {}).get("lam") for r in rs]),
-                     "matched_retain": mean_sd([(r.get("matched") or {}).get("retain") for r in rs]),
-                     "never_matched": sum("matched" in r and r["matched"] is None for r in rs),
-                     "retain_at": {str(level): mean_sd([(matched(r["sweep"], level) or {}).get("retain")
-                                                        for r in rs if "sweep" in r]) for level in LEVELS}}
-            for method, rs in by_method.items()}
-
-
-GAIN_COLUMNS = ["model_utility", "forget prob", "retain prob", "retain rouge_l", "real_authors rouge_l",
-                "world_facts rouge_l"]
-
-
-def gains_over_tv(summary: dict, stage: str) -> dict:
-    """Per method but TV, each GAIN_COLUMNS column's difference from TV at `stage` ("at_match",
-    "at_quality"), paired within a seed (θ_ft and the held-back rows shared), mean ± sd over the seeds
-    where both have it: the spread of the gain itself, not of either method alone."""
-    out: dict = {}
-    for seed in summary["seeds"].values():
-        tv = seed["methods"].get("TV", {}).get(stage)
-        for method, r in seed["methods"].items():
-            if method == "TV" or not tv or not r.get(stage):
-                continue
-            for c in GAIN_COLUMNS:
-                if r[stage].get(c) is not None and tv.get(c) is not None:
-                    out.setdefault(method, {}).setdefault(c, []).append(r[stage][c] - tv[c])
-    return {m: {c: mean_sd(v) for c, v in cols.items()} for m, cols in out.items()}
-
-
-def _fmt(v, digits=3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, dict):
-        sd = "" if v["sd"] is None else f" ± {v['sd']:.{digits}f}"
-        return f"{v['mean']:.{digits}f}{sd}"
-    return f"{v:.{digits}f}"
-
-
-def _cell(v, column: str) -> str:
-    """Three decimals; forget quality, a p-value that spans decades, in two significant digits."""
-    if column != "forget_quality" or v is None:
-        return _fmt(v)
-    if isinstance(v, dict):
-        sd = v["sd"] if v["sd"] is None or v["sd"] > 1e-9 * v["mean"] else 0.0  # equal seeds, up to rounding
-        return f"{v['mean']:.2g}" + ("" if sd is None else f" ± {sd:.2g}")
-    return f"{v:.2g}"
-
-
-def markdown(summary: dict) -> str:
-    short = ["FQ", "MU", "forget prob", "forget ROUGE", "forget TR", "retain prob", "retain ROUGE", "retain TR",
-             "RA prob", "RA ROUGE", "RA TR", "WF prob", "WF ROUGE", "WF TR"]
-    lines = ["Set-up models:", "", "| model | " + " | ".join(short) + " |", "|---|" + "---:|" * len(short)]
-    for name, m in summary["models"].items():
-        lines.append(f"| {name} | " + " | ".join(_cell(m.get(c), c) for c in COLUMNS) + " |")
-    agg = summary.get("aggregate", {})
-    if agg:
-        lines += ["", f"At calibrated λ (retain floor {summary['keep_retain']} × θ_full's on held-back D_r rows), "
-                  "mean ± sd over seeds:", "",
-                  "| method | seeds | λ | " + " | ".join(short) + " |", "|---|---:|---:|" + "---:|" * len(short)]
-        for method, r in agg.items():
-            lines.append(f"| {method} | {r['seeds']} | {_fmt(r['lam'], 2)} | "
-                         + " | ".join(_cell(r[c], c) for c in COLUMNS) + " |")
-        lines += ["", "Matched forgetting (λ sweep on evaluation rows): retain probability where forget probability "
-                  "reaches the retain model's:", "", "| method | λ at match | retain prob at match | seeds not reaching it |",
-                  "|---|---:|---:|---:|"]
-        for method, r in agg.items():
-            if r["matched_retain"] is not None or r["never_matched"]:
-                lines.append(f"| {method} | {_fmt(r['matched_lam'], 2)} | {_fmt(r['matched_retain'])} | "
-                             f"{r['never_matched']} |")
-        lines += ["", "Along the way (each method's sweep): retain probability where forget probability (θ_full's "
-                  "0.92) falls to each level, mean ± sd over seeds:", "",
-                  "| method | " + " | ".join(f"forget {x}" for x in LEVELS) + " | forget = retain model's |",
-                  "|---|" + "---:|" * (len(LEVELS) + 1)]
-        for method, r in agg.items():
-            lines.append(f"| {method} | " + " | ".join(_fmt(r["retain_at"][str(x)]) for x in LEVELS)
-                         + f" | {_fmt(r['matched_retain'])} |")
-        at = {m: r for m, r in agg.items() if r["at_match forget_quality"] is not None}
-        if at:
-            lines += ["", "TOFU's metrics at that matched λ (every evaluation row), mean ± sd over seeds:", "",
-                      "| method | seeds | " + " | ".join(short) + " |", "|---|---:|" + "---:|" * len(short)]
-            for method, r in at.items():
-                lines.append(f"| {method} | {r['at_match forget_quality']['n']} | " + " | ".join(
-                    _cell(r[f"at_match {c}"], c) for c in COLUMNS) + " |")
-        at = {m: r for m, r in agg.items() if r["at_quality forget_quality"] is not None}
-        if at:
-            targets = [s["quality_target"] for s in summary["seeds"].values() if s.get("quality_target")]
-            lines += ["", "Matched forget quality: per seed, the highest forget quality every method reaches on its λ "
-                      f"grid (levels {', '.join(f'{t:.3g}' for t in targets)}); each method at the first λ reaching "
-                      "it (four bisections in log λ from the grid, FQ measured at each), "
-                      "TOFU's metrics there, mean ± sd over seeds:", "",
-                      "| method | seeds | λ | " + " | ".join(short) + " |", "|---|---:|---:|" + "---:|" * len(short)]
-            for method, r in at.items():
-                lines.append(f"| {method} | {r['at_quality forget_quality']['n']} | {_fmt(r['quality_lam'], 2)} | "
-                             + " | ".join(_cell(r[f"at_quality {c}"], c)
-                                          for c in COLUMNS) + " |")
-    for stage, title in (("at_match", "matched forget probability"), ("at_quality", "matched forget quality")):
-        gains = gains_over_tv(summary, stage)
-        if gains:
-            lines += ["", f"Gain over TV at {title}, paired by seed (method − TV), mean ± sd:", "",
-                      "| method | seeds | MU | forget prob | retain prob | retain ROUGE | RA ROUGE | WF ROUGE |",
-                      "|---|---:|" + "---:|" * len(GAIN_COLUMNS)]
-            for method, g in gains.items():
-                lines.append(f"| {method} | {g['model_utility']['n']} | "
-                             + " | ".join(_fmt(g.get(c)) for c in GAIN_COLUMNS) + " |")
-    if summary.get("ablation"):
-        lines += ["", "Ablation (first seed; one knob at a time from PerTA's defaults; sweeps on evaluation rows):", "",
-                  "| variant | mean w | corr(w, \\|τ\\|) | cos(w⊙τ, τ) | \\|w⊙τ\\| / \\|τ\\| | "
-                  + " | ".join(f"retain at forget {x}" for x in LEVELS) + " | λ at match | retain prob at match |",
-                  "|---|" + "---:|" * (6 + len(LEVELS))]
-        for label, e in summary["ablation"].items():
-            ws, m = e.get("w") or {}, e.get("matched") or {}
-            along = " | ".join(_fmt((matched(e["sweep"], x) or {}).get("retain")) for x in LEVELS)
-            lines.append(f"| {label} | {_fmt(ws.get('mean_w'))} | {_fmt(ws.get('corr_w_abs_tau'))} | "
-                         f"{_fmt(ws.get('cos_wtau_tau'))} | {_fmt(ws.get('norm_ratio'))} | {along} | "
-                         f"{_fmt(m.get('lam'), 2)} | {_fmt(m.get('retain'))} |")
-    return "\n".join(lines)
-
-
-def plot(summary: dict, path: Path) -> None:
-    from perta_fast.console import pyplot
-
-    plt = pyplot()
-    if plt is None:
-        return
-    first = next(iter(summary["seeds"].values()), {"methods": {}})
-    # the default run has no matched forget quality: no empty third panel for it
-    with_quality = any(r.get("quality_sweep") for r in first["methods"].values())
-    fig, axes = plt.subplots(1, 3 if with_quality else 2, figsize=(19 if with_quality else 13, 5))
-    left, right, third = (*axes, None)[:3]
-    for method, r in summary.get("aggregate", {}).items():
-        fq, mu = r["forget_quality"], r["model_utility"]
-        if fq and mu:
-            line = left.errorbar(mu["mean"], fq["mean"], xerr=mu["sd"] or 0, yerr=fq["sd"] or 0, marker="o",
-                                 capsize=3, label=f"{method} at calibrated λ (n={r['seeds']})")
-            fq2, mu2 = r["at_match forget_quality"], r["at_match model_utility"]
-            if fq2 and mu2:  # the same method further along its λ path: read the two as a curve
-                colour = line.lines[0].get_color()
-                left.errorbar(mu2["mean"], fq2["mean"], xerr=mu2["sd"] or 0, yerr=fq2["sd"] or 0, marker="s",
-                              capsize=3, color=colour, label=f"{method} at matched forget prob (n={fq2['n']})")
-                left.plot([mu["mean"], mu2["mean"]], [fq["mean"], fq2["mean"]], color=colour, lw=1, ls=":")
-            fq3, mu3 = r["at_quality forget_quality"], r["at_quality model_utility"]
-            if fq3 and mu3:
-                left.errorbar(mu3["mean"], fq3["mean"], xerr=mu3["sd"] or 0, yerr=fq3["sd"] or 0, marker="^",
-                              capsize=3, color=line.lines[0].get_color(),
-                              label=f"{method} at matched forget quality (n={fq3['n']})")
-    for (name, m), marker in zip(summary["models"].items(), "*PX"):  # black: set-up models, not methods
-        if m.get("forget_quality") and m.get("model_utility") is not None:
-            left.scatter(m["model_utility"], m["forget_quality"], marker=marker, s=120, color="k", label=name,
-                         zorder=3)
-    left.set_yscale("log")
-    left.set_xlabel("model utility")
-    left.set_ylabel("forget quality (KS p-value)")
-    left.set_title("at calibrated λ (circles), matched forget prob (squares) and matched FQ (triangles), "
-                   "mean ± sd over seeds", fontsize=8)
-    left.legend(fontsize=7)
-    for method, r in first["methods"].items():
-        if "sweep" in r:
-            pts = [r["sweep"][0]["theta_full"]] + r["sweep"]
-            right.plot([p["forget"] for p in pts], [p["retain"] for p in pts], marker="o", label=method)
-        if r.get("quality_sweep"):  # the grid and the bisection's points, the matched λ starred
-            at = r.get("at_quality") or {}
-            pts = sorted(r["quality_sweep"] + at.get("bisected", []), key=lambda p: p["lam"])
-            line, = third.plot([p["lam"] for p in pts], [p["forget_quality"] for p in pts], marker="o", label=method)
-            if at:
-                third.scatter(at["lam"], at["forget_quality"], marker="*", s=150, color=line.get_color(), zorder=3)
-    for label, e in summary.get("ablation", {}).items():
-        if label.endswith("LoRA τ") or label.startswith(("PerTA-grad ", "TV ")):
-            pts = e["sweep"]
-            right.plot([p["forget"] for p in pts], [p["retain"] for p in pts], ls=":", lw=1, label=label)
-    if summary.get("sweep_target"):
-        right.axvline(summary["sweep_target"]["forget"], color="gray", ls="--", lw=1,
-                      label="the retain model's forget prob: the matched level")
-    right.set_xlabel("forget answer probability (sweep rows)")
-    right.set_ylabel("retain answer probability (sweep rows)")
-    right.set_title("λ sweeps, first seed (upper left is best)", fontsize=9)
-    right.legend(fontsize=6)
-    if third is not None:
-        if first.get("quality_target"):
-            third.axhline(first["quality_target"], color="gray", ls="--", lw=1, label="the matched level")
-        third.set_xscale("log", base=2)
-        third.set_yscale("log")
-        third.set_xlabel("λ")
-        third.set_ylabel("forget quality (KS p-value, every forget row)")
-        third.set_title("forget quality along λ, first seed (★ the matched λ)", fontsize=9)
-        third.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from .data import QA, batches, collate, data_hash, encode, logits_of, pad_id
@@ -18,19 +18,10 @@ from .errors import PertaError
 from .loss import per_sample_loss
 from .outputs import check_output_path
 from .models import load_model, save_model
-from .train import TrainingOptions, train_in_place
+from .options import BaselineOptions
+from .train import train_in_place
 
 METHODS = ("ga", "npo")
-
-
-@dataclass
-class BaselineOptions(TrainingOptions):
-    method: str = "ga"
-    epochs: int = 10
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    beta: float = 0.1  # NPO's inverse temperature
-    retain_weight: float = 1.0  # NPO's retain-loss weight (GA uses none)
 
 
 def sequence_nll(logits, labels):

@@ -14,33 +14,21 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .console import bar, log, pyplot
-from .data import MIN_VALIDATION_ROWS, QA, data_hash, hold_out
+from .data import MIN_VALIDATION_ROWS, QA, data_hash, hold_out, load_qa
 from .dtypes import autocast_for
 from .errors import PertaError
-from .merge import MergeExecutor, MergeOptions, plan_merge
+from .merge import MergeExecutor, plan_merge
+from .options import DEFAULT_LAMS, CalibrateOptions, MergeOptions  # noqa: F401  (importable here, as always)
+from .eval import answer_probabilities, evaluate
+from .io import SafetensorsFile
+from .models import load_model, pick_device
+from .outputs import atomic_file, check_output_path
 
-DEFAULT_LAMS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 TARGETS = ("max", "base")
-
-
-@dataclass
-class CalibrateOptions:
-    keep_retain: float = 0.95  # retain answer probability must stay ≥ this × θ_full's
-    lams: tuple = DEFAULT_LAMS
-    bisect: int = 4  # halvings of the gap between the last λ that keeps the floor and the first that breaks it
-    forget_target: str = "max"  # max: most forgetting the floor allows; base: θ_0's forget probability
-    pretrained: str | None = None  # θ_0, for forget_target="base"
-    hold_out: float = 0.2  # fraction of each set held back for validation (by calibrate_files and unlearn)
-    generate: bool = True  # greedy exact match at each point (reported; the choice uses probabilities)
-    max_new_tokens: int = 32
-    batch_size: int = 128  # questions decoded together for exact match (perta_fast.scoring.GENERATE_BATCH)
-    device: str | None = None
-    dtype: str | None = None
-    bf16_autocast: bool = False  # score with bf16 matmuls over the loaded weights (eval.EvalOptions' knob)
 
 
 def check_options(opts: CalibrateOptions) -> tuple[float, ...]:
@@ -68,8 +56,6 @@ class ModelAtLambda:
     """θ_full as a loaded model that `set(λ)` moves to θ_full − λ·(w ⊙ τ), one tensor at a time."""
 
     def __init__(self, base, finetuned, importance, merge_options: MergeOptions, device=None, dtype=None):
-        from .models import load_model, pick_device
-
         self.model, self.tokenizer = load_model(base, device, dtype)
         math_device = pick_device(device)
         self.plan = plan_merge(base, finetuned, importance, replace(merge_options, device=math_device))
@@ -94,8 +80,6 @@ class ModelAtLambda:
 def probability_curve(base, finetuned, importance, merge_options: MergeOptions, sets: dict[str, list[QA]], lams,
                       device=None, bf16_autocast: bool = False) -> list[dict]:
     """Mean answer probability of each set at each λ (and the mean w): [{"lam", "mean_weight", set: prob}]."""
-    from .eval import answer_probabilities
-
     at = ModelAtLambda(base, finetuned, importance, merge_options, device)
     points = []
     for lam in lams:
@@ -110,8 +94,6 @@ def probability_curve(base, finetuned, importance, merge_options: MergeOptions, 
 
 def score(model, tokenizer, sets: dict[str, list[QA]], opts: CalibrateOptions) -> dict:
     """{set}_prob (mean answer probability) and, when generating, {set}_em (greedy exact match)."""
-    from .eval import evaluate
-
     point = {}
     with autocast_for(model, opts.bf16_autocast):
         for name, rows in sets.items():
@@ -124,9 +106,6 @@ def score(model, tokenizer, sets: dict[str, list[QA]], opts: CalibrateOptions) -
 
 def _target_prob(opts: CalibrateOptions, forget: list[QA]) -> float:
     """θ_0's forget answer probability on the validation rows (loaded, scored, freed)."""
-    from .eval import answer_probabilities
-    from .models import load_model
-
     model, tok = load_model(opts.pretrained, opts.device, opts.dtype)
     with autocast_for(model, opts.bf16_autocast):
         probs = answer_probabilities(model, tok, forget)
@@ -267,8 +246,6 @@ def check_importance_rows(importance, split: dict, whole: dict[str, str], where:
                           fraction: float) -> None:
     """The importance file must have been estimated on exactly the rows calibration does not hold back
     (`whole`: each whole set's hash, to say so when it was estimated on everything)."""
-    from .io import SafetensorsFile
-
     meta = SafetensorsFile(importance).metadata
     for label, (kept, held) in split.items():
         got = meta.get(f"{label}_sha256")
@@ -287,9 +264,6 @@ def calibrate_files(base, finetuned, forget_spec, retain_spec, importance=None,
                     out: str | Path | None = None, overwrite: bool = False) -> dict:
     """`perta-fast calibrate`: hold back validation rows, check the importance file never saw them,
     calibrate, and write the curve (`out` .json and a .png beside it) atomically."""
-    from .data import load_qa
-    from .outputs import atomic_file, check_output_path
-
     opts = options or CalibrateOptions()
     check_options(opts)
     inputs = tuple(p for p in (base, finetuned, importance, opts.pretrained) if p)

@@ -2,7 +2,10 @@
 turn a name into a torch dtype, so the CLI and the plan can use the names without it."""
 from __future__ import annotations
 
-NAMES = ("bf16", "fp16", "fp32")
+from .options import DTYPE_NAMES
+from .console import log
+
+NAMES = DTYPE_NAMES
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 CONFIG_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # config.json's torch_dtype
 
@@ -39,7 +42,6 @@ def warn_if_emulated_bf16(device, on: bool) -> None:
     """Once per process: a calibration scores under autocast at every λ."""
     import torch
 
-    from .console import log
 
     global _warned
     if on and torch.device(device).type == "cpu" and not cpu_has_fast_bf16() and not _warned:

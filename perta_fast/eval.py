@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import string
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -20,7 +20,14 @@ from .data import QA, EvalQA, batches, data_hash, encode, load_qa, pad_id
 from .dtypes import autocast_for
 from .errors import PertaError
 from .loss import per_sample_loss
-from .scoring import GENERATE_BATCH, decode, generate_answers, score_questions
+from .metrics import (forget_quality, harmonic_mean, normalised_probability, rouge_l_recall,  # noqa: F401
+                      truth_ratio_score, truth_ratios)
+from .options import GENERATE_BATCH, EvalOptions
+from .scoring import decode, generate_answers, score_questions
+from .io import read_json
+from .models import load_model
+from .openunlearning import EVAL_NAME, SUMMARY_NAME, is_eval_log, reference_from_log, write_logs
+from .outputs import atomic_file, check_output_path
 
 
 def normalise(text: str) -> str:
@@ -69,17 +76,6 @@ ROLES = ("forget", "retain", "real_authors", "world_facts")
 UTILITY_ROLES = ("retain", "real_authors", "world_facts")  # 3 splits × (prob, ROUGE-L, truth ratio) = 9 scores
 
 
-@dataclass
-class EvalOptions:
-    batch_size: int = GENERATE_BATCH  # questions decoded together
-    max_new_tokens: int = 200  # TOFU generates up to 200 tokens
-    max_length: int = 512
-    generate: bool = True  # greedy answers for ROUGE-L; off, ROUGE-L is left out (and model utility with it)
-    device: str | None = None
-    dtype: str | None = None  # auto (None): the checkpoint's own
-    bf16_autocast: bool = False  # bf16 matmuls over the loaded weights: faster where bf16 is native, other numbers
-
-
 def tofu_splits(folder: str | Path, forget: str = "forget01", max_rows: int | None = None) -> dict[str, list[EvalQA]]:
     """The four evaluation splits of a TOFU folder, each cut to its first `max_rows` rows."""
     names = {"forget": f"{forget}_perturbed", "retain": "retain_perturbed",
@@ -87,43 +83,16 @@ def tofu_splits(folder: str | Path, forget: str = "forget01", max_rows: int | No
     return {role: load_qa(f"{folder}:{name}", eval_rows=True)[:max_rows or None] for role, name in names.items()}
 
 
-def truth_ratios(paraphrased_nll: list[float], perturbed_nll: list[list[float]]) -> list[float]:
-    """R = P(paraphrase)^(1/n) / geometric mean of P(perturbed)^(1/n): exp(mean perturbed NLL − paraphrase NLL)."""
-    return [math.exp(sum(p) / len(p) - q) for q, p in zip(paraphrased_nll, perturbed_nll)]
 
 
-def truth_ratio_score(ratios: list[float], forget: bool) -> float:
-    """TOFU's reported truth ratio: mean min(R, 1/R) on the forget split (1 = cannot tell right from
-    wrong), mean max(0, 1 − 1/R) elsewhere (1 = strongly prefers the right answer)."""
-    vals = [min(r, 1 / r) for r in ratios] if forget else [max(0.0, 1 - 1 / r) for r in ratios]
-    return sum(vals) / len(vals)
 
 
-def normalised_probability(answer_nll: float, perturbed_nll: list[float]) -> float:
-    """Real authors / world facts: P(answer) / (P(answer) + Σ P(perturbed)), length-normalised probabilities."""
-    p = math.exp(-answer_nll)
-    return p / (p + sum(math.exp(-x) for x in perturbed_nll))
 
 
-def rouge_l_recall(generated: str, reference: str) -> float:
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, generated)["rougeL"].recall
 
 
-def forget_quality(model_ratios: list[float], retain_model_ratios: list[float]) -> tuple[float, float]:
-    """Two-sample Kolmogorov–Smirnov test of the forget split's truth ratios: (p-value, statistic)."""
-    from scipy.stats import ks_2samp
-
-    res = ks_2samp(model_ratios, retain_model_ratios)
-    return float(res.pvalue), float(res.statistic)
 
 
-def harmonic_mean(scores: list[float]) -> float:
-    """TOFU's aggregate: 0 as soon as one score is 0."""
-    from scipy.stats import hmean
-
-    return 0.0 if min(scores) <= 0 else float(hmean(scores))
 
 
 def model_utility(results: dict) -> float | None:
@@ -233,8 +202,6 @@ def format_results(by_label: dict[str, dict]) -> str:
 
 def load_results(path: str | Path, content: dict | None = None) -> dict:
     """A saved results file (`content`: its JSON, when already read)."""
-    from .io import read_json
-
     path = Path(path)
     results = read_json(path) if content is None else content
     if not isinstance(results.get("splits"), dict):
@@ -245,11 +212,6 @@ def load_results(path: str | Path, content: dict | None = None) -> dict:
 def reference_results(reference: str | Path, forget_rows: list[EvalQA], opts: EvalOptions) -> dict:
     """A retain-only model's forget-split results: read from its saved results, or computed from its folder
     (truth ratios only, which is all forget quality needs)."""
-    from .models import load_model
-
-    from .io import read_json
-    from .openunlearning import is_eval_log, reference_from_log
-
     reference = Path(reference)
     if reference.is_file():
         content = read_json(reference)
@@ -276,10 +238,7 @@ def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out:
     import json
     import time
 
-    from .outputs import atomic_file, check_output_path
-    from .models import load_model
 
-    from .openunlearning import EVAL_NAME, SUMMARY_NAME, write_logs
 
     opts = opts or EvalOptions()
     if open_unlearning and out is None:

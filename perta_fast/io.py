@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import PertaError
-from .outputs import kill_point
+from .faults import kill_point
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -16,28 +16,18 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .console import bar
 from .errors import PertaError
 from .io import Checkpoint, SafetensorsFile, ShardedWriter, copy_aux_files
 from .outputs import atomic_dir
-from .profiling import release_freed_memory
+from .memory import release_freed_memory
 from .lora import LoraAdapter, delta_rows, is_adapter, read_adapter
+from .options import MergeOptions
 from .ops import merge_tensor, merge_tensors, pick_backend, ratio_weights  # noqa: F401  (references re-exported)
+from .models import pick_device
 
 IMPORTANCE_PREFIXES = ("forget/", "retain/", "weight/")
-
-
-@dataclass
-class MergeOptions:
-    method: str = "perta"  # "perta" (w from importance) or "tv" (w ≡ 1)
-    lam: float = 1.0
-    alpha: float = 1.0
-    power: float = 1.0
-    eps: float = 1e-16
-    nan_to_zero: bool = False
-    max_shard_bytes: int = 2 * 1024**3
-    device: str = "cpu"  # where the math runs; tensors are read from and written to the host
 
 
 LORA_BLOCK_ELEMENTS = 1 << 22  # rows of a LoRA product formed at once: 16 MiB of fp32 whatever the layer
@@ -104,8 +94,6 @@ def plan_merge(base: str | Path, finetuned: str | Path, importance: str | Path |
     if options.method not in ("perta", "tv"):
         raise PertaError(f"unknown merge method {options.method!r} (expected perta or tv)")
     if options.device != "cpu":
-        from .models import pick_device
-
         pick_device(options.device)  # a clear error where the device is missing
     base_ck = Checkpoint(base, allow_pickle)
     plan = MergePlan(Path(base), Path(finetuned), Path(importance) if importance else None, options)

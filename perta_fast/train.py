@@ -13,42 +13,21 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from . import distributed
-from .console import bar, log
+from .console import bar
 from .data import QA, collate, data_hash, encode, logits_of, pad_id
 from .dtypes import autocast, warn_if_emulated_bf16
 from .errors import PertaError
 from .io import content_sha256
-from .outputs import check_output_path, kill_point, resume_dir, resume_state
+from .faults import kill_point
+from .outputs import atomic_dir, check_output_path, resume_dir, resume_state, save_tensors
 from .loss import per_sample_loss
 from .models import load_model, save_model
-from .profiling import release_freed_memory
-
-
-@dataclass
-class TrainingOptions:
-    """What the one training loop (train_in_place) reads: fine-tuning's and the baselines' common part."""
-    epochs: int = 3
-    lr: float = 1e-4
-    batch_size: int = 8
-    max_length: int = 256
-    seed: int = 0
-    weight_decay: float = 0.0
-    warmup_epochs: int = 0  # the learning rate ramps up linearly over this many epochs (TOFU's recipe: 1)
-    device: str | None = None
-    bf16_autocast: bool = False  # mixed precision: bf16 matmuls, fp32 weights and optimizer state
-    dtype: str | None = None  # weights' dtype while training: auto (None) = the checkpoint's own
-    gradient_checkpointing: bool = False
-
-
-@dataclass
-class FinetuneOptions(TrainingOptions):
-    lora_rank: int | None = None  # None: full fine-tuning; R > 0: a LoRA adapter of rank R
-    lora_alpha: float | None = None  # default 2·R
-    lora_targets: str = "all-linear"  # or module names: "q_proj,v_proj"
+from .options import FinetuneOptions, TrainingOptions  # noqa: F401  (importable here, as always)
+from .memory import release_freed_memory
 
 
 def lora_config(opts: FinetuneOptions):
@@ -107,13 +86,10 @@ class TrainCheckpoint:
     def save(self, model, optim, position: dict) -> None:
         import torch
 
-        from .outputs import atomic_dir
-        from .importance import save_importance
-
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_dir(self.dir / "checkpoint", overwrite=True) as tmp:
-            save_importance({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, {},
-                            tmp / "trainable.safetensors")
+            save_tensors({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, {},
+                         tmp / "trainable.safetensors")
             torch.save(optim.state_dict(), tmp / "optim.pt")
             (tmp / "state.json").write_text(json.dumps({"fingerprint": self.fingerprint, **position}))
         kill_point("checkpoint")

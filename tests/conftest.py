@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 
-import perta_fast  # noqa: F401  first: it takes the checkout's root off sys.path (see perta_fast._unshadow_kernels)
-
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")

@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from helpers import load_folder, nll_by_hand
 from perta_fast.baselines import BaselineOptions, unlearn_by_training

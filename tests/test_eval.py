@@ -212,8 +212,16 @@ def _tofu_benchmark():
     return bench
 
 
+def _tofu_parts():
+    """The protocol's steps and report modules, which benchmarks/tofu.py imports from beside it."""
+    import sys
+
+    _tofu_benchmark()
+    return sys.modules["tofu_steps"], sys.modules["tofu_report"]
+
+
 def test_tofu_benchmark_matches_forget_quality_at_the_level_every_method_reaches():
-    bench = _tofu_benchmark()
+    steps, report = _tofu_parts()
 
     # forget quality as a known function of λ: TV rises as λ²/40 to its peak 0.1 at λ 2 and then falls
     # (over-forgetting); PerTA rises as λ²/100 (crossing 0.1 at λ √10) up to 0.64 at λ 8
@@ -233,46 +241,46 @@ def test_tofu_benchmark_matches_forget_quality_at_the_level_every_method_reaches
 
     grid = (1.0, 2.0, 4.0, 8.0)
     curves = {name: [scorer(f)(lam) for lam in grid] for name, f in (("TV", tv), ("PerTA", perta))}
-    target = bench.quality_target(curves)
+    target = steps.quality_target(curves)
     assert target == 0.1
     scored.clear()
-    found = bench.first_reaching(curves["PerTA"], target, scorer(perta), steps=2)
+    found = steps.first_reaching(curves["PerTA"], target, scorer(perta), steps=2)
     # two bisections in log λ between 2 and 4: the λ found reaches the level by measurement, and lies
     # within one quarter-octave above the true crossing
     assert len(scored) == 2 and found["lam"] in scored
     assert found["forget_quality"] >= target
     assert math.sqrt(10) <= found["lam"] <= math.sqrt(10) * 2 ** 0.25
     scored.clear()  # the default, four: within a sixteenth of an octave
-    found = bench.first_reaching(curves["PerTA"], target, scorer(perta))
+    found = steps.first_reaching(curves["PerTA"], target, scorer(perta))
     assert len(scored) == 4 and found["forget_quality"] >= target
     assert math.sqrt(10) <= found["lam"] <= math.sqrt(10) * 2 ** (1 / 16)
-    deep = bench.first_reaching(curves["PerTA"], target, scorer(perta), steps=12)
+    deep = steps.first_reaching(curves["PerTA"], target, scorer(perta), steps=12)
     assert deep["lam"] == pytest.approx(math.sqrt(10), rel=1e-3)
     # TV's level is its own peak: bisecting below it finds nothing smaller, not the fall after it
-    assert bench.first_reaching(curves["TV"], target, scorer(tv))["lam"] == 2.0
-    assert bench.first_reaching(curves["TV"], 0.2, scorer(tv)) is None
+    assert steps.first_reaching(curves["TV"], target, scorer(tv))["lam"] == 2.0
+    assert steps.first_reaching(curves["TV"], 0.2, scorer(tv)) is None
     # forget quality in KS steps (a p-value takes few values): a grid point at the level itself is not where
     # the search stops, as a smaller λ may be at the same step
     def steps_of(lam):
         return min(int(lam) / 10, 0.5)
 
     scored.clear()
-    found = bench.first_reaching([{"lam": 1.0, "forget_quality": 0.1}, {"lam": 4.0, "forget_quality": 0.2}], 0.2,
+    found = steps.first_reaching([{"lam": 1.0, "forget_quality": 0.1}, {"lam": 4.0, "forget_quality": 0.2}], 0.2,
                                  scorer(steps_of))
     assert len(scored) == 4 and found == {"lam": 2.0, "forget_quality": 0.2}
     scored.clear()  # the first grid point already reaches it: nothing below it to bisect against
-    assert bench.first_reaching(curves["PerTA"], 0.001, scorer(perta))["lam"] == 1.0 and not scored
+    assert steps.first_reaching(curves["PerTA"], 0.001, scorer(perta))["lam"] == 1.0 and not scored
 
 
 def test_tofu_benchmark_quality_sweep_starts_at_the_calibrated_lambda():
-    bench = _tofu_benchmark()
-    assert bench.from_calibrated((0.5, 1.0, 2.0, 4.0), 1.12) == [1.0, 2.0, 4.0]
-    assert bench.from_calibrated((0.5, 1.0, 2.0, 4.0), 2.0) == [2.0, 4.0]
-    assert bench.from_calibrated((0.5, 1.0, 2.0, 4.0), 0.1) == [0.5, 1.0, 2.0, 4.0]
+    steps, report = _tofu_parts()
+    assert steps.from_calibrated((0.5, 1.0, 2.0, 4.0), 1.12) == [1.0, 2.0, 4.0]
+    assert steps.from_calibrated((0.5, 1.0, 2.0, 4.0), 2.0) == [2.0, 4.0]
+    assert steps.from_calibrated((0.5, 1.0, 2.0, 4.0), 0.1) == [0.5, 1.0, 2.0, 4.0]
 
 
 def test_tofu_benchmark_quality_scan_starts_an_octave_below_matched_forgetting_and_holds_the_rise():
-    bench = _tofu_benchmark()
+    steps, report = _tofu_parts()
     grid = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
     def scan(fq, calibrated, matched):
@@ -281,7 +289,7 @@ def test_tofu_benchmark_quality_scan_starts_an_octave_below_matched_forgetting_a
         def score(lam):
             scored.append(lam)
             return {"lam": lam, "forget_quality": fq(lam)}
-        return [p["lam"] for p in bench.quality_scan(grid, calibrated, matched, score)], scored
+        return [p["lam"] for p in steps.quality_scan(grid, calibrated, matched, score)], scored
 
     def peaked(at):  # at its floor up to at/4, rising to a peak at `at`, falling after it
         return lambda lam: 0.0 if lam <= at / 4 else 1.0 / (1.0 + abs(math.log2(lam / at)))
@@ -301,9 +309,10 @@ def test_tofu_benchmark_quality_scan_starts_an_octave_below_matched_forgetting_a
 
 @pytest.mark.skipif(not (TOFU / "full.json").is_file(), reason="TOFU data not at ../shared/data/tofu")
 def test_tofu_benchmark_cpu_sets_keep_importance_and_evaluation_rows_apart():
+    steps, report = _tofu_parts()
     bench = _tofu_benchmark()
     size = bench.SIZES["cpu"]
-    sets = bench.build_sets(TOFU, size, "forget01")
+    sets = steps.build_sets(TOFU, size, "forget01")
     full = load_qa(f"{TOFU}:full")
     assert sets["forget"] == full[-80:]  # the last 4 authors
     assert load_qa(f"{TOFU}:forget01") == sets["forget"][-40:]
@@ -316,11 +325,11 @@ def test_tofu_benchmark_cpu_sets_keep_importance_and_evaluation_rows_apart():
     assert {r: len(v) for r, v in sets["splits"].items()} == {"forget": 80, "retain": 40, "real_authors": 30,
                                                              "world_facts": 30}
     # each seed holds back another 20 % of the forget set and of D_r
-    kept, held = bench.seeded_hold_out(sets["forget"], 0)
-    kept1, held1 = bench.seeded_hold_out(sets["forget"], 1)
+    kept, held = steps.seeded_hold_out(sets["forget"], 0)
+    kept1, held1 = steps.seeded_hold_out(sets["forget"], 1)
     assert len(held) == 16 and sorted(map(id, kept + held)) == sorted(map(id, sets["forget"])) and held != held1
     # the full size (GPU): the standard split; D_r = the retain authors outside retain_perturbed's 0-19
-    sets = bench.build_sets(TOFU, bench.SIZES["full"], "forget05")
+    sets = steps.build_sets(TOFU, bench.SIZES["full"], "forget05")
     assert sets["forget"] == full[-200:] and sets["train_retain"] == full[:-200]
     evaluated = {r.question for r in sets["splits"]["retain"]}
     assert sets["importance_retain"] == [r for r in full[400:-200] if r.question not in evaluated]
@@ -329,7 +338,7 @@ def test_tofu_benchmark_cpu_sets_keep_importance_and_evaluation_rows_apart():
 
 
 def test_tofu_benchmark_gains_over_tv_are_paired_within_a_seed():
-    bench = _tofu_benchmark()
+    steps, report = _tofu_parts()
 
     def row(mu, retain):
         return {"at_quality": {"model_utility": mu, "retain prob": retain}}
@@ -338,7 +347,7 @@ def test_tofu_benchmark_gains_over_tv_are_paired_within_a_seed():
     summary = {"seeds": {"0": {"methods": {"TV": row(0.10, 0.2), "PerTA": row(0.15, 0.3)}},
                          "1": {"methods": {"TV": row(0.30, 0.4), "PerTA": row(0.35, 0.4)}},
                          "2": {"methods": {"TV": row(0.20, 0.1), "PerTA": {}}}}}  # PerTA not done: left out
-    gains = bench.gains_over_tv(summary, "at_quality")
+    gains = report.gains_over_tv(summary, "at_quality")
     assert set(gains) == {"PerTA"}
     assert gains["PerTA"]["model_utility"]["mean"] == pytest.approx(0.05)
     assert gains["PerTA"]["model_utility"]["sd"] == pytest.approx(0.0, abs=1e-12)

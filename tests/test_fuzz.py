@@ -185,7 +185,7 @@ def test_importance_files(pair, tmp_path_factory, tensors, metadata):
     before = tree_digest(folder), tree_digest(pair)
     out = folder / "out"
     record = _refused_or_loaded(merge, pair / "full", pair / "ft", out, folder / "imp.safetensors",
-                                MergeOptions("perta"), progress=False)
+                                MergeOptions(method="perta"), progress=False)
     if record is None:
         assert not out.exists() and not [p for p in folder.iterdir() if p.name.startswith(".out")]
     else:

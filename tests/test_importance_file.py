@@ -28,8 +28,8 @@ def test_parameter_groups_pack_consecutive_parameters_under_the_budget():
 @pytest.mark.parametrize("method", ["grad", "fisher"])
 def test_grouped_spilled_file_equals_in_memory_scores(tmp_path, tiny_dir, facts, method):
     forget, retain = facts[0][:6], facts[1][:7]
-    want, _ = compute_importance(tiny_dir, forget, retain, method, batch_size=4, progress=False)
-    meta = importance_file(tiny_dir, forget, retain, tmp_path / "imp.safetensors", method, 4, progress=False,
+    want, _ = compute_importance(tiny_dir, forget, retain, method=method, batch_size=4, progress=False)
+    meta = importance_file(tiny_dir, forget, retain, tmp_path / "imp.safetensors", method=method, batch_size=4, progress=False,
                            group_bytes=4 * 3000)  # a few parameters per group: many passes
     got, file_meta = read(tmp_path / "imp.safetensors")
     assert int(meta["groups"]) > 3 and file_meta["groups"] == meta["groups"]
@@ -43,8 +43,8 @@ def test_grouped_spilled_file_equals_in_memory_scores(tmp_path, tiny_dir, facts,
 @pytest.mark.parametrize("dtype,name", [(torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")])
 def test_write_weights_equals_ratio_of_scores(tmp_path, tiny_dir, facts, dtype, name):
     forget, retain = facts[0][:6], facts[1][:6]
-    scores, _ = compute_importance(tiny_dir, forget, retain, "fisher", batch_size=4, progress=False)
-    importance_file(tiny_dir, forget, retain, tmp_path / "w.safetensors", "fisher", 4, progress=False,
+    scores, _ = compute_importance(tiny_dir, forget, retain, method="fisher", batch_size=4, progress=False)
+    importance_file(tiny_dir, forget, retain, tmp_path / "w.safetensors", method="fisher", batch_size=4, progress=False,
                     write="weights", weight_dtype=name, alpha=0.5, power=2.0)
     got, meta = read(tmp_path / "w.safetensors")
     assert meta["write"] == "weights" and meta["alpha"] == "0.5" and meta["power"] == "2.0"
@@ -75,7 +75,7 @@ def test_host_offloaded_accumulators_equal_the_device_ones(tmp_path, tiny_tokeni
     files = {}
     for offload in (False, True):
         out = tmp_path / f"{offload}.safetensors"
-        meta = importance_file(folder, forget, retain, out, method, 4, progress=False, offload=offload)
+        meta = importance_file(folder, forget, retain, out, method=method, batch_size=4, progress=False, offload=offload)
         assert meta["accumulators"] == ("host" if offload else "device")
         files[offload] = read(out)[0]
     assert set(files[True]) == set(files[False])
@@ -109,15 +109,15 @@ def test_max_memory_too_small_names_the_minimum(tmp_path, tiny_dir, facts, capsy
 def test_max_memory_says_what_it_chose(tmp_path, tiny_dir, facts, capsys):
     """A roomy budget keeps one group; one below what the process already holds is refused. (Several
     groups are forced through group_bytes above: RssAnon moves by more than the tiny model's scores.)"""
-    from perta_fast.profiling import rss_anon_bytes
+    from perta_fast.memory import rss_anon_bytes
 
     forget, retain = facts[0][:4], facts[1][:4]
-    roomy = importance_file(tiny_dir, forget, retain, tmp_path / "a.safetensors", "grad", 4, progress=False,
+    roomy = importance_file(tiny_dir, forget, retain, tmp_path / "a.safetensors", method="grad", batch_size=4, progress=False,
                             max_memory=100.0)
     assert roomy["groups"] == "1"
     tight_gb = (rss_anon_bytes() + 64 * 1024**2) / 1e9  # the tiny model's accumulators are ~100 KB
     with pytest.raises(PertaError, match="too small"):
-        importance_file(tiny_dir, forget, retain, tmp_path / "b.safetensors", "grad", 4, progress=False,
+        importance_file(tiny_dir, forget, retain, tmp_path / "b.safetensors", method="grad", batch_size=4, progress=False,
                         max_memory=tight_gb - 0.2)
     assert "parameter group(s)" in capsys.readouterr().err
 
@@ -142,7 +142,7 @@ def _grouped_run(tmp_path, tiny_dir, resume, env=None):
 
     code = ("import json, sys; from perta_fast.data import load_qa; from perta_fast.importance import importance_file; "
             f"importance_file({str(tiny_dir)!r}, load_qa({str(tmp_path / 'f.json')!r}), "
-            f"load_qa({str(tmp_path / 'r.json')!r}), {str(tmp_path / 'imp.safetensors')!r}, 'fisher', 2, "
+            f"load_qa({str(tmp_path / 'r.json')!r}), {str(tmp_path / 'imp.safetensors')!r}, method='fisher', batch_size=2, "
             f"progress=False, group_bytes=4 * 3000, checkpoint_every=1, resume={resume})")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
@@ -154,7 +154,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_dir, fac
     forget, retain = facts[0][:6], facts[1][:6]
     (tmp_path / "f.json").write_text(json.dumps([r.__dict__ for r in forget]))
     (tmp_path / "r.json").write_text(json.dumps([r.__dict__ for r in retain]))
-    want, _ = compute_importance(tiny_dir, forget, retain, "fisher", batch_size=2, progress=False)
+    want, _ = compute_importance(tiny_dir, forget, retain, method="fisher", batch_size=2, progress=False)
     killed = _grouped_run(tmp_path, tiny_dir, False, {"PERTA_FAST_KILL_AT": f"checkpoint:{kill_after}"})
     assert killed.returncode == -9, killed.stderr  # a real SIGKILL, mid-run
     assert not (tmp_path / "imp.safetensors").exists()

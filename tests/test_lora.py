@@ -82,7 +82,7 @@ def test_fused_lora_merge_equals_merge_of_materialised_theta_ft(tmp_path, tiny_t
     adapter = make_adapter(base, tmp_path / "adapter", targets)
     ft = materialise(base, adapter, tmp_path / "ft", tiny_tokenizer)
     imp = scores_file(tmp_path / "imp.safetensors", base, load_folder(base)) if method == "perta" else None
-    opts = MergeOptions(method, lam=0.8)
+    opts = MergeOptions(method=method, lam=0.8)
     merge(base, ft, tmp_path / "ordinary", imp, opts, progress=False)
     rec = merge(base, adapter, tmp_path / "fused", imp, opts, progress=False)
     want, got, full = load_folder(tmp_path / "ordinary"), load_folder(tmp_path / "fused"), load_folder(base)
@@ -116,7 +116,7 @@ def fp64_oracle(base, adapter_dir, lam, targets_map):
 def test_fused_lora_merge_in_half_precision_rounds_once(tmp_path, tiny_tokenizer, backend, dtype):
     base = save_base(tmp_path / "full", tiny_tokenizer, dtype=dtype)
     adapter = make_adapter(save_base(tmp_path / "full32", tiny_tokenizer), tmp_path / "adapter", ["up_proj"])
-    merge(base, adapter, tmp_path / "out", None, MergeOptions("tv", lam=1.5), progress=False)
+    merge(base, adapter, tmp_path / "out", None, MergeOptions(method="tv", lam=1.5), progress=False)
     full = load_folder(base)
     mods = {f"model.layers.{i}.mlp.up_proj": f"model.layers.{i}.mlp.up_proj.weight" for i in range(2)}
     want = fp64_oracle(full, adapter, 1.5, mods)
@@ -133,7 +133,7 @@ def test_sign_goes_on_the_product_not_the_factors(tmp_path, tiny_tokenizer):
     base = save_base(tmp_path / "full", tiny_tokenizer)
     adapter = make_adapter(base, tmp_path / "adapter", ["down_proj"])
     ft = materialise(base, adapter, tmp_path / "ft", tiny_tokenizer)
-    merge(base, adapter, tmp_path / "minus", None, MergeOptions("tv", lam=-1.0), progress=False)
+    merge(base, adapter, tmp_path / "minus", None, MergeOptions(method="tv", lam=-1.0), progress=False)
     got, want = load_folder(tmp_path / "minus"), load_folder(ft)
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-6, msg=n)
@@ -144,15 +144,15 @@ def test_importance_with_adapter_scores_only_its_targets(tmp_path, tiny_tokenize
     base = save_base(tmp_path / "full", tiny_tokenizer)
     adapter = make_adapter(base, tmp_path / "adapter", ["q_proj", "up_proj"])
     forget, retain = facts[0][:6], facts[1][:6]
-    whole, _ = compute_importance(base, forget, retain, method, batch_size=4, progress=False)
-    only, meta = compute_importance(base, forget, retain, method, batch_size=4, progress=False, adapter=adapter)
+    whole, _ = compute_importance(base, forget, retain, method=method, batch_size=4, progress=False)
+    only, meta = compute_importance(base, forget, retain, method=method, batch_size=4, progress=False, adapter=adapter)
     targets = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.q_proj", "mlp.up_proj")}
     assert {k.split("/", 1)[1] for k in only} == targets
     for k, t in only.items():
         torch.testing.assert_close(t, whole[k], rtol=1e-5, atol=0, msg=k)
     assert meta["adapter"] == str(adapter.resolve())
     # and the merge takes the targets-only file
-    importance_file(base, forget, retain, tmp_path / "imp.safetensors", method, 4, progress=False, adapter=adapter)
+    importance_file(base, forget, retain, tmp_path / "imp.safetensors", method=method, batch_size=4, progress=False, adapter=adapter)
     rec = merge(base, adapter, tmp_path / "out", tmp_path / "imp.safetensors", MergeOptions(lam=1.0), progress=False)
     assert rec["merged_tensors"] == len(targets)
 
@@ -161,8 +161,8 @@ def test_importance_with_adapter_scores_only_its_targets(tmp_path, tiny_tokenize
 def test_gradient_checkpointing_leaves_importance_unchanged(tmp_path, tiny_tokenizer, facts, method):
     base = save_base(tmp_path / "full", tiny_tokenizer)
     forget, retain = facts[0][:6], facts[1][:5]
-    plain, _ = compute_importance(base, forget, retain, method, batch_size=4, progress=False)
-    ckpt, _ = compute_importance(base, forget, retain, method, batch_size=4, progress=False,
+    plain, _ = compute_importance(base, forget, retain, method=method, batch_size=4, progress=False)
+    ckpt, _ = compute_importance(base, forget, retain, method=method, batch_size=4, progress=False,
                                  gradient_checkpointing=True)
     assert set(ckpt) == set(plain)
     for k in plain:
@@ -214,7 +214,7 @@ def test_bad_adapters_are_one_line_errors(tmp_path, tiny_tokenizer):
               "DoRA": "DoRA", "bias": "biases"}
     for label, folder in cases.items():
         with pytest.raises(PertaError) as e:
-            merge(base, folder, tmp_path / f"out_{label}", None, MergeOptions("tv"), progress=False)
+            merge(base, folder, tmp_path / f"out_{label}", None, MergeOptions(method="tv"), progress=False)
         assert expect[label] in str(e.value) and "\n" not in str(e.value), label
         assert not (tmp_path / f"out_{label}").exists()
 
@@ -273,7 +273,7 @@ def test_rslora_adapter_merges_with_alpha_over_sqrt_rank(tmp_path, tiny_tokenize
     adapter = make_adapter(base, tmp_path / "adapter", ["q_proj", "down_proj"], rank=4, use_rslora=True)
     assert json.loads((adapter / "adapter_config.json").read_text())["use_rslora"] is True
     ft = materialise(base, adapter, tmp_path / "ft", tiny_tokenizer)
-    merge(base, adapter, tmp_path / "fused", None, MergeOptions("tv", lam=-1.0), progress=False)
+    merge(base, adapter, tmp_path / "fused", None, MergeOptions(method="tv", lam=-1.0), progress=False)
     got, want, full = load_folder(tmp_path / "fused"), load_folder(ft), load_folder(base)
     changed = [n for n in full if not torch.equal(want[n], full[n])]
     assert len(changed) == 4

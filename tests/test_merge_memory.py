@@ -21,7 +21,7 @@ TENSOR = (512, 1024)  # 2 MiB in fp32
 PROBE = textwrap.dedent("""
     import json, sys, tracemalloc
     from perta_fast.merge import merge
-    from perta_fast.profiling import PeakRssAnon
+    from perta_fast.memory import PeakRssAnon
 
     tracemalloc.start()
     with PeakRssAnon() as mem:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from perta_fast import hf
 from perta_fast import scoring as sc
 from perta_fast.data import QA, encode, prompt_and_answer
 from perta_fast.models import load_model
@@ -228,9 +229,9 @@ def test_decoding_frees_each_cache_it_replaces(memorised, eval_rows, path, monke
 
     model, tok = memorised
     monkeypatch.setattr(sc, "ROOM", 1)  # out of room at the first step: every layer swaps its buffers
-    layer = sc._roomy_layer_class()
+    layer = hf.roomy_layer_class()
     replaced, checked, swaps = [], [], set()
-    select, update, forward, run_prompts = layer.batch_select_indices, layer.update, sc._forward, sc._run_prompts
+    select, update, forward, run_prompts = layer.batch_select_indices, layer.update, hf.forward, sc._run_prompts
 
     def watch_select(self, indices):
         replaced.append(weakref.ref(self.room_k))
@@ -245,7 +246,7 @@ def test_decoding_frees_each_cache_it_replaces(memorised, eval_rows, path, monke
 
     def watch_prompts(model, prompts, pad):
         out, mask = run_prompts(model, prompts, pad)
-        replaced.extend(weakref.ref(x.keys) for x in sc._cache_of(out).layers)
+        replaced.extend(weakref.ref(x.keys) for x in hf.cache_of(out).layers)
         return out, mask
 
     def check_forward(model, cache=None, **inputs):
@@ -257,7 +258,7 @@ def test_decoding_frees_each_cache_it_replaces(memorised, eval_rows, path, monke
     monkeypatch.setattr(layer, "batch_select_indices", watch_select)
     monkeypatch.setattr(layer, "update", watch_update)
     monkeypatch.setattr(sc, "_run_prompts", watch_prompts)
-    monkeypatch.setattr(sc, "_forward", check_forward)
+    monkeypatch.setattr(hf, "forward", check_forward)
     rows = eval_rows[:8] + eval_rows[-3:]
     if path == "continued from scoring":
         sc.score_questions(model, tok, tree_items(rows), generate=24)

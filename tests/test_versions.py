@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from perta_fast.cli import main
-from perta_fast.models import TRANSFORMERS_MIN
+from perta_fast.hf import TRANSFORMERS_MIN
 
 
 def test_pyproject_floor_is_the_code_floor():
@@ -51,3 +51,11 @@ def test_no_benchmark_script_shadows_an_installed_module():
     finally:
         sys.path[:] = saved
     assert clashes == []
+
+
+def test_the_package_version_is_pyprojects():
+    from perta_fast import __version__
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["version"] == __version__
+

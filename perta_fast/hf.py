@@ -1,0 +1,160 @@
+"""Every use of transformers' internals (anything beyond from_pretrained, save_pretrained and calling a model)
+in one place, so that a transformers release that changes them is this file's work.
+
+Checked against transformers 5.25.0 (CHECKED_WITH: update it when you check this file against a newer release);
+the floor is TRANSFORMERS_MIN. transformers itself is imported lazily: the merge path never loads it.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+
+from .errors import PertaError
+
+CHECKED_WITH = "5.25.0"
+# from_pretrained(dtype=...) and GradientCheckpointingLayer are from transformers 4.56; an older one would
+# take dtype= as a config attribute and silently load fp32. pyproject's floor (tests/test_versions.py).
+TRANSFORMERS_MIN = (4, 56)
+
+
+def require_transformers() -> None:
+    """A one-line error, not a wrong dtype or an AttributeError deep inside, with too old a transformers."""
+    try:
+        import transformers
+    except ImportError as e:  # e.g. transformers' own check of the tokenizers version it needs
+        raise PertaError(f"cannot import transformers ({str(e).splitlines()[0]})") from None
+
+    found = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    if found < TRANSFORMERS_MIN:
+        need = ".".join(map(str, TRANSFORMERS_MIN))
+        raise PertaError(f"transformers {transformers.__version__} is too old: perta-fast needs {need} or newer "
+                         f"(pip install \"transformers>={need}\")")
+
+
+def quiet_progress_bars() -> None:
+    """transformers draws a bar per load and save; ours already show the progress that matters."""
+    require_transformers()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations. transformers
+    checkpoints a layer only while that layer is in training mode; setting the flag on the layers
+    alone leaves dropout inside them as the caller set it (off for importance and evaluation)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise PertaError(f"{type(model).__name__} does not support gradient checkpointing")
+    if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5 (the old one warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            m.train = _layer_train.__get__(m)  # keeps .training True however the model's mode changes
+            m.training = True
+
+
+def _layer_train(self, mode: bool = True):
+    for child in self.children():
+        child.train(mode)
+    return self
+
+
+# ---------------------------------------------------------------- norms (the exact Fisher's hooks)
+
+def is_rms_norm(m) -> bool:
+    """transformers has one RMSNorm class per architecture (LlamaRMSNorm, Qwen2RMSNorm, …), none a common
+    base: recognised by name, with a 1-D weight and no bias."""
+    from torch import nn
+
+    return "RMSNorm" in type(m).__name__ and isinstance(getattr(m, "weight", None), nn.Parameter) \
+        and m.weight.dim() == 1 and not isinstance(getattr(m, "bias", None), nn.Parameter)
+
+
+def rms_eps(m) -> float:
+    return float(getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
+
+
+# ---------------------------------------------------------------- KV caches (the scorer and decoder)
+
+def forward(model, cache=None, **inputs):
+    """model(**inputs) with a KV cache: transformers 5 calls the argument `cache`, 4.x `past_key_values`."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return model(**inputs, **{name: cache})
+
+
+def cache_of(out):
+    return out.cache if "cache" in out else out.past_key_values
+
+
+def cache_from(layers):
+    """A DynamicCache holding the given (keys, values) per layer."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def roomy_cache(buffers, most: int):
+    """A DynamicCache over per-layer (keys, values, length) buffers with room beyond `length`, so that a
+    decode step writes its token in place: transformers' DynamicLayer concatenates, copying the whole cache
+    at every step (12 % of a batch-64 decode step on a 2-core CPU, measured). It never grows past `most`
+    tokens (those decoding can reach): a doubling past them would be memory allocated and never written."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.layers = [roomy_layer_class()(k, v, n, most) for k, v, n in buffers]
+    return cache
+
+
+def with_room(keys, values, room: int):
+    """(keys, values) copied into buffers with `room` more tokens: one layer of roomy_cache's input."""
+    shape = (*keys.shape[:2], keys.shape[2] + room, keys.shape[3])
+    k, v = keys.new_empty(shape), values.new_empty(shape)
+    k[:, :, :keys.shape[2]], v[:, :, :keys.shape[2]] = keys, values
+    return k, v, keys.shape[2]
+
+
+_ROOMY = None
+
+
+def roomy_layer_class():
+    """A DynamicLayer that writes into preallocated room (made once: the class needs transformers)."""
+    global _ROOMY
+    if _ROOMY is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class RoomyLayer(DynamicLayer):
+            def __init__(self, room_k, room_v, length, most):
+                super().__init__()
+                self.room_k, self.room_v, self.length, self.most = room_k, room_v, length, most
+                self.dtype, self.device, self.is_initialized = room_k.dtype, room_k.device, True
+                self._views()
+
+            def _views(self):
+                self.keys, self.values = self.room_k[:, :, :self.length], self.room_v[:, :, :self.length]
+
+            def update(self, key_states, value_states, *args, **kwargs):
+                n = key_states.shape[2]
+                if self.length + n > self.room_k.shape[2]:  # out of room: twice the tokens, up to `most`
+                    room = max(n, min(self.length + n, self.most - self.length))
+                    self.room_k, self.room_v, _ = with_room(self.keys, self.values, room)
+                self.room_k[:, :, self.length:self.length + n] = key_states
+                self.room_v[:, :, self.length:self.length + n] = value_states
+                self.length += n
+                self._views()
+                return self.keys, self.values
+
+            def batch_select_indices(self, indices):
+                self.room_k, self.room_v = self.room_k[indices], self.room_v[indices]
+                self._views()
+
+        _ROOMY = RoomyLayer
+    return _ROOMY
