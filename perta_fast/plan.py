@@ -1,37 +1,7 @@
 """`perta-fast plan`: each step's peak memory, predicted from the model's config alone (nothing loaded).
 
-Bytes per parameter P (b = bytes of the compute dtype), plus activations per token (B·T tokens):
-
-  finetune, full    weights + grads + AdamW's 2 moments, all in the model dtype: 4·b·P
-  finetune, LoRA    frozen weights b·P + adapter (fp32 weights, grads, 2 moments) 16·P_lora
-  importance        weights b·P + one fp32 accumulator 4·P_t per parameter group (the forget scores
-                    are spilled to disk before the retain pass), P_t = the scored parameters (all, or an
-                    adapter's targets); grad also frees each gradient as it lands. On a GPU with too
-                    little room, the accumulators can live in host memory instead: the GPU then holds
-                    one parameter's fp32 buffer 4·max(P_i) beside the weights
-  merge             the largest tensor's output buffer (inputs are mapped files) + a 16 MiB LoRA block;
-                    on a GPU also that tensor's inputs copied there
-  quick eval        weights b·P + eval (TOFU)'s scoring forward below (calibrate's and unlearn's answer
-                    probabilities, through the same scorer)
-  calibrate         the larger of the quick eval and its greedy exact-match decoding (decoding below, from
-                    prompts of up to C tokens: 128 questions, 32 new tokens at calibrate's defaults), plus
-                    the merge's buffers (the model is moved over λ in place, no second copy)
-  eval (TOFU)       weights b·P + the larger of `perta-fast eval`'s phases at its defaults (128 questions
-                    decoded together, up to 200 new tokens; C = --max-length tokens of prompt and
-                    agreed answer a question): scoring one forward (logits of ≤ 1024 answer tokens, an
-                    fp32 log-sum-exp chunk, KV cache and tree mask of ≤ 4096 context tokens) beside the
-                    continuations waiting to be decoded; decoding a batch's continuations copied into
-                    a decode cache with room for 64 tokens that doubles, a layer at a time, up to
-                    C + 200 tokens (at each doubling the new cache plus 1/L of the old)
-
-Activations are counted from the tensors autograd saves in a Llama-style decoder layer, per token:
-norm inputs and outputs, q/k/v/attention output, the gated MLP's four I-wide tensors; with gradient
-checkpointing only each layer's input is kept, plus one layer's worth being recomputed. The loss holds
-the logits and (training) their gradient in the model dtype, and fp32 one chunk of tokens at a time.
-The exact Fisher keeps each scored Linear's input until its output gradient arrives.
-The figures are what the process allocates for the model; the runtime itself (Python, torch,
-transformers: a few hundred MB of host memory, ~0.5 GB of CUDA context on a GPU) comes on top and is
-reported separately.
+The formulas, what each term counts and how they are checked: docs/memory.md, their one home. Change a step's
+memory here and there together, and rerun `python benchmarks/plan.py`.
 """
 from __future__ import annotations
 
