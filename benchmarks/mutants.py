@@ -2,7 +2,7 @@
 is applied to the working tree, its own test files are run, and the tree is restored. A mutant is killed
 when those tests fail; one that survives is a bug the suite would let through.
 
-    python benchmarks/mutants.py                 # every mutant (~25 min on 2 cores)
+    python benchmarks/mutants.py                 # every mutant (~11 min on 2 cores)
     python benchmarks/mutants.py --only rslora   # one, by name
     python benchmarks/mutants.py --list
 

@@ -112,12 +112,17 @@ def test_unknown_method_and_empty_set(tiny_tokenizer, facts):
 class _Toy(torch.nn.Module):
     """A minimal causal LM: embedding, a Linear (optionally applied twice), an output head."""
 
-    def __init__(self, vocab, twice=False, extra_param=False):
+    def __init__(self, vocab, twice=False, extra_param=False, layer_norm=False):
         super().__init__()
         self.emb, self.lin, self.head = torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, vocab)
         self.twice = twice
         if extra_param:
             self.scale = torch.nn.Parameter(torch.ones(8))
+        if layer_norm:  # with a bias, spread away from its init so both gradients are far from degenerate
+            self.norm = torch.nn.LayerNorm(8)
+            with torch.no_grad():
+                self.norm.weight.add_(0.3 * torch.randn(8))
+                self.norm.bias.add_(0.3 * torch.randn(8))
 
     def forward(self, input_ids, attention_mask=None):
         from types import SimpleNamespace
@@ -125,6 +130,8 @@ class _Toy(torch.nn.Module):
         h = self.lin(self.emb(input_ids))
         if self.twice:
             h = self.lin(h)
+        if hasattr(self, "norm"):
+            h = self.norm(h)
         if hasattr(self, "scale"):
             h = h * self.scale
         return SimpleNamespace(logits=self.head(h))
@@ -168,9 +175,11 @@ def test_exact_fisher_refuses_a_linear_fed_flattened_tokens(tiny_tokenizer, fact
     assert scores[name].abs().sum() > 0  # a real gradient reached the wrapped Linear
 
 
-def test_exact_fisher_on_a_plain_toy_model_matches_the_loop(tiny_tokenizer, facts):
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_exact_fisher_on_a_plain_toy_model_matches_the_loop(tiny_tokenizer, facts, layer_norm):
+    """With a LayerNorm (weight and bias), as GPT-2-style models have, besides Llama's bias-free RMSNorm."""
     torch.manual_seed(0)
-    model = _Toy(len(tiny_tokenizer))
+    model = _Toy(len(tiny_tokenizer), layer_norm=layer_norm)
     rows = facts[0][:5]
     per_sample = oracle_per_sample_grads(model, tiny_tokenizer, rows)
     want = {n: sum(g[n].square() for g in per_sample) / len(rows) for n in per_sample[0]}
