@@ -1,6 +1,6 @@
 """`perta-fast` command line: a thin layer over the library API. Each command's flags are its inputs (paths
-and run switches, listed in INPUTS) plus the fields of its options dataclasses (perta_fast.options), from
-which the flags are generated: names, defaults, help and types live there once."""
+and run switches, listed in COMMANDS_SPEC) plus the fields of its options dataclasses (perta_fast.options),
+from which the flags are generated: names, defaults, help and types live there once."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,6 @@ from pathlib import Path
 
 from . import options as o
 from .errors import PertaError
-from .options import lam_value, positive  # noqa: F401  (argparse types, importable where they were)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,7 +73,7 @@ def _annotated_type(f: dataclasses.Field):
     return next((t for t in (int, float) if t.__name__ in words), str)
 
 
-def build_options(cls_or_defaults, a: argparse.Namespace, only=None, **overrides):
+def build_options(cls_or_defaults, a: argparse.Namespace, only=None):
     """The options dataclass filled by keyword from parsed flags: a field with a flag (among `only`, when
     given: the fields this command took flags for) takes the flag's value (through its to_field); nested
     options are built the same way from their own defaults; the rest keep their defaults."""
@@ -91,7 +90,7 @@ def build_options(cls_or_defaults, a: argparse.Namespace, only=None, **overrides
             value = getattr(a, f.name)
             convert = f.metadata.get("to_field")
             values[f.name] = convert(value) if convert and value is not None else value
-    return dataclasses.replace(defaults, **{**values, **overrides})
+    return dataclasses.replace(defaults, **values)
 
 
 # ---------------------------------------------------------------- commands: inputs and options
