@@ -76,6 +76,20 @@ def is_rms_norm(m) -> bool:
         and m.weight.dim() == 1 and not isinstance(getattr(m, "bias", None), nn.Parameter)
 
 
+def embedding_scale(m) -> float | None:
+    """The factor an embedding module multiplies its lookup by, in the weight's dtype: 1 for a plain
+    nn.Embedding; `embed_scale` for transformers' ScaledWordEmbedding classes (Gemma 2 and 3: √hidden, 48 for
+    Gemma-2-2B); None for any other forward, whose per-sample gradient is not known here."""
+    import torch
+    from torch import nn
+
+    if type(m).forward is nn.Embedding.forward:
+        return 1.0
+    if type(m).__name__.endswith("ScaledWordEmbedding") and hasattr(m, "embed_scale"):
+        return float(torch.as_tensor(m.embed_scale).to(m.weight.dtype))
+    return None
+
+
 def rms_eps(m) -> float:
     return float(getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
 

@@ -206,3 +206,49 @@ def test_exact_fisher_with_tiny_chunks_tiles_rows_and_still_matches(tiny_tokeniz
     finally:
         ops.set_backend(None)
     assert_scores_close(got, want)
+
+
+def _gemma(kind: str, vocab: int):
+    """A tiny Gemma 2 or Gemma 3 text model from transformers' own config classes: its embedding multiplies
+    the looked-up row by √hidden (8 here), and its output layer is tied to it."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    config, cls = {"gemma2": (Gemma2Config, Gemma2ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM)}[kind]
+    torch.manual_seed(0)
+    model = cls(config(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                       pad_token_id=2, bos_token_id=1, eos_token_id=2, attn_implementation="eager"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.float().eval()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_exact_fisher_of_a_scaled_embedding_equals_the_loop(tiny_tokenizer, facts, kind):
+    """Gemma's embedding scales its lookup (by √hidden): the per-sample embedding gradient carries the scale
+    (left out, embed_tokens' rows of the samples' tokens differ from the loop: this test fails, checked)."""
+    model = _gemma(kind, len(tiny_tokenizer))
+    assert type(model.model.embed_tokens).__name__.endswith("ScaledWordEmbedding")
+    rows = facts[0][:5]
+    per_sample = oracle_per_sample_grads(model, tiny_tokenizer, rows)
+    want = {n: sum(g[n].square() for g in per_sample) / len(rows) for n in per_sample[0]}
+    assert_scores_close(estimate_importance(model, tiny_tokenizer, rows, "fisher", batch_size=2, progress=False), want)
+
+
+class _ShiftedEmbedding(torch.nn.Embedding):
+    def forward(self, input_ids):
+        return super().forward(input_ids) + 1.0
+
+
+def test_exact_fisher_refuses_an_embedding_that_does_more_than_a_lookup(tiny_tokenizer, facts):
+    model = build_model(len(tiny_tokenizer))
+    old = model.model.embed_tokens
+    model.model.embed_tokens = _ShiftedEmbedding(old.num_embeddings, old.embedding_dim, old.padding_idx)
+    model.model.embed_tokens.weight = old.weight  # still tied to the output layer
+    with pytest.raises(PertaError, match=r"model.embed_tokens.weight is a _ShiftedEmbedding, whose forward does more "
+                                         r"than a lookup.*use --method grad"):
+        estimate_importance(model, tiny_tokenizer, facts[0][:2], "fisher", progress=False)
+    assert estimate_importance(model, tiny_tokenizer, facts[0][:2], "grad", progress=False)[
+        "model.embed_tokens.weight"].abs().sum() > 0

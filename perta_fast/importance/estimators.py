@@ -19,7 +19,7 @@ from .. import distributed
 from ..console import bar
 from ..data import QA, collate, encode, logits_of, pad_id
 from ..errors import PertaError
-from ..hf import is_rms_norm, rms_eps
+from ..hf import embedding_scale, is_rms_norm, rms_eps
 from ..loss import per_sample_loss
 from ..memory import release_freed_memory
 from ..ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
@@ -79,6 +79,8 @@ class _ExactFisher:
         self.called: set = set()
         self.handles = []
         covered = set()
+        self.embed_scale: dict[int, float | None] = {}  # embedding weight id -> what its forward scales the lookup by
+        unknown_embedding = None
         emb_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         wanted = lambda *ps: any(id(p) in self.name_of for p in ps if isinstance(p, nn.Parameter))  # noqa: E731
         for m in model.modules():
@@ -88,11 +90,20 @@ class _ExactFisher:
                 covered.update(id(p) for p in (m.weight, m.bias) if p is not None)
             elif isinstance(m, nn.Embedding):  # always hooked: with frozen weights, backward starts here
                 self.handles.append(m.register_forward_hook(self._embedding_hook))
-                covered.add(id(m.weight))
+                self.embed_scale[id(m.weight)] = embedding_scale(m)
+                if self.embed_scale[id(m.weight)] is not None or not wanted(m.weight):
+                    covered.add(id(m.weight))
+                else:
+                    unknown_embedding = m
             elif (is_rms_norm(m) or isinstance(m, nn.LayerNorm)) and wanted(m.weight, getattr(m, "bias", None)):
                 self.handles.append(m.register_forward_hook(self._hook(self._norm_grads)))
                 covered.update(id(p) for p in (m.weight, getattr(m, "bias", None)) if isinstance(p, nn.Parameter))
         missing = [n for n, p in params.items() if id(p) not in covered]
+        if unknown_embedding is not None:  # a lookup and more: its gradient is not the index_add formed here
+            self.close()
+            raise PertaError(f"exact fisher: {self.name_of[id(unknown_embedding.weight)]} is a "
+                             f"{type(unknown_embedding).__name__}, whose forward does more than a lookup: its "
+                             "per-sample gradient is not formed here; use --method grad")
         if missing:
             self.close()
             raise PertaError(f"exact fisher does not support parameter {missing[0]} "
@@ -223,7 +234,8 @@ class _ExactFisher:
             if module.padding_idx is not None:  # padding_idx row no embedding gradient at all
                 keep = keep & (ids != module.padding_idx)
             mask = keep.to(g_emb.dtype).unsqueeze(-1)
-            g_emb = (g_emb.float() * mask).reshape(ids.shape[0], -1, g_emb.shape[-1])
+            # a scaled embedding (Gemma) multiplies the looked-up row: the row's gradient carries the factor too
+            g_emb = (g_emb.float() * mask * self.embed_scale[wid]).reshape(ids.shape[0], -1, g_emb.shape[-1])
             ids = ids.reshape(ids.shape[0], -1)
             lin = self.tied_linear.pop(wid, None)
             vocab, dim = module.weight.shape
