@@ -11,6 +11,7 @@ import re
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from .console import log
 from .errors import PertaError
 
 TOFU_SPLIT = re.compile(r"^(forget|retain)(\d\d)$")
@@ -81,12 +82,22 @@ def _read_file(path: Path, eval_rows: bool = False) -> list:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise PertaError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        hint = ""
+        if e.msg == "Extra data" and all(_is_json_object(line) for line in text.splitlines()[:2] if line.strip()):
+            hint = f" (one JSON object per line is JSON Lines: name the file {path.with_suffix('.jsonl').name})"
+        raise PertaError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}{hint}") from None
     if isinstance(data, dict):  # {"data": [...]} is a common wrapper
         data = data.get("data", data.get("rows"))
     if not isinstance(data, list):
         raise PertaError(f"{path}: expected a JSON array of question/answer rows")
     return _eval_rows_from_objects(data, path) if eval_rows else _rows_from_objects(data, path)
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _tofu_split(folder: Path, split: str, eval_rows: bool = False) -> list:
@@ -145,6 +156,19 @@ def data_hash(rows: list) -> str:
     for r in rows:
         h.update(json.dumps(astuple(r)).encode())
     return h.hexdigest()
+
+
+def check_sets(forget: list, retain: list, where: tuple[str, str] = ("the forget set", "the retain set")) -> None:
+    """Refuse a forget set equal to the retain set (w would be ~1/(1 + α) everywhere: nothing told apart);
+    warn when rows are shared (importance counts them on both sides, so they move less)."""
+    f_rows, r_rows = set(forget), set(retain)
+    if f_rows == r_rows:
+        raise PertaError(f"{where[0]} and {where[1]} hold the same {len(f_rows)} rows: nothing would tell what to "
+                         "forget from what to keep")
+    shared = len(f_rows & r_rows)
+    if shared:
+        log.warning("%d of the %d forget rows (%s) are in %s too: importance counts them on both sides, so the "
+                    "weights they drive move less", shared, len(f_rows), where[0], where[1])
 
 
 MIN_VALIDATION_ROWS = 4

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .calibration import calibrate, check_options, probability_curve, validation_sets, write_curve
 from .console import bar, log, pyplot
-from .data import QA, data_hash, load_qa
+from .data import QA, check_sets, data_hash, load_qa
 from .errors import PertaError
 from .eval import evaluate
 from .facts import make_facts
@@ -161,6 +161,7 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
     where = {"forget": str(forget) if not isinstance(forget, list) else "the forget set",
              "retain": str(retain) if not isinstance(retain, list) else "the retain set"}
     forget, retain = load_qa(forget), load_qa(retain)
+    check_sets(forget, retain, (where["forget"], where["retain"]))
     split = None
     if auto:
         check_options(opts.calibration)

@@ -29,6 +29,8 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
 
     facts = sum(make_facts(10, 2, 0), [])
     rows = [facts[i % len(facts)] for i in range(options.get("rows", 16))]  # repeated past the 40 facts
+    others = sum(make_facts(10, 2, 1), [])  # importance's retain set: as many rows of other people's facts
+    other_rows = [others[i % len(others)] for i in range(len(rows))]
     bs, length, dtype = options.get("batch_size", 8), options.get("max_length", 256), options.get("dtype")
     ckpt = options.get("gradient_checkpointing", False)
     # by default the live tensors (the plan's quantity), not what glibc's heap also keeps; None: glibc's own
@@ -44,7 +46,7 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
                      max_length=length, lora_rank=options.get("lora_rank"), dtype=dtype or "auto",
                      gradient_checkpointing=ckpt))
         elif step == "importance":
-            importance_file(model_dir, rows, rows, out, ImportanceOptions(
+            importance_file(model_dir, rows, other_rows, out, ImportanceOptions(
                 method=options.get("method", "fisher"), batch_size=bs, max_length=length, dtype=dtype or "auto",
                 gradient_checkpointing=ckpt, adapter=options.get("adapter")), progress=False)
         elif step == "quick-eval":

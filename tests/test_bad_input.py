@@ -283,7 +283,9 @@ def nan_model(tmp_path, tiny_dir):
 def test_nan_checkpoint_in_importance(tmp_path, capsys, nan_model):
     bad, data = nan_model
     out = tmp_path / "imp.safetensors"
-    err = cli_error(capsys, ["importance", "--model", str(bad), "--forget", str(data), "--retain", str(data),
+    retain = tmp_path / "r.json"
+    retain.write_text('[{"question": "What does Ordon Nyrussa do?", "answer": "Ordon Nyrussa is a potter."}]')
+    err = cli_error(capsys, ["importance", "--model", str(bad), "--forget", str(data), "--retain", str(retain),
                              "--out", str(out), "--method", "fisher"])
     assert "nan_model" in err and "NaN" in err
     assert not out.exists()

@@ -21,6 +21,17 @@ def test_json_and_jsonl_give_the_same_rows(tmp_path):
     assert load_qa(tmp_path / "d.json") == want == load_qa(str(tmp_path / "d.jsonl"))
 
 
+def test_json_lines_in_a_json_file_says_so(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2", "answer": "a2"}\n')
+    with pytest.raises(PertaError, match=r"rows.json: malformed JSON at line 2 column 1: Extra data \(one JSON object "
+                                         r"per line is JSON Lines: name the file rows.jsonl\)"):
+        load_qa(path)
+    path.write_text('[{"question": "q1", "answer": "a1"}] [1]')  # extra data, but not JSON Lines: no such hint
+    with pytest.raises(PertaError, match=r"Extra data$"):
+        load_qa(path)
+
+
 def test_non_string_answer_names_row(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([{"question": "q", "answer": "a"}, {"question": "q", "answer": 3}]))
     with pytest.raises(PertaError, match=r"d\.json: row 1: 'answer' must be a non-empty string"):
@@ -126,3 +137,32 @@ def test_tofu_named_file_split_and_unknown_split():
     assert len(load_qa(f"{TOFU}:world_facts_perturbed")) == 117
     with pytest.raises(PertaError, match="unknown TOFU split 'forget07'"):
         load_qa(f"{TOFU}:forget07")
+
+
+def test_identical_forget_and_retain_sets_are_refused_and_shared_rows_warned(facts, caplog):
+    from perta_fast.data import check_sets
+
+    forget, retain = facts
+    with pytest.raises(PertaError, match=r"f.json and r.json hold the same 8 rows"):
+        check_sets(forget, list(reversed(forget)), ("f.json", "r.json"))
+    check_sets(forget, retain)
+    assert not caplog.records
+    check_sets(forget, retain + forget[:3])
+    assert [r.getMessage() for r in caplog.records] == [
+        "3 of the 8 forget rows (the forget set) are in the retain set too: importance counts them on both sides, "
+        "so the weights they drive move less"]
+
+
+def test_unlearn_refuses_identical_sets_before_any_training(tmp_path, tiny_dir, facts):
+    import json
+
+    from perta_fast.cli import main
+
+    rows = [r.__dict__ for r in facts[0]]
+    for name in ("f.json", "r.json"):
+        (tmp_path / name).write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    code = main(["unlearn", "--model", str(tiny_dir), "--forget", str(tmp_path / "f.json"), "--retain",
+                 str(tmp_path / "r.json"), "--out", str(out), "-q"])
+    assert code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "r.json"]  # no θ_ft, no work folder

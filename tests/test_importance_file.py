@@ -96,13 +96,14 @@ def test_accumulators_go_to_the_host_only_on_a_gpu_that_lacks_room():
 def test_max_memory_too_small_names_the_minimum(tmp_path, tiny_dir, facts, capsys):
     before = tree_digest(tiny_dir)
     (tmp_path / "f.json").write_text(json.dumps([r.__dict__ for r in facts[0]]))
+    (tmp_path / "r.json").write_text(json.dumps([r.__dict__ for r in facts[1]]))
     out = tmp_path / "imp.safetensors"
     code = main(["importance", "--model", str(tiny_dir), "--forget", str(tmp_path / "f.json"), "--retain",
-                 str(tmp_path / "f.json"), "--out", str(out), "--max-memory", "0.01"])
+                 str(tmp_path / "r.json"), "--out", str(out), "--max-memory", "0.01"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--max-memory 0.01 GB is too small" in err and "at least" in err
     assert len(err.splitlines()) == 1
-    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "r.json"]
     assert tree_digest(tiny_dir) == before
 
 

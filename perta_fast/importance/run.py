@@ -16,7 +16,7 @@ import torch
 from .. import distributed, dtypes
 from .._version import __version__
 from ..console import log
-from ..data import QA, data_hash, hold_out
+from ..data import QA, check_sets, data_hash, hold_out
 from ..errors import PertaError
 from ..faults import kill_point
 from ..io import Checkpoint, SafetensorsFile, SafetensorsWriter, content_sha256
@@ -46,6 +46,7 @@ def _load(model_dir, forget, retain, o: ImportanceOptions, where: tuple[str, str
     for label, rows in (("forget", forget), ("retain", retain)):
         if not rows:
             raise PertaError(f"the {label} set is empty")
+    check_sets(forget, retain, where)
     names = adapter_targets(o.adapter, model_dir) if o.adapter is not None else None
     model, tok = load_model(model_dir, o.device, o.dtype, gradient_checkpointing=o.gradient_checkpointing)
     stored = set(Checkpoint(model_dir).names())
