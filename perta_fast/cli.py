@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"perta-fast {__version__}")
     ap.add_argument("--backend", choices=["triton", "cpp", "torch"], default=None,
                     help="force the kernel backend (default: by device; also PERTA_FAST_BACKEND)")
+    # before the command too (`perta-fast -q merge …`), under its own name: a subcommand's default would
+    # overwrite a value the main parser set under the shared one
+    ap.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity_first", default=0,
+                    help="only warnings and errors; no progress bars")
+    ap.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity_first",
+                    help="also debug detail (progress bars are drawn on a terminal only)")
     sub = ap.add_subparsers(dest="command", required=True)
     talk = _Parser(add_help=False)  # on every command, after its name: `perta-fast merge … -q`
     talk.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=0,
@@ -364,7 +370,7 @@ COMMANDS = {"info": _info, "plan": _plan, "convert-gguf": _convert_gguf, "finetu
 def run(a) -> None:
     from . import console, distributed, ops
 
-    console.configure(a.verbosity)
+    console.configure(a.verbosity or a.verbosity_first)
     if distributed.launched() and a.command not in distributed.COMMANDS:
         raise PertaError(f"{a.command} does not run under torchrun (only {' and '.join(distributed.COMMANDS)} do)")
     ops.set_backend(a.backend)

@@ -64,6 +64,7 @@ def test_progress_bars_only_on_a_terminal(tmp_path):
     assert "merge: 100%" in shown and "tensor" in shown
     assert "merge:" not in _stderr(argv + ["--overwrite"], terminal=False)
     assert "merge:" not in _stderr(argv + ["--overwrite", "-q"], terminal=True)
+    assert "merge:" not in _stderr(["-q"] + argv + ["--overwrite"], terminal=True)  # before the command too
 
 
 def test_decisions_are_logged_and_quiet_keeps_only_warnings(tmp_path, tiny_dir, facts, capsys):
