@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from .console import log
 from .data import QA, batches, check_sets, collate, data_hash, encode, logits_of, pad_id
 from .errors import PertaError
 from .loss import per_sample_loss
@@ -58,8 +59,8 @@ def unlearn_by_training(model_dir: str | Path, forget: list[QA], retain: list[QA
     opts = options or BaselineOptions()
     if opts.method not in METHODS:
         raise PertaError(f"unknown baseline {opts.method!r} (expected one of {', '.join(METHODS)})")
-    if opts.method == "npo" and opts.retain_weight:  # GA reads no retain rows
-        check_sets(forget, retain)
+    if opts.method == "npo" and opts.retain_weight and check_sets(forget, retain):  # GA reads no retain rows
+        log.warning("forget rows are in the retain set too: NPO both pushes their loss up and pulls it down")
     check_output_path(Path(out), overwrite, (model_dir,))
     t0 = time.perf_counter()
     torch.manual_seed(opts.seed)

@@ -100,16 +100,15 @@ def _path(help=None, required=False, default=None):
 
 
 OVERWRITE = ("--overwrite", {"action": "store_true", "help": "replace an existing output"})
-RESUME = [("--checkpoint-every", {"type": int, "default": None, "metavar": "N",
-                                  "help": "save the run's state every N {unit}, atomically, beside --out"}),
-          ("--resume", {"action": "store_true", "help": "continue the run checkpointed beside --out"})]
 SETS = [("--forget", _path("the rows to forget (data formats: docs/formats.md)", True)),
         ("--retain", _path("rows whose knowledge is to stay", True))]
 FINETUNED = ("--finetuned", _path("θ_ft: a checkpoint folder or a peft LoRA adapter folder", True))
 
 
 def _resume(unit):
-    return [(flag, {**kw, "help": kw["help"].format(unit=unit)}) for flag, kw in RESUME]
+    return [("--checkpoint-every", {"type": int, "default": None, "metavar": "N",
+                                    "help": f"save the run's state every N {unit}, atomically, beside --out"}),
+            ("--resume", {"action": "store_true", "help": "continue the run checkpointed beside --out"})]
 
 
 # name: (help, [(flag, argparse keywords)] of inputs, [options instance or (instance, fields)])
@@ -182,6 +181,13 @@ def _with_parents(add_parser, parents):
     return lambda *args, **kwargs: add_parser(*args, parents=parents, formatter_class=_Help, **kwargs)
 
 
+def _add_talk(p, dest: str) -> None:
+    p.add_argument("-q", "--quiet", action="store_const", const=-1, dest=dest, default=0,
+                   help="only warnings and errors; no progress bars")
+    p.add_argument("-v", "--verbose", action="store_const", const=1, dest=dest,
+                   help="also debug detail (progress bars are drawn on a terminal only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -191,16 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="force the kernel backend (default: by device; also PERTA_FAST_BACKEND)")
     # before the command too (`perta-fast -q merge …`), under its own name: a subcommand's default would
     # overwrite a value the main parser set under the shared one
-    ap.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity_first", default=0,
-                    help="only warnings and errors; no progress bars")
-    ap.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity_first",
-                    help="also debug detail (progress bars are drawn on a terminal only)")
+    _add_talk(ap, "verbosity_first")
     sub = ap.add_subparsers(dest="command", required=True)
     talk = _Parser(add_help=False)  # on every command, after its name: `perta-fast merge … -q`
-    talk.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", default=0,
-                      help="only warnings and errors; no progress bars")
-    talk.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity",
-                      help="also debug detail (progress bars are drawn on a terminal only)")
+    _add_talk(talk, "verbosity")
     sub.add_parser = _with_parents(sub.add_parser, [talk])
     for name, (help, inputs, option_sets) in COMMANDS_SPEC.items():
         p = sub.add_parser(name, help=help)

@@ -11,7 +11,6 @@ import re
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
-from .console import log
 from .errors import PertaError
 
 TOFU_SPLIT = re.compile(r"^(forget|retain)(\d\d)$")
@@ -158,17 +157,14 @@ def data_hash(rows: list) -> str:
     return h.hexdigest()
 
 
-def check_sets(forget: list, retain: list, where: tuple[str, str] = ("the forget set", "the retain set")) -> None:
-    """Refuse a forget set equal to the retain set (w would be ~1/(1 + α) everywhere: nothing told apart);
-    warn when rows are shared (importance counts them on both sides, so they move less)."""
+def check_sets(forget: list, retain: list, where: tuple[str, str] = ("the forget set", "the retain set")) -> int:
+    """Refuse a forget set equal to the retain set (nothing would tell what to forget from what to keep);
+    return how many distinct rows the two share, for the step those rows affect to say so."""
     f_rows, r_rows = set(forget), set(retain)
     if f_rows == r_rows:
         raise PertaError(f"{where[0]} and {where[1]} hold the same {len(f_rows)} rows: nothing would tell what to "
                          "forget from what to keep")
-    shared = len(f_rows & r_rows)
-    if shared:
-        log.warning("%d of the %d forget rows (%s) are in %s too: importance counts them on both sides, so the "
-                    "weights they drive move less", shared, len(f_rows), where[0], where[1])
+    return len(f_rows & r_rows)
 
 
 MIN_VALIDATION_ROWS = 4

@@ -161,6 +161,7 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
     where = {"forget": str(forget) if not isinstance(forget, list) else "the forget set",
              "retain": str(retain) if not isinstance(retain, list) else "the retain set"}
     forget, retain = load_qa(forget), load_qa(retain)
+    # identical sets refused before θ_ft is trained; importance warns of rows the two share
     check_sets(forget, retain, (where["forget"], where["retain"]))
     split = None
     if auto:

@@ -27,11 +27,9 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
     step's heap would count."""
     import gc
 
-    facts = sum(make_facts(10, 2, 0), [])
-    rows = [facts[i % len(facts)] for i in range(options.get("rows", 16))]  # repeated past the 40 facts
-    others = sum(make_facts(10, 2, 1), [])  # importance's retain set: as many rows of other people's facts
-    other_rows = [others[i % len(others)] for i in range(len(rows))]
-    bs, length, dtype = options.get("batch_size", 8), options.get("max_length", 256), options.get("dtype")
+    rows = _fact_rows(0, options.get("rows", 16))
+    other_rows = _fact_rows(1, len(rows))  # importance's retain set: as many rows of other people's facts
+    bs, length, dtype = options.get("batch_size", 8), options.get("max_length", 256), options.get("dtype") or "auto"
     ckpt = options.get("gradient_checkpointing", False)
     # by default the live tensors (the plan's quantity), not what glibc's heap also keeps; None: glibc's own
     mmap_threshold = options.get("mmap_threshold", TENSORS_ONLY_THRESHOLD)
@@ -43,11 +41,11 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
     with PeakRssAnon(0.002) as m:
         if step == "finetune":
             finetune(model_dir, rows, out, FinetuneOptions(epochs=options.get("epochs", 1), batch_size=bs,
-                     max_length=length, lora_rank=options.get("lora_rank"), dtype=dtype or "auto",
+                     max_length=length, lora_rank=options.get("lora_rank"), dtype=dtype,
                      gradient_checkpointing=ckpt))
         elif step == "importance":
             importance_file(model_dir, rows, other_rows, out, ImportanceOptions(
-                method=options.get("method", "fisher"), batch_size=bs, max_length=length, dtype=dtype or "auto",
+                method=options.get("method", "fisher"), batch_size=bs, max_length=length, dtype=dtype,
                 gradient_checkpointing=ckpt, adapter=options.get("adapter")), progress=False)
         elif step == "quick-eval":
             model, tok = load_model(model_dir, None, dtype)
@@ -60,7 +58,7 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
         elif step == "calibrate":  # θ_full moved over two λ and one bisection, half the rows for each set
             half = len(rows) // 2
             calibrate(model_dir, options["finetuned"], rows[:half], rows[half:], None, MergeOptions(method="tv"),
-                      CalibrateOptions(lams=(0.5, 1.0), bisect=1, keep_retain=1.0, batch_size=bs, dtype=dtype or "auto",
+                      CalibrateOptions(lams=(0.5, 1.0), bisect=1, keep_retain=1.0, batch_size=bs, dtype=dtype,
                                        generate=options.get("generate", True)))
         elif step == "merge":
             merge(model_dir, options["finetuned"], out, None, MergeOptions(method="tv"), progress=False)
@@ -68,6 +66,12 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
             raise ValueError(f"unknown step {step!r}")
     return {"step": step, "peak_bytes": m.growth, "held_bytes": m.held_growth, "runtime_bytes": m.start,
             "seconds": time.perf_counter() - t0, "mmap_threshold": mmap_threshold}
+
+
+def _fact_rows(seed: int, n: int) -> list:
+    """n rows of the demo's invented facts for `seed`, repeated past their 40."""
+    facts = sum(make_facts(10, 2, seed), [])
+    return [facts[i % len(facts)] for i in range(n)]
 
 
 def measure_step_in_subprocess(step: str, model_dir, out, options: dict) -> dict:

@@ -35,6 +35,17 @@ def test_npo_adds_the_retain_loss(tmp_path, tiny_dir, facts):
     assert rec["step_losses"] == pytest.approx([expected], rel=1e-4)
 
 
+def test_npo_refuses_identical_sets_and_warns_of_shared_rows(tmp_path, tiny_dir, facts, caplog):
+    forget, retain = facts
+    opts = BaselineOptions(method="npo", epochs=1, lr=0.0, batch_size=len(forget), device="cpu")
+    with pytest.raises(PertaError, match="hold the same 8 rows"):
+        unlearn_by_training(tiny_dir, forget, forget, tmp_path / "same", opts)
+    assert not (tmp_path / "same").exists()
+    unlearn_by_training(tiny_dir, forget, retain + forget[:2], tmp_path / "shared", opts)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "forget rows are in the retain set too: NPO both pushes their loss up and pulls it down"]
+
+
 def test_npo_training_pushes_the_forget_answers_below_the_reference(tmp_path, tiny_dir, facts):
     """At lr > 0, without the retain term: NPO lowers π_θ of the forget answers, so their NLL rises above
     the reference's and the loss falls below (2/β)·ln 2 (a flipped sign would do the opposite; the lr-0

@@ -139,15 +139,17 @@ def test_tofu_named_file_split_and_unknown_split():
         load_qa(f"{TOFU}:forget07")
 
 
-def test_identical_forget_and_retain_sets_are_refused_and_shared_rows_warned(facts, caplog):
+def test_identical_forget_and_retain_sets_are_refused_and_shared_rows_warned(tiny_dir, facts, caplog):
     from perta_fast.data import check_sets
+    from perta_fast.importance import compute_importance
 
     forget, retain = facts
     with pytest.raises(PertaError, match=r"f.json and r.json hold the same 8 rows"):
         check_sets(forget, list(reversed(forget)), ("f.json", "r.json"))
-    check_sets(forget, retain)
+    assert check_sets(forget, retain) == 0 and check_sets(forget, retain + forget[:3]) == 3
+    compute_importance(tiny_dir, forget, retain[:4], method="grad", progress=False)
     assert not caplog.records
-    check_sets(forget, retain + forget[:3])
+    compute_importance(tiny_dir, forget, retain[:4] + forget[:3], method="grad", progress=False)
     assert [r.getMessage() for r in caplog.records] == [
         "3 of the 8 forget rows (the forget set) are in the retain set too: importance counts them on both sides, "
         "so the weights they drive move less"]

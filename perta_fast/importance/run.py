@@ -46,7 +46,10 @@ def _load(model_dir, forget, retain, o: ImportanceOptions, where: tuple[str, str
     for label, rows in (("forget", forget), ("retain", retain)):
         if not rows:
             raise PertaError(f"the {label} set is empty")
-    check_sets(forget, retain, where)
+    shared = check_sets(forget, retain, where)
+    if shared:
+        log.warning("%d of the %d forget rows (%s) are in %s too: importance counts them on both sides, so the "
+                    "weights they drive move less", shared, len(set(forget)), where[0], where[1])
     names = adapter_targets(o.adapter, model_dir) if o.adapter is not None else None
     model, tok = load_model(model_dir, o.device, o.dtype, gradient_checkpointing=o.gradient_checkpointing)
     stored = set(Checkpoint(model_dir).names())
