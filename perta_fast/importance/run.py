@@ -19,6 +19,7 @@ from ..console import log
 from ..data import QA, check_sets, data_hash, hold_out
 from ..errors import PertaError
 from ..faults import kill_point
+from ..hf import stored_layout, to_stored, transformers_version
 from ..io import Checkpoint, SafetensorsFile, SafetensorsWriter, content_sha256
 from ..lora import adapter_targets
 from ..memory import host_available_bytes
@@ -50,13 +51,30 @@ def _load(model_dir, forget, retain, o: ImportanceOptions, where: tuple[str, str
     if shared:
         log.warning("%d of the %d forget rows (%s) are in %s too: importance counts them on both sides, so the "
                     "weights they drive move less", shared, len(set(forget)), where[0], where[1])
-    names = adapter_targets(o.adapter, model_dir) if o.adapter is not None else None
     model, tok = load_model(model_dir, o.device, o.dtype, gradient_checkpointing=o.gradient_checkpointing)
-    stored = set(Checkpoint(model_dir).names())
-    missing = [n for n in (names or dict(model.named_parameters())) if n not in stored]
-    if missing:
-        raise PertaError(f"{model_dir}: parameter {missing[0]} is not stored in the checkpoint under that name")
+    layout = stored_layout(model, _unique_params(model))
+    why = unstored(model_dir, layout, model.config.model_type)
+    if why:
+        raise PertaError(f"{model_dir}: {why}")
+    names = None
+    if o.adapter is not None:  # the adapter names stored tensors; the estimators work on the module's
+        targets = set(adapter_targets(o.adapter, model_dir))
+        names = [n for n, pieces in layout.items() if targets & set(pieces)]
     return model, tok, forget, retain, names
+
+
+def unstored(model_dir, layout: dict, model_type: str) -> str | None:
+    """Why the scores cannot be keyed by the checkpoint's tensor names (the merge reads them so), or None: a
+    parameter whose stored place (hf.stored_layout) the checkpoint does not hold."""
+    checkpoint = Checkpoint(model_dir, allow_pickle=True)
+    on_disk = set(checkpoint.names())
+    for name, pieces in layout.items():
+        for stored, shape in pieces.items():
+            if stored not in on_disk or tuple(checkpoint.info(stored)[0]) != tuple(shape):
+                return (f"the model's parameter {name} should be stored as {stored} {list(shape)} (as transformers "
+                        f"{transformers_version()} saves {model_type}), which the checkpoint does not hold: a "
+                        "checkpoint of another layout or version")
+    return None
 
 
 def _checked(scores: dict, label: str, model_dir) -> dict:
@@ -100,7 +118,8 @@ def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA]
     for label, rows in (("forget", forget), ("retain", retain)):
         scores = estimate_importance(model, tok, rows, o.method, batch_size=o.batch_size, max_length=o.max_length,
                                      progress=progress, desc=f"{o.method} {label}", names=names)
-        tensors.update({f"{label}/{n}": s for n, s in _checked(scores, label, model_dir).items()})
+        for n, s in _checked(scores, label, model_dir).items():
+            tensors.update({f"{label}/{stored}": t for stored, t in to_stored(model, n, s).items()})
     return tensors, _metadata(model, model_dir, forget, retain, o, t0)
 
 
@@ -218,11 +237,11 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
             "completes" if o.offload else f"on {math_device}"
         log.info("importance: fp32 accumulators %s, in %d parameter group(s) of at most %.2f GB, one pass over the "
                  "data per group", place, len(groups), largest)
+    stored = [(s, shape) for pieces in stored_layout(model, params).values() for s, shape in pieces.items()]
     if o.write == "weights":
-        layout = [(f"weight/{n}", tuple(p.shape), dtypes.torch_dtype(o.weight_dtype)) for n, p in params.items()]
+        layout = [(f"weight/{s}", shape, dtypes.torch_dtype(o.weight_dtype)) for s, shape in stored]
     else:
-        layout = [(f"{label}/{n}", tuple(p.shape), torch.float32) for n, p in params.items()
-                  for label in ("forget", "retain")]
+        layout = [(f"{label}/{s}", shape, torch.float32) for s, shape in stored for label in ("forget", "retain")]
     meta_extra = {"groups": len(groups), "write": o.write, "ranks": distributed.rank_and_size()[1],
                   "accumulators": "host" if o.offload else "device"}
     if o.write == "weights":
@@ -268,12 +287,14 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
                 # a copy, with the file closed again: a mapping kept open would keep every page of the
                 # spill file read so far resident in this process
                 s_f, s_r = SafetensorsFile(run.spill(g)).get(n).clone(), retain_scores.pop(n)
-                if o.write == "weights":
-                    writer.write(f"weight/{n}", ratio(s_f, s_r, o.alpha, o.power, o.eps,
-                                                      dtypes.torch_dtype(o.weight_dtype)))
-                else:
-                    writer.write(f"forget/{n}", s_f)
-                    writer.write(f"retain/{n}", s_r)
+                s_f, s_r = to_stored(model, n, s_f), to_stored(model, n, s_r)
+                for s in s_f:  # the stored tensors of this parameter, in the layout's order
+                    if o.write == "weights":
+                        writer.write(f"weight/{s}", ratio(s_f[s], s_r[s], o.alpha, o.power, o.eps,
+                                                          dtypes.torch_dtype(o.weight_dtype)))
+                    else:
+                        writer.write(f"forget/{s}", s_f[s])
+                        writer.write(f"retain/{s}", s_r[s])
                 del s_f, s_r
             writer.flush()
             run.save_state(group=g + 1, phase="forget", written=writer.written)
