@@ -290,8 +290,15 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
     loss = logits_bytes(s, tokens, b, True)
     casts = 2 * P if bf16_autocast and dt == "fp32" else 0  # autocast's cast cache (nothing to cast otherwise)
     cast_note = " + bf16 weight copies 2·P (autocast)" if casts else ""
-    steps = {"finetune (full)": (4 * weights + activations(s, tokens, b, checkpointing) + loss + casts,
-                                 f"weights, grads, AdamW moments {4 * b}·P + activations + logits" + cast_note)}
+    backward = activations(s, tokens, b, checkpointing) + loss
+    if b < 4:  # fp32 master weights (perta_fast.train.MasterWeights): AdamW steps those, and its moments are fp32
+        full = (max((2 * b + 12) * P + backward, (b + 16) * P),
+                f"weights, grads {2 * b}·P + fp32 master weights and AdamW moments 12·P + activations + logits, "
+                f"or at the step {b}·P + 16·P (the masters' fp32 gradients)")
+    else:
+        full = (4 * weights + backward + casts, f"weights, grads, AdamW moments {4 * b}·P + activations + logits"
+                + cast_note)
+    steps = {"finetune (full)": full}
     scored = P
     if lora_rank:
         adapter = 16 * s.lora_params(lora_rank, targets)

@@ -39,6 +39,7 @@ def test_parameter_counts_match_the_models_built(tmp_path, tiny_tokenizer, overr
 
 
 CASES = [("finetune", "fp32", {}), ("finetune", "fp32", {"lora_rank": 8}), ("finetune", "bf16", {"lora_rank": 8}),
+         ("finetune", "bf16", {}),  # fp32 master weights of bf16 ones
          ("importance", "fp32", {"method": "fisher"}),
          # 64 rows at once: activations are over a third of the peak, so the plan cannot drop them and pass
          ("importance", "fp32", {"method": "fisher", "rows": 64, "batch_size": 64}),

@@ -18,10 +18,12 @@ def run_finetune(tmp_path, tiny_dir, out, extra, env=None):
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_killed_finetune_resumes_to_the_same_weights(tmp_path, tiny_dir, facts, lora):
+@pytest.mark.parametrize("lora,dtype", [(False, "auto"), (True, "auto"), (False, "bf16")])
+def test_killed_finetune_resumes_to_the_same_weights(tmp_path, tiny_dir, facts, lora, dtype):
+    """bf16: trained through fp32 master weights, which the checkpoint must hold (the bf16 weights are their
+    rounding: resumed from those, the run ends elsewhere)."""
     (tmp_path / "d.json").write_text(json.dumps([r.__dict__ for r in (facts[0] + facts[1])[:12]]))  # 3 steps/epoch
-    extra = ["--lora-rank", "4"] if lora else []
+    extra = (["--lora-rank", "4"] if lora else []) + ["--dtype", dtype]
     assert run_finetune(tmp_path, tiny_dir, "whole", extra).returncode == 0
     killed = run_finetune(tmp_path, tiny_dir, "ft", extra + ["--checkpoint-every", "1"],
                           {"PERTA_FAST_KILL_AT": "checkpoint:4"})  # in the second epoch
