@@ -91,9 +91,20 @@ def embedding_scale(m) -> float | None:
 
     if type(m).forward is nn.Embedding.forward:
         return 1.0
-    if type(m).__name__.endswith("ScaledWordEmbedding") and hasattr(m, "embed_scale"):
+    if _scaled_embedding(m):
         return float(torch.as_tensor(m.embed_scale).to(m.weight.dtype))
     return None
+
+
+def known_embedding(m) -> bool:
+    """Whether embedding_scale knows this embedding's forward (asked of a model on the meta device, too)."""
+    from torch import nn
+
+    return type(m).forward is nn.Embedding.forward or _scaled_embedding(m)
+
+
+def _scaled_embedding(m) -> bool:
+    return type(m).__name__.endswith("ScaledWordEmbedding") and hasattr(m, "embed_scale")
 
 
 def is_conv1d(m) -> bool:

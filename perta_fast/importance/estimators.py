@@ -19,7 +19,7 @@ from .. import distributed
 from ..console import bar
 from ..data import QA, collate, encode, logits_of, pad_id
 from ..errors import PertaError
-from ..hf import embedding_scale, is_conv1d, is_rms_norm, rms_eps
+from ..hf import embedding_scale, is_conv1d, is_rms_norm, known_embedding, rms_eps
 from ..loss import per_sample_loss
 from ..memory import release_freed_memory
 from ..ops import accumulate_, add_squares_, linear_fisher_, per_sample_tiles
@@ -84,7 +84,7 @@ def fisher_blocker(model, names=None) -> str | None:
     kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     covered = set()
     for m, what in _fisher_modules(model, name_of):
-        if what == "embedding" and id(m.weight) in name_of and embedding_scale(m) is None:
+        if what == "embedding" and id(m.weight) in name_of and not known_embedding(m):
             return (f"exact fisher: {name_of[id(m.weight)]} is a {type(m).__name__}, whose forward does more than "
                     f"a lookup: its per-sample gradient is not formed here ({kind}); use --method grad")
         covered.update(id(p) for p in m.parameters(recurse=False))
