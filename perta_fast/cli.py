@@ -253,6 +253,7 @@ def _finetune(a):
     from .train import finetune
 
     rec = finetune(a.model, load_qa(a.data), a.out, build_options(o.FinetuneOptions, a), overwrite=a.overwrite,
+                   where=a.data,
                    checkpoint_every=a.checkpoint_every, resume=a.resume)
     _on_main(f"wrote {a.out} ({rec['kind']}, {rec['n_rows']} rows, final loss {rec['epoch_losses'][-1]:.4f}, "
              f"{rec['seconds']} s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 log = logging.getLogger("perta_fast")
@@ -43,11 +44,35 @@ def configure(verbosity: int) -> None:
         logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+PROGRESS_SECONDS = 60.0  # between progress lines when stderr is not a terminal (PERTA_FAST_PROGRESS_SECONDS)
+
+
+class _ProgressLines:
+    """tqdm's output as log lines: under nohup, CI or a scheduler a bar redrawn in place is one endless line
+    in the log, or nothing until the end."""
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r\n ")
+        if text:
+            log.info("%s", text)
+
+    def flush(self) -> None:
+        pass
+
+
 def bar(iterable=None, show: bool = True, **kwargs):
-    """A tqdm bar shown only when the caller wants progress, --quiet is off and stderr is a terminal."""
+    """A tqdm bar when the caller wants progress and --quiet is off: drawn on a terminal; elsewhere a progress
+    line every PROGRESS_SECONDS, the first once a step has run that long (short steps print none)."""
     from tqdm import tqdm
 
-    return tqdm(iterable, disable=None if (show and _bars) else True, file=sys.stderr, **kwargs)
+    if not (show and _bars):
+        return tqdm(iterable, disable=True, **kwargs)
+    if sys.stderr.isatty():
+        return tqdm(iterable, disable=False, file=sys.stderr, **kwargs)
+    every = float(os.environ.get("PERTA_FAST_PROGRESS_SECONDS", PROGRESS_SECONDS))
+    return tqdm(iterable, disable=False, file=_ProgressLines(), delay=every, mininterval=every, maxinterval=every,
+                bar_format="{desc}: {n_fmt}/{total_fmt} {unit}s ({percentage:.0f} %), {elapsed} elapsed, "
+                           "{remaining} left{postfix}", **kwargs)
 
 
 def pyplot():

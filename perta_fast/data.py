@@ -11,6 +11,7 @@ import re
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from .console import log
 from .errors import PertaError
 
 TOFU_SPLIT = re.compile(r"^(forget|retain)(\d\d)$")
@@ -117,7 +118,13 @@ def _tofu_split(folder: Path, split: str, eval_rows: bool = False) -> list:
         return rows[-n_forget:] if kind == "forget" else rows[:-n_forget]
     path = folder / f"{split}.json"
     if not path.is_file():
-        hint = "try forget01_perturbed" if eval_rows else "try forget01 or retain99"
+        present = sorted(p.stem for p in folder.glob("*.json"))
+        if not (folder / "full.json").is_file() and not any(p.endswith("_perturbed") for p in present):
+            raise PertaError(f"{folder}: not a TOFU folder (no full.json, no *_perturbed.json): it holds "
+                             f"{', '.join(present[:5]) + (', …' if len(present) > 5 else '') or 'no .json file'}; "
+                             "give --tofu the folder of TOFU's files (docs/formats.md)")
+        others = [p for p in present if p != split and (p.endswith("_perturbed") or not eval_rows)]
+        hint = f"it has {', '.join(others[:6])}" if others else "it has no split of that kind"
         raise PertaError(f"{folder}: unknown TOFU split {split!r} (no {path.name}; {hint})")
     return _read_file(path, eval_rows)
 
@@ -179,8 +186,14 @@ def hold_out(rows: list, fraction: float, where: str = "the set") -> tuple[list,
     n = len(rows)
     m = round(fraction * n)
     if m < MIN_VALIDATION_ROWS:
+        if n <= MIN_VALIDATION_ROWS:  # no fraction helps: every row held back would leave none to score
+            advice = (f"{n} rows are too few for --lam auto, which needs at least {MIN_VALIDATION_ROWS + 1}; give "
+                      "--lam a number (docs/cli.md#perta-fast-calibrate) or add rows")
+        else:
+            need = next(f / 100 for f in range(1, 100) if MIN_VALIDATION_ROWS <= round(f / 100 * n) < n)
+            advice = f"--hold-out {need:g} holds back enough, or add rows"
         raise PertaError(f"{where}: holding back {fraction:g} of {n} rows gives {m} validation rows; calibration "
-                         f"needs at least {MIN_VALIDATION_ROWS} (raise --hold-out or add rows)")
+                         f"needs at least {MIN_VALIDATION_ROWS} ({advice})")
     if m >= n:
         raise PertaError(f"{where}: holding back {fraction:g} of {n} rows leaves none for importance")
     held = {int((j + 0.5) * n / m) for j in range(m)}
@@ -207,16 +220,25 @@ class Encoded:
     n_prompt: int  # tokens before the answer; labels cover input_ids[n_prompt:]
 
 
-def encode(tokenizer, rows: list[QA], max_length: int = 256) -> list[Encoded]:
-    """Prompt and answer tokenized apart, so the answer's tokens are exactly those the loss sees."""
-    out = []
+def encode(tokenizer, rows: list[QA], max_length: int = 256, where: str | None = None) -> list[Encoded]:
+    """Prompt and answer tokenized apart, so the answer's tokens are exactly those the loss sees. `where` (the
+    file or set the rows come from) names them in the error for a prompt over `max_length`, and, given, has the
+    answers cut at `max_length` counted in a warning: the tokens past it are neither learned nor scored."""
+    out, cut, longest = [], 0, 0
     for i, r in enumerate(rows):
         prompt, answer = prompt_and_answer(tokenizer, r.question, r.answer)
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         a = tokenizer(answer, add_special_tokens=False)["input_ids"]
         if len(p) >= max_length:
-            raise PertaError(f"row {i}: the prompt alone is {len(p)} tokens, over --max-length {max_length}")
+            raise PertaError(f"{where or 'the rows'}: row {i}: the prompt alone is {len(p)} tokens, over --max-length "
+                             f"{max_length} (raise --max-length)")
+        cut += len(p) + len(a) > max_length
+        longest = max(longest, len(p) + len(a))
         out.append(Encoded((p + a)[:max_length], len(p)))
+    if cut and where:
+        log.warning("%s: %d of %d answers are cut at --max-length %d (the longest row is %d tokens): the tokens "
+                    "past it are neither learned nor scored; raise --max-length to keep them", where, cut, len(rows),
+                    max_length, longest)
     return out
 
 

@@ -293,14 +293,18 @@ def model_card(record: dict) -> str:
     """The output's README.md: what was done to which model, so that the folder never presents itself
     as the base model (whose card would otherwise be copied with its config)."""
     opts, meta = record["options"], record.get("importance_meta") or {}
-    lines = ["---", f"base_model: {json.dumps(record['base'])}", "tags:", "- unlearning", "- perta-fast", "---", "",
+    # folder and file names only: a card travels with the model (to a hub, to colleagues), and the paths of this
+    # machine mean nothing there; perta_merge.json keeps them in full. No base_model in the front matter: the
+    # hub reads it as a repository id, and θ_full was a local folder.
+    name = lambda path: Path(path).name  # noqa: E731
+    lines = ["---", "tags:", "- unlearning", "- perta-fast", "---", "",
              "# Unlearned model (perta-fast)", "",
-             f"Made by {record['tool']} from `{record['base']}` (θ_full), stepping against the task vector of "
-             f"`{record['finetuned']}` (θ_ft, a {record['finetuned_kind']}):", "",
+             f"Made by {record['tool']} from `{name(record['base'])}` (θ_full), stepping against the task vector of "
+             f"`{name(record['finetuned'])}` (θ_ft, a {record['finetuned_kind']}):", "",
              f"    {record['formula']}", "",
              f"- method: {opts['method']}, λ = {opts['lam']:g}" + (f", α = {opts['alpha']:g}, p = {opts['power']:g}, "
                                                                   f"ε = {opts['eps']:g}" if opts["method"] == "perta" else ""),
-             f"- importance: `{record['importance']}`" if record.get("importance") else "- importance: none (w = 1)"]
+             f"- importance: `{name(record['importance'])}`" if record.get("importance") else "- importance: none (w = 1)"]
     if meta:
         lines.append(f"- importance estimated by `{meta.get('method', '?')}` on {meta.get('n_forget', '?')} forget "
                      f"rows (sha256 {meta.get('forget_sha256', '?')[:16]}…) and {meta.get('n_retain', '?')} retain rows")
@@ -315,6 +319,9 @@ def card_with_metrics(card: str, summary: dict) -> str:
     lines = [card.rstrip("\n"), "", "## Unlearning request", "",
              f"- forget set: {summary['forget_rows']} rows (sha256 {summary['forget_sha256'][:16]}…)",
              f"- retain set: {summary['retain_rows']} rows (sha256 {summary['retain_sha256'][:16]}…)"]
+    if not summary.get("work_kept", True):
+        lines.append("- θ_ft and the importance file above were derived from the forget set by this run and deleted "
+                     "once the merge was written (`--keep-work` keeps them)")
     cal = summary.get("calibration")
     if cal:
         v = cal["validation"]

@@ -200,6 +200,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False, inputs: tuple = ()):
     killed, it is removed by the next run writing `out`."""
     with _staged(Path(out), overwrite, inputs, lambda prefix: _make_dir(prefix, Path(out).parent)) as tmp:
         yield tmp
+        for path in tmp.rglob("*"):  # transformers writes model.safetensors through a private (0600) temp file
+            if path.is_file() and not path.is_symlink():
+                os.chmod(path, _umask_mode(0o666))
 
 
 @contextmanager

@@ -59,7 +59,7 @@ def _matches(record: dict, expect: dict) -> bool:
     return all(record.get(k) == v for k, v in expect.items())
 
 
-def build_finetuned(model_dir, forget: list[QA], work: Path, opts: FinetuneOptions) -> Path:
+def build_finetuned(model_dir, forget: list[QA], work: Path, opts: FinetuneOptions, where: str = "the forget set") -> Path:
     out = work / ("theta_ft" if opts.lora_rank is None else "theta_ft_lora")
     expect = {"base_sha256": content_sha256(model_dir), "data_sha256": data_hash(forget), "options": asdict(opts)}
     try:
@@ -67,12 +67,12 @@ def build_finetuned(model_dir, forget: list[QA], work: Path, opts: FinetuneOptio
     except (OSError, json.JSONDecodeError):
         record = {}
     if not _matches(record, expect):
-        finetune(model_dir, forget, out, opts, overwrite=True)
+        finetune(model_dir, forget, out, opts, overwrite=True, where=where)
     return out
 
 
 def build_importance(model_dir, forget, retain, method: str, work: Path, opts: UnlearnOptions,
-                     adapter: Path | None = None) -> Path:
+                     adapter: Path | None = None, where: tuple[str, str] = ("the forget set", "the retain set")) -> Path:
     out = work / f"importance-{method}{'-lora' if adapter else ''}.safetensors"
     forget, retain = forget[:opts.max_samples or None], retain[:opts.max_samples or None]
     expect = {"forget_sha256": data_hash(forget), "retain_sha256": data_hash(retain), "method": method,
@@ -85,7 +85,7 @@ def build_importance(model_dir, forget, retain, method: str, work: Path, opts: U
             method=method, batch_size=opts.batch_size, max_length=opts.max_length, device=opts.device,
             dtype=opts.dtype, gradient_checkpointing=opts.gradient_checkpointing, adapter=adapter,
             max_memory=opts.max_memory, write=opts.write, alpha=opts.alpha, power=opts.power, eps=opts.eps),
-            overwrite=True)
+            overwrite=True, where=where)
     return out
 
 
@@ -183,13 +183,13 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
         if finetuned is None:
             ft_opts = replace(opts.finetune, dtype=opts.dtype, gradient_checkpointing=opts.gradient_checkpointing,
                               device=opts.device)
-            finetuned = meter("finetune", build_finetuned, model_dir, forget, work, ft_opts)
+            finetuned = meter("finetune", build_finetuned, model_dir, forget, work, ft_opts, where["forget"])
         adapter = Path(finetuned) if is_adapter(finetuned) else None
         importance = None
         if opts.method != "tv":
             scored = (split["forget"][0], split["retain"][0]) if auto else (forget, retain)
             importance = meter("importance", build_importance, opts.importance_model or model_dir, *scored,
-                               opts.method.split("-", 1)[1], work, opts, adapter)
+                               opts.method.split("-", 1)[1], work, opts, adapter, (where["forget"], where["retain"]))
         merge_opts = MergeOptions(method="tv" if opts.method == "tv" else "perta", lam=opts.lam, alpha=opts.alpha,
                                   power=opts.power, eps=opts.eps, device=pick_device(opts.device))
         calibration = None

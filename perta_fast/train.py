@@ -158,7 +158,8 @@ def answer_loss(net, ids, mask, labels, rows):
 
 def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc: str = "finetune",
                    source: str = "model", checkpoint: TrainCheckpoint | None = None, resume: bool = False,
-                   batch_loss=answer_loss, step_losses: list | None = None, keep_fp32: bool = False) -> list[float]:
+                   batch_loss=answer_loss, step_losses: list | None = None, keep_fp32: bool = False,
+                   where: str = "the training rows") -> list[float]:
     """AdamW on the mean over the set of `batch_loss(net, ids, mask, labels, rows)`, each sample's loss
     (`rows`: the batch's indices into `rows`); returns the mean loss of each epoch. The one training
     loop: fine-tuning and the GA/NPO baselines (their losses) both run it. The learning rate ramps up
@@ -169,7 +170,7 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc
 
     torch.manual_seed(opts.seed)
     order_rng = random.Random(opts.seed)
-    encoded = encode(tokenizer, rows, opts.max_length)
+    encoded = encode(tokenizer, rows, opts.max_length, where)
     pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     warn_if_emulated_bf16(device, opts.bf16_autocast)
@@ -226,8 +227,8 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc
                     release_freed_memory()
                 if counts:
                     total += float(losses.detach().sum())
-                progress_bar.update(1)
-                progress_bar.set_postfix(loss=f"{float(losses.detach().mean()):.3f}")
+                progress_bar.set_postfix(loss=f"{float(losses.detach().mean()):.3f}", refresh=False)
+                progress_bar.update(1)  # drawn at the bar's own interval, not at every step
                 done += 1
                 if checkpoint is not None and checkpoint.every and done % checkpoint.every == 0:
                     checkpoint.save(model, masters, optim, {"epoch": epoch, "step": step + 1, "total": total,
@@ -240,7 +241,8 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc
 
 
 def finetune(model_dir: str | Path, rows: list[QA], out: str | Path, options: FinetuneOptions | None = None,
-             overwrite: bool = False, checkpoint_every: int | None = None, resume: bool = False) -> dict:
+             overwrite: bool = False, checkpoint_every: int | None = None, resume: bool = False,
+             where: str = "the training rows") -> dict:
     """Fine-tune the checkpoint in `model_dir` on `rows`, writing a new checkpoint folder to `out` (or a
     peft adapter folder). `checkpoint_every` N steps saves the run's state beside `out`; `resume` continues
     a killed run from it and ends with the same weights as an uninterrupted run (same batches, same order)."""
@@ -263,7 +265,7 @@ def finetune(model_dir: str | Path, rows: list[QA], out: str | Path, options: Fi
     if opts.lora_rank is not None:
         model = with_lora(model, opts, str(model_dir))
     losses = train_in_place(model, tok, rows, opts, source=str(model_dir), checkpoint=checkpoint, resume=resume,
-                            keep_fp32=opts.save_dtype == "auto")
+                            keep_fp32=opts.save_dtype == "auto", where=where)
     if opts.save_dtype != "auto":
         model.to(dtypes.torch_dtype(opts.save_dtype))
     record = {"base": str(Path(model_dir).resolve()), "base_sha256": fingerprint["base_sha256"], "n_rows": len(rows),

@@ -382,3 +382,31 @@ def test_out_of_memory_in_unlearn_names_the_step_and_the_plan_to_run(monkeypatch
     assert "--batch-size 3" in err and "--max-memory" in err
     assert not (tmp_path / "out").exists()
 
+
+
+def test_prompt_over_max_length_names_the_file(tmp_path, capsys, tiny_dir, facts):
+    (tmp_path / "d.json").write_text(json.dumps([r.__dict__ for r in facts[0][:3]]))
+    err = cli_error(capsys, ["finetune", "--model", str(tiny_dir), "--data", str(tmp_path / "d.json"),
+                             "--out", str(tmp_path / "ft"), "--max-length", "4"])
+    assert f"{tmp_path / 'd.json'}: row 0: the prompt alone is" in err and "over --max-length 4" in err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_answers_cut_at_max_length_are_counted_in_a_warning(tmp_path, capsys, tiny_dir, tiny_tokenizer, facts):
+    """Each row's prompt and answer counted by hand: the warning says how many of them lose tokens."""
+    from helpers import tokens_by_hand
+
+    rows = facts[0][:4]
+    lengths = [tokens_by_hand(tiny_tokenizer, r.question, r.answer) for r in rows]
+    limit = max(n_prompt for _, n_prompt in lengths) + 2  # every prompt fits; most answers do not
+    cut = sum(len(ids) > limit for ids, _ in lengths)
+    assert 0 < cut
+    for name, rows_ in (("f.json", rows), ("r.json", facts[1][:4])):
+        (tmp_path / name).write_text(json.dumps([r.__dict__ for r in rows_]))
+    assert main(["importance", "--model", str(tiny_dir), "--forget", str(tmp_path / "f.json"), "--retain",
+                 str(tmp_path / "r.json"), "--out", str(tmp_path / "i.safetensors"), "--max-length",
+                 str(limit), "--method", "grad"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "are cut at --max-length" in line]
+    assert said[0].startswith(f"perta-fast: {tmp_path / 'f.json'}: {cut} of 4 answers are cut at --max-length "
+                              f"{limit} (the longest row is {max(len(ids) for ids, _ in lengths)} tokens)"), said
+    assert len(said) == 2  # once per set, however many passes the estimate makes

@@ -170,6 +170,13 @@ def test_unlearn_deletes_what_it_derived_from_the_forget_set(workspace, tiny_dir
     assert record["forget_rows"] == len(forget) and len(record["forget_sha256"]) == 64
     card = (out / "README.md").read_text()
     assert f"forget set: {len(forget)} rows (sha256 {record['forget_sha256'][:16]}" in card
+    # the card names no path of this machine, and says that what it names from the work folder is gone
+    assert str(workspace) not in card and str(tiny_dir) not in card and "base_model" not in card
+    assert "`theta_ft` (θ_ft" in card and "deleted once the merge was written" in card
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == \
+        {p.name: oct(0o666 & ~umask) for p in out.iterdir()}  # readable as the umask allows, not private
     text = (out / "perta_unlearn.json").read_text() + (out / "README.md").read_text()
     assert not any(row["answer"] in text or row["question"] in text for row in forget)
 

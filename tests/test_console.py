@@ -67,6 +67,19 @@ def test_progress_bars_only_on_a_terminal(tmp_path):
     assert "merge:" not in _stderr(["-q"] + argv + ["--overwrite"], terminal=True)  # before the command too
 
 
+def test_progress_lines_at_a_steady_interval_where_stderr_is_not_a_terminal(tmp_path, monkeypatch):
+    """Under nohup or CI a long step logs where it stands every PERTA_FAST_PROGRESS_SECONDS (here 0: every
+    tensor), one line each; -q keeps them out; a step shorter than the interval (the default 60 s) prints none."""
+    argv = _merge_argv(tmp_path) + ["--overwrite", "--max-shard-size", "0.000001"]
+    monkeypatch.setenv("PERTA_FAST_PROGRESS_SECONDS", "0")
+    lines = [line for line in _stderr(argv, terminal=False).splitlines() if line.startswith("perta-fast: merge:")]
+    assert lines and lines[-1].startswith("perta-fast: merge: 2/2 tensors (100 %),"), lines
+    assert all("\r" not in line for line in lines)
+    assert "merge:" not in _stderr(argv + ["-q"], terminal=False)
+    monkeypatch.delenv("PERTA_FAST_PROGRESS_SECONDS")
+    assert "merge:" not in _stderr(argv, terminal=False)
+
+
 def test_decisions_are_logged_and_quiet_keeps_only_warnings(tmp_path, tiny_dir, facts, capsys):
     import json
 

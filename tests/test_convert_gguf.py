@@ -47,3 +47,14 @@ def test_converted_model_answers_and_is_cached(converted, capsys):
     assert main(["convert-gguf", "--out", str(converted)]) == 0  # converted once: the second call reuses it
     assert capsys.readouterr().out.strip() == str(converted)
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_converted_files_are_as_readable_as_the_umask_allows(converted):
+    """transformers writes model.safetensors through a private temp file (0600): a shared cache would be
+    unreadable to anyone else."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in converted.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask), {n: oct(m) for n, m in modes.items()}

@@ -1,5 +1,6 @@
 """Data loading: JSON/JSONL rows, TOFU splits derived from full.json, encoding and padding."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,35 @@ def test_unlearn_refuses_identical_sets_before_any_training(tmp_path, tiny_dir, 
                  str(tmp_path / "r.json"), "--out", str(out), "-q"])
     assert code == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "r.json"]  # no θ_ft, no work folder
+
+
+@pytest.mark.parametrize("n", [5, 10, 13, 30])
+def test_hold_out_advice_is_a_fraction_that_works(n):
+    """The --hold-out the error advises gives calibration its rows and leaves some to score; 0.01 less does not."""
+    from perta_fast.data import MIN_VALIDATION_ROWS, hold_out
+
+    rows = list(range(n))
+    with pytest.raises(PertaError, match=r"--hold-out ([0-9.]+) holds back enough") as e:
+        hold_out(rows, 0.1, "f.json")
+    advised = float(re.search(r"--hold-out ([0-9.]+) holds", str(e.value))[1])
+    kept, held = hold_out(rows, advised)
+    assert len(held) >= MIN_VALIDATION_ROWS and kept
+    with pytest.raises(PertaError):
+        hold_out(rows, round(advised - 0.01, 2))
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_too_few_rows_for_lam_auto_say_give_a_number(n):
+    from perta_fast.data import hold_out
+
+    with pytest.raises(PertaError, match=rf"f.json: .*{n} rows are too few for --lam auto.*give --lam a number"):
+        hold_out(list(range(n)), 0.5, "f.json")
+
+
+def test_eval_on_a_folder_that_is_not_tofu_says_so(tmp_path):
+    (tmp_path / "notes.json").write_text("[]")
+    with pytest.raises(PertaError, match=r"not a TOFU folder \(no full.json, no \*_perturbed.json\): it holds notes"):
+        load_qa(f"{tmp_path}:forget01_perturbed", eval_rows=True)
+    (tmp_path / "forget05_perturbed.json").write_text("[]")
+    with pytest.raises(PertaError, match=r"unknown TOFU split 'forget01_perturbed' .*it has forget05_perturbed\)"):
+        load_qa(f"{tmp_path}:forget01_perturbed", eval_rows=True)

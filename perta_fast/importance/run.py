@@ -16,7 +16,7 @@ import torch
 from .. import distributed, dtypes
 from .._version import __version__
 from ..console import log
-from ..data import QA, check_sets, data_hash, hold_out
+from ..data import QA, check_sets, data_hash, encode, hold_out
 from ..errors import PertaError
 from ..faults import kill_point
 from ..hf import stored_layout, to_stored, transformers_version
@@ -52,6 +52,8 @@ def _load(model_dir, forget, retain, o: ImportanceOptions, where: tuple[str, str
         log.warning("%d of the %d forget rows (%s) are in %s too: importance counts them on both sides, so the "
                     "weights they drive move less", shared, len(set(forget)), where[0], where[1])
     model, tok = load_model(model_dir, o.device, o.dtype, gradient_checkpointing=o.gradient_checkpointing)
+    for rows, name in ((forget, where[0]), (retain, where[1])):  # a prompt too long, answers cut: said once, now
+        encode(tok, rows, o.max_length, name)
     layout = stored_layout(model, _unique_params(model))
     why = unstored(model_dir, layout, model.config.model_type)
     if why:
