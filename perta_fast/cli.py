@@ -366,6 +366,12 @@ def _plan(a):
     opts = build_options(o.PlanOptions, a)
     result = plan_steps(a.model, **dataclasses.asdict(opts))
     print(format_plan(result, opts.memory_gb, opts.device))
+    from .support import model_support
+
+    folder = Path(a.model) if Path(a.model).is_dir() else Path(a.model).parent
+    for step, why in model_support(folder)["steps"].items():  # memory is moot for a step that cannot run
+        if why:
+            print(f"  {step}: not supported for this model: {why}")
 
 
 COMMANDS = {"info": _info, "plan": _plan, "convert-gguf": _convert_gguf, "finetune": _finetune,

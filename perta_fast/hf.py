@@ -206,13 +206,16 @@ def meta_model(config: dict, path):
     require_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if not config.get("model_type"):
+        raise PertaError(f"{path}: no model_type, so transformers cannot tell the architecture")
     fields = {k: v for k, v in config.items() if k != "model_type"}
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.get("model_type"), **fields))
     except Exception as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
         raise PertaError(f"{path}: transformers cannot build a causal LM from this config "
-                         f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+                         f"({why[:200] + '…' if len(why) > 200 else why})") from None
 
 
 def stored_layout(model, names) -> dict[str, dict[str, tuple[int, ...]]]:

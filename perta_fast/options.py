@@ -224,8 +224,6 @@ class DemoOptions:
 class PlanOptions:
     lora_rank: int | None = opt(None, "plan a LoRA θ_ft of this rank", type=int)
     lora_targets: str = opt("all-linear", "all-linear, or module names: q_proj,v_proj,…")
-    save_dtype: str = _dtype("the written checkpoint's dtype (auto: fp32 where training kept fp32 master weights "
-                             "of bf16/fp16 ones, so τ loses nothing; else the weights' own)")
     dtype: str = opt("auto", "the model's dtype (auto: the checkpoint's own)", choices=DTYPE_CHOICES)
     method: str = opt("fisher", "the importance estimator", choices=("grad", "fisher"))
     batch_size: int = opt(8, "rows per step", type=positive)

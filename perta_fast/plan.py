@@ -102,7 +102,16 @@ class Shapes:
 
     @functools.cached_property
     def counted(self) -> Counted | None:
-        return None if self.config is None else count_parameters(self.config, self.path)
+        """None where there is no config, or transformers cannot build it (an architecture this version does
+        not know): the Llama formulas count then, and `uncounted` says why."""
+        self.uncounted = None
+        if self.config is None:
+            return None
+        try:
+            return count_parameters(self.config, self.path)
+        except PertaError as e:
+            self.uncounted = str(e)
+            return None
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each Linear in one decoder layer of Llama's shape."""
@@ -353,6 +362,8 @@ def format_plan(result: dict, memory_gb: float | None, device: str) -> str:
     head = (f"{result['params'] / 1e9:.2f} B parameters ({s.layers} layers, hidden {s.hidden}, vocab {s.vocab}), "
             f"{result['dtype']}; memory on {device}")
     lines = [head]
+    if s.counted is None and getattr(s, "uncounted", None):
+        lines.append(f"  (parameters counted by Llama's formulas: {s.uncounted})")
     for step, (nbytes, detail) in result["steps"].items():
         verdict = ""
         if memory_gb is not None:

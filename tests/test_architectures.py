@@ -36,22 +36,16 @@ def _expected_stored(kind: str, name: str, value: torch.Tensor) -> dict:
             return {f"model.layers.{mixtral_router[1]}.block_sparse_moe.gate.weight": value}
         return {name: value}
     layer, which = fused[1], fused[2]
+    # Mixtral: under block_sparse_moe, w1 = gate, w3 = up, w2 = down; Qwen2-MoE keeps the projections' names
+    base = f"model.layers.{layer}.block_sparse_moe.experts" if kind == "mixtral" else f"model.layers.{layer}.mlp.experts"
+    names = ("w1", "w3", "w2") if kind == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     out = {}
     for e in range(value.shape[0]):
-        if kind == "mixtral":  # w1 = gate, w3 = up, w2 = down, under block_sparse_moe
-            base = f"model.layers.{layer}.block_sparse_moe.experts.{e}"
-            if which == "gate_up_proj":
-                gate, up = value[e].chunk(2, dim=0)
-                out.update({f"{base}.w1.weight": gate, f"{base}.w3.weight": up})
-            else:
-                out[f"{base}.w2.weight"] = value[e]
+        if which == "gate_up_proj":
+            gate, up = value[e].chunk(2, dim=0)
+            out.update({f"{base}.{e}.{names[0]}.weight": gate, f"{base}.{e}.{names[1]}.weight": up})
         else:
-            base = f"model.layers.{layer}.mlp.experts.{e}"
-            if which == "gate_up_proj":
-                gate, up = value[e].chunk(2, dim=0)
-                out.update({f"{base}.gate_proj.weight": gate, f"{base}.up_proj.weight": up})
-            else:
-                out[f"{base}.down_proj.weight"] = value[e]
+            out[f"{base}.{e}.{names[2]}.weight"] = value[e]
     return out
 
 
@@ -86,6 +80,12 @@ def pipeline(request, tmp_path_factory, tiny_tokenizer, sets):
         "grad": main(quiet + ["importance", "--model", full, "--forget", forget, "--retain", retain,
                               "--out", str(root / "grad.safetensors"), "--method", "grad"]),
     }
+    if kind not in MOE:
+        codes["fisher"] = main(quiet + ["importance", "--model", full, "--forget", forget, "--retain", retain,
+                                        "--out", str(root / "fisher.safetensors"), "--method", "fisher"])
+    codes["unlearn"] = main(quiet + ["unlearn", "--model", full, "--forget", forget, "--retain", retain,
+                                     "--out", str(root / "unlearned"), "--method", "perta-grad", "--epochs", "1",
+                                     "--batch-size", "2", "--eval-samples", "2"])
     codes["merge"] = main(quiet + ["merge", "--base", full, "--finetuned", str(root / "ft"), "--importance",
                                    str(root / "grad.safetensors"), "--out", str(root / "u")])
     codes["merge-lora"] = main(quiet + ["merge", "--base", full, "--finetuned", str(root / "lora"), "--importance",
@@ -96,6 +96,8 @@ def pipeline(request, tmp_path_factory, tiny_tokenizer, sets):
 def test_every_step_runs(pipeline):
     kind, root, codes = pipeline
     assert codes == dict.fromkeys(codes, 0), (kind, codes)
+    record = json.loads((root / "unlearned" / "perta_unlearn.json").read_text())
+    assert set(record["eval"]) == {"before (θ_full)", "after (perta-grad)"} and 0 < record["mean_weight"] < 1
 
 
 def test_grad_scores_are_keyed_by_the_stored_names(pipeline, tiny_tokenizer, facts):

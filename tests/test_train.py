@@ -1,5 +1,4 @@
 """Fine-tuning a bf16 model: fp32 master weights keep the updates that a pure-bf16 AdamW step rounds away."""
-import pytest
 import torch
 
 from conftest import build_model
