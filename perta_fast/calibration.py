@@ -21,6 +21,7 @@ from .console import bar, log, pyplot
 from .data import MIN_VALIDATION_ROWS, QA, data_hash, hold_out, load_qa
 from .dtypes import autocast_for
 from .errors import PertaError
+from .hf import element_places, renamed_to, stored_layout
 from .merge import MergeExecutor, plan_merge
 from .options import DEFAULT_LAMS, CalibrateOptions, MergeOptions  # noqa: F401  (importable here, as always)
 from .eval import answer_probabilities, evaluate
@@ -60,20 +61,33 @@ class ModelAtLambda:
         math_device = pick_device(device)
         self.plan = plan_merge(base, finetuned, importance, replace(merge_options, device=math_device))
         self.steps = [s for s in self.plan.steps if s.action != "copy"]
-        state = self.model.state_dict(keep_vars=True)
-        missing = [s.name for s in self.steps if s.name not in state]
+        # the merge works on the checkpoint's stored tensors, the model on its parameters: transformers 5 loads
+        # some under other names (GPT-NeoX's embed_out) or fuses them (MoE experts); hf says which is where
+        self.params = dict(self.model.named_parameters())
+        self.owner = {stored: name for name, pieces in stored_layout(self.model, self.params).items()
+                      for stored in pieces}
+        missing = [s.name for s in self.steps if s.name not in self.owner]
         if missing:
             raise PertaError(f"{base}: tensor {missing[0]} is not a parameter of the loaded model")
-        self.targets = {s.name: state[s.name] for s in self.steps}
+        self.renamed = {name: renamed_to(self.model, name, self.params[name].shape) is not None
+                        for name in {self.owner[s.name] for s in self.steps}}
         self.executor = MergeExecutor(self.plan)
 
     def set(self, lam: float) -> float:
         """Move the model to λ; returns the mean w."""
         import torch
 
+        places = {}  # a fused parameter's element places, found once per move and dropped after it
         with torch.no_grad():
             for step, tensor in self.executor.tensors(self.steps, lam):
-                self.targets[step.name].copy_(tensor)
+                name = self.owner[step.name]
+                param = self.params[name]
+                if self.renamed[name]:
+                    param.copy_(tensor)
+                    continue
+                if name not in places:
+                    places[name] = element_places(self.model, name, param.shape)
+                param.view(-1)[places[name][step.name].flatten().long()] = tensor.flatten().to(param.dtype)
         return self.executor.mean_weight
 
 

@@ -233,25 +233,41 @@ def stored_layout(model, names) -> dict[str, dict[str, tuple[int, ...]]]:
             for name in names}
 
 
-def to_stored(model, name: str, scores) -> dict:
-    """A module parameter's per-element scores under their stored names. A renamed parameter's scores are the
-    same tensor. Otherwise the reversal is applied to the element numbers (int32 where they fit, 4 bytes per
-    element held while this runs), which says where each element goes; kept only when every element lands
-    exactly once: a conversion that combined elements would leave a per-element score no stored place."""
+def renamed_to(model, name: str, shape) -> str | None:
+    """The stored name of a parameter transformers keeps whole under another name (or its own), else None (its
+    elements are rearranged on save: element_places says where)."""
     import torch
     from transformers.core_model_loading import revert_weight_conversion
 
-    probe = torch.empty(scores.shape, device="meta")
+    probe = torch.empty(shape, device="meta")
     moved = revert_weight_conversion(model, {name: probe})
-    if len(moved) == 1 and next(iter(moved.values())) is probe:
-        return {next(iter(moved)): scores}
-    numbers = torch.arange(scores.numel(), dtype=torch.int64 if scores.numel() >= 2 ** 31 else torch.int32)
-    pieces = revert_weight_conversion(model, {name: numbers.reshape(scores.shape)})
-    seen = torch.zeros(scores.numel(), dtype=torch.uint8)
+    return next(iter(moved)) if len(moved) == 1 and next(iter(moved.values())) is probe else None
+
+
+def element_places(model, name: str, shape) -> dict:
+    """stored name -> the index, into the flattened parameter, of each element of that stored tensor (its shape):
+    the reversal applied to the element numbers (int32 where they fit, 4 bytes per element held while they are).
+    Refused unless every element lands exactly once: a conversion that combined elements would leave a
+    per-element score, or a merged value, no single place."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    numel = torch.Size(shape).numel()
+    numbers = torch.arange(numel, dtype=torch.int64 if numel >= 2 ** 31 else torch.int32)
+    pieces = revert_weight_conversion(model, {name: numbers.reshape(shape)})
+    seen = torch.zeros(numel, dtype=torch.uint8)
     for index in pieces.values():
         seen[index.flatten()] += 1
-    if sum(i.numel() for i in pieces.values()) != scores.numel() or not bool((seen == 1).all()):
+    if sum(i.numel() for i in pieces.values()) != numel or not bool((seen == 1).all()):
         raise PertaError(f"{name}: transformers stores this parameter through a conversion that does not keep each "
-                         "element apart; its per-element importance has no stored place")
+                         "element apart; its per-element values have no single stored place")
+    return pieces
+
+
+def to_stored(model, name: str, scores) -> dict:
+    """A module parameter's per-element scores under their stored names: a renamed parameter's are the same tensor."""
+    only = renamed_to(model, name, scores.shape)
+    if only is not None:
+        return {only: scores}
     flat = scores.flatten()
-    return {stored: flat[index] for stored, index in pieces.items()}
+    return {stored: flat[index] for stored, index in element_places(model, name, scores.shape).items()}

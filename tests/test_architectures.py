@@ -216,3 +216,20 @@ def test_readme_support_table_says_what_the_tests_check():
         assert row is not None, kind
         cells = [c.strip() for c in row.split("|")[2:-1]]
         assert (cells[3] == "no: use grad") == (kind in MOE), row
+
+
+def test_calibration_moves_the_loaded_model_to_the_merged_weights(pipeline, tmp_path):
+    """calibrate moves θ_full in place over λ by the merge's executor: its parameters are the module's (fused
+    experts, NeoX's lm_head), the merge's tensors the checkpoint's. At λ = 1 the moved model, saved, is the merge's
+    output file bit for bit."""
+    from perta_fast.calibration import ModelAtLambda
+    from perta_fast.options import MergeOptions
+
+    kind, root, _ = pipeline
+    at = ModelAtLambda(root / "full", root / "ft", root / "grad.safetensors", MergeOptions())
+    at.set(1.0)
+    at.model.save_pretrained(tmp_path / "moved")
+    moved, merged = load_folder(tmp_path / "moved"), load_folder(root / "u")
+    assert set(moved) == set(merged)
+    for name in merged:
+        assert torch.equal(moved[name], merged[name]), name
