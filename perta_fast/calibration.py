@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .console import bar, log, pyplot
-from .data import MIN_VALIDATION_ROWS, QA, data_hash, hold_out, load_qa
+from .data import MIN_VALIDATION_ROWS, QA, data_hash, hold_out, load_qa, source_of
 from .dtypes import autocast_for
 from .errors import PertaError
 from .hf import element_places, renamed_to, stored_layout
@@ -111,9 +111,9 @@ def score(model, tokenizer, sets: dict[str, list[QA]], opts: CalibrateOptions) -
     point = {}
     with autocast_for(model, opts.bf16_autocast):
         for name, rows in sets.items():
-            r = evaluate(model, tokenizer, rows, opts.batch_size, opts.max_new_tokens, opts.generate)
+            r = evaluate(model, tokenizer, rows, opts.batch_size, opts.max_new_tokens, opts.generate, opts.max_length)
             point[f"{name}_prob"] = r["answer_prob"]
-            if opts.generate:
+            if "exact_match" in r:  # rows without a question (text, conversations) are scored by probability only
                 point[f"{name}_em"] = r["exact_match"]
     return point
 
@@ -204,7 +204,7 @@ def _note(lam, hi, reached, target, lams) -> str | None:
 
 def format_curve(result: dict) -> str:
     """One line per point tried, then the choice."""
-    em = "forget_em" in result["reference"]
+    em = "forget_em" in result["reference"] and "retain_em" in result["reference"]
     head = f"{'λ':>9} {'forget prob':>12} {'retain prob':>12}" + (f" {'forget EM':>10} {'retain EM':>10}" if em else "")
     rows = [head]
     for p in [{"lam": 0.0, **result["reference"]}] + result["points"]:
@@ -285,7 +285,7 @@ def calibrate_files(base, finetuned, forget_spec, retain_spec, importance=None,
         out = Path(out)
         for path in (out, out.with_suffix(".png")):
             check_output_path(path, overwrite, inputs)
-    where = {"forget": str(forget_spec), "retain": str(retain_spec)}
+    where = {"forget": source_of(forget_spec, "the forget set"), "retain": source_of(retain_spec, "the retain set")}
     rows = {"forget": load_qa(forget_spec), "retain": load_qa(retain_spec)}
     split = validation_sets(rows["forget"], rows["retain"], opts.hold_out, where)
     if importance is not None:

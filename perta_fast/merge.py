@@ -313,12 +313,20 @@ def model_card(record: dict) -> str:
     return "\n".join(lines)
 
 
+def _shape_said(data: dict | None) -> str:
+    if not data:
+        return ""
+    return f" of {data['format']}, {data['samples']} samples, {data['scored_tokens']} scored tokens"
+
+
 def card_with_metrics(card: str, summary: dict) -> str:
     """`unlearn`'s addition to the card: the sets' sizes and hashes (never their text) and the
     before/after table when it evaluated."""
     lines = [card.rstrip("\n"), "", "## Unlearning request", "",
-             f"- forget set: {summary['forget_rows']} rows (sha256 {summary['forget_sha256'][:16]}…)",
-             f"- retain set: {summary['retain_rows']} rows (sha256 {summary['retain_sha256'][:16]}…)"]
+             f"- forget set: {summary['forget_rows']} rows{_shape_said(summary.get('forget_data'))} "
+             f"(sha256 {summary['forget_sha256'][:16]}…)",
+             f"- retain set: {summary['retain_rows']} rows{_shape_said(summary.get('retain_data'))} "
+             f"(sha256 {summary['retain_sha256'][:16]}…)"]
     if not summary.get("work_kept", True):
         lines.append("- θ_ft and the importance file above were derived from the forget set by this run and deleted "
                      "once the merge was written (`--keep-work` keeps them)")

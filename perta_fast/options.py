@@ -158,6 +158,7 @@ class CalibrateOptions:
     generate: bool = opt(True, "greedy exact match at each point (reported; the choice uses probabilities)",
                          hidden=True)
     max_new_tokens: int = opt(32, hidden=True)
+    max_length: int = opt(256, "tokens per sample (prompt + answer; a text's window)", type=positive)
     batch_size: int = opt(GENERATE_BATCH, "questions decoded together (exact match)", type=positive)
     device: str | None = opt(None, DEVICE_HELP)
     dtype: str = _dtype()

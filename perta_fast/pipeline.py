@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .calibration import calibrate, check_options, probability_curve, validation_sets, write_curve
 from .console import bar, log, pyplot
-from .data import QA, check_sets, data_hash, load_qa
+from .data import QA, check_sets, data_hash, encode, load_qa, set_summary, source_of
 from .errors import PertaError
 from .eval import evaluate
 from .facts import make_facts
@@ -19,7 +19,7 @@ from .io import SafetensorsFile, content_sha256
 from .lora import is_adapter
 from .memory import PeakRssAnon, release_freed_memory
 from .merge import card_with_metrics, merge, plan_merge, write_merge
-from .models import default_model, load_model, pick_device
+from .models import default_model, load_model, load_tokenizer, pick_device
 from .options import DemoOptions, FinetuneOptions, ImportanceOptions, MergeOptions, UnlearnOptions  # noqa: F401
 from .outputs import atomic_dir, check_output_path, remove_path
 from .train import finetune, lora_config
@@ -90,12 +90,13 @@ def build_importance(model_dir, forget, retain, method: str, work: Path, opts: U
 
 
 def evaluate_models(models: dict[str, Path], sets: dict[str, list[QA]], device=None, generate=True,
-                    dtype=None) -> dict:
+                    dtype=None, max_length: int = 256) -> dict:
     """{model label: {set label: evaluate(...)}} loading one model at a time."""
     results = {}
     for label, folder in bar(models.items(), desc="evaluate", unit="model"):
         model, tok = load_model(folder, device, dtype)
-        results[label] = {name: evaluate(model, tok, rows, generate=generate) for name, rows in sets.items()}
+        results[label] = {name: evaluate(model, tok, rows, generate=generate, max_length=max_length)
+                          for name, rows in sets.items()}
         del model
     return results
 
@@ -159,11 +160,13 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
     auto = opts.lam == "auto"
     if not auto and isinstance(opts.lam, str):
         raise PertaError(f"--lam must be a number or auto, got {opts.lam!r}")
-    where = {"forget": str(forget) if not isinstance(forget, list) else "the forget set",
-             "retain": str(retain) if not isinstance(retain, list) else "the retain set"}
+    where = {"forget": source_of(forget, "the forget set"), "retain": source_of(retain, "the retain set")}
     forget, retain = load_qa(forget), load_qa(retain)
     # identical sets refused before θ_ft is trained; importance warns of rows the two share
     check_sets(forget, retain, (where["forget"], where["retain"]))
+    tok = load_tokenizer(model_dir)  # the sets' shapes and counts for the record; a bad row fails here, before work
+    described = {label: set_summary(rows, encode(tok, rows, opts.max_length))
+                 for label, rows in (("forget", forget), ("retain", retain))}
     split = None
     if auto:
         check_options(opts.calibration)
@@ -206,7 +209,8 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
                        "out": str(out), "finetuned": str(finetuned),
                        "importance": str(importance) if importance else None, "mean_weight": record["mean_weight"],
                        "forget_rows": len(forget), "forget_sha256": data_hash(forget), "retain_rows": len(retain),
-                       "retain_sha256": data_hash(retain), "work": str(work), "work_kept": opts.keep_work}
+                       "retain_sha256": data_hash(retain), "forget_data": described["forget"],
+                       "retain_data": described["retain"], "work": str(work), "work_kept": opts.keep_work}
             if calibration is not None:
                 write_curve(calibration, staged)
                 summary["calibration"] = calibration
@@ -214,7 +218,8 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
                 summary["eval"] = meter("eval", evaluate_models,
                                         {"before (θ_full)": Path(model_dir), f"after ({opts.method})": staged},
                                         {"forget": forget[:opts.eval_samples or None],
-                                         "retain": retain[:opts.eval_samples or None]}, opts.device, dtype=opts.dtype)
+                                         "retain": retain[:opts.eval_samples or None]}, opts.device, dtype=opts.dtype,
+                                        max_length=opts.max_length)
                 summary["table"] = format_table(summary["eval"])
             summary["seconds"] = {**meter.seconds, "total": round(time.perf_counter() - t0, 2)}
             summary["peak_rss_anon_bytes"] = meter.peak_host

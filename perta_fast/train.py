@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import distributed, dtypes
 from .console import bar, log
-from .data import QA, collate, data_hash, encode, logits_of, pad_id
+from .data import QA, collate, data_hash, encode, logits_of, pad_id, set_summary
 from .dtypes import autocast, warn_if_emulated_bf16
 from .errors import PertaError
 from .io import content_sha256
@@ -269,7 +269,7 @@ def finetune(model_dir: str | Path, rows: list[QA], out: str | Path, options: Fi
     if opts.save_dtype != "auto":
         model.to(dtypes.torch_dtype(opts.save_dtype))
     record = {"base": str(Path(model_dir).resolve()), "base_sha256": fingerprint["base_sha256"], "n_rows": len(rows),
-              "data_sha256": data_hash(rows),
+              "data_sha256": data_hash(rows), "data": set_summary(rows, encode(tok, rows, opts.max_length)),
               "options": asdict(opts), "epoch_losses": losses, "seconds": round(time.perf_counter() - t0, 2),
               "kind": "lora adapter" if opts.lora_rank is not None else "checkpoint",
               "ranks": distributed.rank_and_size()[1]}

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import load_folder, random_tensors, tree_digest, write_importance
+from helpers import tokens_by_hand, load_folder, random_tensors, tree_digest, write_importance
 from perta_fast.cli import main
 
 
@@ -153,7 +153,7 @@ def test_unlearn_crash_in_evaluation_leaves_no_output(workspace, tiny_dir, monke
     assert (out / "perta_unlearn.json").is_file() and (out / "perta_merge.json").is_file()
 
 
-def test_unlearn_deletes_what_it_derived_from_the_forget_set(workspace, tiny_dir, capsys):
+def test_unlearn_deletes_what_it_derived_from_the_forget_set(workspace, tiny_dir, tiny_tokenizer, capsys):
     """Without --keep-work, θ_ft (trained on exactly the data to delete) and the importance file are gone
     once the output is written, and the user is told; the record keeps hashes and counts, not rows."""
     out = workspace / "clean"
@@ -169,7 +169,12 @@ def test_unlearn_deletes_what_it_derived_from_the_forget_set(workspace, tiny_dir
     forget = json.loads((workspace / "forget.json").read_text())
     assert record["forget_rows"] == len(forget) and len(record["forget_sha256"]) == 64
     card = (out / "README.md").read_text()
-    assert f"forget set: {len(forget)} rows (sha256 {record['forget_sha256'][:16]}" in card
+    data = record["forget_data"]
+    assert data["format"] == "question/answer" and data["rows"] == data["samples"] == len(forget)
+    by_hand = [tokens_by_hand(tiny_tokenizer, r["question"], r["answer"]) for r in forget]
+    assert data["scored_tokens"] == sum(len(ids) - n_prompt for ids, n_prompt in by_hand)
+    assert f"forget set: {len(forget)} rows of question/answer, {len(forget)} samples, {data['scored_tokens']} " \
+           f"scored tokens (sha256 {record['forget_sha256'][:16]}" in card
     # the card names no path of this machine, and says that what it names from the work folder is gone
     assert str(workspace) not in card and str(tiny_dir) not in card and "base_model" not in card
     assert "`theta_ft` (θ_ft" in card and "deleted once the merge was written" in card

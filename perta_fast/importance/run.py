@@ -16,7 +16,7 @@ import torch
 from .. import distributed, dtypes
 from .._version import __version__
 from ..console import log
-from ..data import QA, check_sets, data_hash, encode, hold_out
+from ..data import QA, check_sets, data_hash, encode, hold_out, set_summary
 from ..errors import PertaError
 from ..faults import kill_point
 from ..hf import stored_layout, to_stored, transformers_version
@@ -52,8 +52,10 @@ def _load(model_dir, forget, retain, o: ImportanceOptions, where: tuple[str, str
         log.warning("%d of the %d forget rows (%s) are in %s too: importance counts them on both sides, so the "
                     "weights they drive move less", shared, len(set(forget)), where[0], where[1])
     model, tok = load_model(model_dir, o.device, o.dtype, gradient_checkpointing=o.gradient_checkpointing)
-    for rows, name in ((forget, where[0]), (retain, where[1])):  # a prompt too long, answers cut: said once, now
-        encode(tok, rows, o.max_length, name)
+    counts = {}
+    for label, rows, name in (("forget", forget, where[0]), ("retain", retain, where[1])):
+        # a prompt too long, answers cut: said once, now; the records keep the shape and the counts
+        counts.update({f"{label}_{k}": v for k, v in set_summary(rows, encode(tok, rows, o.max_length, name)).items()})
     layout = stored_layout(model, _unique_params(model))
     why = unstored(model_dir, layout, model.config.model_type)
     if why:
@@ -62,7 +64,7 @@ def _load(model_dir, forget, retain, o: ImportanceOptions, where: tuple[str, str
     if o.adapter is not None:  # the adapter names stored tensors; the estimators work on the module's
         targets = set(adapter_targets(o.adapter, model_dir))
         names = [n for n, pieces in layout.items() if targets & set(pieces)]
-    return model, tok, forget, retain, names
+    return model, tok, forget, retain, names, counts
 
 
 def unstored(model_dir, layout: dict, model_type: str) -> str | None:
@@ -113,7 +115,7 @@ def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA]
     o = replace(options or ImportanceOptions(), **fields)
     t0 = time.perf_counter()
     distributed.setup(o.device)
-    model, tok, forget, retain, names = _load(model_dir, forget, retain, o)
+    model, tok, forget, retain, names, counts = _load(model_dir, forget, retain, o)
     distributed.agree({"forget": data_hash(forget), "retain": data_hash(retain), "method": o.method,
                        "batch_size": str(o.batch_size), "names": str(names)}, "the importance run")
     tensors = {}
@@ -122,7 +124,7 @@ def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA]
                                      progress=progress, desc=f"{o.method} {label}", names=names)
         for n, s in _checked(scores, label, model_dir).items():
             tensors.update({f"{label}/{stored}": t for stored, t in to_stored(model, n, s).items()})
-    return tensors, _metadata(model, model_dir, forget, retain, o, t0)
+    return tensors, _metadata(model, model_dir, forget, retain, o, t0, **counts)
 
 
 class _RunState:
@@ -216,7 +218,7 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
     t0 = time.perf_counter()
     distributed.setup(o.device)
     main = distributed.is_main()  # under torchrun every rank estimates its share; rank 0 alone writes
-    model, tok, forget, retain, names = _load(model_dir, forget, retain, o, where)
+    model, tok, forget, retain, names, counts = _load(model_dir, forget, retain, o, where)
     params = _unique_params(model, names)
     sizes = {n: p.numel() for n, p in params.items()}
     widest = max((tuple(p.shape) for p in params.values() if p.dim() == 2), key=lambda s: s[0] * s[1],
@@ -245,7 +247,7 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
     else:
         layout = [(f"{label}/{s}", shape, torch.float32) for s, shape in stored for label in ("forget", "retain")]
     meta_extra = {"groups": len(groups), "write": o.write, "ranks": distributed.rank_and_size()[1],
-                  "accumulators": "host" if o.offload else "device"}
+                  "accumulators": "host" if o.offload else "device", **counts}
     if o.write == "weights":
         meta_extra.update(alpha=o.alpha, power=o.power, eps=o.eps, weight_dtype=o.weight_dtype)
     meta = _metadata(model, model_dir, forget, retain, o, t0, **meta_extra)
