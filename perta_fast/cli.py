@@ -151,12 +151,15 @@ COMMANDS_SPEC = {
         ("--retain", _path("NPO's retain loss (GA does not use it)", True)), *READING,
         ("--out", _path("the unlearned checkpoint folder", True)),
         OVERWRITE], [o.BaselineOptions()]),
-    "eval": ("TOFU metrics of a checkpoint (or --compare saved results side by side)", [
+    "eval": ("TOFU or MUSE metrics of a checkpoint (or --compare saved results side by side)", [
         ("--model", _path("checkpoint folder to evaluate")),
+        ("--benchmark", {"choices": ["tofu", "muse"], "default": "tofu", "help": "tofu (--tofu FOLDER) or muse "
+                                                                                 "(--data FOLDER)"}),
         ("--tofu", _path("TOFU folder (…_perturbed.json files)")),
+        ("--data", _path("MUSE folder laid out like ../shared/data/muse-news (docs/formats.md#muse)")),
         ("--forget-split", {"default": "forget01", "help": "forget01, forget05, … (its _perturbed file)"}),
-        ("--retain-model", _path("retain-only model for forget quality: its folder, its eval .json, or its "
-                                 "open-unlearning TOFU_EVAL.json")),
+        ("--retain-model", _path("retain-only (retrained) model, for TOFU's forget quality or MUSE's PrivLeak: its "
+                                 "folder, its eval .json, or its open-unlearning TOFU_EVAL.json / MUSE_EVAL.json")),
         ("--max-rows", {"type": o.positive, "default": None, "help": "first N rows of each split"}),
         ("--out", _path("results .json (a markdown table goes beside it as .md)")),
         ("--format", {"choices": ["perta-fast", "open-unlearning"], "default": "perta-fast",
@@ -338,8 +341,18 @@ def _eval(a):
     if a.compare:
         print(ev.compare(a.compare))
         return
+    if a.benchmark == "muse":
+        if not a.model or not a.data:
+            raise PertaError("eval --benchmark muse needs --model and --data (a MUSE folder)")
+        res = ev.muse_checkpoint(a.model, a.data, a.out, a.retain_model, build_options(o.EvalOptions, a), a.max_rows,
+                                 a.overwrite, a.format == "open-unlearning")
+        print(ev.format_muse(res))
+        if a.out:
+            print(f"\nresults: {a.out}" + (f"; open-unlearning logs: {', '.join(res['open_unlearning'])}"
+                                           if "open_unlearning" in res else ""))
+        return
     if not a.model or not a.tofu:
-        raise PertaError("eval needs --model and --tofu (or --compare RESULTS_JSON …)")
+        raise PertaError("eval needs --model and --tofu (or --benchmark muse --data, or --compare RESULTS_JSON …)")
     res = ev.eval_checkpoint(a.model, ev.tofu_splits(a.tofu, a.forget_split, a.max_rows), a.out, a.retain_model,
                              build_options(o.EvalOptions, a), a.overwrite, a.format == "open-unlearning")
     print(ev.format_results({a.model: res}))

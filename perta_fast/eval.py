@@ -26,6 +26,8 @@ from .options import GENERATE_BATCH, EvalOptions
 from .scoring import decode, generate_answers, score_questions
 from .io import read_json
 from .models import load_model
+from .muse import EVAL_NAME as MUSE_EVAL, SUMMARY_NAME as MUSE_SUMMARY, auc_forget_above_holdout, evaluate_muse, \
+    load_muse, min_k_scores, open_unlearning_logs
 from .openunlearning import EVAL_NAME, SUMMARY_NAME, is_eval_log, reference_from_log, write_logs
 from .outputs import atomic_file, check_output_path
 
@@ -291,3 +293,75 @@ def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out:
 def compare(paths: list[str | Path]) -> str:
     """Side-by-side table of saved results; each row is labelled by its file name."""
     return format_results({Path(p).stem: load_results(p) for p in paths})
+
+
+# ---- MUSE (perta_fast.muse): `perta-fast eval --benchmark muse --data DIR`
+
+def muse_reference_auc(reference: str | Path, data: dict, opts: EvalOptions) -> float:
+    """The retrained model's privleak AUC: from its folder (evaluated on the same excerpts), its saved results
+    (.json from `eval --benchmark muse`), or its open-unlearning MUSE_EVAL.json / MUSE_SUMMARY.json."""
+    reference = Path(reference)
+    if reference.is_dir():
+        model, tok = load_model(reference, opts.device, opts.dtype)
+        return auc_forget_above_holdout(min_k_scores(model, tok, data["privleak_forget"]),
+                                        min_k_scores(model, tok, data["privleak_holdout"]))
+    content = read_json(reference)
+    for value in (content.get("privleak_auc"), (content.get("mia_min_k") or {}).get("auc")
+                  if isinstance(content.get("mia_min_k"), dict) else content.get("mia_min_k")):
+        if isinstance(value, (int, float)):
+            return float(value)
+    raise PertaError(f"{reference}: holds no privleak AUC (privleak_auc of eval --benchmark muse's results, or "
+                     "mia_min_k of open-unlearning's MUSE logs)")
+
+
+def muse_checkpoint(model_dir: str | Path, data_dir: str | Path, out: str | Path | None = None,
+                    reference: str | Path | None = None, opts: EvalOptions | None = None, max_rows: int | None = None,
+                    overwrite: bool = False, open_unlearning: bool = False) -> dict:
+    """MUSE's metrics of the checkpoint in `model_dir` on the folder `data_dir` (perta_fast.muse); `out` (.json)
+    and, with `open_unlearning`, MUSE_EVAL.json and MUSE_SUMMARY.json beside it."""
+    import json
+    import time
+
+    opts = opts or EvalOptions()
+    if open_unlearning and out is None:
+        raise PertaError("--format open-unlearning writes MUSE_EVAL.json and MUSE_SUMMARY.json beside --out: give --out")
+    paths = []
+    if out is not None:
+        out = Path(out)
+        paths = [out] + ([out.with_name(MUSE_EVAL), out.with_name(MUSE_SUMMARY)] if open_unlearning else [])
+        for path in paths:
+            check_output_path(path, overwrite, (model_dir,))
+    data = load_muse(data_dir, max_rows)
+    t0 = time.perf_counter()
+    auc_retrained = muse_reference_auc(reference, data, opts) if reference is not None else None
+    model, tok = load_model(model_dir, opts.device, opts.dtype)
+    with autocast_for(model, opts.bf16_autocast):
+        results = {"model": str(model_dir), "benchmark": "muse", "data": str(data_dir),
+                   **evaluate_muse(model, tok, data, auc_retrained, opts.batch_size)}
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    if out is not None:
+        contents = [results]
+        if open_unlearning:
+            contents += list(open_unlearning_logs(results))
+        for path, content in zip(paths, contents):
+            with atomic_file(path, overwrite, (model_dir,)) as tmp:
+                tmp.write_text(json.dumps(content, indent=1, ensure_ascii=False))
+        if open_unlearning:
+            results["open_unlearning"] = [str(p) for p in paths[1:]]
+    return results
+
+
+def format_muse(results: dict) -> str:
+    leak = results["privleak"]
+    lines = [f"MUSE on {results['data']} ({results['n']['verbmem']} verbmem, {results['n']['forget_qa']} forget / "
+             f"{results['n']['retain_qa']} retain questions, {results['n']['privleak_forget']} + "
+             f"{results['n']['privleak_holdout']} privleak excerpts)",
+             f"  VerbMem (forget)     {results['verbmem_f']:7.2f}   ROUGE-L F1 × 100: verbatim memory, lower is forgotten",
+             f"  KnowMem (forget)     {results['knowmem_f']:7.2f}   lower is forgotten",
+             f"  KnowMem (retain)     {results['knowmem_r']:7.2f}   utility: higher is kept",
+             f"  PrivLeak AUC         {results['privleak_auc']:7.3f}   forget vs holdout excerpts (0.5: indistinguishable)",
+             f"  PrivLeak             " + (f"{leak:7.2f}   vs the retrained model's AUC {results['auc_retrained']:.3f} "
+                                           "(0 ideal; negative: still remembered)" if leak is not None
+                                           else "      -   " + results["note"]),
+             f"  Extraction strength  {results['extraction_strength']:7.3f}   on the VerbMem rows"]
+    return "\n".join(lines)

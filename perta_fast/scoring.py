@@ -180,7 +180,8 @@ def _score_group(model, trees: list[_Tree], prefix, n_prefix: int, pad: int, eos
         picked = logits[b, at, tree.tokens].float().tolist() if tree.tokens else []
         logp = [x - lse[b][k] for x, k in zip(picked, at)]
         nll = [-sum(logp[i] for i in path) / len(path) if path else 0.0 for path in tree.paths]
-        strength = [_extraction([top[b][at[i]] for i in path], [tree.tokens[i] for i in path]) for path in tree.paths]
+        strength = [extraction_strength([top[b][at[i]] for i in path], [tree.tokens[i] for i in path])
+                    for path in tree.paths]
         scores = QuestionScores(nll, strength)
         going = None
         if generate > 0:
@@ -239,7 +240,7 @@ def _normaliser_and_argmax(logits: torch.Tensor):
     return lse, top
 
 
-def _extraction(predicted: list[int], answer: list[int]) -> float:
+def extraction_strength(predicted: list[int], answer: list[int]) -> float:
     """1 − k/|a|, k the shortest answer prefix after which every teacher-forced argmax equals its token."""
     misses = [j for j, (p, t) in enumerate(zip(predicted, answer)) if p != t]
     k = misses[-1] + 1 if misses else 0
@@ -331,12 +332,20 @@ def _run_prompts(model, prompts: list[list[int]], pad: int):
 @torch.no_grad()
 def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 32,
                      batch_size: int = GENERATE_BATCH) -> list[str]:
-    """Greedy answers from the prompts alone (no answer to start from), decoded in batches of questions of
-    similar prompt length, left-padded so every prompt ends where decoding starts."""
-    pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
+    """Greedy answers to questions through the chat template (generate_tokens)."""
     prompts = [_prompt(tokenizer, q) for q in questions]
+    return [decode(tokenizer, t) for t in generate_tokens(model, tokenizer, prompts, max_new_tokens, batch_size)]
+
+
+@torch.no_grad()
+def generate_tokens(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 32,
+                    batch_size: int = GENERATE_BATCH) -> list[list[int]]:
+    """Greedy continuations of token prompts (no answer to start from), decoded in batches of prompts of
+    similar length, left-padded so every prompt ends where decoding starts; each stops at the end token or
+    `max_new_tokens`."""
+    pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [""] * len(prompts)
+    answers: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         out, mask = _run_prompts(model, [prompts[i] for i in batch], pad)
@@ -349,7 +358,7 @@ def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int
             del out  # its cache is copied into the roomy one; held, it would stay to the end of decoding
             _continue(model, cache, mask, mask.sum(1), chosen, tokens, max_new_tokens, eos)
         for i, t in zip(batch, tokens):
-            answers[i] = decode(tokenizer, t if max_new_tokens > 0 else [])
+            answers[i] = t if max_new_tokens > 0 else []
     return answers
 
 

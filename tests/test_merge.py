@@ -69,9 +69,13 @@ def test_output_card_says_what_was_done_not_the_base_card(tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "SmolLM2-135M-Instruct" not in card and "compact instruction model" not in card
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]  # Hugging Face's YAML front matter
-    assert f"base_model: {json.dumps(str(full.resolve()))}" in front and "- unlearning" in front
+    # a local folder is no hub repository id: no base_model; names, not this machine's paths, in the card
+    assert "base_model" not in front and "- unlearning" in front
     assert body.lstrip().startswith("# Unlearned model") and "method: perta, λ = 0.7, α = 2" in body
-    assert str(full.resolve()) in card and str(imp.resolve()) in card and str(ft_dir.resolve()) in card
+    assert f"`{full.name}` (θ_full)" in card and f"`{imp.name}`" in card and f"`{ft_dir.name}` (θ_ft" in card
+    assert str(tmp_path) not in card
+    record = json.loads((tmp_path / "out" / "perta_merge.json").read_text())  # the record keeps the paths
+    assert record["base"] == str(full.resolve()) and record["importance"] == str(imp.resolve())
     assert (full / "README.md").read_text().startswith("# SmolLM2")  # the input is untouched
 
 

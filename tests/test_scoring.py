@@ -43,9 +43,9 @@ def es_of_one_sequence(model, tok, question, answer):
 
 def test_extraction_strength_by_hand():
     # answer 1,2,3,4; teacher-forced argmaxes 5,2,5,4: last miss at index 2 → k = 3
-    assert sc._extraction([5, 2, 5, 4], [1, 2, 3, 4]) == 1 - 3 / 4
-    assert sc._extraction([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
-    assert sc._extraction([1, 2, 3, 0], [1, 2, 3, 4]) == 0.0
+    assert sc.extraction_strength([5, 2, 5, 4], [1, 2, 3, 4]) == 1 - 3 / 4
+    assert sc.extraction_strength([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert sc.extraction_strength([1, 2, 3, 0], [1, 2, 3, 4]) == 0.0
 
 
 def test_answers_become_one_tree():
