@@ -218,6 +218,16 @@ def meta_model(config: dict, path):
                          f"({why[:200] + '…' if len(why) > 200 else why})") from None
 
 
+def _reversal():
+    """transformers 5's reversal of its load conversion; None before 5 (no conversion: a parameter's module name
+    is its stored name)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return None
+    return revert_weight_conversion
+
+
 def stored_layout(model, names) -> dict[str, dict[str, tuple[int, ...]]]:
     """module parameter name -> {stored name: shape}: where the parameter is kept in the checkpoint files.
     transformers 5 loads some architectures through a conversion (GPT-NeoX's embed_out is the module's lm_head;
@@ -225,9 +235,11 @@ def stored_layout(model, names) -> dict[str, dict[str, tuple[int, ...]]]:
     stored layout back on save with its own reversal (`revert_weight_conversion`), which is asked here on
     shapes alone (the meta device): no memory, whatever the model's size."""
     import torch
-    from transformers.core_model_loading import revert_weight_conversion
 
     params = dict(model.named_parameters())
+    revert_weight_conversion = _reversal()
+    if revert_weight_conversion is None:
+        return {name: {name: tuple(params[name].shape)} for name in names}
     return {name: {stored: tuple(t.shape) for stored, t in
                    revert_weight_conversion(model, {name: torch.empty(params[name].shape, device="meta")}).items()}
             for name in names}
@@ -237,8 +249,10 @@ def renamed_to(model, name: str, shape) -> str | None:
     """The stored name of a parameter transformers keeps whole under another name (or its own), else None (its
     elements are rearranged on save: element_places says where)."""
     import torch
-    from transformers.core_model_loading import revert_weight_conversion
 
+    revert_weight_conversion = _reversal()
+    if revert_weight_conversion is None:
+        return name
     probe = torch.empty(shape, device="meta")
     moved = revert_weight_conversion(model, {name: probe})
     return next(iter(moved)) if len(moved) == 1 and next(iter(moved.values())) is probe else None
@@ -250,8 +264,8 @@ def element_places(model, name: str, shape) -> dict:
     Refused unless every element lands exactly once: a conversion that combined elements would leave a
     per-element score, or a merged value, no single place."""
     import torch
-    from transformers.core_model_loading import revert_weight_conversion
 
+    revert_weight_conversion = _reversal()
     numel = torch.Size(shape).numel()
     numbers = torch.arange(numel, dtype=torch.int64 if numel >= 2 ** 31 else torch.int32)
     pieces = revert_weight_conversion(model, {name: numbers.reshape(shape)})

@@ -233,3 +233,15 @@ def test_calibration_moves_the_loaded_model_to_the_merged_weights(pipeline, tmp_
     assert set(moved) == set(merged)
     for name in merged:
         assert torch.equal(moved[name], merged[name]), name
+
+
+def test_before_transformers_5_module_names_are_stored_names(monkeypatch, tiny_tokenizer):
+    """transformers 4.x (the floor is 4.56) has no load conversion and no reversal to ask: names stay."""
+    from perta_fast import hf
+
+    monkeypatch.setattr(hf, "_reversal", lambda: None)
+    model = build_arch("llama", len(tiny_tokenizer))
+    params = dict(model.named_parameters())
+    assert hf.stored_layout(model, params) == {n: {n: tuple(p.shape)} for n, p in params.items()}
+    scores = torch.ones(params["lm_head.weight"].shape)
+    assert hf.to_stored(model, "lm_head.weight", scores) == {"lm_head.weight": scores}
