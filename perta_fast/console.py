@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+import time
 
 log = logging.getLogger("perta_fast")
 _bars = True  # False under --quiet
@@ -49,11 +51,17 @@ PROGRESS_SECONDS = 60.0  # between progress lines when stderr is not a terminal 
 
 class _ProgressLines:
     """tqdm's output as log lines: under nohup, CI or a scheduler a bar redrawn in place is one endless line
-    in the log, or nothing until the end."""
+    in the log, or nothing until the end. tqdm also refreshes from its monitor thread and on close: a line
+    within half an interval of the last is dropped, unless it is the last one (100 %)."""
+
+    def __init__(self, every: float):
+        self.every, self.last = every, -math.inf
 
     def write(self, text: str) -> None:
         text = text.strip("\r\n ")
-        if text:
+        now = time.monotonic()
+        if text and (now - self.last >= self.every / 2 or "(100 %)" in text):
+            self.last = now
             log.info("%s", text)
 
     def flush(self) -> None:
@@ -70,7 +78,7 @@ def bar(iterable=None, show: bool = True, **kwargs):
     if sys.stderr.isatty():
         return tqdm(iterable, disable=False, file=sys.stderr, **kwargs)
     every = float(os.environ.get("PERTA_FAST_PROGRESS_SECONDS", PROGRESS_SECONDS))
-    return tqdm(iterable, disable=False, file=_ProgressLines(), delay=every, mininterval=every, maxinterval=every,
+    return tqdm(iterable, disable=False, file=_ProgressLines(every), delay=every, mininterval=every, maxinterval=every,
                 bar_format="{desc}: {n_fmt}/{total_fmt} {unit}s ({percentage:.0f} %), {elapsed} elapsed, "
                            "{remaining} left{postfix}", **kwargs)
 
