@@ -175,11 +175,16 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
     check_output_path(Path(out), overwrite, inputs)
     if opts.finetune.lora_rank is not None and finetuned is None:
         lora_config(opts.finetune)  # bad LoRA options fail before anything runs
-    # what the architecture cannot do is said now, not after θ_ft is trained
+    # what the architecture cannot do is said now, not after θ_ft is trained: each folder's support read once
+    steps: dict[str, list[str]] = {}
     if finetuned is None:
-        require(model_dir, ["finetune --lora-rank" if opts.finetune.lora_rank is not None else "finetune"])
+        steps.setdefault(str(model_dir), []).append(
+            "finetune --lora-rank" if opts.finetune.lora_rank is not None else "finetune")
     if opts.method != "tv":
-        require(opts.importance_model or model_dir, [f"importance --method {opts.method.split('-', 1)[1]}"])
+        steps.setdefault(str(opts.importance_model or model_dir), []).append(
+            f"importance --method {opts.method.split('-', 1)[1]}")
+    for folder, needed in steps.items():
+        require(folder, needed)
     work = Path(work_dir) if work_dir else Path(out).with_name(Path(out).name + ".work")
     with _work_folder(work):
         meter, t0 = _StepMeter(), time.perf_counter()

@@ -38,8 +38,8 @@ SETS = ("the forget set", "the retain set")
 
 
 def _load(model_dir, forget, retain, o: ImportanceOptions, where: tuple[str, str] = SETS):
-    """(model, tokenizer, forget, retain, names to score or None for all), inputs checked; `where` names the
-    sets in messages."""
+    """(model, tokenizer, forget, retain, names to score or None for all, the sets' counts for the record, every
+    parameter's stored layout), inputs checked; `where` names the sets in messages."""
     if o.hold_out is not None:  # the rows calibrate keeps for importance, chosen the same way
         forget, retain = hold_out(forget, o.hold_out, where[0])[0], hold_out(retain, o.hold_out, where[1])[0]
     if o.max_samples:
@@ -64,7 +64,7 @@ def _load(model_dir, forget, retain, o: ImportanceOptions, where: tuple[str, str
     if o.adapter is not None:  # the adapter names stored tensors; the estimators work on the module's
         targets = set(adapter_targets(o.adapter, model_dir))
         names = [n for n, pieces in layout.items() if targets & set(pieces)]
-    return model, tok, forget, retain, names, counts
+    return model, tok, forget, retain, names, counts, layout
 
 
 def unstored(model_dir, layout: dict, model_type: str) -> str | None:
@@ -115,7 +115,7 @@ def compute_importance(model_dir: str | Path, forget: list[QA], retain: list[QA]
     o = replace(options or ImportanceOptions(), **fields)
     t0 = time.perf_counter()
     distributed.setup(o.device)
-    model, tok, forget, retain, names, counts = _load(model_dir, forget, retain, o)
+    model, tok, forget, retain, names, counts, _ = _load(model_dir, forget, retain, o)
     distributed.agree({"forget": data_hash(forget), "retain": data_hash(retain), "method": o.method,
                        "batch_size": str(o.batch_size), "names": str(names)}, "the importance run")
     tensors = {}
@@ -218,7 +218,7 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
     t0 = time.perf_counter()
     distributed.setup(o.device)
     main = distributed.is_main()  # under torchrun every rank estimates its share; rank 0 alone writes
-    model, tok, forget, retain, names, counts = _load(model_dir, forget, retain, o, where)
+    model, tok, forget, retain, names, counts, layout = _load(model_dir, forget, retain, o, where)
     params = _unique_params(model, names)
     sizes = {n: p.numel() for n, p in params.items()}
     widest = max((tuple(p.shape) for p in params.values() if p.dim() == 2), key=lambda s: s[0] * s[1],
@@ -241,7 +241,7 @@ def importance_file(model_dir: str | Path, forget: list[QA], retain: list[QA], o
             "completes" if o.offload else f"on {math_device}"
         log.info("importance: fp32 accumulators %s, in %d parameter group(s) of at most %.2f GB, one pass over the "
                  "data per group", place, len(groups), largest)
-    stored = [(s, shape) for pieces in stored_layout(model, params).values() for s, shape in pieces.items()]
+    stored = [(s, shape) for n in params for s, shape in layout[n].items()]
     if o.write == "weights":
         layout = [(f"weight/{s}", shape, dtypes.torch_dtype(o.weight_dtype)) for s, shape in stored]
     else:
