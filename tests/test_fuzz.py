@@ -4,13 +4,14 @@ PertaError naming the file; never another exception, and nothing is written (inp
 new files, no output)."""
 import json
 import struct
+from dataclasses import astuple
 
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from helpers import random_tensors, tree_digest, write_checkpoint
-from perta_fast.data import QA, EvalQA, load_qa
+from perta_fast.data import ROW_KINDS, Chat, EvalQA, load_qa
 from perta_fast.errors import PertaError
 from perta_fast.eval import tofu_splits
 from perta_fast.io import Checkpoint
@@ -24,7 +25,8 @@ FUZZ = settings(max_examples=CASES, derandomize=True, deadline=None, database=No
 scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12)
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) |
                            st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
-ROW_KEYS = ["question", "answer", "paraphrased_answer", "perturbed_answer", "data", "rows"]
+ROW_KEYS = ["question", "answer", "paraphrased_answer", "perturbed_answer", "data", "rows", "prompt", "completion",
+            "messages", "text", "role", "content"]
 rows = st.lists(st.dictionaries(st.sampled_from(ROW_KEYS), scalars | st.lists(scalars, max_size=3) | st.text(),
                                 max_size=5) | json_values, max_size=5)
 documents = (rows.map(json.dumps) | json_values.map(json.dumps) | rows.map(lambda r: json.dumps({"data": r}))
@@ -49,16 +51,22 @@ def _refused_or_loaded(fn, *args, **kwargs):
 
 @FUZZ
 @given(doc=documents | st.binary(max_size=64), cut=st.none() | st.integers(0, 40),
-       suffix=st.sampled_from([".json", ".jsonl"]), eval_rows=st.booleans())
+       suffix=st.sampled_from([".json", ".jsonl", ".txt", ".csv"]), eval_rows=st.booleans())
 def test_data_files(tmp_path_factory, doc, cut, suffix, eval_rows):
     folder = tmp_path_factory.mktemp("data")
     path = folder / f"rows{suffix}"
     path.write_bytes(_encoded(doc, cut))
     before = tree_digest(folder)
     got = _refused_or_loaded(load_qa, path, eval_rows=eval_rows)
-    if got is not None:
-        assert got and all(isinstance(r, EvalQA if eval_rows else QA) and r.question.strip() and r.answer.strip()
-                           for r in got)
+    if got is not None:  # one shape per file, every field a non-empty string (a conversation's turns: strings)
+        kinds = (EvalQA,) if eval_rows else ROW_KINDS
+        assert got and all(isinstance(r, kinds) for r in got) and len({type(r) for r in got}) == 1
+        for r in got:
+            if isinstance(r, Chat):
+                assert all(isinstance(x, str) for turn in r.messages for x in turn)
+                assert any(role == "assistant" and content.strip() for role, content in r.messages)
+            else:
+                assert all(isinstance(v, str) and v.strip() for v in astuple(r) if not isinstance(v, (bool, tuple)))
     assert tree_digest(folder) == before
 
 
