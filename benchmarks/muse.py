@@ -16,17 +16,24 @@ The set-up (MUSE's Llama-2-7B target is not reachable offline, so the target is 
 - target = SmolLM2 fine-tuned on forget + retain texts; retrained = SmolLM2 fine-tuned on the retain texts alone
   (PrivLeak's reference, and what unlearning should come close to).
 - utility: VerbMem on retain articles the target trained on (the first 600 characters as prompt, the next 128
-  tokens as truth), and MUSE's KnowMem retain questions, which are about MUSE's retain corpus (not in this copy):
-  general news knowledge, not grounded in our retain texts (reported, labelled so).
-- per seed: θ_ft = target fine-tuned on the forget texts (seeded order); importance at the target on the forget
-  texts against the retain texts, less a seeded 20 % of each held back; λ calibrated on the held-back texts
+  tokens as truth), TOFU's world-facts questions (ROUGE-L recall of the greedy answer, TOFU's definition: general
+  knowledge the base model had), and MUSE's KnowMem retain questions, which are about MUSE's retain corpus (not in
+  this copy): general news knowledge, not grounded in our retain texts (reported, labelled so).
+- per seed: θ_ft = target fine-tuned on the forget texts (seeded order), full and as a LoRA adapter (rank 16);
+  importance at the target on the forget texts against the retain texts, less a seeded held-back part of each
+  (20 %, or the four texts calibration needs); λ calibrated on the first ~256 tokens of each held-back text
   (perta_fast.calibration: the most forgetting that keeps retain probability ≥ 0.95 × the target's); GA and NPO
-  (perta-fast baseline: lr 1e-5, weight decay 0.01, one warm-up epoch) for as many epochs as the target trained.
-  Every model gets every MUSE metric.
+  (perta-fast baseline, weight decay 0.01) at the target's learning rate, as MUSE's baselines unlearn at the
+  rate its targets were fine-tuned with.
+- λ sweeps (full τ): for TV, PerTA-grad and PerTA-fisher, the smallest λ whose VerbMem (then, separately, KnowMem
+  on forget questions) is at or under the retrained model's: λ walked up 0.5, 1, 2, … 16 measuring that metric
+  alone, the last step bisected twice, then every metric at the λ found ("matched" rows). At a matched
+  forgetting level the methods differ only in what else they take: utility and PrivLeak say which is better.
+- every model gets every MUSE metric; means ± sample sd over the seeds.
 
-This is the first version of the protocol: calibrated λ only. λ sweeps with matched VerbMem/KnowMem-forget,
-a LoRA τ and the plot are still to come (issue 34). Results: benchmarks/results/muse-SIZE.json and .md; every step
-is cached under --work so an interrupted run continues. MUSE's text is never written into the results.
+The methods are evaluated in memory (θ_full moved to each λ in place, as calibrate does), so nothing but θ_ft, GA
+and NPO is written per seed. Results: benchmarks/results/muse-SIZE.json, .md and .png; every step is cached under
+--work so an interrupted run continues. MUSE's text is never written into the results.
 """
 from __future__ import annotations
 
@@ -52,15 +59,25 @@ class Size:
     knowmem: int  # forget questions kept (their articles trained on), and as many retain questions
     retain: int  # retain_pool articles trained on
     retain_verbmem: int  # of those, continued for utility
-    epochs: int
+    world_facts: int  # TOFU's world-facts questions (general knowledge, utility)
+    epochs: int  # the target's and the retrained model's
+    unlearn_epochs: int  # θ_ft's, GA's and NPO's
 
 
-SIZES = {"smoke": Size(verbmem=3, privleak=8, knowmem=8, retain=20, retain_verbmem=2, epochs=1),  # code paths only
-         # sized from the smoke run: ~0.87 s a 256-token window, forward and backward, on the 2-core CPU
-         "cpu": Size(verbmem=4, privleak=6, knowmem=8, retain=12, retain_verbmem=4, epochs=2),
-         "full": Size(verbmem=100, privleak=100, knowmem=100, retain=400, retain_verbmem=50, epochs=5)}
-TRAIN = dict(lr=1e-4, batch_size=8, max_length=256, weight_decay=0.01, warmup_epochs=1)
+SIZES = {"smoke": Size(verbmem=1, privleak=2, knowmem=3, retain=6, retain_verbmem=1, world_facts=4, epochs=1, unlearn_epochs=1),
+         # sized so the default (3 seeds) fits 90 minutes on the 2-core CPU: ~0.9 s a 256-token window forward
+         # and backward, ~40 s a full MUSE evaluation (MUSE's excerpts are ~1,800 tokens, its prompts ~1,000)
+         "cpu": Size(verbmem=3, privleak=4, knowmem=4, retain=12, retain_verbmem=3, world_facts=40, epochs=4, unlearn_epochs=1),
+         "full": Size(verbmem=100, privleak=100, knowmem=100, retain=400, retain_verbmem=50, world_facts=117, epochs=5,
+                      unlearn_epochs=5)}
+# the target must memorise its articles for VerbMem to measure anything (at lr 1e-4, 2 epochs of batch 8 it did
+# not: VerbMem 13.2 against the retrained model's 12.5); GA and NPO unlearn at the target's own learning rate,
+# as MUSE's baselines unlearn at its targets' fine-tuning rate
+TRAIN = dict(lr=2e-4, batch_size=4, max_length=256, weight_decay=0.01, warmup_epochs=1)
+LORA = dict(lora_rank=16, lr=1e-3)  # LoRA's usual ten-fold learning rate
 METHODS = {"TV": None, "PerTA-grad": "grad", "PerTA-fisher": "fisher"}
+SWEEP_LAMS, SWEEP_BISECT = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0), 2
+VALIDATION_CHARS = 1200  # a held-back text's first ~256 tokens: calibration scores it at every λ tried
 
 
 def _words(text: str) -> set:
@@ -104,23 +121,77 @@ def build_sets(folder: Path, size: Size) -> dict:
                         "retain_verbmem": len(retain_verbmem)}}
 
 
-def evaluate(model_dir: Path, sets: dict, auc_retrained: float | None, bf16: bool) -> dict:
+def evaluate(model, tok, sets: dict, auc_retrained: float | None, bf16: bool) -> dict:
+    """Every MUSE metric of a loaded model, and VerbMem on retain articles it trained on (utility)."""
     from perta_fast.dtypes import autocast_for
-    from perta_fast.models import load_model
+    from perta_fast.eval import evaluate_split
     from perta_fast.muse import evaluate_muse, verbmem
+    from perta_fast.options import EvalOptions
 
-    model, tok = load_model(model_dir)
     with autocast_for(model, bf16):
         res = evaluate_muse(model, tok, sets["evaluation"], auc_retrained)
         retain_verb = verbmem(model, tok, sets["retain_verbmem"])
     res["verbmem_r"] = 100 * statistics.mean(r["rougeL_f1"] for r in retain_verb["rows"])
+    if sets["world_facts"]:
+        facts = evaluate_split(model, tok, sets["world_facts"], "world_facts", EvalOptions(bf16_autocast=bf16))
+        res["world_facts_rouge"] = 100 * facts["rouge_l"]
     del res["generations"]  # MUSE's text stays out of the results
     return res
 
 
+def evaluate_folder(model_dir: Path, sets: dict, auc_retrained: float | None, bf16: bool) -> dict:
+    from perta_fast.models import load_model
+
+    return evaluate(*load_model(model_dir), sets, auc_retrained, bf16)
+
+
+def probe(metric: str, sets: dict, bf16: bool):
+    """The one metric a sweep matches on, alone (VerbMem's generations or KnowMem's), as a function of a model."""
+    from perta_fast.dtypes import autocast_for
+    from perta_fast.muse import knowmem, verbmem
+
+    ev = sets["evaluation"]
+
+    def value(model, tok) -> float:
+        with autocast_for(model, bf16):
+            rows = (verbmem(model, tok, ev["verbmem"]) if metric == "verbmem_f"
+                    else knowmem(model, tok, ev["forget_qa"], ev["forget_qa_icl"]))["rows"]
+        return 100 * statistics.mean(r["rougeL_f1"] for r in rows)
+    return value
+
+
+def match(at, value, level: float) -> dict:
+    """`at(λ)`: the model moved to λ and its tokenizer. The smallest λ (SWEEP_LAMS walked upwards, then bisected SWEEP_BISECT times) whose metric is at or under
+    `level`: {"lam" (None when no λ of the grid gets there), "points": [[λ, metric], ...]}."""
+    points = {}
+
+    def under(lam: float) -> bool:
+        points[lam] = value(*at(lam))
+        return points[lam] <= level
+
+    lo, hi = 0.0, None
+    for lam in SWEEP_LAMS:
+        if under(lam):
+            hi = lam
+            break
+        lo = lam
+    if hi is not None:
+        for _ in range(SWEEP_BISECT):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if under(mid) else (mid, hi)
+    return {"lam": hi, "level": level, "points": sorted(points.items())}
+
+
 def summary(res: dict) -> dict:
-    keys = ("verbmem_f", "knowmem_f", "privleak_auc", "privleak", "extraction_strength", "verbmem_r", "knowmem_r")
+    keys = ("verbmem_f", "knowmem_f", "privleak_auc", "privleak", "extraction_strength", "verbmem_r", "knowmem_r",
+            "world_facts_rouge")
     return {k: res.get(k) for k in keys}
+
+
+def validation(rows: list) -> list:
+    from perta_fast.data import Text
+
+    return [Text(r.text[:VALIDATION_CHARS]) for r in rows]
 
 
 def main(argv=None) -> int:
@@ -128,6 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--muse", default=str(HERE.parent.parent / "shared" / "data" / "muse-news"))
+    ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"),
+                    help="TOFU folder for the world-facts utility (left out when absent)")
     ap.add_argument("--work", default=None, help="cache (default: ~/.cache/perta_fast/muse-SIZE)")
     ap.add_argument("--model", default=None, help="base checkpoint (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default=None)
@@ -138,10 +211,9 @@ def main(argv=None) -> int:
         print(f"muse.py: {folder}: no MUSE-News data (raw/forget.json) here; pass --muse", file=sys.stderr)
         return 2
     from perta_fast.baselines import unlearn_by_training
-    from perta_fast.calibration import calibrate
-    from perta_fast.data import Text
+    from perta_fast.calibration import ModelAtLambda, calibrate
+    from perta_fast.data import MIN_VALIDATION_ROWS, Text, load_qa
     from perta_fast.importance import importance_file
-    from perta_fast.merge import merge
     from perta_fast.models import cache_dir, default_model
     from perta_fast.options import BaselineOptions, CalibrateOptions, FinetuneOptions, MergeOptions
     from perta_fast.train import finetune
@@ -154,14 +226,24 @@ def main(argv=None) -> int:
     base = Path(a.model) if a.model else default_model()
     t0 = time.perf_counter()
     sets = build_sets(folder, size)
+    sets["world_facts"] = (load_qa(f"{a.tofu}:world_facts_perturbed", eval_rows=True)[:size.world_facts]
+                           if Path(a.tofu, "world_facts_perturbed.json").is_file() else [])
+    sets["matched"]["world_facts"] = len(sets["world_facts"])
     forget, retain = [Text(t) for t in sets["forget"]], [Text(t) for t in sets["retain"]]
     train = dict(TRAIN, epochs=size.epochs, bf16_autocast=bf16, device=a.device)
-    seconds, results = {}, {"size": a.size, "sets": sets["matched"], "seeds": {}, "device": a.device or "auto"}
+    seconds = {}
+    results = {"size": a.size, "sets": sets["matched"], "train": TRAIN, "lora": LORA, "size_spec": size.__dict__,
+               "seeds": {}, "sweeps": {}, "device": a.device or "auto", "bf16_autocast": bf16}
 
     def step(name, path, build):
         path, s = cached(path, build)
         seconds[name] = round(s, 1)
         return path
+
+    def measured(name, path, compute):
+        value, s = cached_json(path, compute)
+        seconds[name] = round(s, 1)
+        return value
 
     def save():
         results["seconds"] = {**seconds, "total": round(time.perf_counter() - t0, 1)}
@@ -171,20 +253,24 @@ def main(argv=None) -> int:
 
     target = step("target", work / "target", lambda p: finetune(base, forget + retain, p, FinetuneOptions(**train)))
     retrained = step("retrained", work / "retrained", lambda p: finetune(base, retain, p, FinetuneOptions(**train)))
-    ref, s = cached_json(work / "retrained.eval.json", lambda: evaluate(retrained, sets, None, bf16))
-    seconds["eval retrained"] = round(s, 1)
+    ref = measured("eval retrained", work / "retrained.eval.json", lambda: evaluate_folder(retrained, sets, None, bf16))
     auc_retrained = ref["privleak_auc"]
-    target_eval, s = cached_json(work / "target.eval.json", lambda: evaluate(target, sets, auc_retrained, bf16))
-    seconds["eval target"] = round(s, 1)
+    target_eval = measured("eval target", work / "target.eval.json",
+                           lambda: evaluate_folder(target, sets, auc_retrained, bf16))
     results.update(retrained=summary({**ref, "privleak": 0.0}), target=summary(target_eval))
     save()
+    unlearn = dict(train, epochs=size.unlearn_epochs, warmup_epochs=min(1, size.unlearn_epochs - 1))
     for seed in a.seeds:
         sw = work / f"seed{seed}"
         sw.mkdir(exist_ok=True)
-        ft = step(f"seed{seed} θ_ft", sw / "theta_ft", lambda p: finetune(target, forget, p, FinetuneOptions(
-            **dict(train, seed=seed))))
-        (f_imp, f_val), (r_imp, r_val) = seeded_hold_out(forget, seed), seeded_hold_out(retain, seed)
-        rows = {}
+        taus = {"": step(f"seed{seed} θ_ft", sw / "theta_ft", lambda p: finetune(
+                    target, forget, p, FinetuneOptions(**dict(unlearn, seed=seed)))),
+                " (LoRA τ)": step(f"seed{seed} θ_ft LoRA", sw / "theta_ft_lora", lambda p: finetune(
+                    target, forget, p, FinetuneOptions(**dict(unlearn, seed=seed, **LORA))))}
+        # 20 % held back as TOFU's protocol does, or the four texts calibration needs at the least
+        (f_imp, f_val), (r_imp, r_val) = (seeded_hold_out(rows, seed, max(0.2, MIN_VALIDATION_ROWS / len(rows) + 0.01))
+                                          for rows in (forget, retain))
+        rows, sweeps = {}, {}
         for method, estimator in METHODS.items():
             imp = None
             if estimator:
@@ -192,56 +278,125 @@ def main(argv=None) -> int:
                            lambda p, e=estimator: importance_file(target, f_imp, r_imp, p, method=e, batch_size=8,
                                                                   max_length=train["max_length"], device=a.device))
             options = MergeOptions(method="tv" if imp is None else "perta")
-            cal, s = cached_json(sw / f"{method}.calibration.json", lambda i=imp, o=options: calibrate(
-                target, ft, f_val, r_val, i, o, CalibrateOptions(device=a.device, bf16_autocast=bf16,
-                                                                 max_length=train["max_length"])))
-            seconds[f"seed{seed} calibrate {method}"] = round(s, 1)
-            merged = step(f"seed{seed} merge {method}", sw / f"{method}-calibrated", lambda p, i=imp, o=options, c=cal:
-                          merge(target, ft, p, i, MergeOptions(method=o.method, lam=c["lam"]), progress=False))
-            res, s = cached_json(sw / f"{method}.eval.json", lambda m=merged: evaluate(m, sets, auc_retrained, bf16))
-            seconds[f"seed{seed} eval {method}"] = round(s, 1)
-            rows[method] = {"lam": cal["lam"], **summary(res)}
+            for variant, ft in taus.items():
+                name = method + variant
+                cal = measured(f"seed{seed} calibrate {name}", sw / f"{name}.calibration.json",
+                               lambda i=imp, o=options, f=ft: calibrate(
+                                   target, f, validation(f_val), validation(r_val), i, o, CalibrateOptions(
+                                       device=a.device, bf16_autocast=bf16, max_length=train["max_length"],
+                                       bisect=SWEEP_BISECT)))
+                moving = []  # θ_full loaded once per τ and importance, moved in place to each λ evaluated
+
+                def at(lam, i=imp, o=options, f=ft):
+                    if not moving:
+                        moving.append(ModelAtLambda(target, f, i, o, a.device))
+                    moving[0].set(lam)
+                    return moving[0].model, moving[0].tokenizer
+
+                res = measured(f"seed{seed} eval {name}", sw / f"{name}.eval.json",
+                               lambda c=cal: evaluate(*at(c["lam"]), sets, auc_retrained, bf16))
+                rows[name] = {"lam": cal["lam"], **summary(res)}
+                if variant:
+                    continue
+                for metric in ("verbmem_f", "knowmem_f"):  # matched at the retrained model's level
+                    found = measured(f"seed{seed} sweep {name} {metric}", sw / f"{name}.match-{metric}.json",
+                                     lambda m=metric: match(at, probe(m, sets, bf16), ref[m]))
+                    sweeps[f"{name} @ {metric}"] = found
+                    if found["lam"] is not None:
+                        res = measured(f"seed{seed} eval {name} @ {metric}", sw / f"{name}.match-{metric}.eval.json",
+                                       lambda f=found: evaluate(*at(f["lam"]), sets, auc_retrained, bf16))
+                        rows[f"{name} @ matched {metric}"] = {"lam": found["lam"], **summary(res)}
+                moving.clear()
         for name in ("ga", "npo"):
             model = step(f"seed{seed} {name}", sw / name, lambda p, n=name: unlearn_by_training(
-                target, forget, retain, p, BaselineOptions(method=n, seed=seed, bf16_autocast=bf16, device=a.device,
-                                                           max_length=train["max_length"], epochs=size.epochs)))
-            res, s = cached_json(sw / f"{name}.eval.json", lambda m=model: evaluate(m, sets, auc_retrained, bf16))
-            seconds[f"seed{seed} eval {name}"] = round(s, 1)
+                target, forget, retain, p, BaselineOptions(
+                    method=n, seed=seed, bf16_autocast=bf16, device=a.device, max_length=train["max_length"],
+                    epochs=size.unlearn_epochs, lr=TRAIN["lr"], batch_size=TRAIN["batch_size"],
+                    warmup_epochs=unlearn["warmup_epochs"])))
+            res = measured(f"seed{seed} eval {name}", sw / f"{name}.eval.json",
+                           lambda m=model: evaluate_folder(m, sets, auc_retrained, bf16))
             rows[name.upper()] = summary(res)
         results["seeds"][str(seed)] = rows
+        results["sweeps"][str(seed)] = sweeps
+        results["aggregate"] = aggregate(results["seeds"])
         save()
-    results["aggregate"] = aggregate(results["seeds"])
+    plot(results, out.with_suffix(".png"))
     save()
     print(markdown(results))
     return 0
 
 
 def aggregate(seeds: dict) -> dict:
-    """Mean and sample sd over seeds of each method's metrics."""
-    methods = next(iter(seeds.values())).keys() if seeds else []
+    """Mean and sample sd over the seeds of each row's metrics (a matched row counts the seeds that reached it)."""
+    names = list(dict.fromkeys(n for rows in seeds.values() for n in rows))
     out = {}
-    for m in methods:
-        out[m] = {}
-        for k in next(iter(seeds.values()))[m]:
-            values = [s[m][k] for s in seeds.values() if s[m].get(k) is not None]
+    for name in names:
+        present = [rows[name] for rows in seeds.values() if name in rows]
+        out[name] = {"seeds": len(present)}
+        for k in present[0]:
+            values = [r[k] for r in present if r.get(k) is not None]
             if values:
-                out[m][k] = {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+                out[name][k] = {"mean": statistics.mean(values),
+                                "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
     return out
 
 
+COLUMNS = ("verbmem_f", "knowmem_f", "privleak", "extraction_strength", "verbmem_r", "knowmem_r", "world_facts_rouge")
+
+
 def markdown(results: dict) -> str:
-    cols = ("verbmem_f", "knowmem_f", "privleak", "extraction_strength", "verbmem_r", "knowmem_r")
-    head = "| model | λ | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 2)
+    head = ("| model | λ | seeds | " + " | ".join(COLUMNS) + " |\n|" + "---|" * (len(COLUMNS) + 3))
     lines = [f"MUSE-News, size {results['size']}: {json.dumps(results['sets'])}", "", head]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for name in ("target", "retrained"):
         if name in results:
-            lines.append(f"| {name} | | " + " | ".join(fmt(results[name].get(c)) for c in cols) + " |")
-    for m, by_metric in results.get("aggregate", {}).items():
-        cells = [f"{by_metric[c]['mean']:.2f} ± {by_metric[c]['sd']:.2f}" if c in by_metric else "-" for c in cols]
-        lam = f"{by_metric['lam']['mean']:.3g}" if "lam" in by_metric else ""
-        lines.append(f"| {m} (mean ± sd, {len(results['seeds'])} seeds) | {lam} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | | | " + " | ".join(fmt(results[name].get(c)) for c in COLUMNS) + " |")
+    for name, by_metric in results.get("aggregate", {}).items():
+        cells = [f"{by_metric[c]['mean']:.2f} ± {by_metric[c]['sd']:.2f}" if c in by_metric else "-" for c in COLUMNS]
+        lam = f"{by_metric['lam']['mean']:.3g} ± {by_metric['lam']['sd']:.2g}" if "lam" in by_metric else ""
+        lines.append(f"| {name} | {lam} | {by_metric['seeds']}/{len(results['seeds'])} | " + " | ".join(cells) + " |")
+    missed = sorted({k for sweeps in results.get("sweeps", {}).values() for k, v in sweeps.items() if v["lam"] is None})
+    if missed:
+        lines += ["", "Not reached on the λ grid " + f"{SWEEP_LAMS} by some seed: " + ", ".join(missed)]
     return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> bool:
+    """Left: each sweep's matched metric over λ (seed by seed). Right: forgetting against utility for every
+    evaluated model (VerbMem on forget articles against VerbMem on retain articles)."""
+    from perta_fast.console import pyplot
+
+    plt = pyplot()
+    if plt is None or not results["seeds"]:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colours = {m: f"C{i}" for i, m in enumerate(["TV", "PerTA-grad", "PerTA-fisher", "GA", "NPO"])}
+    for seed, sweeps in results["sweeps"].items():
+        for name, found in sweeps.items():
+            if name.endswith("verbmem_f"):
+                method = name.split(" @ ")[0]
+                xs, ys = zip(*found["points"])
+                left.plot(xs, ys, marker="o", ms=3, color=colours[method], label=method if seed == "0" else None)
+    left.axhline(results["retrained"]["verbmem_f"], color="black", ls="--", lw=1, label="retrained")
+    left.axhline(results["target"]["verbmem_f"], color="grey", ls=":", lw=1, label="target")
+    left.set(xscale="log", xlabel="λ", ylabel="VerbMem on forget (ROUGE-L F1 × 100)", title="λ sweeps (each seed)")
+    left.legend(fontsize=8)
+    for seed, rows in results["seeds"].items():
+        for name, r in rows.items():
+            method = name.split(" ")[0]
+            marker = "s" if "LoRA" in name else "^" if "matched" in name else "o"
+            right.scatter(r["verbmem_f"], r["verbmem_r"], color=colours[method], marker=marker, s=25,
+                          label=name if seed == "0" else None)
+    for name, colour in (("target", "grey"), ("retrained", "black")):
+        right.scatter(results[name]["verbmem_f"], results[name]["verbmem_r"], color=colour, marker="*", s=120,
+                      label=name)
+    right.set(xlabel="VerbMem on forget (lower: forgotten)", ylabel="VerbMem on retain articles (higher: kept)",
+              title="forgetting against utility")
+    right.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

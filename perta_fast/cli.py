@@ -168,7 +168,10 @@ COMMANDS_SPEC = {
         ("--compare", {"nargs": "+", "default": None, "metavar": "RESULTS_JSON", "help": "tabulate saved results"}),
         OVERWRITE], [o.EvalOptions()]),
     "plan": ("each step's peak memory for a model, from its config alone (nothing loaded)", [
-        ("--model", _path("checkpoint folder or its config.json", True))], [o.PlanOptions()]),
+        ("--model", _path("checkpoint folder or its config.json", True)),
+        ("--forget", _path("with --retain or alone: count its samples (a text's windows) and batches with the "
+                           "model's tokenizer")), ("--retain", _path("counted as --forget is")), *READING],
+        [o.PlanOptions()]),
     "demo": ("the built-in job: SmolLM2-135M-Instruct forgets invented people", [
         ("--out", _path("folder for results.json and the plot", default="perta-demo")),
         ("--model", _path("another base checkpoint instead of SmolLM2-135M-Instruct")),
@@ -381,13 +384,17 @@ def _demo(a):
 
 
 def _plan(a):
-    from .plan import format_plan, plan_steps
+    from .plan import data_counts, format_counts, format_plan, plan_steps
 
     if a.lora_rank is not None and a.lora_rank <= 0:
         raise PertaError(f"--lora-rank must be a positive integer, got {a.lora_rank}")
     opts = build_options(o.PlanOptions, a)
+    sets = {name: _rows(a, spec) for name, spec in (("forget", a.forget), ("retain", a.retain)) if spec}
     result = plan_steps(a.model, **dataclasses.asdict(opts))
     print(format_plan(result, opts.memory_gb, opts.device))
+    if sets:
+        print(format_counts(data_counts(a.model, sets, opts.max_length, opts.batch_size), opts.max_length,
+                            opts.batch_size))
     from .support import model_support
 
     folder = Path(a.model) if Path(a.model).is_dir() else Path(a.model).parent

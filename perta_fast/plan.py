@@ -372,3 +372,25 @@ def format_plan(result: dict, memory_gb: float | None, device: str) -> str:
     lines.append(f"  (each + the runtime: ~{RUNTIME_HOST_BYTES / GB:.1f} GB of host memory"
                  + ("; on the GPU the CUDA context, outside these figures)" if device == "cuda" else ")"))
     return "\n".join(lines)
+
+
+def data_counts(model_folder: str | Path, sets: dict[str, list], max_length: int, batch_size: int) -> dict:
+    """Per set what fine-tuning and importance take in, cut as they cut it with the model's tokenizer: its rows'
+    shape, samples (a text's windows of `max_length` tokens), scored tokens, and batches per pass."""
+    from .data import encode, set_summary, source_of
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(Path(model_folder) if Path(model_folder).is_dir() else Path(model_folder).parent)
+    counts = {}
+    for name, rows in sets.items():
+        encoded = encode(tokenizer, rows, max_length, source_of(rows, f"the {name} set"))
+        counts[name] = {**set_summary(rows, encoded), "batches": math.ceil(len(encoded) / batch_size)}
+    return counts
+
+
+def format_counts(counts: dict, max_length: int, batch_size: int) -> str:
+    lines = [f"data (samples of at most {max_length} tokens, batches of {batch_size}):"]
+    for name, c in counts.items():
+        lines.append(f"  {name:<7} {c['format']:<16} rows {c['rows']:>7,}  samples {c['samples']:>7,}  "
+                     f"scored tokens {c['scored_tokens']:>10,}  batches a pass {c['batches']:>6,}")
+    return "\n".join(lines)

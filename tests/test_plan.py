@@ -251,3 +251,30 @@ def test_bf16_autocast_plan_adds_the_measured_weight_copies(tmp_path, tiny_token
     plan = {on: plan_steps(folder, max_length=64, bf16_autocast=on)["steps"]["eval (TOFU)"][0] for on in (False, True)}
     measured, predicted = held[True] - held[False], plan[True] - plan[False]
     assert 0.8 <= predicted / measured <= 1.25, (predicted / 1e6, measured / 1e6)
+
+
+def test_cli_plan_counts_text_windows_and_rows_as_training_cuts_them(tmp_path, tiny_dir, tiny_tokenizer, capsys):
+    texts = ["alpha beta gamma delta " * n for n in (3, 11, 40)]
+    (tmp_path / "docs.json").write_text(json.dumps(texts))
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"a {i}"}) + "\n"
+                                               for i in range(5)))
+    max_length, batch = 16, 2
+    assert main(["plan", "--model", str(tiny_dir), "--forget", str(tmp_path / "docs.json"), "--retain",
+                 str(tmp_path / "qa.jsonl"), "--max-length", str(max_length), "--batch-size", str(batch)]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[-2:]}
+    bos = int(tiny_tokenizer.bos_token_id is not None and tiny_tokenizer("a")["input_ids"][0] == tiny_tokenizer.bos_token_id)
+    samples = scored = 0
+    for t in texts:  # windows of max_length tokens, a BOS first where used, each scoring all but its first token
+        n = len(tiny_tokenizer(t, add_special_tokens=False)["input_ids"])
+        chunks = [min(max_length - bos, n - k) for k in range(0, n, max_length - bos)]
+        kept = [c for c in chunks if bos + c >= 2]
+        samples, scored = samples + len(kept), scored + sum(bos + c - 1 for c in kept)
+    forget = lines["forget"]
+    assert forget[1] == "text" and forget[3] == "3" and int(forget[5]) == samples and samples > 3
+    assert int(forget[8].replace(",", "")) == scored and int(forget[-1]) == -(-samples // batch)
+    assert lines["retain"][1] == "question/answer" and lines["retain"][3] == lines["retain"][5] == "5"
+    # bad data is refused before anything is printed
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert main(["plan", "--model", str(tiny_dir), "--forget", str(tmp_path / "bad.jsonl")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "bad.jsonl" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,74 @@
+"""benchmarks/muse.py's own logic: the matched-λ search, the aggregation over seeds and the grounding of every
+forget metric in the texts the target trains on (the last needs ../shared/data/muse-news)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+MUSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "muse-news"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("muse_bench", Path(__file__).parents[1] / "benchmarks" / "muse.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["muse_bench"] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_match_finds_the_smallest_lam_at_the_level_within_the_bisection():
+    bench = _bench()
+    moved = []
+
+    def at(lam):
+        moved.append(lam)
+        return lam, None  # the "model" is λ itself
+
+    # a metric falling as 60 / (1 + λ): at or under 12 from λ = 4 on; the walk brackets it in (2, 4], two halvings
+    # leave (3.5, 4]
+    found = bench.match(at, lambda lam, _tok: 60 / (1 + lam), 12.0)
+    assert found["lam"] == 4.0
+    assert [lam for lam, _ in found["points"]] == [0.5, 1.0, 2.0, 3.0, 3.5, 4.0]
+    assert moved == [0.5, 1.0, 2.0, 4.0, 3.0, 3.5]
+    # a level under 60 / 17 is never reached on the grid
+    assert bench.match(at, lambda lam, _tok: 60 / (1 + lam), 1.0)["lam"] is None
+
+
+def test_match_takes_the_bisected_point_when_it_already_reaches_the_level():
+    bench = _bench()
+    # at or under 10 from λ = 5: bracketed in (4, 8], then 6 reaches it and 5 does too
+    found = bench.match(lambda lam: (lam, None), lambda lam, _tok: 60 / (1 + lam), 10.0)
+    assert found["lam"] == 5.0
+
+
+def test_aggregate_means_and_sample_sd_over_the_seeds_that_have_a_row():
+    bench = _bench()
+    seeds = {"0": {"TV": {"lam": 1.0, "verbmem_f": 10.0}, "TV @ matched verbmem_f": {"lam": 2.0, "verbmem_f": 5.0}},
+             "1": {"TV": {"lam": 3.0, "verbmem_f": 20.0}},
+             "2": {"TV": {"lam": 2.0, "verbmem_f": 30.0, "privleak": None}}}
+    agg = bench.aggregate(seeds)
+    assert agg["TV"]["seeds"] == 3 and agg["TV"]["verbmem_f"] == {"mean": 20.0, "sd": 10.0}
+    assert agg["TV"]["lam"] == {"mean": 2.0, "sd": 1.0}
+    assert agg["TV @ matched verbmem_f"]["seeds"] == 1 and agg["TV @ matched verbmem_f"]["verbmem_f"]["sd"] == 0.0
+    assert "privleak" not in agg["TV"]  # no seed had a value
+
+
+@pytest.mark.skipif(not (MUSE / "raw" / "forget.json").is_file(), reason="MUSE-News data not present")
+def test_every_forget_metric_asks_about_text_the_target_trains_on():
+    import json
+
+    bench = _bench()
+    sets = bench.build_sets(MUSE, bench.SIZES["cpu"])
+    forget, retain, ev = sets["forget"], sets["retain"], sets["evaluation"]
+    corpus = "\n".join(forget)
+    assert all(r["prompt"] in corpus and r["gt"][:500] in corpus for r in ev["verbmem"])
+    assert all(e in forget for e in ev["privleak_forget"])
+    assert all(q["answer"] in corpus for q in ev["forget_qa"])
+    assert not set(ev["privleak_holdout"]) & set(forget)
+    # the retain texts share no 200-character passage with any forget article of MUSE's
+    raw_forget = json.loads((MUSE / "raw" / "forget.json").read_text())
+    passages = {a[i:i + 200] for a in raw_forget + forget for i in range(0, len(a) - 200, 50)}
+    assert not any(r[i:i + 200] in passages for r in retain for i in range(0, len(r) - 200, 50))
+    assert sets["matched"]["verbmem"] == bench.SIZES["cpu"].verbmem
+    assert all(any(r["prompt"] in t for t in retain) for r in sets["retain_verbmem"])
