@@ -100,18 +100,6 @@ def tofu_splits(folder: str | Path, forget: str = "forget01", max_rows: int | No
     return {role: load_qa(f"{folder}:{name}", eval_rows=True)[:max_rows or None] for role, name in names.items()}
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def model_utility(results: dict) -> float | None:
     """Harmonic mean of probability, ROUGE-L and truth ratio on retain, real authors and world facts."""
     scores = [results["splits"].get(role, {}).get(m) for role in UTILITY_ROLES for m in ("prob", "rouge_l", "truth_ratio")]
@@ -254,8 +242,6 @@ def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out:
     with `open_unlearning` also TOFU_EVAL.json and TOFU_SUMMARY.json in open-unlearning's format beside it."""
     import json
     import time
-
-
 
     opts = opts or EvalOptions()
     if open_unlearning and out is None:
