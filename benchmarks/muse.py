@@ -26,9 +26,10 @@ The set-up (MUSE's Llama-2-7B target is not reachable offline, so the target is 
   (perta-fast baseline, weight decay 0.01) at the target's learning rate, as MUSE's baselines unlearn at the
   rate its targets were fine-tuned with.
 - λ sweeps (full τ): for TV, PerTA-grad and PerTA-fisher, the smallest λ whose VerbMem (then, separately, KnowMem
-  on forget questions) is at or under the retrained model's: λ walked up 0.5, 1, 2, … 16 measuring that metric
+  on forget questions) is at or under the retrained model's: λ walked up 1, 2, 4, 8, 16 measuring that metric
   alone, the last step bisected twice, then every metric at the λ found ("matched" rows). At a matched
   forgetting level the methods differ only in what else they take: utility and PrivLeak say which is better.
+  (No sweep where the target is already at or under the retrained model's level on that metric.)
 - every model gets every MUSE metric; means ± sample sd over the seeds.
 
 The methods are evaluated in memory (θ_full moved to each λ in place, as calibrate does), so nothing but θ_ft, GA
@@ -76,7 +77,7 @@ SIZES = {"smoke": Size(verbmem=1, privleak=2, knowmem=3, retain=6, retain_verbme
 TRAIN = dict(lr=2e-4, batch_size=4, max_length=256, weight_decay=0.01, warmup_epochs=1)
 LORA = dict(lora_rank=16, lr=1e-3)  # LoRA's usual ten-fold learning rate
 METHODS = {"TV": None, "PerTA-grad": "grad", "PerTA-fisher": "fisher"}
-SWEEP_LAMS, SWEEP_BISECT = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0), 2
+SWEEP_LAMS, SWEEP_BISECT = (1.0, 2.0, 4.0, 8.0, 16.0), 2
 VALIDATION_CHARS = 1200  # a held-back text's first ~256 tokens: calibration scores it at every λ tried
 
 
@@ -212,12 +213,14 @@ def main(argv=None) -> int:
         return 2
     from perta_fast.baselines import unlearn_by_training
     from perta_fast.calibration import ModelAtLambda, calibrate
+    from perta_fast.console import configure
     from perta_fast.data import MIN_VALIDATION_ROWS, Text, load_qa
     from perta_fast.importance import importance_file
     from perta_fast.models import cache_dir, default_model
     from perta_fast.options import BaselineOptions, CalibrateOptions, FinetuneOptions, MergeOptions
     from perta_fast.train import finetune
 
+    configure(0)  # progress lines in the log
     size = SIZES[a.size]
     bf16 = native_bf16(a.device)
     work = Path(a.work) if a.work else cache_dir() / f"muse-{a.size}"
@@ -238,11 +241,13 @@ def main(argv=None) -> int:
     def step(name, path, build):
         path, s = cached(path, build)
         seconds[name] = round(s, 1)
+        print(f"muse.py: {name}: {s:.0f} s ({time.perf_counter() - t0:.0f} s in all)", file=sys.stderr, flush=True)
         return path
 
     def measured(name, path, compute):
         value, s = cached_json(path, compute)
         seconds[name] = round(s, 1)
+        print(f"muse.py: {name}: {s:.0f} s ({time.perf_counter() - t0:.0f} s in all)", file=sys.stderr, flush=True)
         return value
 
     def save():
@@ -299,6 +304,8 @@ def main(argv=None) -> int:
                 if variant:
                     continue
                 for metric in ("verbmem_f", "knowmem_f"):  # matched at the retrained model's level
+                    if target_eval[metric] <= ref[metric]:
+                        continue  # the target is there already: nothing to match
                     found = measured(f"seed{seed} sweep {name} {metric}", sw / f"{name}.match-{metric}.json",
                                      lambda m=metric: match(at, probe(m, sets, bf16), ref[m]))
                     sweeps[f"{name} @ {metric}"] = found
@@ -341,7 +348,7 @@ def aggregate(seeds: dict) -> dict:
     return out
 
 
-COLUMNS = ("verbmem_f", "knowmem_f", "privleak", "extraction_strength", "verbmem_r", "knowmem_r", "world_facts_rouge")
+COLUMNS = ("verbmem_f", "knowmem_f", "privleak_auc", "privleak", "extraction_strength", "verbmem_r", "knowmem_r", "world_facts_rouge")
 
 
 def markdown(results: dict) -> str:

@@ -96,8 +96,10 @@ def auc_forget_above_holdout(forget: list[float], holdout: list[float]) -> float
     return float(mannwhitneyu(forget, holdout).statistic) / (len(forget) * len(holdout))
 
 
-def privleak(auc: float, auc_retrained: float) -> float:
-    return (auc - auc_retrained) / auc_retrained * 100
+def privleak(auc: float, auc_retrained: float) -> float | None:
+    """None where the retrained model's AUC is 0 (it ranks every forget excerpt below every holdout one, as few
+    excerpts can): the relative difference is undefined there, and the AUCs themselves are reported."""
+    return (auc - auc_retrained) / auc_retrained * 100 if auc_retrained > 0 else None
 
 
 def _decode(tokenizer, tokens: list[int]) -> str:
@@ -201,6 +203,8 @@ def evaluate_muse(model, tokenizer, data: dict, auc_retrained: float | None = No
         "generations": {"verbmem": verb["generations"], "knowmem_f": know_f["generations"],
                         "knowmem_r": know_r["generations"]},
         "n": {k: len(v) for k, v in data.items()}}
+    if auc_retrained == 0:
+        result["note"] = "the retrained model's AUC is 0: PrivLeak, relative to it, is undefined; compare the AUCs"
     if auc_retrained is None:
         result["note"] = ("no retrained model given (--retain-model): PrivLeak needs its AUC; the AUC itself is "
                           "reported (0.5: forget excerpts indistinguishable from unseen ones)")

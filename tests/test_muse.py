@@ -80,6 +80,7 @@ def test_min_k_and_auc_by_hand():
     pairs = [(f > h) + 0.5 * (f == h) for f in forget for h in holdout]
     assert muse.auc_forget_above_holdout(forget, holdout) == pytest.approx(sum(pairs) / len(pairs))
     assert muse.privleak(0.25, 0.5) == pytest.approx(-50.0)
+    assert muse.privleak(0.25, 0.0) is None  # relative to nothing
 
 
 def test_every_metric_against_the_loops(tmp_path, tiny_tokenizer):

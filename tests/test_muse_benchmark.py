@@ -29,8 +29,8 @@ def test_match_finds_the_smallest_lam_at_the_level_within_the_bisection():
     # leave (3.5, 4]
     found = bench.match(at, lambda lam, _tok: 60 / (1 + lam), 12.0)
     assert found["lam"] == 4.0
-    assert [lam for lam, _ in found["points"]] == [0.5, 1.0, 2.0, 3.0, 3.5, 4.0]
-    assert moved == [0.5, 1.0, 2.0, 4.0, 3.0, 3.5]
+    assert [lam for lam, _ in found["points"]] == [1.0, 2.0, 3.0, 3.5, 4.0]
+    assert moved == [1.0, 2.0, 4.0, 3.0, 3.5]
     # a level under 60 / 17 is never reached on the grid
     assert bench.match(at, lambda lam, _tok: 60 / (1 + lam), 1.0)["lam"] is None
 
