@@ -292,10 +292,12 @@ def muse_reference_auc(reference: str | Path, data: dict, opts: EvalOptions) -> 
         return auc_forget_above_holdout(min_k_scores(model, tok, data["privleak_forget"]),
                                         min_k_scores(model, tok, data["privleak_holdout"]))
     content = read_json(reference)
-    for value in (content.get("privleak_auc"), (content.get("mia_min_k") or {}).get("auc")
-                  if isinstance(content.get("mia_min_k"), dict) else content.get("mia_min_k")):
-        if isinstance(value, (int, float)):
-            return float(value)
+    if isinstance(content.get("privleak_auc"), (int, float)):
+        return float(content["privleak_auc"])
+    logged = content.get("mia_min_k")  # open-unlearning's AUC: 1 − MUSE's
+    logged = logged.get("auc", logged.get("agg_value")) if isinstance(logged, dict) else logged
+    if isinstance(logged, (int, float)):
+        return 1 - float(logged)
     raise PertaError(f"{reference}: holds no privleak AUC (privleak_auc of eval --benchmark muse's results, or "
                      "mia_min_k of open-unlearning's MUSE logs)")
 

@@ -229,7 +229,9 @@ def open_unlearning_logs(result: dict) -> tuple[dict, dict]:
         "retain_knowmem_ROUGE": metric(result["knowmem_r"] / 100, rows["knowmem_r"]),
         "extraction_strength": metric(result["extraction_strength"],
                                       [{"score": r["extraction_strength"]} for r in rows["verbmem"]]),
-        "mia_min_k": {"agg_value": result["privleak_auc"], "auc": result["privleak_auc"],
+        # open-unlearning's AUC is the usual one (1: the forget excerpts far more likely than the holdout ones);
+        # its privleak turns it back into MUSE's (1 − AUC) before comparing with the retrained model's
+        "mia_min_k": {"agg_value": 1 - result["privleak_auc"], "auc": 1 - result["privleak_auc"],
                       "forget": {str(i): {"score": s} for i, s in enumerate(rows["privleak_forget"])},
                       "holdout": {str(i): {"score": s} for i, s in enumerate(rows["privleak_holdout"])}},
         "privleak": {"agg_value": result["privleak"], "auc": result["privleak_auc"],

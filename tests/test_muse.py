@@ -146,6 +146,18 @@ def test_cli_writes_results_and_open_unlearning_logs(tmp_path, long_dir, capsys)
     assert summary["forget_verbmem_ROUGE"] == pytest.approx(res["verbmem_f"] / 100)
     assert sorted(log["forget_verbmem_ROUGE"]["value_by_index"]) == ["0", "1"]
     assert summary["privleak"] == pytest.approx(res["privleak"])
+    # open-unlearning's mia_min_k AUC is 1 − MUSE's, and its privleak (at d3d7cf9) turns it back: computed its way
+    # from our logs, with our summary as the retrained model's log, it gives our PrivLeak
+    assert summary["mia_min_k"] == pytest.approx(1 - res["privleak_auc"])
+    ref_auc = 1 - 0.4  # the retrained model's, in open-unlearning's convention
+    theirs = ((1 - summary["mia_min_k"]) - (1 - ref_auc)) / (1 - ref_auc) * 100
+    assert theirs == pytest.approx(res["privleak"])
+    # and our logs read back as a retrained model's give MUSE's AUC
+    from perta_fast.eval import muse_reference_auc
+    from perta_fast.options import EvalOptions
+
+    for name in ("MUSE_EVAL.json", "MUSE_SUMMARY.json"):
+        assert muse_reference_auc(out.parent / name, {}, EvalOptions()) == pytest.approx(res["privleak_auc"])
 
 
 def test_not_a_muse_folder_and_a_short_context(tmp_path, tiny_dir, capsys):
