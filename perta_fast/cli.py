@@ -167,6 +167,15 @@ COMMANDS_SPEC = {
                               "format"}),
         ("--compare", {"nargs": "+", "default": None, "metavar": "RESULTS_JSON", "help": "tabulate saved results"}),
         OVERWRITE], [o.EvalOptions()]),
+    "audit": ("membership-inference audit: can the forget rows be told from unseen rows of the same kind?", [
+        ("--model", _path("the model to audit", True)),
+        ("--forget", _path("the rows that should be forgotten (any data format: docs/formats.md)", True)),
+        ("--holdout", _path("rows of the same kind the model never saw", True)), *READING,
+        ("--reference", _path("a reference model for the reference attack: θ_0, the model before fine-tuning")),
+        ("--retain-model", _path("a retrained model (never saw the forget rows): its folder, or its audit .json; "
+                                 "its AUC is the level to reach, and PrivLeak is relative to it")),
+        ("--out", _path("audit .json (a markdown table and the ROC plot go beside it)")), OVERWRITE],
+        [o.AuditOptions()]),
     "plan": ("each step's peak memory for a model, from its config alone (nothing loaded)", [
         ("--model", _path("checkpoint folder or its config.json", True)),
         ("--forget", _path("with --retain or alone: count its samples (a text's windows) and batches with the "
@@ -364,6 +373,17 @@ def _eval(a):
               + (f"; open-unlearning logs: {', '.join(res['open_unlearning'])}" if "open_unlearning" in res else ""))
 
 
+def _audit(a):
+    from .audit import audit_files, format_audit
+
+    opts = build_options(o.AuditOptions, a)
+    res = audit_files(a.model, _rows(a, a.forget), _rows(a, a.holdout), opts, a.reference, a.retain_model, a.out,
+                      a.overwrite)
+    print(format_audit(res))
+    if a.out:
+        print(f"\nresults: {a.out} (table: {Path(a.out).with_suffix('.md')})")
+
+
 def _demo(a):
     from .pipeline import demo
 
@@ -405,7 +425,7 @@ def _plan(a):
 
 COMMANDS = {"info": _info, "plan": _plan, "convert-gguf": _convert_gguf, "finetune": _finetune,
             "importance": _importance, "merge": _merge, "calibrate": _calibrate, "unlearn": _unlearn,
-            "baseline": _baseline, "eval": _eval, "demo": _demo}
+            "baseline": _baseline, "eval": _eval, "audit": _audit, "demo": _demo}
 
 
 def run(a) -> None:

@@ -407,6 +407,7 @@ class Encoded:
     input_ids: list[int]
     n_prompt: int  # tokens before the first scored one
     spans: tuple[tuple[int, int], ...] | None = None  # the scored [start, stop) ranges; None: input_ids[n_prompt:]
+    row: int = 0  # the row it came from (a text's windows share it)
 
     def scored(self) -> tuple[tuple[int, int], ...]:
         return self.spans if self.spans is not None else ((self.n_prompt, len(self.input_ids)),)
@@ -458,7 +459,8 @@ def _windows(tokenizer, text: str, max_length: int, where: str, i: int) -> list[
     if len(bos) + len(tokens) < 2:
         raise PertaError(f"{where}: row {i}: a text of {len(tokens)} token(s), nothing to score")
     step = max(1, max_length - len(bos))
-    return [Encoded(bos + tokens[k:k + step], 1) for k in range(0, len(tokens), step) if len(bos) + len(tokens[k:k + step]) >= 2]
+    return [Encoded(bos + tokens[k:k + step], 1, row=i) for k in range(0, len(tokens), step)
+            if len(bos) + len(tokens[k:k + step]) >= 2]
 
 
 def encode(tokenizer, rows: list, max_length: int = 256, where: str | None = None) -> list[Encoded]:
@@ -487,7 +489,7 @@ def encode(tokenizer, rows: list, max_length: int = 256, where: str | None = Non
         longest = max(longest, len(ids))
         ids = ids[:max_length]
         spans = [(a, min(b, max_length)) for a, b in spans if a < max_length]
-        out.append(Encoded(ids, spans[0][0], None if spans == [(spans[0][0], len(ids))] else tuple(spans)))
+        out.append(Encoded(ids, spans[0][0], None if spans == [(spans[0][0], len(ids))] else tuple(spans), row=i))
     if cut and where:
         log.warning("%s: %d of %d answers are cut at --max-length %d (the longest row is %d tokens): the tokens "
                     "past it are neither learned nor scored; raise --max-length to keep them", where, cut, len(rows),

@@ -177,6 +177,20 @@ class EvalOptions:
 
 
 @dataclass(kw_only=True)
+class AuditOptions:
+    """`audit`: membership-inference attacks on forget rows against holdout rows (perta_fast.audit)."""
+    attacks: str = opt("auto", "comma-separated of loss, zlib, mink, minkpp, reference (needs --reference); auto: "
+                       "all, reference only when --reference is given")
+    k: float = opt(0.4, "Min-K's and Min-K++'s share of a row's lowest tokens", type=float)
+    max_length: int = opt(256, "tokens per sample, as training cuts them", type=positive)
+    batch_size: int = opt(8, "samples per forward", type=positive)
+    bootstrap: int = opt(1000, "resamples for each AUC's 95 percent interval", type=positive)
+    device: str | None = opt(None, DEVICE_HELP)
+    dtype: str = _dtype()
+    bf16_autocast: bool = opt(False, BF16_HELP)
+
+
+@dataclass(kw_only=True)
 class UnlearnOptions:
     """`unlearn`: θ_ft (finetune), importance, merge, calibration (calibration) and a quick evaluation."""
     method: str = opt("perta-grad", "how w is made: PerTA with grad or fisher importance, or TV (w ≡ 1)",

@@ -1,0 +1,146 @@
+"""The membership audit (perta_fast.audit) against values computed here by hand on the tiny model: each row's
+tokens from tests/helpers' own prompt layout and one unpadded float64 forward, the attacks' formulas written out
+(open-unlearning's at d3d7cf9), the AUC by counting pairs, TPR at a false-positive rate by trying every
+threshold; and the behaviour that matters: a model cannot be told apart from itself, and a model fine-tuned on
+the forget rows gives them away."""
+import json
+import math
+import zlib
+
+import pytest
+import torch
+
+from helpers import tokens_by_hand
+from perta_fast import audit
+from perta_fast.cli import main
+from perta_fast.data import QA, Text
+from perta_fast.options import AuditOptions
+
+
+def _by_hand(model, tok, ids, n_prompt):
+    """(log p of each scored token, its Min-K++ z, the scored tokens) from one unpadded forward in float64."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    lps, zs = [], []
+    for t in range(max(n_prompt, 1), len(ids)):
+        dist = logp[t - 1]
+        mu = float((dist.exp() * dist).sum())
+        var = float((dist.exp() * dist * dist).sum()) - mu * mu
+        lps.append(float(dist[ids[t]]))
+        zs.append((lps[-1] - mu) / math.sqrt(max(var, 1e-6)))
+    return lps, zs, ids[max(n_prompt, 1):]
+
+
+def _scores_by_hand(lps, zs, text, k, ref_lps=None):
+    loss = -sum(lps) / len(lps)
+    n = max(1, int(len(lps) * k))
+    out = {"loss": loss, "zlib": loss / len(zlib.compress(text.encode())), "mink": -sum(sorted(lps)[:n]) / n,
+           "minkpp": -sum(sorted(zs)[:n]) / n}
+    if ref_lps is not None:
+        out["reference"] = loss + sum(ref_lps) / len(ref_lps)
+    return out
+
+
+def test_every_attack_score_against_the_formulas_by_hand(tiny_tokenizer, facts):
+    from conftest import build_model
+
+    model, ref = build_model(len(tiny_tokenizer)).eval(), build_model(len(tiny_tokenizer), seed=1).eval()
+    tok = tiny_tokenizer
+    rows = facts[0][:3]
+    text = "the harbour council voted to close the old ferry pier on tuesday"
+    k = 0.4
+    got = audit.row_tokens(model, tok, rows + [Text(text)], max_length=128, batch_size=2, where="rows")
+    got_ref = audit.row_tokens(ref, tok, rows + [Text(text)], max_length=128, batch_size=3, where="rows")
+    for i, row in enumerate(rows + [Text(text)]):
+        if isinstance(row, QA):
+            ids, n_prompt = tokens_by_hand(tok, row.question, row.answer)
+        else:  # a text fitting one window, as the tokenizer starts a text (BOS or not): all but the first scored
+            ids, n_prompt = tok(text)["input_ids"], 1
+            assert len(ids) < 128
+        lps, zs, scored = _by_hand(model, tok, ids, n_prompt)
+        ref_lps = _by_hand(ref, tok, ids, n_prompt)[0]
+        assert got[i].logprobs == pytest.approx(lps, abs=1e-5) and got[i].z == pytest.approx(zs, abs=1e-4)
+        expected = _scores_by_hand(lps, zs, tok.decode(scored, skip_special_tokens=True), k, ref_lps)
+        for attack, value in expected.items():
+            score = audit.attack_scores([got[i]], attack, k, [got_ref[i]])[0]
+            assert score == pytest.approx(value, rel=1e-5, abs=1e-6), attack
+
+
+def test_auc_tpr_and_privleak_by_counting():
+    forget, holdout = [0.1, 0.5, 0.2, 0.9], [0.3, 0.5, 0.8, 1.0, 0.05]
+    # a forget row "wins" a pair when its score is lower (more member-like); ties count half
+    pairs = [1.0 if f < h else 0.5 if f == h else 0.0 for f in forget for h in holdout]
+    assert audit.auc(forget, holdout) == pytest.approx(sum(pairs) / len(pairs))
+    for fpr in (0.0, 0.2, 0.4, 1.0):  # every threshold t flags the rows scoring ≤ t
+        best = max(sum(f <= t for f in forget) / len(forget) for t in [-math.inf] + forget + holdout
+                   if sum(h <= t for h in holdout) / len(holdout) <= fpr)
+        assert audit.tpr_at(forget, holdout, fpr) == pytest.approx(best), fpr
+    low, high = audit.bootstrap_interval(forget, holdout, 500)
+    assert low <= audit.auc(forget, holdout) <= high and (low, high) == audit.bootstrap_interval(forget, holdout, 500)
+    assert audit.privleak(0.8, 0.5) == pytest.approx(((1 - 0.8) - 0.5) / 0.5 * 100)  # −60: remembered
+    assert audit.privleak(0.8, 1.0) is None
+
+
+def test_verdict_rule():
+    assert audit.verdict_of((0.6, 0.9), 0.5) == "remembered"
+    assert audit.verdict_of((0.4, 0.6), 0.5) == "indistinguishable"
+    assert audit.verdict_of((0.1, 0.3), 0.5) == "over-unlearned"
+    assert audit.verdict_of((0.6, 0.9), 0.7) == "indistinguishable"  # the retrained model's level, not 0.5
+    assert audit.overall(["indistinguishable", "over-unlearned", "remembered"]) == "remembered"
+    assert audit.overall(["indistinguishable", "over-unlearned"]) == "over-unlearned"
+
+
+def test_a_model_against_itself_is_indistinguishable(tiny_tokenizer, facts):
+    from conftest import build_model
+
+    model = build_model(len(tiny_tokenizer)).eval()
+    rows = facts[0] + facts[1][:10]
+    res = audit.audit(model, tiny_tokenizer, rows, list(rows), AuditOptions(bootstrap=200))
+    for name, r in res["attacks"].items():
+        assert r["auc"] == 0.5 and r["interval"][0] <= 0.5 <= r["interval"][1], name
+    assert res["verdict"] == "indistinguishable"
+
+
+def test_a_model_trained_on_the_forget_rows_gives_them_away(tmp_path, tiny_dir, facts, capsys):
+    forget, holdout = facts[0], facts[1][:20]
+    for name, rows in (("forget", forget), ("holdout", holdout)):
+        (tmp_path / f"{name}.json").write_text(json.dumps([r.__dict__ for r in rows]))
+    assert main(["finetune", "--model", str(tiny_dir), "--data", str(tmp_path / "forget.json"), "--out",
+                 str(tmp_path / "ft"), "--epochs", "8", "--lr", "1e-2", "--batch-size", "4", "-q"]) == 0
+    out = tmp_path / "audit" / "ft.json"
+    assert main(["audit", "--model", str(tmp_path / "ft"), "--forget", str(tmp_path / "forget.json"), "--holdout",
+                 str(tmp_path / "holdout.json"), "--reference", str(tiny_dir), "--out", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert set(res["attacks"]) == set(audit.ATTACKS)
+    assert res["attacks"]["loss"]["auc"] > 0.9 and res["attacks"]["reference"]["auc"] > 0.9
+    assert res["verdict"] == "remembered" and "not forgotten" in printed
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").stat().st_size > 0
+    # the fine-tuned model again, with a retrained model's audit (AUCs chosen here) as the level: PrivLeak per
+    # attack on 1 − AUC, MUSE's sign (negative: remembered)
+    retrained = tmp_path / "retrained.json"
+    retrained.write_text(json.dumps({"attacks": {"loss": {"auc": 0.6}, "minkpp": {"auc": 0.45}}}))
+    again = tmp_path / "audit" / "again.json"
+    assert main(["audit", "--model", str(tmp_path / "ft"), "--forget", str(tmp_path / "forget.json"), "--holdout",
+                 str(tmp_path / "holdout.json"), "--retain-model", str(retrained), "--attacks", "loss,minkpp",
+                 "--out", str(again), "-q"]) == 0
+    got = json.loads(again.read_text())["attacks"]
+    for attack, r in (("loss", 0.6), ("minkpp", 0.45)):
+        assert got[attack]["retrained_auc"] == r
+        assert got[attack]["privleak"] == pytest.approx(((1 - got[attack]["auc"]) - (1 - r)) / (1 - r) * 100)
+        assert got[attack]["privleak"] < -50 and got[attack]["verdict"] == "remembered"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attacks", "loss,recall"], "unknown attack recall"),
+    (["--attacks", "reference"], "needs a reference model"),
+    (["--k", "0"], "--k must be in (0, 1]"),
+])
+def test_bad_options_one_line_and_nothing_written(tmp_path, tiny_dir, facts, capsys, argv, message):
+    (tmp_path / "rows.json").write_text(json.dumps([r.__dict__ for r in facts[0]]))
+    out = tmp_path / "a.json"
+    assert main(["audit", "--model", str(tiny_dir), "--forget", str(tmp_path / "rows.json"), "--holdout",
+                 str(tmp_path / "rows.json"), "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
