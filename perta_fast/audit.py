@@ -307,3 +307,18 @@ def audit_files(model_dir, forget, holdout, options: AuditOptions, reference_dir
             with atomic_file(out.with_suffix(".png"), overwrite, inputs) as tmp:
                 plot_roc(result, tmp)
     return result
+
+
+def audit_models(models: dict, forget: list, holdout: list, options: AuditOptions,
+                 where: tuple[str, str] = ("the forget set", "the holdout set")) -> dict:
+    """{label: audit without the per-row scores} of each model folder, loaded one at a time (unlearn's
+    before → after)."""
+    out = {}
+    for label, folder in models.items():
+        model, tok = load_model(folder, options.device, options.dtype)
+        result = audit(model, tok, forget, holdout, options, where=where)
+        for r in result["attacks"].values():
+            del r["scores"]
+        out[label] = result
+        del model
+    return out

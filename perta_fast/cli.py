@@ -145,6 +145,9 @@ COMMANDS_SPEC = {
     "unlearn": ("the whole pipeline: fine-tune θ_ft, importance, merge, evaluate", [
         ("--model", _path("θ_full", True)), *SETS, ("--out", _path("θ_u: the unlearned checkpoint folder", True)),
         ("--finetuned", _path("θ_ft, if already trained")),
+        ("--holdout", _path("rows of the forget set's kind the model never saw: θ_full and θ_u are audited "
+                            "(perta-fast audit), and the verdict says whether the forget rows can still be told "
+                            "from them")),
         ("--work-dir", _path("where θ_ft and importance go (default: OUT.work)")), OVERWRITE], [o.UnlearnOptions()]),
     "baseline": ("training-based unlearning to compare against: gradient ascent or NPO", [
         ("--model", _path("θ_full", True)), ("--forget", _path("the rows to forget", True)),
@@ -319,8 +322,9 @@ def _calibrate(a):
 def _unlearn(a):
     from .pipeline import unlearn
 
-    s = unlearn(a.model, _rows(a, a.forget), _rows(a, a.retain), a.out, a.finetuned, build_options(o.UnlearnOptions, a), a.work_dir,
-                a.overwrite)
+    opts = build_options(o.UnlearnOptions, a)
+    s = unlearn(a.model, _rows(a, a.forget), _rows(a, a.retain), a.out, a.finetuned, opts, a.work_dir, a.overwrite,
+                _rows(a, a.holdout) if a.holdout else None)
     peaks = {k: f"{v / 1e9:.2f} GB" for k, v in s["peak_rss_anon_bytes"].items()}
     print(f"\nwrote {a.out} with {s['method']} (mean w {s['mean_weight']:.4f}); seconds: {json.dumps(s['seconds'])}; "
           f"peak host memory: {json.dumps(peaks)}")
@@ -336,6 +340,16 @@ def _unlearn(a):
     elif s.get("work_removed"):
         print(f"deleted {', '.join(s['work_removed'])} from {s['work']} (derived from the forget set; "
               "--keep-work keeps them)")
+    if "audit" in s:
+        from .audit import format_audit
+
+        for label, result in s["audit"].items():
+            print(f"\n{label}: " + format_audit(result))
+    print(f"\n{s['forgotten']['message']}")
+    if opts.require_forgotten and s["forgotten"]["status"] in ("remembered", "not measured"):
+        print(f"perta-fast: --require-forgotten: the forget set was {s['forgotten']['status']} (exit 3); "
+              f"{a.out} was written, and its record says so", file=sys.stderr)
+        return 3
 
 
 def _baseline(a):
@@ -428,7 +442,7 @@ COMMANDS = {"info": _info, "plan": _plan, "convert-gguf": _convert_gguf, "finetu
             "baseline": _baseline, "eval": _eval, "audit": _audit, "demo": _demo}
 
 
-def run(a) -> None:
+def run(a) -> int | None:
     from . import console, distributed, ops
 
     console.configure(a.verbosity or a.verbosity_first)
@@ -436,7 +450,7 @@ def run(a) -> None:
         raise PertaError(f"{a.command} does not run under torchrun (only {' and '.join(distributed.COMMANDS)} do)")
     ops.set_backend(a.backend)
     try:
-        COMMANDS[a.command](a)
+        return COMMANDS[a.command](a)
     finally:
         distributed.teardown()
 
@@ -447,7 +461,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # a usage error (one line already printed), --help or --version
         return e.code
     try:
-        run(args)
+        code = run(args)
     except PertaError as e:
         print(f"perta-fast: error: {e}", file=sys.stderr)
         return 2
@@ -460,7 +474,7 @@ def main(argv=None) -> int:
             raise
         print(f"perta-fast: error: {line}; no partial output was kept", file=sys.stderr)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _resource_error(e: BaseException, a) -> str | None:

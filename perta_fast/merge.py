@@ -347,4 +347,15 @@ def card_with_metrics(card: str, summary: dict) -> str:
             lines.append(f"- note: {cal['note']}")
     if "table" in summary:
         lines += ["", "## Before and after (answer probability and exact match)", "", "```", summary["table"], "```"]
+    said = summary.get("forgotten")
+    if said:
+        lines += ["", "## Was the data forgotten?", "", said["message"]]
+    if "audit" in summary:
+        (b_label, before), (a_label, after) = summary["audit"].items()
+        lines += ["", f"Membership audit against {summary['holdout_data']['rows']} holdout rows (AUC 0.5: "
+                      "indistinguishable from unseen rows; rule: " + after["rule"] + ")", "",
+                  f"| attack | AUC {b_label} | AUC {a_label} | 95 % interval after | verdict after |", "|---|---|---|---|---|"]
+        for name, r in after["attacks"].items():
+            lines.append(f"| {name} | {before['attacks'][name]['auc']:.3f} | {r['auc']:.3f} | "
+                         f"{r['interval'][0]:.3f}–{r['interval'][1]:.3f} | {r['verdict']} |")
     return "\n".join(lines) + "\n"

@@ -208,6 +208,8 @@ class UnlearnOptions:
     device: str | None = opt(None, DEVICE_HELP)
     evaluate: bool = opt(True, "skip the quick evaluation at the end", negate="--no-eval")
     eval_samples: int | None = opt(64, "evaluate on the first N rows of each set (0: all)")
+    require_forgotten: bool = opt(False, "exit with code 3 unless the forget set was measured forgotten: by the audit "
+                                  "with --holdout, else by forget probability below 0.95 × θ_full's")
     dtype: str = _dtype("every step's model dtype (auto: the checkpoint's own)")
     gradient_checkpointing: bool = opt(False, CKPT_HELP)
     max_memory: float | None = opt(None, "importance's memory budget (see importance)", metavar="GB")

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from .audit import audit_models
 from .calibration import calibrate, check_options, probability_curve, validation_sets, write_curve
 from .console import bar, log, pyplot
 from .data import QA, check_sets, data_hash, encode, load_qa, set_summary, source_of
@@ -20,7 +21,8 @@ from .lora import is_adapter
 from .memory import PeakRssAnon, release_freed_memory
 from .merge import card_with_metrics, merge, plan_merge, write_merge
 from .models import default_model, load_model, load_tokenizer, pick_device
-from .options import DemoOptions, FinetuneOptions, ImportanceOptions, MergeOptions, UnlearnOptions  # noqa: F401
+from .options import (AuditOptions, DemoOptions, FinetuneOptions, ImportanceOptions, MergeOptions,  # noqa: F401
+                      UnlearnOptions)
 from .outputs import atomic_dir, check_output_path, remove_path
 from .train import finetune, lora_config
 
@@ -89,6 +91,39 @@ def build_importance(model_dir, forget, retain, method: str, work: Path, opts: U
     return out
 
 
+STILL_KNOWN = 0.95  # without an audit: forget probability at or above this share of θ_full's is "as before"
+
+
+def forgetting(summary: dict) -> dict:
+    """Whether the forget set was measured forgotten, in plain words: {"status", "by", "message"}. By the audit
+    when a holdout set was given (status: its verdict on θ_u), else by the quick evaluation's forget
+    probability (remembered within 5 % of θ_full's, else "reduced": less likely, but no audit says whether the
+    rows can still be told from unseen ones), else "not measured"."""
+    if "audit" in summary:
+        before, after = summary["audit"].values()
+        top = max(after["attacks"], key=lambda a: after["attacks"][a]["auc"])
+        b, a = before["attacks"][top], after["attacks"][top]
+        seen = f"{top} AUC {b['auc']:.3f} → {a['auc']:.3f} (95 % interval {a['interval'][0]:.3f}–{a['interval'][1]:.3f})"
+        message = {"remembered": f"NOT FORGOTTEN: an attacker still tells the forget rows from unseen ones ({seen}); "
+                                 "the model still knows the data",
+                   "over-unlearned": f"over-unlearned: the forget rows now look less familiar than unseen ones "
+                                     f"({seen}), which gives them away too",
+                   "indistinguishable": f"forgotten by every attack's measure: the forget rows cannot be told from "
+                                        f"unseen ones ({seen})"}[after["verdict"]]
+        return {"status": after["verdict"], "by": "audit", "message": message}
+    if "eval" in summary:
+        before, after = (r["forget"]["answer_prob"] for r in summary["eval"].values())
+        if after >= STILL_KNOWN * before:
+            return {"status": "remembered", "by": "forget probability",
+                    "message": f"NOT FORGOTTEN: forget probability {before:.3f} → {after:.3f}, within 5 % of θ_full's: "
+                               "the model still knows the forget set"}
+        return {"status": "reduced", "by": "forget probability",
+                "message": f"forget probability {before:.3f} → {after:.3f}; whether the rows can still be told from "
+                           "unseen ones is not measured: give --holdout (rows of the same kind it never saw) to audit"}
+    return {"status": "not measured", "by": None,
+            "message": "nothing was measured (--no-eval, no --holdout): whether the data is forgotten is unknown"}
+
+
 def evaluate_models(models: dict[str, Path], sets: dict[str, list[QA]], device=None, generate=True,
                     dtype=None, max_length: int = 256) -> dict:
     """{model label: {set label: evaluate(...)}} loading one model at a time."""
@@ -149,24 +184,28 @@ class _StepMeter:
 
 def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str | Path,
             finetuned: str | Path | None = None, options: UnlearnOptions | None = None,
-            work_dir: str | Path | None = None, overwrite: bool = False) -> dict:
+            work_dir: str | Path | None = None, overwrite: bool = False, holdout: list | None = None) -> dict:
     """θ_full (`model_dir`) + forget + retain (rows, or files as load_qa reads them) → θ_u in `out`;
     fine-tunes θ_ft when not given. With lam="auto", `options.calibration.hold_out` of each set is held back:
     importance is estimated on the rest, λ chosen on those rows (perta_fast.calibration), and the curve written
-    into `out` beside the model; θ_ft still learns every forget row (all of them are to be forgotten)."""
+    into `out` beside the model; θ_ft still learns every forget row (all of them are to be forgotten).
+    `holdout` (rows of the forget set's kind the model never saw): θ_full and θ_u are audited (perta_fast.audit)
+    and the record says, in `forgotten`, whether the forget rows can still be told from unseen ones."""
     opts = options or UnlearnOptions()
     if opts.method not in METHODS:
         raise PertaError(f"unknown method {opts.method!r} (expected one of {', '.join(METHODS)})")
     auto = opts.lam == "auto"
     if not auto and isinstance(opts.lam, str):
         raise PertaError(f"--lam must be a number or auto, got {opts.lam!r}")
-    where = {"forget": source_of(forget, "the forget set"), "retain": source_of(retain, "the retain set")}
+    where = {"forget": source_of(forget, "the forget set"), "retain": source_of(retain, "the retain set"),
+             "holdout": source_of(holdout, "the holdout set")}
     forget, retain = load_qa(forget), load_qa(retain)
+    holdout = load_qa(holdout) if holdout is not None else None
     # identical sets refused before θ_ft is trained; importance warns of rows the two share
     check_sets(forget, retain, (where["forget"], where["retain"]))
     tok = load_tokenizer(model_dir)  # the sets' shapes and counts for the record; a bad row fails here, before work
     described = {label: set_summary(rows, encode(tok, rows, opts.max_length))
-                 for label, rows in (("forget", forget), ("retain", retain))}
+                 for label, rows in (("forget", forget), ("retain", retain), ("holdout", holdout)) if rows}
     split = None
     if auto:
         check_options(opts.calibration)
@@ -226,6 +265,15 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
                                          "retain": retain[:opts.eval_samples or None]}, opts.device, dtype=opts.dtype,
                                         max_length=opts.max_length)
                 summary["table"] = format_table(summary["eval"])
+            if holdout is not None:
+                summary["holdout_data"] = described["holdout"]
+                summary["audit"] = meter("audit", audit_models,
+                                         {"before (θ_full)": Path(model_dir), f"after ({opts.method})": staged},
+                                         forget, holdout, AuditOptions(max_length=opts.max_length,
+                                                                       batch_size=opts.batch_size, device=opts.device,
+                                                                       dtype=opts.dtype),
+                                         (where["forget"], where["holdout"]))
+            summary["forgotten"] = forgetting(summary)
             summary["seconds"] = {**meter.seconds, "total": round(time.perf_counter() - t0, 2)}
             summary["peak_rss_anon_bytes"] = meter.peak_host
             summary["peak_rss_bytes"] = meter.peak_resident  # with mapped checkpoint pages

@@ -144,3 +144,57 @@ def test_bad_options_one_line_and_nothing_written(tmp_path, tiny_dir, facts, cap
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
+
+
+@pytest.fixture(scope="module")
+def knowing(tmp_path_factory, tiny_dir, facts):
+    """θ_full that learnt the forget and retain rows, and holdout rows of the same kind it never saw."""
+    root = tmp_path_factory.mktemp("knowing")
+    forget, retain = facts[0], facts[1][:16]
+    holdout = facts[1][16:36]
+    for name, rows in (("forget", forget), ("retain", retain), ("holdout", holdout), ("all", forget + retain)):
+        (root / f"{name}.json").write_text(json.dumps([r.__dict__ for r in rows]))
+    assert main(["finetune", "--model", str(tiny_dir), "--data", str(root / "all.json"), "--out", str(root / "full"),
+                 "--epochs", "8", "--lr", "1e-2", "--batch-size", "4", "-q"]) == 0
+    return root
+
+
+def test_unlearn_that_leaves_the_data_known_says_so_and_require_forgotten_fails(knowing, tmp_path, capsys):
+    sets = ["--forget", str(knowing / "forget.json"), "--retain", str(knowing / "retain.json")]
+    out = tmp_path / "u"
+    # λ = 0: θ_u is θ_full, which knows the forget rows: the audit must say so, whatever the tool hoped
+    code = main(["unlearn", "--model", str(knowing / "full"), *sets, "--holdout", str(knowing / "holdout.json"),
+                 "--out", str(out), "--method", "tv", "--lam", "0", "--epochs", "1", "--batch-size", "4",
+                 "--require-forgotten", "-q"])
+    printed, err = capsys.readouterr()
+    assert code == 3 and "--require-forgotten" in err and "NOT FORGOTTEN" in printed
+    record = json.loads((out / "perta_unlearn.json").read_text())
+    assert record["forgotten"]["status"] == "remembered" and record["forgotten"]["by"] == "audit"
+    before, after = record["audit"].values()
+    assert before["verdict"] == after["verdict"] == "remembered"
+    assert after["attacks"]["loss"]["auc"] == pytest.approx(before["attacks"]["loss"]["auc"])
+    card = (out / "README.md").read_text()
+    assert "NOT FORGOTTEN" in card and "| loss |" in card
+    # without a holdout set and without the quick evaluation nothing is measured: required, that fails too
+    code = main(["unlearn", "--model", str(knowing / "full"), *sets, "--out", str(tmp_path / "v"), "--method", "tv",
+                 "--lam", "0", "--epochs", "1", "--batch-size", "4", "--no-eval", "--require-forgotten", "-q"])
+    printed, err = capsys.readouterr()
+    assert code == 3 and "unknown" in printed
+    # with the quick evaluation only: forget probability within 5 % of θ_full's is reported as still known
+    assert main(["unlearn", "--model", str(knowing / "full"), *sets, "--out", str(tmp_path / "w"), "--method", "tv",
+                 "--lam", "0", "--epochs", "1", "--batch-size", "4", "-q"]) == 0
+    said = json.loads((tmp_path / "w" / "perta_unlearn.json").read_text())["forgotten"]
+    assert said["status"] == "remembered" and said["by"] == "forget probability"
+
+
+def test_unlearn_that_forgets_reports_it_from_the_audit(knowing, tmp_path, capsys):
+    # a strong TV step wipes what θ_full learnt: the forget rows no longer stand out from the holdout ones
+    out = tmp_path / "u"
+    assert main(["unlearn", "--model", str(knowing / "full"), "--forget", str(knowing / "forget.json"), "--retain",
+                 str(knowing / "retain.json"), "--holdout", str(knowing / "holdout.json"), "--out", str(out),
+                 "--method", "tv", "--lam", "3", "--epochs", "8", "--lr", "1e-2", "--batch-size", "4",
+                 "--require-forgotten", "-q"]) == 0
+    record = json.loads((out / "perta_unlearn.json").read_text())
+    before, after = record["audit"].values()
+    assert before["verdict"] == "remembered" and after["verdict"] != "remembered"
+    assert record["forgotten"]["status"] == after["verdict"]
