@@ -17,6 +17,7 @@ import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from .audit import attack_scores, auc, bootstrap_interval, row_tokens
 from .console import bar, log, pyplot
 from .data import MIN_VALIDATION_ROWS, QA, data_hash, hold_out, load_qa, source_of
 from .dtypes import autocast_for
@@ -29,7 +30,8 @@ from .io import SafetensorsFile
 from .models import load_model, pick_device
 from .outputs import atomic_file, check_output_path
 
-TARGETS = ("max", "base")
+TARGETS = ("max", "base", "audit")
+AUDIT_K, AUDIT_RESAMPLES = 0.4, 1000  # perta-fast audit's defaults
 
 
 def check_options(opts: CalibrateOptions) -> tuple[float, ...]:
@@ -42,6 +44,8 @@ def check_options(opts: CalibrateOptions) -> tuple[float, ...]:
     if opts.forget_target == "base" and not opts.pretrained:
         raise PertaError("--forget-target base needs --pretrained DIR: the base model θ_0 whose forget probability "
                          "is the target")
+    if opts.forget_target == "audit" and not 0 < opts.audit_target < 1:
+        raise PertaError(f"--audit-target must be an AUC in (0, 1), got {opts.audit_target:g}")
     if opts.bisect < 0:
         raise PertaError(f"--bisect must be 0 or more, got {opts.bisect}")
     lams = tuple(sorted(set(float(x) for x in opts.lams)))
@@ -118,6 +122,14 @@ def score(model, tokenizer, sets: dict[str, list[QA]], opts: CalibrateOptions) -
     return point
 
 
+def audit_point(model, tokenizer, forget: list, holdout: list, opts: CalibrateOptions) -> dict:
+    """The --audit-attack's AUC of forget against holdout rows and its bootstrap interval (perta_fast.audit)."""
+    score = dict(max_length=opts.max_length, batch_size=opts.batch_size, bf16_autocast=opts.bf16_autocast)
+    scores = [attack_scores(row_tokens(model, tokenizer, rows, where=name, **score), opts.audit_attack, AUDIT_K)
+              for name, rows in (("the forget validation rows", forget), ("the holdout rows", holdout))]
+    return {"audit_auc": auc(*scores), "audit_interval": list(bootstrap_interval(*scores, AUDIT_RESAMPLES))}
+
+
 def _target_prob(opts: CalibrateOptions, forget: list[QA]) -> float:
     """θ_0's forget answer probability on the validation rows (loaded, scored, freed)."""
     model, tok = load_model(opts.pretrained, opts.device, opts.dtype)
@@ -128,11 +140,16 @@ def _target_prob(opts: CalibrateOptions, forget: list[QA]) -> float:
 
 
 def calibrate(base, finetuned, forget: list[QA], retain: list[QA], importance=None,
-              merge_options: MergeOptions | None = None, options: CalibrateOptions | None = None) -> dict:
-    """Choose λ on validation rows `forget` and `retain` (never used for the importance file).
+              merge_options: MergeOptions | None = None, options: CalibrateOptions | None = None,
+              holdout: list | None = None) -> dict:
+    """Choose λ on validation rows `forget` and `retain` (never used for the importance file); with
+    forget_target "audit", against `holdout` rows (of the forget rows' kind, never seen).
     Returns {"lam", "points" (every λ scored, ascending), "reference", "retain_floor", ...}."""
     opts = options or CalibrateOptions()
     lams = check_options(opts)
+    audited = opts.forget_target == "audit"
+    if audited and not holdout:
+        raise PertaError("--forget-target audit needs --holdout: rows of the forget set's kind the model never saw")
     for label, rows in (("forget", forget), ("retain", retain)):
         if len(rows) < MIN_VALIDATION_ROWS:
             raise PertaError(f"the {label} validation set has {len(rows)} rows; calibration needs at least "
@@ -142,15 +159,21 @@ def calibrate(base, finetuned, forget: list[QA], retain: list[QA], importance=No
     target = _target_prob(opts, forget) if opts.forget_target == "base" else None
     at = ModelAtLambda(base, finetuned, importance, merge_options, opts.device, opts.dtype)
     sets = {"forget": forget, "retain": retain}
-    reference = score(at.model, at.tokenizer, sets, opts)
+
+    def scored(model, tok) -> dict:
+        return {**score(model, tok, sets, opts), **(audit_point(model, tok, forget, holdout, opts) if audited else {})}
+
+    reference = scored(at.model, at.tokenizer)
     floor = opts.keep_retain * reference["retain_prob"]
     points: dict[float, dict] = {}
 
     def point(lam: float) -> dict:
         mean_w = at.set(lam)
-        p = {"lam": lam, **score(at.model, at.tokenizer, sets, opts), "mean_weight": mean_w}
+        p = {"lam": lam, **scored(at.model, at.tokenizer), "mean_weight": mean_w}
         p["keeps_retain"] = p["retain_prob"] >= floor
-        p["reaches_target"] = target is not None and p["forget_prob"] <= target
+        # audit: reached once the interval no longer lies above the target (perta_fast.audit's verdict rule)
+        p["reaches_target"] = (p["audit_interval"][0] <= opts.audit_target if audited
+                               else target is not None and p["forget_prob"] <= target)
         points[lam] = p
         progress.update(1)
         return p
@@ -177,23 +200,30 @@ def calibrate(base, finetuned, forget: list[QA], retain: list[QA], importance=No
     lam = hi if reached else lo
     result = {"lam": lam, "forget_target": opts.forget_target, "reached_target": reached, "keep_retain": opts.keep_retain,
               "reference": reference, "retain_floor": floor, "target_forget_prob": target,
+              **({"audit_attack": opts.audit_attack, "audit_target": opts.audit_target,
+                  "holdout_rows": len(holdout)} if audited else {}),
               "grid": list(lams), "bisect": opts.bisect, "method": merge_options.method,
               "scoring": "bf16 autocast" if opts.bf16_autocast else "model dtype",
               "merge_options": {k: v for k, v in asdict(merge_options).items() if k in ("alpha", "power", "eps")},
               "validation": {"forget_rows": len(forget), "forget_sha256": data_hash(forget),
                              "retain_rows": len(retain), "retain_sha256": data_hash(retain)},
               "points": [points[k] for k in sorted(points)], "chosen": points.get(lam, {"lam": 0.0, **reference}),
-              "above": points.get(hi) if not reached else None, "note": _note(lam, hi, reached, target, lams)}
+              "above": points.get(hi) if not reached else None,
+              "note": _note(lam, hi, reached, target, lams, opts if audited else None)}
     if result["note"]:
         log.warning("calibrate: %s", result["note"])
     return result
 
 
-def _note(lam, hi, reached, target, lams) -> str | None:
-    """What the user should know about a choice the grid limited."""
+def _note(lam, hi, reached, target, lams, audit: CalibrateOptions | None = None) -> str | None:
+    """What the user should know about a choice the grid or the floor limited."""
     if hi is None:
-        what = "the forget target was not reached and " if target is not None else ""
+        what = "the forget target was not reached and " if target is not None or audit else ""
         return f"{what}the retain floor still held at the largest λ tried ({lams[-1]:g}): try larger --lams"
+    if audit and not reached:
+        return (f"the retain floor stopped it: at every λ that keeps it the forget rows are still told from the holdout "
+                f"rows ({audit.audit_attack} AUC interval above {audit.audit_target:g}); λ = {lam:g} is the largest "
+                "that keeps the floor, and the data is not forgotten there")
     if target is not None and not reached:
         return (f"θ_0's forget probability ({target:.4f}) is not reached before retain probability falls below the "
                 f"floor; λ = {lam:g} is the largest that keeps it")
@@ -205,16 +235,22 @@ def _note(lam, hi, reached, target, lams) -> str | None:
 def format_curve(result: dict) -> str:
     """One line per point tried, then the choice."""
     em = "forget_em" in result["reference"] and "retain_em" in result["reference"]
+    audited = "audit_auc" in result["reference"]
     head = f"{'λ':>9} {'forget prob':>12} {'retain prob':>12}" + (f" {'forget EM':>10} {'retain EM':>10}" if em else "")
+    head += f" {result.get('audit_attack', '') + ' AUC':>14} {'interval':>13}" if audited else ""
     rows = [head]
     for p in [{"lam": 0.0, **result["reference"]}] + result["points"]:
         line = f"{p['lam']:>9.4g} {p['forget_prob']:>12.4f} {p['retain_prob']:>12.4f}"
         if em:
             line += f" {p['forget_em']:>10.3f} {p['retain_em']:>10.3f}"
+        if audited:
+            line += f" {p['audit_auc']:>14.3f} {p['audit_interval'][0]:>6.3f}–{p['audit_interval'][1]:<6.3f}"
         rows.append(line + ("  ← chosen" if p["lam"] == result["lam"] else ""))
     rows.append(f"retain floor {result['retain_floor']:.4f} (= {result['keep_retain']:g} × θ_full's)"
                 + (f"; forget target {result['target_forget_prob']:.4f} (θ_0's)"
-                   if result["target_forget_prob"] is not None else ""))
+                   if result["target_forget_prob"] is not None else "")
+                + (f"; audit target: {result['audit_attack']} AUC interval reaching {result['audit_target']:g} "
+                   f"(forget validation rows against {result['holdout_rows']} holdout rows)" if audited else ""))
     return "\n".join(rows)
 
 
@@ -275,7 +311,7 @@ def check_importance_rows(importance, split: dict, whole: dict[str, str], where:
 
 def calibrate_files(base, finetuned, forget_spec, retain_spec, importance=None,
                     merge_options: MergeOptions | None = None, options: CalibrateOptions | None = None,
-                    out: str | Path | None = None, overwrite: bool = False) -> dict:
+                    out: str | Path | None = None, overwrite: bool = False, holdout: list | None = None) -> dict:
     """`perta-fast calibrate`: hold back validation rows, check the importance file never saw them,
     calibrate, and write the curve (`out` .json and a .png beside it) atomically."""
     opts = options or CalibrateOptions()
@@ -290,7 +326,8 @@ def calibrate_files(base, finetuned, forget_spec, retain_spec, importance=None,
     split = validation_sets(rows["forget"], rows["retain"], opts.hold_out, where)
     if importance is not None:
         check_importance_rows(importance, split, {k: data_hash(v) for k, v in rows.items()}, where, opts.hold_out)
-    result = calibrate(base, finetuned, split["forget"][1], split["retain"][1], importance, merge_options, opts)
+    result = calibrate(base, finetuned, split["forget"][1], split["retain"][1], importance, merge_options, opts,
+                       load_qa(holdout) if holdout is not None else None)
     result.update(base=str(base), finetuned=str(finetuned), importance=str(importance) if importance else None,
                   hold_out=opts.hold_out)
     if out is not None:

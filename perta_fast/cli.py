@@ -108,6 +108,8 @@ READING = [("--columns", {"default": None, "metavar": "FIELD=COLUMN,…",
 SETS = [("--forget", _path("the rows to forget (data formats: docs/formats.md)", True)),
         ("--retain", _path("rows whose knowledge is to stay", True)), *READING]
 FINETUNED = ("--finetuned", _path("θ_ft: a checkpoint folder or a peft LoRA adapter folder", True))
+HOLDOUT = ("--holdout", _path("rows of the forget set's kind the model never saw: the membership audit's other side "
+                              "(unlearn audits θ_full and θ_u; --forget-target audit calibrates λ against them)"))
 
 
 def _resume(unit):
@@ -140,14 +142,12 @@ COMMANDS_SPEC = {
     "calibrate": ("choose λ on held-back rows: the most forgetting that keeps retain probability", [
         ("--base", _path("θ_full", True)), FINETUNED,
         ("--importance", _path("importance file estimated with the same --hold-out (PerTA); none: TV (w = 1)")),
-        *SETS, ("--out", _path("the curve as .json, with a .png beside it")), OVERWRITE],
+        *SETS, HOLDOUT, ("--out", _path("the curve as .json, with a .png beside it")), OVERWRITE],
         [o.CalibrateOptions(), (o.MergeOptions(), o.MERGE_KNOBS)]),
     "unlearn": ("the whole pipeline: fine-tune θ_ft, importance, merge, evaluate", [
         ("--model", _path("θ_full", True)), *SETS, ("--out", _path("θ_u: the unlearned checkpoint folder", True)),
         ("--finetuned", _path("θ_ft, if already trained")),
-        ("--holdout", _path("rows of the forget set's kind the model never saw: θ_full and θ_u are audited "
-                            "(perta-fast audit), and the verdict says whether the forget rows can still be told "
-                            "from them")),
+        HOLDOUT,
         ("--work-dir", _path("where θ_ft and importance go (default: OUT.work)")), OVERWRITE], [o.UnlearnOptions()]),
     "baseline": ("training-based unlearning to compare against: gradient ascent or NPO", [
         ("--model", _path("θ_full", True)), ("--forget", _path("the rows to forget", True)),
@@ -312,7 +312,7 @@ def _calibrate(a):
 
     res = calibrate_files(a.base, a.finetuned, _rows(a, a.forget), _rows(a, a.retain), a.importance,
                           build_options(o.MergeOptions, a, o.MERGE_KNOBS), build_options(o.CalibrateOptions, a), a.out,
-                          a.overwrite)
+                          a.overwrite, _rows(a, a.holdout) if a.holdout else None)
     print(format_curve(res))
     if a.out:
         print(f"curve: {a.out}" + (f", plot: {res['plot']}" if res["plot"] else ""))

@@ -335,8 +335,11 @@ def card_with_metrics(card: str, summary: dict) -> str:
         v = cal["validation"]
         lines += ["", "## λ chosen by calibration", "",
                   f"- λ = {cal['lam']:.4g}: " + (
-                      f"the smallest λ tried whose forget probability reaches the base model's "
-                      f"({cal['target_forget_prob']:.4f})" if cal["reached_target"] else "the most forgetting tried") +
+                      (f"the smallest λ tried at which the {cal['audit_attack']} attack's AUC interval reaches "
+                       f"{cal['audit_target']:g} (forget rows against {cal['holdout_rows']} holdout rows)"
+                       if cal["forget_target"] == "audit" else
+                       f"the smallest λ tried whose forget probability reaches the base model's "
+                       f"({cal['target_forget_prob']:.4f})") if cal["reached_target"] else "the most forgetting tried") +
                   f" that keeps retain answer probability ≥ {cal['keep_retain']:g} × θ_full's "
                   f"({cal['reference']['retain_prob']:.4f} → floor {cal['retain_floor']:.4f})",
                   f"- chosen point: forget probability {cal['reference']['forget_prob']:.4f} → "

@@ -152,8 +152,13 @@ class CalibrateOptions:
                       nargs="+", metavar="λ", to_field=tuple)
     bisect: int = opt(4, "halvings between the last λ that keeps the floor and the next")
     forget_target: str = opt("max", "max: most forgetting the floor allows; base: until forget probability reaches "
-                             "θ_0's", choices=("max", "base"))
+                             "θ_0's; audit: until the forget rows cannot be told from --holdout rows (the attack's "
+                             "AUC interval reaches --audit-target)", choices=("max", "base", "audit"))
     pretrained: str | None = opt(None, "θ_0, the model that never saw the data (--forget-target base)")
+    audit_attack: str = opt("minkpp", "--forget-target audit: the membership attack (perta-fast audit)",
+                            choices=("loss", "zlib", "mink", "minkpp"))
+    audit_target: float = opt(0.5, "--forget-target audit: the AUC to reach, a retrained model's (from its perta-fast "
+                              "audit) or 0.5 (indistinguishable)", type=float)
     hold_out: float = opt(0.2, HOLD_OUT_HELP, metavar="FRACTION")
     generate: bool = opt(True, "greedy exact match at each point (reported; the choice uses probabilities)",
                          hidden=True)

@@ -209,6 +209,8 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
     split = None
     if auto:
         check_options(opts.calibration)
+        if opts.calibration.forget_target == "audit" and holdout is None:
+            raise PertaError("--forget-target audit needs --holdout: rows of the forget set's kind the model never saw")
         split = validation_sets(forget, retain, opts.calibration.hold_out, where)
     inputs = tuple(p for p in (model_dir, finetuned, opts.importance_model) if p)
     check_output_path(Path(out), overwrite, inputs)
@@ -242,7 +244,8 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
         calibration = None
         if auto:
             calibration = meter("calibrate", calibrate, model_dir, finetuned, split["forget"][1], split["retain"][1],
-                                importance, merge_opts, replace(opts.calibration, device=opts.device, dtype=opts.dtype))
+                                importance, merge_opts, replace(opts.calibration, device=opts.device, dtype=opts.dtype),
+                                holdout)
             merge_opts.lam = calibration["lam"]
             log.info("calibrated: λ = %g", merge_opts.lam)
         plan = plan_merge(model_dir, finetuned, importance, merge_opts)

@@ -198,3 +198,32 @@ def test_unlearn_that_forgets_reports_it_from_the_audit(knowing, tmp_path, capsy
     before, after = record["audit"].values()
     assert before["verdict"] == "remembered" and after["verdict"] != "remembered"
     assert record["forgotten"]["status"] == after["verdict"]
+
+
+def test_calibrate_to_the_audit_target(knowing, tmp_path, capsys):
+    """--forget-target audit: the smallest λ of the grid (then bisected) whose Min-K++ AUC interval reaches 0.5
+    against the holdout rows; the chosen point's interval does, the last point below it does not."""
+    sets = ["--forget", str(knowing / "forget.json"), "--retain", str(knowing / "retain.json")]
+    assert main(["finetune", "--model", str(knowing / "full"), "--data", str(knowing / "forget.json"), "--out",
+                 str(tmp_path / "ft"), "--epochs", "8", "--lr", "1e-2", "--batch-size", "4", "-q"]) == 0
+    out = tmp_path / "curve.json"
+    argv = ["calibrate", "--base", str(knowing / "full"), "--finetuned", str(tmp_path / "ft"), *sets, "--hold-out",
+            "0.5", "--forget-target", "audit", "--lams", "0.5", "1", "2", "4", "--bisect", "2", "--keep-retain", "0.01",
+            "--out", str(out), "-q"]
+    assert main(argv) == 2 and "needs --holdout" in capsys.readouterr().err and not out.exists()
+    assert main(argv + ["--holdout", str(knowing / "holdout.json")]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["forget_target"] == "audit" and res["audit_attack"] == "minkpp" and "minkpp AUC" in printed
+    assert res["reference"]["audit_interval"][0] > 0.5  # θ_full: remembered
+    chosen = next(p for p in res["points"] if p["lam"] == res["lam"])
+    assert res["reached_target"] and chosen["audit_interval"][0] <= 0.5
+    assert all(p["audit_interval"][0] > 0.5 for p in res["points"] if p["lam"] < res["lam"])
+
+
+def test_unlearn_audit_target_without_holdout_refused_before_any_work(knowing, tmp_path, capsys):
+    assert main(["unlearn", "--model", str(knowing / "full"), "--forget", str(knowing / "forget.json"), "--retain",
+                 str(knowing / "retain.json"), "--out", str(tmp_path / "u"), "--lam", "auto", "--forget-target",
+                 "audit"]) == 2
+    err = capsys.readouterr().err
+    assert "needs --holdout" in err and len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
