@@ -210,8 +210,21 @@ def load_results(path: str | Path, content: dict | None = None) -> dict:
     path = Path(path)
     results = read_json(path) if content is None else content
     if not isinstance(results.get("splits"), dict):
-        raise PertaError(f"{path}: not a perta-fast eval results file (no 'splits')")
+        raise PertaError(f"{path}: not a perta-fast TOFU eval results file (no 'splits'): {_what_it_is(results)}")
     return results
+
+
+def _what_it_is(content: dict) -> str:
+    """What a JSON that is not our TOFU results holds, so the user knows what to give instead."""
+    instead = ("give the retain model's folder, its `perta-fast eval` results .json or its open-unlearning "
+               "TOFU_EVAL.json")
+    if {"avg_gt_loss", "avg_paraphrased_loss", "avg_perturbed_loss"} & set(content):
+        return f"it looks like the TOFU repository's own eval_log*.json (avg_gt_loss, …), not read here; {instead}"
+    if content.get("benchmark") == "muse" or "forget_verbmem_ROUGE" in content:
+        return f"it holds MUSE results; {instead}"
+    if "attacks" in content:
+        return f"it is a perta-fast audit; {instead}"
+    return instead
 
 
 def reference_results(reference: str | Path, forget_rows: list[EvalQA], opts: EvalOptions) -> dict:

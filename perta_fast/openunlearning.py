@@ -11,9 +11,11 @@ score = 1/R of perta_fast.eval.truth_ratios); aggregated `closer_to_1_better` = 
 `forget_truth_ratio` and `true_better` = mean max(0, 1 − s) elsewhere. Their truth ratio changed once:
 pull request #163 (Dec 2025) added a `prob_mean` aggregator, the TOFU paper's revised
 P(para) / (P(para) + P(pert)); its review asked that it stay an option beside the default above, though one
-of its commits (7ee901c) set it in forget_Truth_Ratio.yaml. A log written that way differs in
-forget_truth_ratio's agg_value only; it is not what is written here. Forget quality is the KS test over
-the forget rows' per-row scores, the same whether R or 1/R is used.
+of its commits (7ee901c) set it in forget_Truth_Ratio.yaml. At d3d7cf9 that aggregator also rewrites the
+per-row scores (memorization.py, lines 162–167): a retain log written so, read as TOFU's ratio, gives a wrong
+forget quality (0.256 against 0.0995 for the same models), so the definition of a log read here is detected
+(truth_ratio_definition) and converted, or the log refused. Written here: TOFU's. Forget quality is the KS test
+over the forget rows' per-row scores, the same whether R or 1/R is used.
 """
 from __future__ import annotations
 
@@ -117,6 +119,48 @@ def is_eval_log(content: dict) -> bool:
     return isinstance(content, dict) and any(k in content for k in TRUTH_RATIO.values())
 
 
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
+
+
+def _row_probs(content: dict, name: str) -> list | None:
+    entry = content.get(name)
+    rows = entry.get("value_by_index") if isinstance(entry, dict) else None
+    try:
+        return [rows[str(i)] for i in range(len(rows))] if isinstance(rows, dict) else None
+    except KeyError:
+        return None
+
+
+def truth_ratio_definition(content: dict, metric: dict, scores: list[float], path: Path) -> str:
+    """Which truth ratio a log's forget rows hold: TOFU's P(pert)/P(para) ("tofu", open-unlearning's default) or
+    open-unlearning's `prob_mean` P(para)/(P(para)+P(pert)), which at d3d7cf9 rewrites the per-row scores too
+    (src/evals/metrics/memorization.py). Read from the per-row probabilities when the log holds them, else from
+    which aggregate its agg_value is; a log that fits both or neither is refused rather than guessed."""
+    para, pert = _row_probs(content, "forget_Q_A_PARA_Prob"), _row_probs(content, "forget_Q_A_PERT_Prob")
+    if para and pert and len(para) == len(pert) == len(scores):
+        try:
+            c = [math.exp(-float(r["avg_loss"])) for r in para]
+            w = [math.exp(-_mean([float(x) for x in r["avg_loss"]])) for r in pert]
+        except (KeyError, TypeError, ValueError):
+            c = w = None
+        if c and w:
+            if all(_close(s, wi / (ci + 1e-10)) for s, ci, wi in zip(scores, c, w)):
+                return "tofu"
+            if all(_close(s, ci / (ci + wi + 1e-10)) for s, ci, wi in zip(scores, c, w)):
+                return "prob_mean"
+    agg = metric.get("agg_value")
+    fits = [name for name, value in (("tofu", closer_to_1_better(scores)), ("prob_mean", _mean(scores)))
+            if isinstance(agg, (int, float)) and _close(agg, value) and (name == "tofu" or max(scores) < 1)]
+    if len(fits) == 1:
+        return fits[0]
+    why = ("fits both TOFU's P(pert)/P(para) and open-unlearning's prob_mean P(para)/(P(para)+P(pert)) (every score "
+           "is under 1)" if fits else "matches neither TOFU's truth ratio nor open-unlearning's prob_mean")
+    raise PertaError(f"{path}: its forget_truth_ratio agg_value {why}, and the log has no per-row "
+                     "forget_Q_A_PARA_Prob/forget_Q_A_PERT_Prob to tell them apart: forget quality would be wrong "
+                     "under the other; give the retain model's folder or a log with those entries")
+
+
 def reference_from_log(content: dict, path: Path, forget_rows: list[EvalQA]) -> dict:
     """A retain model's TOFU_EVAL.json as forget quality's reference: its forget rows' truth ratios, checked
     to be of the same forget rows (count, and each question where the log carries them)."""
@@ -135,6 +179,8 @@ def reference_from_log(content: dict, path: Path, forget_rows: list[EvalQA]) -> 
         raise PertaError(f"{path}: forget_truth_ratio rows are not indexed 0..{len(order) - 1}")
     if not all(math.isfinite(s) and s > 0 for s in scores):
         raise PertaError(f"{path}: forget_truth_ratio scores must be positive finite numbers")
+    if truth_ratio_definition(content, metric, scores, path) == "prob_mean":
+        scores = [(1 - s) / s for s in scores]  # P(para)/(P(para)+P(pert)) → P(pert)/P(para)
     if len(scores) != len(forget_rows):
         raise PertaError(f"{path}: the retain log has {len(scores)} forget rows, this evaluation {len(forget_rows)}: "
                          "a log of another forget split (or of other --max-rows)")

@@ -185,7 +185,12 @@ def test_bad_results_file_for_compare(tmp_path, capsys):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"not": "results"}))
     assert main(["eval", "--compare", str(path)]) == 2
-    assert f"{path}: not a perta-fast eval results file" in capsys.readouterr().err
+    assert f"{path}: not a perta-fast TOFU eval results file" in capsys.readouterr().err
+    # a log of the TOFU repository's own evaluation is named as what it is
+    path.write_text(json.dumps({"avg_gt_loss": {"0": 1.0}, "avg_paraphrased_loss": {"0": 1.2}}))
+    assert main(["eval", "--compare", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "TOFU repository's own eval_log" in err and len(err.strip().splitlines()) == 1
 
 
 TOFU = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"

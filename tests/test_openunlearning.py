@@ -48,8 +48,9 @@ def test_retain_and_real_authors_use_true_better_and_normalised_probability():
     assert "ra_Q_A_PARA_Prob" not in log and "ra_Q_A_ROUGE" not in log  # nothing generated
 
 
-def _log(scores, questions):
-    return {"forget_truth_ratio": {"agg_value": 0.0, "value_by_index": {str(i): {"score": s} for i, s in enumerate(scores)}},
+def _log(scores, questions, agg=None):
+    agg = ou.closer_to_1_better(scores) if agg is None else agg  # the default aggregate of these scores
+    return {"forget_truth_ratio": {"agg_value": agg, "value_by_index": {str(i): {"score": s} for i, s in enumerate(scores)}},
             "forget_Q_A_ROUGE": {"agg_value": 0.0, "value_by_index": {
                 str(i): {"rougeL_recall": 0.0, "input": f"user\n\n{q}assistant\n\n"} for i, q in enumerate(questions)}}}
 
@@ -62,6 +63,37 @@ def test_a_hand_made_retain_log_gives_forget_quality(tmp_path):
     mine = [3.0, 0.9, 1.2, 0.1]  # R of the model under evaluation
     want = ks_2samp([1 / r for r in mine], theirs).pvalue  # their KS, on their scores
     assert forget_quality(mine, ref["splits"]["forget"]["per_sample"]["truth_ratio_raw"])[0] == pytest.approx(want)
+
+
+def test_a_prob_mean_retain_log_is_converted_to_the_same_forget_quality(tmp_path):
+    """open-unlearning's prob_mean writes P(para)/(P(para)+P(pert)) per row: read as TOFU's ratio it would give
+    another forget quality; detected from the per-row probabilities (or the aggregate) and converted, the same."""
+    forget = rows(4)
+    para, pert = [0.5, 0.2, 0.4, 0.1], [[0.25, 0.25], [0.4], [0.4, 0.4], [0.4]]
+    loss = [-math.log(x) for x in para]
+    tofu = [math.exp(-sum(-math.log(x) for x in p) / len(p)) / (c + 1e-10) for c, p in zip(para, pert)]
+    prob_mean = [c / (c + t * c + 1e-10) for c, t in zip(para, tofu)]
+
+    def log(scores, agg, with_probs):
+        content = _log(scores, [r.question for r in forget], agg)
+        if with_probs:
+            content["forget_Q_A_PARA_Prob"] = ou._metric([{"prob": c, "avg_loss": x} for c, x in zip(para, loss)], 0)
+            content["forget_Q_A_PERT_Prob"] = ou._metric([{"avg_loss": [-math.log(x) for x in p]} for p in pert], 0)
+        return content
+
+    want = ou.reference_from_log(log(tofu, None, True), tmp_path / "t.json", forget)
+    raw = want["splits"]["forget"]["per_sample"]["truth_ratio_raw"]
+    got = ou.reference_from_log(log(prob_mean, sum(prob_mean) / 4, True), tmp_path / "p.json", forget)
+    assert got["splits"]["forget"]["per_sample"]["truth_ratio_raw"] == pytest.approx(raw, rel=1e-6)
+    # without per-row probabilities, prob_mean's scores (all under 1) fit both aggregates: refused, not guessed
+    with pytest.raises(PertaError, match="fits both"):
+        ou.reference_from_log(log(prob_mean, sum(prob_mean) / 4, False), tmp_path / "u.json", forget)
+    # a TOFU-ratio log with a score over 1 is told apart by its aggregate alone
+    assert ou.truth_ratio_definition({}, {"agg_value": ou.closer_to_1_better(tofu)}, tofu, tmp_path) == "tofu"
+    assert max(tofu) > 1
+    with pytest.raises(PertaError, match="matches neither"):
+        ou.reference_from_log(_log([0.5, 2.0, 1.0, 4.0], [r.question for r in forget], 0.123), tmp_path / "n.json",
+                              forget)
 
 
 @pytest.mark.parametrize("log, says", [
