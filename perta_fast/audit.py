@@ -8,7 +8,11 @@ per-row score where higher means "less likely a member" (a loss's direction):
 - minkpp: the same over each token's log-probability standardised by the mean μ and standard deviation σ of log p
   under the model's own next-token distribution, σ² floored at 1e-6 (Zhang et al. 2024);
 - reference: the loss minus a reference model's loss on the same row (θ_0, the model before fine-tuning, is the
-  natural one: what the row costs a model that never saw it).
+  natural one: what the row costs a model that never saw it);
+- gradnorm: the mean over the model's parameter tensors of the L2 norm of the row's loss gradient (Wang et al. 2024;
+  open-unlearning's p = 2), every sample's gradient from one batched backward through the exact Fisher's hooks
+  (importance.estimators._PerSampleSquares), never a backward per row; a text of several windows: the mean of
+  its windows' values (the pooled row's gradient is not formed).
 
 k rows: max(1, ⌊k·n⌋) of a row's n scored tokens. A row's scored tokens are exactly those training scores: a Q&A
 row's answer, a completion, the assistant turns, every token of a text window but its first; a text cut into
@@ -42,10 +46,10 @@ from .models import load_model
 from .options import AuditOptions
 from .outputs import atomic_file, check_output_path
 
-ATTACKS = ("loss", "zlib", "mink", "minkpp", "reference")
+ATTACKS = ("loss", "zlib", "mink", "minkpp", "reference", "gradnorm")
 # open-unlearning's metric names for each attack's AUC (its MIA log entries)
 OPEN_UNLEARNING_NAMES = {"loss": "mia_loss", "zlib": "mia_zlib", "mink": "mia_min_k",
-                         "minkpp": "mia_min_k_plus_plus", "reference": "mia_reference"}
+                         "minkpp": "mia_min_k_plus_plus", "reference": "mia_reference", "gradnorm": "mia_gradnorm"}
 VARIANCE_FLOOR = 1e-6  # open-unlearning's clamp of σ² in Min-K++
 POSITIONS_PER_SOFTMAX = 512  # positions × vocabulary in fp32 at once
 
@@ -108,6 +112,34 @@ def row_tokens(model, tokenizer, rows: list, max_length: int, batch_size: int, w
     return [RowTokens(logp, z, tokenizer.decode(tokens, skip_special_tokens=True)) for logp, z, tokens in pieces]
 
 
+def gradnorm_scores(model, tokenizer, rows: list, max_length: int, batch_size: int, where: str) -> list[float]:
+    """Each row's GradNorm (see the module's docstring), in the model's own dtype (no autocast: a gradient)."""
+    from .importance.estimators import _PerSampleSquares, fisher_blocker
+
+    blocker = fisher_blocker(model)
+    if blocker:
+        raise PertaError(f"the gradnorm attack needs each sample's gradient, as the exact Fisher does: "
+                         f"{blocker.split(';')[0]}; leave gradnorm out of --attacks")
+    encoded = encode(tokenizer, rows, max_length, where)
+    per_row: list[list[float]] = [[] for _ in rows]
+    device = next(model.parameters()).device
+    pad, was_training = pad_id(tokenizer), model.training
+    model.eval()
+    squares = _PerSampleSquares(model)
+    try:
+        with bar(total=len(encoded), desc=f"gradnorm {where}", unit="sample") as progress:
+            for start in range(0, len(encoded), batch_size):
+                batch = encoded[start:start + batch_size]
+                ids, mask, labels = (t.to(device) for t in collate(batch, pad))
+                for e, norms in zip(batch, squares.squares_of(ids, mask, labels).sqrt().mean(1).tolist()):
+                    per_row[e.row].append(norms)
+                progress.update(len(batch))
+    finally:
+        squares.close()
+        model.train(was_training)
+    return [sum(v) / len(v) for v in per_row]
+
+
 def _lowest_mean(values: list[float], k: float) -> float:
     n = max(1, int(len(values) * k))
     return sum(sorted(values)[:n]) / n
@@ -118,7 +150,7 @@ def loss_of(row: RowTokens) -> float:
 
 
 def attack_scores(rows: list[RowTokens], attack: str, k: float, reference: list[RowTokens] | None = None) -> list[float]:
-    """Each row's score (higher: less likely a member)."""
+    """Each row's score (higher: less likely a member), for every attack but gradnorm (gradnorm_scores)."""
     if attack == "loss":
         return [loss_of(r) for r in rows]
     if attack == "zlib":
@@ -211,8 +243,12 @@ def audit(model, tokenizer, forget: list, holdout: list, options: AuditOptions, 
                       for (name, rows), w in zip((("forget", forget), ("holdout", holdout)), where)}
     results = {}
     for attack in attacks:
-        scores = {name: attack_scores(tokens[name], attack, options.k, ref_tokens and ref_tokens[name])
-                  for name in ("forget", "holdout")}
+        if attack == "gradnorm":
+            scores = {name: gradnorm_scores(model, tokenizer, rows, options.max_length, options.batch_size, w)
+                      for (name, rows), w in zip((("forget", forget), ("holdout", holdout)), where)}
+        else:
+            scores = {name: attack_scores(tokens[name], attack, options.k, ref_tokens and ref_tokens[name])
+                      for name in ("forget", "holdout")}
         results[attack] = attack_result(scores["forget"], scores["holdout"], options.bootstrap,
                                         (retrained_aucs or {}).get(attack))
     return {"attacks": results, "verdict": overall([r["verdict"] for r in results.values()]), "rule": VERDICT_RULE,

@@ -184,8 +184,8 @@ class EvalOptions:
 @dataclass(kw_only=True)
 class AuditOptions:
     """`audit`: membership-inference attacks on forget rows against holdout rows (perta_fast.audit)."""
-    attacks: str = opt("auto", "comma-separated of loss, zlib, mink, minkpp, reference (needs --reference); auto: "
-                       "all, reference only when --reference is given")
+    attacks: str = opt("auto", "comma-separated of loss, zlib, mink, minkpp, reference (needs --reference), gradnorm; "
+                       "auto: all, reference only when --reference is given")
     k: float = opt(0.4, "Min-K's and Min-K++'s share of a row's lowest tokens", type=float)
     max_length: int = opt(256, "tokens per sample, as training cuts them", type=positive)
     batch_size: int = opt(8, "samples per forward", type=positive)

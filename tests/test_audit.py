@@ -227,3 +227,33 @@ def test_unlearn_audit_target_without_holdout_refused_before_any_work(knowing, t
                  "audit"]) == 2
     err = capsys.readouterr().err
     assert "needs --holdout" in err and len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-untied", "qwen2", "gpt2"])
+def test_gradnorm_against_a_backward_per_sample(tiny_tokenizer, facts, kind):
+    """open-unlearning's GradNorm (the mean over parameter tensors of each one's gradient L2 norm, the loss the
+    mean NLL of the scored tokens) from one batched backward, against a backward per sample written here; tied
+    and untied embeddings, biases (Qwen2), Conv1D and a position embedding (GPT-2); a text of two windows is the
+    mean of its windows' values."""
+    from archs import build_arch
+    from conftest import build_model
+    from perta_fast.data import encode
+
+    tok = tiny_tokenizer
+    model = (build_model(len(tok), tie=kind == "llama") if kind.startswith("llama") else
+             build_arch(kind, len(tok))).eval()
+    rows = facts[0][:5] + [Text("the harbour council voted to close the old ferry pier on tuesday " * 2)]
+    max_length = 48
+    got = audit.gradnorm_scores(model, tok, rows, max_length, batch_size=4, where="rows")
+    params = list({id(p): p for p in model.parameters()}.values())
+    want = [[] for _ in rows]
+    for e in encode(tok, rows, max_length):
+        ids = torch.tensor([e.input_ids])
+        model.zero_grad()
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        scored = [t for a, b in e.scored() for t in range(max(a, 1), b)]
+        loss = -torch.stack([logp[t - 1, e.input_ids[t]] for t in scored]).mean()
+        loss.backward()
+        want[e.row].append(float(torch.stack([p.grad.norm() for p in params if p.grad is not None]).mean()))
+    assert len(want[-1]) >= 2  # the text is two windows or more
+    assert got == pytest.approx([sum(w) / len(w) for w in want], rel=1e-4)

@@ -113,7 +113,7 @@ class _ExactFisher:
         self.model = model
         params = _unique_params(model, names)
         self.name_of = {id(p): n for n, p in params.items()}
-        self.acc = _accumulators(params, offload)
+        self.acc = self._sinks(params, offload)
         self.offload = offload
         self.tied_linear: dict[int, tuple] = {}  # weight id -> (X, G) of a Linear sharing an embedding's weight
         self.embedded: dict[int, tuple] = {}  # weight id -> (ids, G) of that embedding
@@ -196,6 +196,28 @@ class _ExactFisher:
             self.awaiting.discard(key)
             handle(module, pair["x"], pair["g"])
 
+    def _sinks(self, params: dict, offload: bool) -> dict[str, torch.Tensor]:
+        return _accumulators(params, offload)
+
+    def _add_per_sample(self, param, per_sample: torch.Tensor):
+        """A parameter's per-sample gradients (samples first), added as their squares summed over samples."""
+        self._add(param, per_sample.square().sum(0))
+
+    def _add_rows(self, param, sample: int, rows: torch.Tensor, per_row: torch.Tensor):
+        """One sample's gradient of the embedding rows it touches."""
+        acc = self.acc[self.name_of[id(param)]]
+        acc.index_add_(0, rows.to(acc.device), per_row.square().to(acc.device))
+
+    def _add_tile(self, param, acc, v0: int, v1: int, first: int, per_sample: torch.Tensor):
+        """Per-sample gradients of vocabulary rows v0:v1 of a tied embedding, samples first:first + len."""
+        add_squares_(acc[v0:v1], per_sample)
+
+    def _linear_weight(self, module, x, g):
+        with self._into(module.weight) as acc:
+            # a Conv1D (GPT-2) stores the transpose of a Linear's weight, (in, out): its per-sample
+            # gradient x_bᵀg_b is the Linear formula with the two operands' roles swapped
+            linear_fisher_(acc, g, x) if is_conv1d(module) else linear_fisher_(acc, x, g)
+
     def _add(self, param, per_sample_sq_sum: torch.Tensor):
         if id(param) in self.name_of:
             acc = self.acc[self.name_of[id(param)]]
@@ -220,13 +242,10 @@ class _ExactFisher:
 
     def _linear_grads(self, module, x, g):
         if id(module.weight) in self.name_of:
-            with self._into(module.weight) as acc:
-                # a Conv1D (GPT-2) stores the transpose of a Linear's weight, (in, out): its per-sample
-                # gradient x_bᵀg_b is the Linear formula with the two operands' roles swapped
-                linear_fisher_(acc, g, x) if is_conv1d(module) else linear_fisher_(acc, x, g)
+            self._linear_weight(module, x, g)
         if module.bias is not None:
             b = x.shape[0]
-            self._add(module.bias, g.reshape(b, -1, g.shape[-1]).float().sum(1).square_().sum(0))
+            self._add_per_sample(module.bias, g.reshape(b, -1, g.shape[-1]).float().sum(1))
 
     def _embedding_hook(self, module, inputs, output):
         if _in_backward():  # an embedding inside a recomputed layer: its gradient comes from the first pass
@@ -255,9 +274,9 @@ class _ExactFisher:
         x_hat = x_hat.to(x.dtype).float()  # as the module rounds it before scaling by the weight
         gf = g.float().reshape(g.shape[0], -1, g.shape[-1])
         x_hat = x_hat.reshape(gf.shape)
-        self._add(module.weight, (gf * x_hat).sum(1).square_().sum(0))
+        self._add_per_sample(module.weight, (gf * x_hat).sum(1))
         if isinstance(getattr(module, "bias", None), nn.Parameter):
-            self._add(module.bias, gf.sum(1).square_().sum(0))
+            self._add_per_sample(module.bias, gf.sum(1))
 
     def _embedding_grads(self):
         """Embeddings (and tied output layers) once the whole backward has run."""
@@ -277,8 +296,7 @@ class _ExactFisher:
                 for b in range(ids.shape[0]):
                     rows, inverse = torch.unique(ids[b], return_inverse=True)
                     per_row = torch.zeros(len(rows), dim, device=g_emb.device).index_add_(0, inverse, g_emb[b])
-                    acc = self.acc[self.name_of[wid]]
-                    acc.index_add_(0, rows.to(acc.device), per_row.square_().to(acc.device))
+                    self._add_rows(module.weight, b, rows, per_row)
                 continue
             x, g = lin
             b_total = x.shape[0]
@@ -296,7 +314,7 @@ class _ExactFisher:
                         sample = torch.arange(tokens.shape[0], device=ids.device).unsqueeze(1).expand_as(tokens)
                         per_sample.view(-1, dim).index_add_(0, (sample * (v1 - v0) + tokens - v0)[inside],
                                                             g_emb[s:s + chunk][inside])
-                        add_squares_(acc[v0:v1], per_sample)
+                        self._add_tile(module.weight, acc, v0, v1, s, per_sample)
                         del per_sample  # else the next chunk is formed while this one is held: twice the plan
         if self.tied_linear:
             raise RuntimeError("a tied Linear weight saw no embedding gradient")
@@ -312,6 +330,47 @@ class _ExactFisher:
             raise RuntimeError(f"{len(self.awaiting)} checkpointed modules saw no recomputed input")
         self._embedding_grads()
         return float(losses.detach().sum())
+
+
+class _PerSampleSquares(_ExactFisher):
+    """Each sample's squared gradient norm per parameter, (samples, parameters) for a batch: the exact Fisher's
+    hooks with the squares summed over each parameter's elements instead of over the samples (the audit's
+    GradNorm attack), from one batched backward. A Linear's ‖G_bᵀX_b‖² is Σ_ts (X_bX_bᵀ)_ts (G_bG_bᵀ)_ts: two
+    tokens × tokens products per sample instead of an out × in gradient."""
+
+    def _sinks(self, params: dict, offload: bool) -> dict:
+        self.slot = {n: i for i, n in enumerate(params)}
+        self.squares = None
+        return {}
+
+    def _total(self, param, first: int, values: torch.Tensor):
+        if id(param) in self.name_of:
+            column = self.squares[:, self.slot[self.name_of[id(param)]]]
+            column[first:first + len(values)] += values.to(self.squares.device)
+
+    @contextlib.contextmanager
+    def _into(self, param):
+        yield None
+
+    def _add_per_sample(self, param, per_sample: torch.Tensor):
+        self._total(param, 0, per_sample.square().flatten(1).sum(1))
+
+    def _add_rows(self, param, sample: int, rows: torch.Tensor, per_row: torch.Tensor):
+        self._total(param, sample, per_row.square().sum().reshape(1))
+
+    def _add_tile(self, param, acc, v0: int, v1: int, first: int, per_sample: torch.Tensor):
+        self._total(param, first, per_sample.square().sum((1, 2)))
+
+    def _linear_weight(self, module, x, g):
+        b = x.shape[0]
+        x, g = x.reshape(b, -1, x.shape[-1]).float(), g.reshape(b, -1, g.shape[-1]).float()
+        self._total(module.weight, 0, (torch.bmm(x, x.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)))
+
+    def squares_of(self, ids, mask, labels) -> torch.Tensor:
+        """(samples, parameters): Σ over each parameter's elements of each sample's squared loss gradient."""
+        self.squares = torch.zeros(ids.shape[0], len(self.slot), dtype=torch.float32)
+        self.step(ids, mask, labels)
+        return self.squares
 
 
 class _MeanGradient:
