@@ -43,13 +43,11 @@ from .data import collate, encode, logits_of, pad_id, row_format, source_of
 from .dtypes import autocast_for
 from .errors import PertaError
 from .models import load_model
+from .openunlearning import MIA_NAMES
 from .options import AuditOptions
 from .outputs import atomic_file, check_output_path
 
-ATTACKS = ("loss", "zlib", "mink", "minkpp", "reference", "gradnorm")
-# open-unlearning's metric names for each attack's AUC (its MIA log entries)
-OPEN_UNLEARNING_NAMES = {"loss": "mia_loss", "zlib": "mia_zlib", "mink": "mia_min_k",
-                         "minkpp": "mia_min_k_plus_plus", "reference": "mia_reference", "gradnorm": "mia_gradnorm"}
+ATTACKS = tuple(MIA_NAMES)
 VARIANCE_FLOOR = 1e-6  # open-unlearning's clamp of σ² in Min-K++
 POSITIONS_PER_SOFTMAX = 512  # positions × vocabulary in fp32 at once
 

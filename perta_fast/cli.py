@@ -164,6 +164,9 @@ COMMANDS_SPEC = {
         ("--retain-model", _path("retain-only (retrained) model, for TOFU's forget quality or MUSE's PrivLeak: its "
                                  "folder, its eval .json, or its open-unlearning TOFU_EVAL.json / MUSE_EVAL.json")),
         ("--max-rows", {"type": o.positive, "default": None, "help": "first N rows of each split"}),
+        ("--holdout", _path("TOFU: rows of the forget split's kind never trained on (TOFU's holdout.json): the "
+                            "membership audit of the forget split against them, logged as open-unlearning's mia_* "
+                            "and privleak")), *READING,
         ("--out", _path("results .json (a markdown table goes beside it as .md)")),
         ("--format", {"choices": ["perta-fast", "open-unlearning"], "default": "perta-fast",
                       "help": "open-unlearning: also TOFU_EVAL.json and TOFU_SUMMARY.json beside --out, in its log "
@@ -380,8 +383,13 @@ def _eval(a):
     if not a.model or not a.tofu:
         raise PertaError("eval needs --model and --tofu (or --benchmark muse --data, or --compare RESULTS_JSON …)")
     res = ev.eval_checkpoint(a.model, ev.tofu_splits(a.tofu, a.forget_split, a.max_rows), a.out, a.retain_model,
-                             build_options(o.EvalOptions, a), a.overwrite, a.format == "open-unlearning")
+                             build_options(o.EvalOptions, a), a.overwrite, a.format == "open-unlearning",
+                             _rows(a, a.holdout) if a.holdout else None)
     print(ev.format_results({a.model: res}))
+    if "audit" in res:
+        from .audit import format_audit
+
+        print("\n" + format_audit(res["audit"]))
     if a.out:
         print(f"\nresults: {a.out} (table: {Path(a.out).with_suffix('.md')})"
               + (f"; open-unlearning logs: {', '.join(res['open_unlearning'])}" if "open_unlearning" in res else ""))

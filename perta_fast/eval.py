@@ -16,19 +16,23 @@ from pathlib import Path
 import torch
 
 from .console import log
-from .data import QA, EvalQA, PromptCompletion, batches, data_hash, encode, load_qa, pad_id
+from .audit import audit, retrained_aucs
+from .data import QA, EvalQA, PromptCompletion, batches, data_hash, encode, load_qa, pad_id, source_of
 from .dtypes import autocast_for
 from .errors import PertaError
 from .loss import per_sample_loss
 from .metrics import (forget_quality, harmonic_mean, normalised_probability, rouge_l_recall,  # noqa: F401
                       truth_ratio_score, truth_ratios)
-from .options import GENERATE_BATCH, EvalOptions
+from .options import GENERATE_BATCH, AuditOptions, EvalOptions
+
+# eval --holdout's attacks: open-unlearning's TOFU MIA metrics but mia_reference (it needs θ_0)
+AUDIT_ATTACKS = "loss,zlib,mink,minkpp,gradnorm"
 from .scoring import decode, generate_answers, score_questions
 from .io import read_json
 from .models import load_model
 from .muse import EVAL_NAME as MUSE_EVAL, SUMMARY_NAME as MUSE_SUMMARY, auc_forget_above_holdout, evaluate_muse, \
     load_muse, min_k_scores, open_unlearning_logs
-from .openunlearning import EVAL_NAME, SUMMARY_NAME, is_eval_log, reference_from_log, write_logs
+from .openunlearning import EVAL_NAME, MIA_NAMES, SUMMARY_NAME, is_eval_log, reference_from_log, write_logs
 from .outputs import atomic_file, check_output_path
 
 
@@ -248,11 +252,29 @@ def reference_results(reference: str | Path, forget_rows: list[EvalQA], opts: Ev
             "splits": {"forget": evaluate_split(model, tok, forget_rows, "forget", replace(opts, generate=False))}}
 
 
+def retrained_audit_aucs(reference, forget: list, holdout: list, options: AuditOptions) -> dict | None:
+    """The retrained (retain-only) model's AUC per attack, for the audit's comparison and privleak: audited here
+    when `reference` is its folder, read from its results (`audit`) or its open-unlearning log (mia_*)."""
+    if reference is None or isinstance(reference, dict):
+        return None
+    reference = Path(reference)
+    if reference.is_dir():
+        return retrained_aucs(reference, forget, holdout, options)
+    content = read_json(reference)
+    if isinstance(content.get("audit"), dict):
+        return {a: r["auc"] for a, r in content["audit"]["attacks"].items()}
+    logged = {a: content[name] for a, name in MIA_NAMES.items() if name in content}
+    aucs = {a: v["agg_value"] if isinstance(v, dict) else v for a, v in logged.items()}
+    return {a: float(v) for a, v in aucs.items() if isinstance(v, (int, float))} or None
+
+
 def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out: str | Path | None = None,
                     reference: str | Path | dict | None = None, opts: EvalOptions | None = None,
-                    overwrite: bool = False, open_unlearning: bool = False) -> dict:
+                    overwrite: bool = False, open_unlearning: bool = False, holdout: list | None = None) -> dict:
     """Evaluate the checkpoint in `model_dir`; write `out` (.json) and a markdown table beside it (.md), and
-    with `open_unlearning` also TOFU_EVAL.json and TOFU_SUMMARY.json in open-unlearning's format beside it."""
+    with `open_unlearning` also TOFU_EVAL.json and TOFU_SUMMARY.json in open-unlearning's format beside it.
+    `holdout` (rows of the forget split's kind never trained on, TOFU's holdout.json): the membership audit of
+    the forget split against them (perta_fast.audit), logged as open-unlearning's mia_* and privleak."""
     import json
     import time
 
@@ -265,6 +287,12 @@ def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out:
         for path in (out, out.with_suffix(".md"), *extra):
             check_output_path(path, overwrite, (model_dir,))
     t0 = time.perf_counter()
+    audit_opts = AuditOptions(attacks=AUDIT_ATTACKS, max_length=opts.max_length, device=opts.device,
+                              dtype=opts.dtype, bf16_autocast=opts.bf16_autocast)
+    forget_qa = [QA(r.question, r.answer) for r in splits.get("forget", [])]
+    if holdout is not None and not forget_qa:
+        raise PertaError("--holdout audits the forget split: evaluate one (--forget-split)")
+    retrained = retrained_audit_aucs(reference, forget_qa, holdout, audit_opts) if holdout is not None else None
     if reference is not None and not isinstance(reference, dict):
         ref_where = str(reference)
         reference = reference_results(reference, splits.get("forget", []), opts)
@@ -272,6 +300,9 @@ def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out:
         ref_where = "the retain model's results"
     model, tok = load_model(model_dir, opts.device, opts.dtype)
     results = {"model": str(model_dir), **evaluate_tofu(model, tok, splits, opts)}
+    if holdout is not None:
+        results["audit"] = audit(model, tok, forget_qa, holdout, audit_opts, retrained_aucs=retrained,
+                                 where=("the forget split", source_of(holdout, "the holdout set")))
     if reference is not None:
         add_forget_quality(results, reference, ref_where)
         results["forget_quality_reference"] = reference.get("model", ref_where)

@@ -35,6 +35,10 @@ EXTRACTION = {"forget": "extraction_strength", "retain": "retain_extraction_stre
 UTILITY = ("retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio", "ra_Q_A_Prob_normalised", "ra_Q_A_ROUGE",
            "ra_Truth_Ratio", "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio")
 EVAL_NAME, SUMMARY_NAME = "TOFU_EVAL.json", "TOFU_SUMMARY.json"
+# perta_fast.audit's attacks under open-unlearning's metric names (their AUC convention is the audit's)
+MIA_NAMES = {"loss": "mia_loss", "zlib": "mia_zlib", "mink": "mia_min_k", "minkpp": "mia_min_k_plus_plus",
+             "reference": "mia_reference", "gradnorm": "mia_gradnorm"}
+PRIVLEAK_REF_VALUE = 0.5  # open-unlearning's privleak.yaml ref_value: the retain AUC when no retain log is given
 
 
 def _mean(values) -> float:
@@ -98,6 +102,25 @@ def eval_log(results: dict, splits: dict[str, list[EvalQA]]) -> dict:
         log["model_utility"] = {"agg_value": harmonic_mean(values)}
     if results.get("forget_quality") is not None:
         log["forget_quality"] = {"agg_value": results["forget_quality"]}
+    log.update(mia_log(results.get("audit")))
+    return log
+
+
+def mia_log(audit: dict | None) -> dict:
+    """An audit's attacks as open-unlearning's mia_* entries (AUC, and each side's per-row scores), and its
+    privleak from mia_min_k: ((1 − AUC) − (1 − AUC_retain)) / (1 − AUC_retain + 1e-10) × 100, the retain AUC the
+    retrained model's when the audit had one, else open-unlearning's default 0.5."""
+    if not audit:
+        return {}
+    log = {}
+    for attack, r in audit["attacks"].items():
+        sides = {side: _metric([{"score": x} for x in r["scores"][side]], _mean(r["scores"][side]))
+                 for side in ("forget", "holdout")}
+        log[MIA_NAMES[attack]] = {"agg_value": r["auc"], "auc": r["auc"], **sides}
+    mink = audit["attacks"].get("mink")
+    if mink is not None:
+        ref = 1 - mink.get("retrained_auc", PRIVLEAK_REF_VALUE)
+        log["privleak"] = {"agg_value": ((1 - mink["auc"]) - ref) / (ref + 1e-10) * 100}
     return log
 
 

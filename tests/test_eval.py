@@ -446,3 +446,33 @@ def test_forget_quality_compares_with_the_reference_not_the_model_itself(tmp_pat
     assert max(ratios) < 1e6
     assert res["ks_statistic"] == 1.0
     assert res["forget_quality"] == pytest.approx(2 / math.comb(12, 6))
+
+
+def test_eval_holdout_logs_the_audit_as_open_unlearning_mia_and_privleak(tmp_path, tiny_dir, tofu_like, eval_rows,
+                                                                          capsys):
+    """With --holdout, the forget split's audit appears in the results and in TOFU_EVAL.json as open-unlearning's
+    mia_* (AUC and each side's scores) and privleak (their formula, on 1 − mia_min_k, against the retrained model's
+    mia_min_k from its own log, else 0.5)."""
+    holdout = tmp_path / "holdout.json"
+    holdout.write_text(json.dumps([{"question": r.question, "answer": r.answer} for r in eval_rows[28:36]]))
+    common = ["--tofu", str(tofu_like), "--no-generate", "--holdout", str(holdout), "--format", "open-unlearning"]
+    (tmp_path / "r").mkdir()
+    assert main(["eval", "--model", str(tiny_dir), *common, "--out", str(tmp_path / "r" / "res.json")]) == 0
+    res = json.loads((tmp_path / "r" / "res.json").read_text())
+    log = json.loads((tmp_path / "r" / "TOFU_EVAL.json").read_text())
+    attacks = res["audit"]["attacks"]
+    assert set(attacks) == {"loss", "zlib", "mink", "minkpp", "gradnorm"} and res["audit"]["rows"]["forget"] == 6
+    for name, key in (("mia_loss", "loss"), ("mia_min_k", "mink"), ("mia_gradnorm", "gradnorm")):
+        assert log[name]["agg_value"] == attacks[key]["auc"]
+        assert [log[name]["holdout"]["value_by_index"][str(i)]["score"] for i in range(8)] == \
+            attacks[key]["scores"]["holdout"]
+    auc = attacks["mink"]["auc"]
+    assert log["privleak"]["agg_value"] == pytest.approx(((1 - auc) - 0.5) / (0.5 + 1e-10) * 100)
+    # the same model with that log as its retrained model's: privleak 0 and the retrained AUC read from mia_*
+    (tmp_path / "s").mkdir()
+    assert main(["eval", "--model", str(tiny_dir), *common, "--retain-model", str(tmp_path / "r" / "TOFU_EVAL.json"),
+                 "--out", str(tmp_path / "s" / "res.json")]) == 0
+    again = json.loads((tmp_path / "s" / "TOFU_EVAL.json").read_text())
+    assert again["privleak"]["agg_value"] == pytest.approx(0.0, abs=1e-6)
+    assert json.loads((tmp_path / "s" / "res.json").read_text())["audit"]["attacks"]["mink"]["retrained_auc"] == auc
+    assert "membership audit" in capsys.readouterr().out
