@@ -60,10 +60,11 @@ class RowTokens:
     text: str
 
 
-def parse_attacks(text: str, reference: bool = True) -> tuple[str, ...]:
-    """--attacks as names; "auto": every attack, the reference one only with a reference model."""
+def parse_attacks(text: str, reference: bool = True, gradnorm: bool = True) -> tuple[str, ...]:
+    """--attacks as names; "auto": every attack, the reference one only with a reference model, gradnorm only
+    where per-sample gradients can be formed (not for fused MoE experts)."""
     if text == "auto":
-        return tuple(a for a in ATTACKS if reference or a != "reference")
+        return tuple(a for a in ATTACKS if (reference or a != "reference") and (gradnorm or a != "gradnorm"))
     names = tuple(a.strip() for a in text.split(",") if a.strip())
     unknown = [a for a in names if a not in ATTACKS]
     if unknown or not names:
@@ -228,7 +229,9 @@ def audit(model, tokenizer, forget: list, holdout: list, options: AuditOptions, 
           retrained_aucs: dict | None = None, where: tuple[str, str] = ("the forget set", "the holdout set")) -> dict:
     """Every attack of `options.attacks` on a loaded model; `reference` (model, tokenizer) for the reference
     attack; `retrained_aucs` {attack: AUC} of a retrained model."""
-    attacks = parse_attacks(options.attacks, reference is not None)
+    from .importance.estimators import fisher_blocker
+
+    attacks = parse_attacks(options.attacks, reference is not None, fisher_blocker(model) is None)
     if "reference" in attacks and reference is None:
         raise PertaError("the reference attack needs a reference model (--reference: θ_0, the model before "
                          "fine-tuning); or leave it out of --attacks")

@@ -14,6 +14,7 @@ from helpers import tokens_by_hand
 from perta_fast import audit
 from perta_fast.cli import main
 from perta_fast.data import QA, Text
+from perta_fast.errors import PertaError
 from perta_fast.options import AuditOptions
 
 
@@ -257,3 +258,14 @@ def test_gradnorm_against_a_backward_per_sample(tiny_tokenizer, facts, kind):
         want[e.row].append(float(torch.stack([p.grad.norm() for p in params if p.grad is not None]).mean()))
     assert len(want[-1]) >= 2  # the text is two windows or more
     assert got == pytest.approx([sum(w) / len(w) for w in want], rel=1e-4)
+
+
+def test_auto_attacks_leave_gradnorm_out_where_per_sample_gradients_cannot_be_formed(tiny_tokenizer, facts):
+    from archs import build_arch
+
+    moe = build_arch("mixtral", len(tiny_tokenizer))
+    rows = facts[0][:4]
+    res = audit.audit(moe, tiny_tokenizer, rows, facts[1][:4], AuditOptions(bootstrap=50))
+    assert "gradnorm" not in res["attacks"] and "minkpp" in res["attacks"]
+    with pytest.raises(PertaError, match="leave gradnorm out of --attacks"):
+        audit.audit(moe, tiny_tokenizer, rows, facts[1][:4], AuditOptions(attacks="gradnorm", bootstrap=50))
