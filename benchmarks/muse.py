@@ -163,17 +163,21 @@ def probe(metric: str, sets: dict, bf16: bool):
     return value
 
 
-def match(at, value, level: float) -> dict:
-    """`at(λ)`: the model moved to λ and its tokenizer. The smallest λ (SWEEP_LAMS walked upwards, then bisected SWEEP_BISECT times) whose metric is at or under
-    `level`: {"lam" (None when no λ of the grid gets there), "points": [[λ, metric], ...]}."""
-    points = {}
+def match(at, value, level: float, known: dict | None = None) -> dict:
+    """`at(λ)`: the model moved to λ and its tokenizer. The smallest λ (SWEEP_LAMS walked upwards, then bisected
+    SWEEP_BISECT times) whose metric is at or under `level`: {"lam" (None when no λ of the grid gets there),
+    "points": [[λ, metric], ...]}. `known` {λ: metric} measured already (the calibrated point): where it is still
+    above the level, the walk starts past it, the metric taken to fall as λ grows."""
+    points = dict(known or {})
 
     def under(lam: float) -> bool:
-        points[lam] = value(*at(lam))
+        if lam not in points:
+            points[lam] = value(*at(lam))
         return points[lam] <= level
 
-    lo, hi = 0.0, None
-    for lam in SWEEP_LAMS:
+    above = [lam for lam, v in points.items() if v > level]
+    lo, hi = max(above, default=0.0), None
+    for lam in (x for x in SWEEP_LAMS if x > lo):
         if under(lam):
             hi = lam
             break
@@ -309,7 +313,7 @@ def main(argv=None) -> int:
                     if target_eval[metric] <= ref[metric]:
                         continue  # the target is there already: nothing to match
                     found = measured(f"seed{seed} sweep {name} {metric}", sw / f"{name}.match-{metric}.json",
-                                     lambda m=metric: match(at, probe(m, sets, bf16), ref[m]))
+                                     lambda m=metric: match(at, probe(m, sets, bf16), ref[m], {cal["lam"]: res[m]}))
                     sweeps[f"{name} @ {metric}"] = found
                     if found["lam"] is not None:
                         res = measured(f"seed{seed} eval {name} @ {metric}", sw / f"{name}.match-{metric}.eval.json",

@@ -347,13 +347,15 @@ def audit_files(model_dir, forget, holdout, options: AuditOptions, reference_dir
 
 
 def audit_models(models: dict, forget: list, holdout: list, options: AuditOptions,
-                 where: tuple[str, str] = ("the forget set", "the holdout set")) -> dict:
+                 where: tuple[str, str] = ("the forget set", "the holdout set"), retrained=None) -> dict:
     """{label: audit without the per-row scores} of each model folder, loaded one at a time (unlearn's
-    before → after)."""
+    before → after); `retrained` (a retrained model's folder or audit .json) sets the level each AUC is judged
+    against."""
+    aucs = retrained_aucs(retrained, forget, holdout, options) if retrained else None
     out = {}
     for label, folder in models.items():
         model, tok = load_model(folder, options.device, options.dtype)
-        result = audit(model, tok, forget, holdout, options, where=where)
+        result = audit(model, tok, forget, holdout, options, retrained_aucs=aucs, where=where)
         for r in result["attacks"].values():
             del r["scores"]
         out[label] = result

@@ -147,7 +147,9 @@ COMMANDS_SPEC = {
     "unlearn": ("the whole pipeline: fine-tune θ_ft, importance, merge, evaluate", [
         ("--model", _path("θ_full", True)), *SETS, ("--out", _path("θ_u: the unlearned checkpoint folder", True)),
         ("--finetuned", _path("θ_ft, if already trained")),
-        HOLDOUT,
+        HOLDOUT, ("--retain-model", _path("with --holdout: a model that never saw the forget rows (a retrained one, "
+                                           "or θ_0), its folder or its audit .json: the AUC level to judge against "
+                                           "instead of 0.5")),
         ("--work-dir", _path("where θ_ft and importance go (default: OUT.work)")), OVERWRITE], [o.UnlearnOptions()]),
     "baseline": ("training-based unlearning to compare against: gradient ascent or NPO", [
         ("--model", _path("θ_full", True)), ("--forget", _path("the rows to forget", True)),
@@ -327,7 +329,7 @@ def _unlearn(a):
 
     opts = build_options(o.UnlearnOptions, a)
     s = unlearn(a.model, _rows(a, a.forget), _rows(a, a.retain), a.out, a.finetuned, opts, a.work_dir, a.overwrite,
-                _rows(a, a.holdout) if a.holdout else None)
+                _rows(a, a.holdout) if a.holdout else None, a.retain_model)
     peaks = {k: f"{v / 1e9:.2f} GB" for k, v in s["peak_rss_anon_bytes"].items()}
     print(f"\nwrote {a.out} with {s['method']} (mean w {s['mean_weight']:.4f}); seconds: {json.dumps(s['seconds'])}; "
           f"peak host memory: {json.dumps(peaks)}")
@@ -384,7 +386,7 @@ def _eval(a):
         raise PertaError("eval needs --model and --tofu (or --benchmark muse --data, or --compare RESULTS_JSON …)")
     res = ev.eval_checkpoint(a.model, ev.tofu_splits(a.tofu, a.forget_split, a.max_rows), a.out, a.retain_model,
                              build_options(o.EvalOptions, a), a.overwrite, a.format == "open-unlearning",
-                             _rows(a, a.holdout) if a.holdout else None)
+                             _rows(a, a.holdout) if a.holdout else None, a.retain_model)
     print(ev.format_results({a.model: res}))
     if "audit" in res:
         from .audit import format_audit

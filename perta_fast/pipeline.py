@@ -101,9 +101,13 @@ def forgetting(summary: dict) -> dict:
     rows can still be told from unseen ones), else "not measured"."""
     if "audit" in summary:
         before, after = summary["audit"].values()
-        top = max(after["attacks"], key=lambda a: after["attacks"][a]["auc"])
+        level = {name: r.get("retrained_auc", 0.5) for name, r in after["attacks"].items()}
+        # the attack that tells them apart best: its interval furthest above its level
+        top = max(after["attacks"], key=lambda a: after["attacks"][a]["interval"][0] - level[a])
         b, a = before["attacks"][top], after["attacks"][top]
-        seen = f"{top} AUC {b['auc']:.3f} → {a['auc']:.3f} (95 % interval {a['interval'][0]:.3f}–{a['interval'][1]:.3f})"
+        seen = (f"{top} AUC {b['auc']:.3f} → {a['auc']:.3f}, 95 % interval {a['interval'][0]:.3f}–"
+                f"{a['interval'][1]:.3f}, against " + (f"the retrained model's {level[top]:.3f}"
+                                                        if "retrained_auc" in a else "0.5"))
         message = {"remembered": f"NOT FORGOTTEN: an attacker still tells the forget rows from unseen ones ({seen}); "
                                  "the model still knows the data",
                    "over-unlearned": f"over-unlearned: the forget rows now look less familiar than unseen ones "
@@ -184,13 +188,16 @@ class _StepMeter:
 
 def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str | Path,
             finetuned: str | Path | None = None, options: UnlearnOptions | None = None,
-            work_dir: str | Path | None = None, overwrite: bool = False, holdout: list | None = None) -> dict:
+            work_dir: str | Path | None = None, overwrite: bool = False, holdout: list | None = None,
+            retain_model: str | Path | None = None) -> dict:
     """θ_full (`model_dir`) + forget + retain (rows, or files as load_qa reads them) → θ_u in `out`;
     fine-tunes θ_ft when not given. With lam="auto", `options.calibration.hold_out` of each set is held back:
     importance is estimated on the rest, λ chosen on those rows (perta_fast.calibration), and the curve written
     into `out` beside the model; θ_ft still learns every forget row (all of them are to be forgotten).
     `holdout` (rows of the forget set's kind the model never saw): θ_full and θ_u are audited (perta_fast.audit)
-    and the record says, in `forgotten`, whether the forget rows can still be told from unseen ones."""
+    and the record says, in `forgotten`, whether the forget rows can still be told from unseen ones;
+    `retain_model` (a model that never saw the forget rows: a retrained one, or θ_0 when the retain data is not
+    the point) sets the level the audit's AUCs are judged against instead of 0.5."""
     opts = options or UnlearnOptions()
     if opts.method not in METHODS:
         raise PertaError(f"unknown method {opts.method!r} (expected one of {', '.join(METHODS)})")
@@ -207,12 +214,14 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
     described = {label: set_summary(rows, encode(tok, rows, opts.max_length))
                  for label, rows in (("forget", forget), ("retain", retain), ("holdout", holdout)) if rows}
     split = None
+    if retain_model is not None and holdout is None:
+        raise PertaError("--retain-model is the audit's reference: give --holdout too")
     if auto:
         check_options(opts.calibration)
         if opts.calibration.forget_target == "audit" and holdout is None:
             raise PertaError("--forget-target audit needs --holdout: rows of the forget set's kind the model never saw")
         split = validation_sets(forget, retain, opts.calibration.hold_out, where)
-    inputs = tuple(p for p in (model_dir, finetuned, opts.importance_model) if p)
+    inputs = tuple(p for p in (model_dir, finetuned, opts.importance_model, retain_model) if p)
     check_output_path(Path(out), overwrite, inputs)
     if opts.finetune.lora_rank is not None and finetuned is None:
         lora_config(opts.finetune)  # bad LoRA options fail before anything runs
@@ -275,7 +284,7 @@ def unlearn(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str 
                                          forget, holdout, AuditOptions(max_length=opts.max_length,
                                                                        batch_size=opts.batch_size, device=opts.device,
                                                                        dtype=opts.dtype),
-                                         (where["forget"], where["holdout"]))
+                                         (where["forget"], where["holdout"]), retain_model)
             summary["forgotten"] = forgetting(summary)
             summary["seconds"] = {**meter.seconds, "total": round(time.perf_counter() - t0, 2)}
             summary["peak_rss_anon_bytes"] = meter.peak_host

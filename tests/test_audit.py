@@ -269,3 +269,20 @@ def test_auto_attacks_leave_gradnorm_out_where_per_sample_gradients_cannot_be_fo
     assert "gradnorm" not in res["attacks"] and "minkpp" in res["attacks"]
     with pytest.raises(PertaError, match="leave gradnorm out of --attacks"):
         audit.audit(moe, tiny_tokenizer, rows, facts[1][:4], AuditOptions(attacks="gradnorm", bootstrap=50))
+
+
+def test_unlearn_judges_the_audit_against_a_retain_model(knowing, tiny_dir, tmp_path, capsys):
+    """--retain-model sets each attack's level: θ_full audited against itself as the 'retrained' model is at its
+    level by construction, so λ = 0 is no longer 'remembered'."""
+    sets = ["--forget", str(knowing / "forget.json"), "--retain", str(knowing / "retain.json")]
+    out = tmp_path / "u"
+    assert main(["unlearn", "--model", str(knowing / "full"), *sets, "--holdout", str(knowing / "holdout.json"),
+                 "--retain-model", str(knowing / "full"), "--out", str(out), "--method", "tv", "--lam", "0",
+                 "--epochs", "1", "--batch-size", "4", "--require-forgotten", "-q"]) == 0
+    after = list(json.loads((out / "perta_unlearn.json").read_text())["audit"].values())[1]
+    for r in after["attacks"].values():
+        assert r["retrained_auc"] == pytest.approx(r["auc"]) and r["verdict"] == "indistinguishable"
+    assert "against the retrained model's" in capsys.readouterr().out
+    assert main(["unlearn", "--model", str(knowing / "full"), *sets, "--retain-model", str(tiny_dir), "--out",
+                 str(tmp_path / "v")]) == 2
+    assert "give --holdout too" in capsys.readouterr().err and not (tmp_path / "v.work").exists()

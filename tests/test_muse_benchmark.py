@@ -42,6 +42,20 @@ def test_match_takes_the_bisected_point_when_it_already_reaches_the_level():
     assert found["lam"] == 5.0
 
 
+def test_match_starts_past_a_known_point_still_above_the_level():
+    bench = _bench()
+    moved = []
+
+    def at(lam):
+        moved.append(lam)
+        return lam, None
+
+    # known at λ 2.5: 60 / 3.5 > 12; the walk goes on from 4 (reached), bisects (2.5, 4] twice
+    found = bench.match(at, lambda lam, _tok: 60 / (1 + lam), 12.0, {2.5: 60 / 3.5})
+    assert found["lam"] == 4.0 and moved == [4.0, 3.25, 3.625]
+    assert [lam for lam, _ in found["points"]] == [2.5, 3.25, 3.625, 4.0]
+
+
 def test_aggregate_means_and_sample_sd_over_the_seeds_that_have_a_row():
     bench = _bench()
     seeds = {"0": {"TV": {"lam": 1.0, "verbmem_f": 10.0}, "TV @ matched verbmem_f": {"lam": 2.0, "verbmem_f": 5.0}},
