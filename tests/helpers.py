@@ -97,3 +97,15 @@ def nll_by_hand(model, tok, question, answer):
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
     targets = ids[n_prompt:]
     return -sum(logp[n_prompt - 1 + j, t].item() for j, t in enumerate(targets)) / len(targets)
+
+
+def load_benchmark(script: str, name: str):
+    """benchmarks/SCRIPT as module `name` (it imports its sibling modules from beside it)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / script)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[name] = bench  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    return bench

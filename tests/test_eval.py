@@ -206,15 +206,9 @@ def test_tofu_eval_splits_load():
 
 
 def _tofu_benchmark():
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from helpers import load_benchmark
 
-    spec = importlib.util.spec_from_file_location("tofu_bench", Path(__file__).parents[1] / "benchmarks" / "tofu.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["tofu_bench"] = bench  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("tofu.py", "tofu_bench")
 
 
 def _tofu_parts():

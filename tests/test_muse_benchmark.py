@@ -1,7 +1,5 @@
 """benchmarks/muse.py's own logic: the matched-λ search, the aggregation over seeds and the grounding of every
 forget metric in the texts the target trains on (the last needs ../shared/data/muse-news)."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,11 +8,9 @@ MUSE = Path(__file__).resolve().parents[2] / "shared" / "data" / "muse-news"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("muse_bench", Path(__file__).parents[1] / "benchmarks" / "muse.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["muse_bench"] = bench  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-    return bench
+    from helpers import load_benchmark
+
+    return load_benchmark("muse.py", "muse_bench")
 
 
 def test_match_finds_the_smallest_lam_at_the_level_within_the_bisection():
