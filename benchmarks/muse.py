@@ -66,8 +66,9 @@ class Size:
 
 
 SIZES = {"smoke": Size(verbmem=1, privleak=2, knowmem=3, retain=6, retain_verbmem=1, world_facts=4, epochs=1, unlearn_epochs=1),
-         # sized so the default (3 seeds) fits 90 minutes on the 2-core CPU: ~0.9 s a 256-token window forward
-         # and backward, ~40 s a full MUSE evaluation (MUSE's excerpts are ~1,800 tokens, its prompts ~1,000)
+         # measured (RESULTS.md): one seed 1,773 s, 940 s of it in 12 evaluations of ~78 s (MUSE's ~1,000-token
+         # prompts, ~1,800-token excerpts, world facts decoded to 200 tokens); 3 seeds ≈ 2 h, over the 90-minute
+         # budget: the evaluation is what to trim first
          "cpu": Size(verbmem=3, privleak=4, knowmem=4, retain=8, retain_verbmem=3, world_facts=20, epochs=5,
                      unlearn_epochs=1),
          "full": Size(verbmem=100, privleak=100, knowmem=100, retain=400, retain_verbmem=50, world_facts=117, epochs=5,
