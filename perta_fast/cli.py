@@ -386,7 +386,7 @@ def _eval(a):
         raise PertaError("eval needs --model and --tofu (or --benchmark muse --data, or --compare RESULTS_JSON …)")
     res = ev.eval_checkpoint(a.model, ev.tofu_splits(a.tofu, a.forget_split, a.max_rows), a.out, a.retain_model,
                              build_options(o.EvalOptions, a), a.overwrite, a.format == "open-unlearning",
-                             _rows(a, a.holdout) if a.holdout else None, a.retain_model)
+                             _rows(a, a.holdout) if a.holdout else None)
     print(ev.format_results({a.model: res}))
     if "audit" in res:
         from .audit import format_audit
