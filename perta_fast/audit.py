@@ -43,6 +43,7 @@ from .data import collate, encode, logits_of, pad_id, row_format, source_of
 from .dtypes import autocast_for
 from .errors import PertaError
 from .models import load_model
+from .muse import privleak as muse_privleak
 from .openunlearning import MIA_NAMES
 from .options import AuditOptions
 from .outputs import atomic_file, check_output_path
@@ -193,9 +194,8 @@ def tpr_at(forget: list[float], holdout: list[float], fpr: float) -> float:
 
 
 def privleak(auc_value: float, auc_retrained: float) -> float | None:
-    """MUSE's and open-unlearning's PrivLeak, on 1 − AUC; None where the retrained model's 1 − AUC is 0."""
-    base = 1 - auc_retrained
-    return ((1 - auc_value) - base) / base * 100 if base > 0 else None
+    """MUSE's and open-unlearning's PrivLeak, on 1 − AUC (MUSE's AUC); None where the retrained model's is 0."""
+    return muse_privleak(1 - auc_value, 1 - auc_retrained)
 
 
 VERDICT_RULE = ("per attack: remembered when the 95 % interval of the AUC lies above the retrained model's AUC (0.5 "
@@ -236,8 +236,10 @@ def audit(model, tokenizer, forget: list, holdout: list, options: AuditOptions, 
         raise PertaError("the reference attack needs a reference model (--reference: θ_0, the model before "
                          "fine-tuning); or leave it out of --attacks")
     score = dict(max_length=options.max_length, batch_size=options.batch_size, bf16_autocast=options.bf16_autocast)
-    tokens = {"forget": row_tokens(model, tokenizer, forget, where=where[0], **score),
-              "holdout": row_tokens(model, tokenizer, holdout, where=where[1], **score)}
+    tokens = None  # every attack but gradnorm reads the token scores
+    if any(a != "gradnorm" for a in attacks):
+        tokens = {"forget": row_tokens(model, tokenizer, forget, where=where[0], **score),
+                  "holdout": row_tokens(model, tokenizer, holdout, where=where[1], **score)}
     ref_tokens = None
     if "reference" in attacks:
         ref_tokens = {name: row_tokens(*reference, rows, where=f"{w} (reference)", **score)

@@ -24,14 +24,14 @@ from .dtypes import autocast_for
 from .errors import PertaError
 from .hf import element_places, renamed_to, stored_layout
 from .merge import MergeExecutor, plan_merge
-from .options import DEFAULT_LAMS, CalibrateOptions, MergeOptions  # noqa: F401  (importable here, as always)
+from .options import DEFAULT_LAMS, AuditOptions, CalibrateOptions, MergeOptions  # noqa: F401  (importable here, as always)
 from .eval import answer_probabilities, evaluate
 from .io import SafetensorsFile
 from .models import load_model, pick_device
 from .outputs import atomic_file, check_output_path
 
 TARGETS = ("max", "base", "audit")
-AUDIT_K, AUDIT_RESAMPLES = 0.4, 1000  # perta-fast audit's defaults
+AUDIT = AuditOptions()  # --forget-target audit scores as `perta-fast audit` does by default (k, resamples)
 
 
 def check_options(opts: CalibrateOptions) -> tuple[float, ...]:
@@ -125,9 +125,9 @@ def score(model, tokenizer, sets: dict[str, list[QA]], opts: CalibrateOptions) -
 def audit_point(model, tokenizer, forget: list, holdout: list, opts: CalibrateOptions) -> dict:
     """The --audit-attack's AUC of forget against holdout rows and its bootstrap interval (perta_fast.audit)."""
     score = dict(max_length=opts.max_length, batch_size=opts.batch_size, bf16_autocast=opts.bf16_autocast)
-    scores = [attack_scores(row_tokens(model, tokenizer, rows, where=name, **score), opts.audit_attack, AUDIT_K)
+    scores = [attack_scores(row_tokens(model, tokenizer, rows, where=name, **score), opts.audit_attack, AUDIT.k)
               for name, rows in (("the forget validation rows", forget), ("the holdout rows", holdout))]
-    return {"audit_auc": auc(*scores), "audit_interval": list(bootstrap_interval(*scores, AUDIT_RESAMPLES))}
+    return {"audit_auc": auc(*scores), "audit_interval": list(bootstrap_interval(*scores, AUDIT.bootstrap))}
 
 
 def _target_prob(opts: CalibrateOptions, forget: list[QA]) -> float:

@@ -24,9 +24,6 @@ from .loss import per_sample_loss
 from .metrics import (forget_quality, harmonic_mean, normalised_probability, rouge_l_recall,  # noqa: F401
                       truth_ratio_score, truth_ratios)
 from .options import GENERATE_BATCH, AuditOptions, EvalOptions
-
-# eval --holdout's attacks: open-unlearning's TOFU MIA metrics but mia_reference (it needs θ_0)
-AUDIT_ATTACKS = "loss,zlib,mink,minkpp,gradnorm"
 from .scoring import decode, generate_answers, score_questions
 from .io import read_json
 from .models import load_model
@@ -34,6 +31,9 @@ from .muse import EVAL_NAME as MUSE_EVAL, SUMMARY_NAME as MUSE_SUMMARY, auc_forg
     load_muse, min_k_scores, open_unlearning_logs
 from .openunlearning import EVAL_NAME, MIA_NAMES, SUMMARY_NAME, is_eval_log, reference_from_log, write_logs
 from .outputs import atomic_file, check_output_path
+
+# eval --holdout's attacks: open-unlearning's TOFU MIA metrics but mia_reference (it needs θ_0)
+AUDIT_ATTACKS = "loss,zlib,mink,minkpp,gradnorm"
 
 
 def normalise(text: str) -> str:
@@ -287,12 +287,13 @@ def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out:
         for path in (out, out.with_suffix(".md"), *extra):
             check_output_path(path, overwrite, (model_dir,))
     t0 = time.perf_counter()
-    audit_opts = AuditOptions(attacks=AUDIT_ATTACKS, max_length=opts.max_length, device=opts.device,
-                              dtype=opts.dtype, bf16_autocast=opts.bf16_autocast)
-    forget_qa = [QA(r.question, r.answer) for r in splits.get("forget", [])]
-    if holdout is not None and not forget_qa:
-        raise PertaError("--holdout audits the forget split: evaluate one (--forget-split)")
-    retrained = retrained_audit_aucs(reference, forget_qa, holdout, audit_opts) if holdout is not None else None
+    if holdout is not None:
+        audit_opts = AuditOptions(attacks=AUDIT_ATTACKS, max_length=opts.max_length, device=opts.device,
+                                  dtype=opts.dtype, bf16_autocast=opts.bf16_autocast)
+        forget_qa = [QA(r.question, r.answer) for r in splits.get("forget", [])]
+        if not forget_qa:
+            raise PertaError("--holdout audits the forget split: evaluate one (--forget-split)")
+        retrained = retrained_audit_aucs(reference, forget_qa, holdout, audit_opts)  # before `reference` is read
     if reference is not None and not isinstance(reference, dict):
         ref_where = str(reference)
         reference = reference_results(reference, splits.get("forget", []), opts)
