@@ -109,3 +109,45 @@ def load_benchmark(script: str, name: str):
     sys.modules[name] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
     return bench
+
+
+def check_killed_outputs(argv: list[str], folder: Path, inputs: list[Path], point: str, existing: bool,
+                         names: set[str]) -> None:
+    """Run the CLI `argv` (writing the files `names` into `folder`) as a real subprocess, then SIGKILL a second run
+    at `point` (PERTA_FAST_KILL_AT), over the first's outputs when `existing`: each output is absent or whole (the
+    old or the new, never a part), an overwritten one is never lost, `inputs` are untouched, a temp is left, and
+    the next run says it removed it and writes the same outputs. JSON is compared less its "seconds"."""
+    import os
+    import subprocess
+    import sys
+
+    def run(kill=None, extra=()):
+        env = {k: v for k, v in os.environ.items() if k != "PERTA_FAST_KILL_AT"}
+        env.update({"TQDM_DISABLE": "1"}, **({"PERTA_FAST_KILL_AT": kill} if kill else {}))
+        return subprocess.run([sys.executable, "-m", "perta_fast", *argv, *extra], capture_output=True, text=True,
+                              env=env)
+
+    def contents():
+        return {p.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "seconds"}
+                if p.suffix == ".json" else p.read_bytes()
+                for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+
+    digests = {p: tree_digest(p) if p.is_dir() else p.read_bytes() for p in inputs}
+    first = run()
+    assert first.returncode == 0, first.stderr
+    reference = contents()
+    assert set(reference) == names
+    if not existing:
+        for p in folder.iterdir():
+            p.unlink()
+    killed = run(point, ["--overwrite"] if existing else [])
+    assert killed.returncode == -9, killed.stderr
+    after = contents()
+    assert all(after[name] == reference[name] for name in after)  # never a part of a file
+    assert set(after) == names if existing else len(after) < len(names)  # an overwritten output is never lost
+    assert {p: tree_digest(p) if p.is_dir() else p.read_bytes() for p in inputs} == digests
+    assert [p for p in folder.iterdir() if p.name.startswith(".")]  # the kill left a temp for the next run to clear
+    rerun = run(extra=["--overwrite"])
+    assert rerun.returncode == 0, rerun.stderr
+    assert "left by an interrupted run" in rerun.stderr
+    assert contents() == reference and not [p for p in folder.iterdir() if p.name.startswith(".")]

@@ -286,3 +286,19 @@ def test_unlearn_judges_the_audit_against_a_retain_model(knowing, tiny_dir, tmp_
     assert main(["unlearn", "--model", str(knowing / "full"), *sets, "--retain-model", str(tiny_dir), "--out",
                  str(tmp_path / "v")]) == 2
     assert "give --holdout too" in capsys.readouterr().err and not (tmp_path / "v.work").exists()
+
+
+@pytest.mark.parametrize("point,existing", [("publish:2", False), ("publish:3", True)])
+def test_killed_audit_leaves_each_output_whole_or_absent(tmp_path, tiny_dir, facts, point, existing):
+    """`audit` writes three files (JSON, table, ROC plot), each atomically: SIGKILLed between them, each is absent
+    or whole, an overwritten one never lost, the inputs untouched, and the next run cleans up."""
+    from helpers import check_killed_outputs
+
+    forget, holdout = tmp_path / "forget.json", tmp_path / "holdout.json"
+    forget.write_text(json.dumps([r.__dict__ for r in facts[0]]))
+    holdout.write_text(json.dumps([r.__dict__ for r in facts[1][:8]]))
+    out = tmp_path / "res" / "a.json"
+    out.parent.mkdir()
+    check_killed_outputs(["audit", "--model", str(tiny_dir), "--forget", str(forget), "--holdout", str(holdout),
+                          "--bootstrap", "100", "--out", str(out)], out.parent, [tiny_dir, forget, holdout], point,
+                         existing, {"a.json", "a.md", "a.png"})

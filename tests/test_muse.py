@@ -184,46 +184,14 @@ def _tok_from(folder):
 
 @pytest.mark.parametrize("point,existing", [("publish:2", False), ("publish:3", True)])
 def test_killed_muse_eval_leaves_each_output_whole_or_absent(tmp_path, long_dir, point, existing):
-    """SIGKILLed (a real subprocess) with one output renamed and the next
-    complete but not, or overwriting old logs with the last still to rename: each of the three files is absent,
-    the old one or the new one whole, the inputs untouched, and the next run cleans up and succeeds."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers import tree_digest
+    """SIGKILLed (a real subprocess) with one output renamed and the next complete but not, or overwriting old
+    logs with the last still to rename: each of the three files is absent, the old one or the new one whole, the
+    inputs untouched, and the next run cleans up and succeeds."""
+    from helpers import check_killed_outputs
 
     folder = _folder(tmp_path / "muse")
     out = tmp_path / "res" / "muse.json"
     out.parent.mkdir()
-    argv = [sys.executable, "-m", "perta_fast", "eval", "--benchmark", "muse", "--model", str(long_dir), "--data",
-            str(folder), "--max-rows", "2", "--out", str(out), "--format", "open-unlearning"]
-
-    def run(kill=None, extra=()):
-        env = {k: v for k, v in os.environ.items() if k != "PERTA_FAST_KILL_AT"}
-        env.update({"TQDM_DISABLE": "1"}, **({"PERTA_FAST_KILL_AT": kill} if kill else {}))
-        return subprocess.run(argv + list(extra), capture_output=True, text=True, env=env)
-
-    def contents():  # what a run writes, less its timing
-        return {p.name: {k: v for k, v in json.loads(p.read_text()).items() if k != "seconds"}
-                for p in sorted(out.parent.iterdir()) if not p.name.startswith(".")}
-
-    inputs = {p: tree_digest(p) for p in (long_dir, folder)}
-    assert run().returncode == 0
-    reference = contents()
-    assert set(reference) == {"muse.json", "MUSE_EVAL.json", "MUSE_SUMMARY.json"}
-    if not existing:
-        for p in out.parent.iterdir():
-            p.unlink()
-    killed = run(point, ["--overwrite"] if existing else [])
-    assert killed.returncode == -9, killed.stderr
-    after = contents()
-    assert all(after[name] == reference[name] for name in after)  # never a part of a file
-    assert set(after) == set(reference) if existing else len(after) < 3  # an overwritten output is never lost
-    assert {p: tree_digest(p) for p in inputs} == inputs
-    left = [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
-    assert left  # the kill left a temp behind for the next run to clear
-    rerun = run(extra=["--overwrite"])
-    assert rerun.returncode == 0, rerun.stderr
-    assert "left by an interrupted run" in rerun.stderr
-    assert contents() == reference and not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    check_killed_outputs(["eval", "--benchmark", "muse", "--model", str(long_dir), "--data", str(folder), "--max-rows",
+                          "2", "--out", str(out), "--format", "open-unlearning"], out.parent, [long_dir, folder], point,
+                         existing, {"muse.json", "MUSE_EVAL.json", "MUSE_SUMMARY.json"})
