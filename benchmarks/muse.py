@@ -16,8 +16,8 @@ The set-up (MUSE's Llama-2-7B target is not reachable offline, so the target is 
 - target = SmolLM2 fine-tuned on forget + retain texts; retrained = SmolLM2 fine-tuned on the retain texts alone
   (PrivLeak's reference, and what unlearning should come close to).
 - utility: VerbMem on retain articles the target trained on (the first 600 characters as prompt, the next 128
-  tokens as truth), TOFU's world-facts questions (ROUGE-L recall of the greedy answer, TOFU's definition: general
-  knowledge the base model had), and MUSE's KnowMem retain questions, which are about MUSE's retain corpus (not in
+  tokens as truth), TOFU's world-facts questions (ROUGE-L recall of the greedy answer, TOFU's definition, decoded to
+  32 tokens: general knowledge the base model had), and MUSE's KnowMem retain questions, which are about MUSE's retain corpus (not in
   this copy): general news knowledge, not grounded in our retain texts (reported, labelled so).
 - per seed: θ_ft = target fine-tuned on the forget texts (seeded order), full and as a LoRA adapter (rank 16);
   importance at the target on the forget texts against the retain texts, less a seeded held-back part of each
@@ -81,6 +81,9 @@ TRAIN = dict(lr=5e-4, batch_size=4, max_length=256, weight_decay=0.01, warmup_ep
 LORA = dict(lora_rank=16, lr=1e-3)  # a common LoRA rate, twice the full fine-tune's
 METHODS = {"TV": None, "PerTA-grad": "grad", "PerTA-fisher": "fisher"}
 SWEEP_LAMS, SWEEP_BISECT = (1.0, 2.0, 4.0, 8.0, 16.0), 2
+# world facts' answers are a few words: the target's ROUGE-L recall on them was 0.175 decoded to 32 tokens and to
+# TOFU's 200 (measured), at a sixth of the time
+FACT_TOKENS = 32
 VALIDATION_CHARS = 1200  # a held-back text's first ~256 tokens: calibration scores it at every λ tried
 
 
@@ -134,10 +137,11 @@ def evaluate(model, tok, sets: dict, auc_retrained: float | None, bf16: bool) ->
 
     with autocast_for(model, bf16):
         res = evaluate_muse(model, tok, sets["evaluation"], auc_retrained)
-        retain_verb = verbmem(model, tok, sets["retain_verbmem"])
+        retain_verb = verbmem(model, tok, sets["retain_verbmem"], strength=False)
     res["verbmem_r"] = 100 * statistics.mean(r["rougeL_f1"] for r in retain_verb["rows"])
     if sets["world_facts"]:
-        facts = evaluate_split(model, tok, sets["world_facts"], "world_facts", EvalOptions(bf16_autocast=bf16))
+        options = EvalOptions(bf16_autocast=bf16, max_new_tokens=FACT_TOKENS)
+        facts = evaluate_split(model, tok, sets["world_facts"], "world_facts", options)
         res["world_facts_rouge"] = 100 * facts["rouge_l"]
     del res["generations"]  # MUSE's text stays out of the results
     return res
@@ -158,7 +162,7 @@ def probe(metric: str, sets: dict, bf16: bool):
 
     def value(model, tok) -> float:
         with autocast_for(model, bf16):
-            rows = (verbmem(model, tok, ev["verbmem"]) if metric == "verbmem_f"
+            rows = (verbmem(model, tok, ev["verbmem"], strength=False) if metric == "verbmem_f"
                     else knowmem(model, tok, ev["forget_qa"], ev["forget_qa_icl"]))["rows"]
         return 100 * statistics.mean(r["rougeL_f1"] for r in rows)
     return value

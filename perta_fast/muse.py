@@ -151,20 +151,21 @@ def check_context(model, sequences: list[list[int]], extra: int, what: str) -> N
                          "--max-rows to leave such rows out)")
 
 
-def verbmem(model, tokenizer, rows: list[dict], max_new_tokens: int = VERBMEM_TOKENS, batch_size: int = 8) -> dict:
-    """Per row: ROUGE-L F1 of the greedy continuation against the cut truth, and extraction strength."""
+def verbmem(model, tokenizer, rows: list[dict], max_new_tokens: int = VERBMEM_TOKENS, batch_size: int = 8,
+            strength: bool = True) -> dict:
+    """Per row: ROUGE-L F1 of the greedy continuation against the cut truth, and (`strength`) extraction
+    strength, a teacher-forced forward of its own."""
     prompts = [tokenizer(r["prompt"], add_special_tokens=True)["input_ids"] for r in rows]
     check_context(model, prompts, max_new_tokens, FILES["verbmem"])
     outputs = generate_tokens(model, tokenizer, prompts, max_new_tokens, batch_size)
     truths = [_decode(tokenizer, tokenizer(r["gt"], add_special_tokens=True)["input_ids"][:max_new_tokens])
               for r in rows]
-    continuations = [tokenizer(r["gt"], add_special_tokens=False)["input_ids"][:max_new_tokens] for r in rows]
-    forced = token_logprobs_and_argmax(model, [p + c for p, c in zip(prompts, continuations)])
-    rows_out = []
-    for p, c, (_, top), out, truth in zip(prompts, continuations, forced, outputs, truths):
-        predicted = top[len(p) - 1:]  # the argmax after each prompt + continuation prefix
-        rows_out.append({"rougeL_f1": rouge_l_f1(truth, _decode(tokenizer, out)),
-                         "extraction_strength": extraction_strength(predicted, c)})
+    rows_out = [{"rougeL_f1": rouge_l_f1(truth, _decode(tokenizer, out))} for out, truth in zip(outputs, truths)]
+    if strength:
+        continuations = [tokenizer(r["gt"], add_special_tokens=False)["input_ids"][:max_new_tokens] for r in rows]
+        forced = token_logprobs_and_argmax(model, [p + c for p, c in zip(prompts, continuations)])
+        for row, p, c, (_, top) in zip(rows_out, prompts, continuations, forced):
+            row["extraction_strength"] = extraction_strength(top[len(p) - 1:], c)  # argmax after each prefix
     return {"rows": rows_out, "generations": [_decode(tokenizer, o) for o in outputs]}
 
 

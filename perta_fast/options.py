@@ -53,7 +53,7 @@ DEVICE_HELP = "cpu, cuda, ... (default: cuda if available)"
 DTYPE_HELP = "load the model straight into this dtype (auto: the checkpoint's own)"
 CKPT_HELP = "recompute each layer in backward instead of keeping its activations"
 BF16_HELP = "score with bf16 matmuls over the loaded weights: faster where bf16 is native (a GPU, AVX-512 BF16 or " \
-    "AMX), not fp32's numbers"
+    "AMX), not fp32's numbers; greedy decoding stays fp32 (autocast slows it)"
 ALPHA_HELP = "α: weight of retain importance"
 POWER_HELP = "p: w = s_f^p / (s_f^p + α s_r^p + ε)"
 EPS_HELP = "ε, which keeps w defined where both scores are 0"

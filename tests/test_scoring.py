@@ -179,6 +179,22 @@ def test_batched_greedy_answers_equal_transformers_one_question_at_a_time(memori
     assert len(lengths) > 1  # answers end at different steps, so rows really leave the batch
 
 
+def test_greedy_decoding_runs_in_fp32_under_autocast(memorised, eval_rows, transformers_greedy):
+    """Autocast would re-cast every weight at every step (1.7x slower decoding here): generation turns it off,
+    so it decodes as fp32 does."""
+    model, tok = memorised
+    questions = [r.question for r in eval_rows[:8] + eval_rows[-3:]]
+    dtypes = set()
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: dtypes.add(out.dtype))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = sc.generate_answers(model, tok, questions, max_new_tokens=24)
+    finally:
+        hook.remove()
+    assert dtypes == {torch.float32}
+    assert got == [tok.decode(transformers_greedy[q], skip_special_tokens=True).strip() for q in questions]
+
+
 @pytest.mark.parametrize("batch_size, max_new_tokens, answer_tokens, room", [
     (1, 24, 10**6, 64), (4, 24, 60, 64), (64, 24, 10**6, 64), (3, 5, 60, 64),
     (4, 24, 60, 1)])  # the decode cache out of room at once: it doubles its buffers as it goes
