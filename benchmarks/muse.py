@@ -12,14 +12,17 @@ The set-up (MUSE's Llama-2-7B target is not reachable offline, so the target is 
   words of four letters or more with the question (three at least); questions without such an article are left out.
   So every forget metric asks about text the target trained on.
 - retain corpus: raw/retain_pool.json articles, without those equal to or sharing a 200-character passage with
-  any forget text (MUSE's files repeat some articles across the two pools).
+  any forget text (MUSE's files repeat some articles across the two pools); at --size cpu each cut to its first
+  4,000 characters (~900 tokens: uncut, one 3,367-token article cost the training of three forget texts).
 - target = SmolLM2 fine-tuned on forget + retain texts; retrained = SmolLM2 fine-tuned on the retain texts alone
   (PrivLeak's reference, and what unlearning should come close to).
 - utility: VerbMem on retain articles the target trained on (the first 600 characters as prompt, the next 128
   tokens as truth), TOFU's world-facts questions (ROUGE-L recall of the greedy answer, TOFU's definition, decoded to
-  32 tokens: general knowledge the base model had), and MUSE's KnowMem retain questions, which are about MUSE's retain corpus (not in
-  this copy): general news knowledge, not grounded in our retain texts (reported, labelled so).
-- per seed: θ_ft = target fine-tuned on the forget texts (seeded order), full and as a LoRA adapter (rank 16);
+  32 tokens: general knowledge the base model had), and MUSE's KnowMem retain questions, which are about MUSE's
+  retain corpus (not in this copy): general news knowledge, not grounded in our retain texts (reported, labelled
+  so).
+- per seed: θ_ft = target fine-tuned on the forget texts (seeded order), full and, with --lora, as a LoRA adapter
+  (rank 16);
   importance at the target on the forget texts against the retain texts, less a seeded held-back part of each
   (20 %, or the four texts calibration needs); λ calibrated on the first ~256 tokens of each held-back text
   (perta_fast.calibration: the most forgetting that keeps retain probability ≥ 0.95 × the target's); GA and NPO
@@ -63,14 +66,16 @@ class Size:
     world_facts: int  # TOFU's world-facts questions (general knowledge, utility)
     epochs: int  # the target's and the retrained model's
     unlearn_epochs: int  # θ_ft's, GA's and NPO's
+    retain_chars: int | None = None  # each retain article cut to its first N characters (None: whole)
 
 
-SIZES = {"smoke": Size(verbmem=1, privleak=2, knowmem=3, retain=6, retain_verbmem=1, world_facts=4, epochs=1, unlearn_epochs=1),
-         # measured (RESULTS.md): one seed 1,773 s, 940 s of it in 12 evaluations of ~78 s (MUSE's ~1,000-token
-         # prompts, ~1,800-token excerpts, world facts decoded to 200 tokens); 3 seeds ≈ 2 h, over the 90-minute
-         # budget: the evaluation is what to trim first
+SIZES = {"smoke": Size(verbmem=1, privleak=2, knowmem=3, retain=6, retain_verbmem=1, world_facts=4, epochs=1,
+                       unlearn_epochs=1, retain_chars=4000),
+         # sized for the 90-minute budget on 2 cores: with LoRA τ, uncut retain articles and world facts decoded to
+         # 200 tokens one seed took 1,773 s, 940 s of it in 12 evaluations (MUSE's ~1,000-token prompts and
+         # ~1,800-token excerpts), and the target 145 steps of ~8 s
          "cpu": Size(verbmem=3, privleak=4, knowmem=4, retain=8, retain_verbmem=3, world_facts=20, epochs=5,
-                     unlearn_epochs=1),
+                     unlearn_epochs=1, retain_chars=4000),
          "full": Size(verbmem=100, privleak=100, knowmem=100, retain=400, retain_verbmem=50, world_facts=117, epochs=5,
                       unlearn_epochs=5)}
 # the target must memorise its articles for VerbMem to measure anything: at lr 1e-4 (2 epochs, batch 8) VerbMem
@@ -116,7 +121,7 @@ def build_sets(folder: Path, size: Size) -> dict:
     retain = []
     for a in dict.fromkeys(pool):
         if a not in raw_forget and not any(a[i:i + 200] in shingles for i in range(0, max(1, len(a) - 200), 100)):
-            retain.append(a)
+            retain.append(a[:size.retain_chars])
         if len(retain) == size.retain:
             break
     retain_verbmem = [{"prompt": a[:600], "gt": a[600:]} for a in retain[:size.retain_verbmem] if len(a) > 1200]
@@ -210,6 +215,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--lora", action="store_true", help="also τ from a LoRA θ_ft (rank 16): TV, PerTA-grad and "
+                    "PerTA-fisher at their calibrated λ (outside the default run's 90-minute budget on 2 cores)")
     ap.add_argument("--muse", default=str(HERE.parent.parent / "shared" / "data" / "muse-news"))
     ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"),
                     help="TOFU folder for the world-facts utility (left out when absent)")
@@ -246,7 +253,7 @@ def main(argv=None) -> int:
     forget, retain = [Text(t) for t in sets["forget"]], [Text(t) for t in sets["retain"]]
     train = dict(TRAIN, epochs=size.epochs, bf16_autocast=bf16, device=a.device)
     seconds = {}
-    results = {"size": a.size, "sets": sets["matched"], "train": TRAIN, "lora": LORA, "size_spec": size.__dict__,
+    results = {"size": a.size, "sets": sets["matched"], "train": TRAIN, "lora": LORA if a.lora else None, "size_spec": size.__dict__,
                "seeds": {}, "sweeps": {}, "device": a.device or "auto", "bf16_autocast": bf16}
 
     def step(name, path, build):
@@ -280,9 +287,10 @@ def main(argv=None) -> int:
         sw = work / f"seed{seed}"
         sw.mkdir(exist_ok=True)
         taus = {"": step(f"seed{seed} θ_ft", sw / "theta_ft", lambda p: finetune(
-                    target, forget, p, FinetuneOptions(**dict(unlearn, seed=seed)))),
-                " (LoRA τ)": step(f"seed{seed} θ_ft LoRA", sw / "theta_ft_lora", lambda p: finetune(
-                    target, forget, p, FinetuneOptions(**dict(unlearn, seed=seed, **LORA))))}
+                    target, forget, p, FinetuneOptions(**dict(unlearn, seed=seed))))}
+        if a.lora:
+            taus[" (LoRA τ)"] = step(f"seed{seed} θ_ft LoRA", sw / "theta_ft_lora", lambda p: finetune(
+                target, forget, p, FinetuneOptions(**dict(unlearn, seed=seed, **LORA))))
         # 20 % held back as TOFU's protocol does, or the four texts calibration needs at the least
         (f_imp, f_val), (r_imp, r_val) = (seeded_hold_out(rows, seed, max(0.2, MIN_VALIDATION_ROWS / len(rows) + 0.01))
                                           for rows in (forget, retain))

@@ -168,7 +168,9 @@ COMMANDS_SPEC = {
         ("--max-rows", {"type": o.positive, "default": None, "help": "first N rows of each split"}),
         ("--holdout", _path("TOFU: rows of the forget split's kind never trained on (TOFU's holdout.json): the "
                             "membership audit of the forget split against them, logged as open-unlearning's mia_* "
-                            "and privleak")), *READING,
+                            "and privleak")),
+        ("--reference", _path("with --holdout: θ_0, the model before fine-tuning, for the reference attack "
+                              "(mia_reference)")), *READING,
         ("--out", _path("results .json (a markdown table goes beside it as .md)")),
         ("--format", {"choices": ["perta-fast", "open-unlearning"], "default": "perta-fast",
                       "help": "open-unlearning: also TOFU_EVAL.json and TOFU_SUMMARY.json beside --out, in its log "
@@ -386,7 +388,7 @@ def _eval(a):
         raise PertaError("eval needs --model and --tofu (or --benchmark muse --data, or --compare RESULTS_JSON …)")
     res = ev.eval_checkpoint(a.model, ev.tofu_splits(a.tofu, a.forget_split, a.max_rows), a.out, a.retain_model,
                              build_options(o.EvalOptions, a), a.overwrite, a.format == "open-unlearning",
-                             _rows(a, a.holdout) if a.holdout else None)
+                             _rows(a, a.holdout) if a.holdout else None, a.reference)
     print(ev.format_results({a.model: res}))
     if "audit" in res:
         from .audit import format_audit

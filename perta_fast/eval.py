@@ -32,7 +32,7 @@ from .muse import EVAL_NAME as MUSE_EVAL, SUMMARY_NAME as MUSE_SUMMARY, auc_forg
 from .openunlearning import EVAL_NAME, MIA_NAMES, SUMMARY_NAME, is_eval_log, reference_from_log, write_logs
 from .outputs import atomic_file, check_output_path
 
-# eval --holdout's attacks: open-unlearning's TOFU MIA metrics but mia_reference (it needs θ_0)
+# eval --holdout's attacks: open-unlearning's TOFU MIA metrics; mia_reference too when θ_0 is given (--reference)
 AUDIT_ATTACKS = "loss,zlib,mink,minkpp,gradnorm"
 
 
@@ -252,14 +252,16 @@ def reference_results(reference: str | Path, forget_rows: list[EvalQA], opts: Ev
             "splits": {"forget": evaluate_split(model, tok, forget_rows, "forget", replace(opts, generate=False))}}
 
 
-def retrained_audit_aucs(reference, forget: list, holdout: list, options: AuditOptions) -> dict | None:
+def retrained_audit_aucs(reference, forget: list, holdout: list, options: AuditOptions,
+                         attack_reference=None) -> dict | None:
     """The retrained (retain-only) model's AUC per attack, for the audit's comparison and privleak: audited here
-    when `reference` is its folder, read from its results (`audit`) or its open-unlearning log (mia_*)."""
+    when `reference` is its folder (`attack_reference`: θ_0 loaded, for the reference attack), read from its
+    results (`audit`) or its open-unlearning log (mia_*)."""
     if reference is None or isinstance(reference, dict):
         return None
     reference = Path(reference)
     if reference.is_dir():
-        return retrained_aucs(reference, forget, holdout, options)
+        return retrained_aucs(reference, forget, holdout, options, attack_reference)
     content = read_json(reference)
     if isinstance(content.get("audit"), dict):
         return {a: r["auc"] for a, r in content["audit"]["attacks"].items()}
@@ -270,11 +272,13 @@ def retrained_audit_aucs(reference, forget: list, holdout: list, options: AuditO
 
 def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out: str | Path | None = None,
                     reference: str | Path | dict | None = None, opts: EvalOptions | None = None,
-                    overwrite: bool = False, open_unlearning: bool = False, holdout: list | None = None) -> dict:
+                    overwrite: bool = False, open_unlearning: bool = False, holdout: list | None = None,
+                    attack_reference: str | Path | None = None) -> dict:
     """Evaluate the checkpoint in `model_dir`; write `out` (.json) and a markdown table beside it (.md), and
     with `open_unlearning` also TOFU_EVAL.json and TOFU_SUMMARY.json in open-unlearning's format beside it.
     `holdout` (rows of the forget split's kind never trained on, TOFU's holdout.json): the membership audit of
-    the forget split against them (perta_fast.audit), logged as open-unlearning's mia_* and privleak."""
+    the forget split against them (perta_fast.audit), logged as open-unlearning's mia_* and privleak;
+    `attack_reference` (θ_0's folder) adds the reference attack (mia_reference)."""
     import json
     import time
 
@@ -285,15 +289,20 @@ def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out:
         out = Path(out)
         extra = (out.with_name(EVAL_NAME), out.with_name(SUMMARY_NAME)) if open_unlearning else ()
         for path in (out, out.with_suffix(".md"), *extra):
-            check_output_path(path, overwrite, (model_dir,))
+            check_output_path(path, overwrite, tuple(p for p in (model_dir, attack_reference) if p))
     t0 = time.perf_counter()
+    if attack_reference is not None and holdout is None:
+        raise PertaError("--reference is the reference attack's model (θ_0): the attack needs --holdout")
     if holdout is not None:
-        audit_opts = AuditOptions(attacks=AUDIT_ATTACKS, max_length=opts.max_length, device=opts.device,
+        attacks = AUDIT_ATTACKS + (",reference" if attack_reference is not None else "")
+        audit_opts = AuditOptions(attacks=attacks, max_length=opts.max_length, device=opts.device,
                                   dtype=opts.dtype, bf16_autocast=opts.bf16_autocast)
         forget_qa = [QA(r.question, r.answer) for r in splits.get("forget", [])]
         if not forget_qa:
             raise PertaError("--holdout audits the forget split: evaluate one (--forget-split)")
-        retrained = retrained_audit_aucs(reference, forget_qa, holdout, audit_opts)  # before `reference` is read
+        theta_0 = load_model(attack_reference, opts.device, opts.dtype) if attack_reference is not None else None
+        # before `reference` is read
+        retrained = retrained_audit_aucs(reference, forget_qa, holdout, audit_opts, theta_0)
     if reference is not None and not isinstance(reference, dict):
         ref_where = str(reference)
         reference = reference_results(reference, splits.get("forget", []), opts)
@@ -302,7 +311,7 @@ def eval_checkpoint(model_dir: str | Path, splits: dict[str, list[EvalQA]], out:
     model, tok = load_model(model_dir, opts.device, opts.dtype)
     results = {"model": str(model_dir), **evaluate_tofu(model, tok, splits, opts)}
     if holdout is not None:
-        results["audit"] = audit(model, tok, forget_qa, holdout, audit_opts, retrained_aucs=retrained,
+        results["audit"] = audit(model, tok, forget_qa, holdout, audit_opts, theta_0, retrained_aucs=retrained,
                                  where=("the forget split", source_of(holdout, "the holdout set")))
     if reference is not None:
         add_forget_quality(results, reference, ref_where)

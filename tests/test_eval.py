@@ -470,3 +470,12 @@ def test_eval_holdout_logs_the_audit_as_open_unlearning_mia_and_privleak(tmp_pat
     assert again["privleak"]["agg_value"] == pytest.approx(0.0, abs=1e-6)
     assert json.loads((tmp_path / "s" / "res.json").read_text())["audit"]["attacks"]["mink"]["retrained_auc"] == auc
     assert "membership audit" in capsys.readouterr().out
+    # --reference adds mia_reference: the model against itself, every row's loss difference is 0 (AUC ½)
+    (tmp_path / "t").mkdir()
+    assert main(["eval", "--model", str(tiny_dir), *common, "--reference", str(tiny_dir),
+                 "--out", str(tmp_path / "t" / "res.json")]) == 0
+    reference = json.loads((tmp_path / "t" / "TOFU_EVAL.json").read_text())["mia_reference"]
+    assert reference["agg_value"] == 0.5
+    assert [reference[side]["value_by_index"][str(i)]["score"] for side, n in (("forget", 6), ("holdout", 8))
+            for i in range(n)] == [0.0] * 14
+    assert main(["eval", "--model", str(tiny_dir), "--tofu", str(tofu_like), "--reference", str(tiny_dir)]) == 2
