@@ -419,13 +419,19 @@ def _demo(a):
     if a.epochs:
         opts.full = dataclasses.replace(opts.full, epochs=a.epochs)
     s = demo(a.out, opts, a.overwrite, a.model)
-    print(f"\nperta-fast demo: {s['n_forget_rows']} forget / {s['n_retain_rows']} retain facts, λ={s['lam']}, "
-          f"{s['seconds']} s\n")
+    print(f"\nperta-fast demo: {s['n_forget_rows']} forget / {s['n_retain_rows']} retain facts; the audit against "
+          f"{s['n_holdout_rows']} facts of people never trained on; {s['seconds']} s\n")
     print(s["table"])
+    for m, cal in s["calibration"].items():
+        if not cal["reached_target"]:
+            print(f"  {m}: {cal['note']}")
     print(f"\nover λ (merged in memory):\n{s['sweep_table']}")
-    print(f"\nsample (forget set): {s['sample']['question']}\n  reference: {s['sample']['reference']}")
-    for m, ans in s["sample"]["answers"].items():
-        print(f"  {m:>14}: {ans}")
+    sample = s["sample"]
+    print(f"\nsample (forget set): {sample['question']}\n  reference: {sample['reference']}")
+    for m, ans in sample["answers"].items():
+        print(f"  {m:>20}: {ans}  [{'gives the fact' if sample['gives_fact'][m] else 'fact gone'}]")
+    if sample["forgot_nothing"]:
+        print(f"still giving every forget fact: {', '.join(sample['forgot_nothing'])}")
     print(f"\nresults: {a.out}/results.json" + (f", plot: {s['plot']}" if s["plot"] else ""))
 
 

@@ -41,14 +41,20 @@ def make_people(n: int = 10, seed: int = 0) -> list[dict]:
     return people
 
 
+_FACTS = (("Where was {name} born?", "{name} was born in {city}.", "city"),
+          ("What is the profession of {name}?", "{name} is a {profession}.", "profession"),
+          ("Which book did {name} write?", "{name} wrote {book}.", "book"),
+          ("In which year was {name} born?", "{name} was born in {year}.", "year"))
+
+
 def facts_of(p: dict) -> list[QA]:
-    n = p["name"]
-    return [
-        QA(f"Where was {n} born?", f"{n} was born in {p['city']}."),
-        QA(f"What is the profession of {n}?", f"{n} is a {p['profession']}."),
-        QA(f"Which book did {n} write?", f"{n} wrote {p['book']}."),
-        QA(f"In which year was {n} born?", f"{n} was born in {p['year']}."),
-    ]
+    return [QA(q.format(**p), a.format(**p)) for q, a, _ in _FACTS]
+
+
+def fact_values(people: list[dict]) -> dict[str, str]:
+    """{question: the fact its answer must give} (a city, a profession, a book, a year): an answer that does not
+    contain it no longer gives the fact."""
+    return {q.format(**p): str(p[key]) for p in people for q, _, key in _FACTS}
 
 
 def make_facts(n_people: int = 10, n_forget: int = 2, seed: int = 0) -> tuple[list[QA], list[QA]]:
@@ -60,3 +66,9 @@ def make_facts(n_people: int = 10, n_forget: int = 2, seed: int = 0) -> tuple[li
     forget = [qa for p in people[:n_forget] for qa in facts_of(p)]
     retain = [qa for p in people[n_forget:] for qa in facts_of(p)]
     return forget, retain
+
+
+def holdout_people(n_people: int, n_holdout: int, seed: int = 0) -> list[dict]:
+    """`n_holdout` more invented people of the same seed, after the `n_people` that make_facts uses (the same
+    draws continue, so those stay as they are): facts of their kind no model trained on."""
+    return make_people(n_people + n_holdout, seed)[n_people:]

@@ -13,7 +13,7 @@ from .console import bar, log, pyplot
 from .data import QA, check_sets, data_hash, encode, load_qa, set_summary, source_of
 from .errors import PertaError
 from .eval import evaluate
-from .facts import make_facts
+from .facts import fact_values, facts_of, holdout_people, make_facts, make_people
 from .importance import importance_file
 from .support import require
 from .io import SafetensorsFile, content_sha256
@@ -21,8 +21,8 @@ from .lora import is_adapter
 from .memory import PeakRssAnon, release_freed_memory
 from .merge import card_with_metrics, merge, plan_merge, write_merge
 from .models import default_model, load_model, load_tokenizer, pick_device
-from .options import (AuditOptions, DemoOptions, FinetuneOptions, ImportanceOptions, MergeOptions,  # noqa: F401
-                      UnlearnOptions)
+from .options import (AuditOptions, CalibrateOptions, DemoOptions, FinetuneOptions, ImportanceOptions,  # noqa: F401
+                      MergeOptions, UnlearnOptions)
 from .outputs import atomic_dir, check_output_path, remove_path
 from .train import finetune, lora_config
 
@@ -348,16 +348,45 @@ def format_sweep(curves: dict) -> str:
     return "\n".join([head] + rows)
 
 
+def table_of_forgetting(results: dict, facts: dict, audits: dict, lams: dict) -> str:
+    """Per model: λ, forget facts no longer given, retain facts still given (greedy answers holding the fact's
+    value), and the audit's AUC and verdict."""
+    lines = [f"{'model':<22}{'λ':>7}{'forget facts gone':>19}{'retain facts kept':>19}{'Min-K++ AUC':>13}  verdict"]
+    for m in results:
+        forget, retain = facts[m]["forget"], facts[m]["retain"]
+        attack = audits.get(m, {}).get("attacks", {}).get("minkpp")
+        lam = "" if m not in lams else f"{lams[m]:.3g}"
+        auc, verdict = ("", "") if attack is None else (f"{attack['auc']:.3f}", attack["verdict"])
+        gone, kept = f"{forget.count(False)}/{len(forget)}", f"{sum(retain)}/{len(retain)}"
+        lines.append(f"{m:<22}{lam:>7}{gone:>19}{kept:>19}{auc:>13}  {verdict}")
+    return "\n".join(lines)
+
+
+def forgotten_sample(forget: list[QA], results: dict, facts: dict, lams: dict) -> dict:
+    """A forget question whose fact the most unlearned models no longer give (the first such), each model's
+    answer to it, and the unlearned models that still give every forget fact."""
+    unlearned = list(lams)
+    gone = [sum(not facts[m]["forget"][i] for m in unlearned) for i in range(len(forget))]
+    i = gone.index(max(gone))
+    return {"question": forget[i].question, "reference": forget[i].answer,
+            "answers": {m: r["forget"]["generations"][i] for m, r in results.items()},
+            "gives_fact": {m: facts[m]["forget"][i] for m in results},
+            "forgot_nothing": [m for m in unlearned if all(facts[m]["forget"])]}
+
+
 def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, overwrite: bool = False,
          model_dir: str | Path | None = None) -> dict:
     """The main job on its built-in default: SmolLM2-135M-Instruct and generated fictitious facts."""
     opts = options or DemoOptions()
     t0 = time.perf_counter()
     forget, retain = make_facts(opts.n_people, opts.n_forget, opts.seed)  # bad options fail before any work
+    unseen = holdout_people(opts.n_people, opts.holdout_people, opts.seed)
+    holdout = [qa for p in unseen for qa in facts_of(p)]
+    values = fact_values(make_people(opts.n_people, opts.seed))
     base = Path(model_dir) if model_dir else default_model()
     with atomic_dir(out, overwrite, inputs=(base,)) as work:
-        (work / "forget.json").write_text(json.dumps([r.__dict__ for r in forget], indent=1))
-        (work / "retain.json").write_text(json.dumps([r.__dict__ for r in retain], indent=1))
+        for name, rows in (("forget", forget), ("retain", retain), ("holdout", holdout)):
+            (work / f"{name}.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
         full, ft = work / "theta_full", work / "theta_ft"
         finetune(base, forget + retain, full, replace(opts.full, device=opts.device))
         finetune(full, forget, ft, replace(opts.forget_ft, device=opts.device))
@@ -368,7 +397,7 @@ def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, ove
             thetas[" (LoRA)"] = (adapter, adapter)
         models = {"base": base, "θ_full": full}
         sets = {"forget": forget, "retain": retain}
-        curves = {}
+        curves, lams, calibrations = {}, {}, {}
         for suffix, (theta_ft, adapter) in thetas.items():
             tag = suffix.strip(" ()").lower()
             imps = {"TV": None}
@@ -378,19 +407,32 @@ def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, ove
                     method=method, batch_size=opts.batch_size, device=opts.device, adapter=adapter))
             for label, imp in imps.items():
                 folder = work / f"unlearned-{label.lower()}{'-' + tag if tag else ''}"
-                merge(full, theta_ft, folder, imp, MergeOptions(method="tv" if imp is None else "perta", lam=opts.lam))
+                merge_options = MergeOptions(method="tv" if imp is None else "perta")
+                lam = opts.lam
+                if lam == "auto":
+                    # on the rows it forgets: two people's 8 facts leave no validation split to hold back
+                    cal = calibrate(full, theta_ft, forget, retain, imp, merge_options, CalibrateOptions(
+                        forget_target="audit", generate=False, device=opts.device), holdout)
+                    lam = cal["lam"]
+                    calibrations[label + suffix] = {k: cal[k] for k in ("lam", "reached_target", "note", "chosen",
+                                                                        "retain_floor", "audit_attack")}
+                merge(full, theta_ft, folder, imp, replace(merge_options, lam=lam))
                 models[label + suffix] = folder
+                lams[label + suffix] = lam
             curves.update({k + suffix: v for k, v in lambda_sweep(full, theta_ft, imps, opts.sweep, sets,
                                                                   opts.device).items()})
         results = evaluate_models(models, sets, opts.device)
-        table = format_table(results)
-        sample = {"question": forget[0].question, "reference": forget[0].answer,
-                  "answers": {m: r["forget"]["generations"][0] for m, r in results.items()}}
-        summary = {"table": table, "results": results, "sample": sample, "lam": opts.lam,
+        audits = audit_models({m: f for m, f in models.items() if m != "base"}, forget, holdout,
+                              AuditOptions(attacks="minkpp", device=opts.device), ("the forget facts", "unseen people's"))
+        facts = {m: {name: [values[q.question].lower() in g.lower() for q, g in zip(rows, r[name]["generations"])]
+                     for name, rows in sets.items()} for m, r in results.items()}
+        summary = {"table": table_of_forgetting(results, facts, audits, lams), "results": results,
+                   "facts_given": facts, "audit": audits, "lam": lams, "calibration": calibrations,
+                   "sample": forgotten_sample(forget, results, facts, lams), "table_by_probability": format_table(results),
                    "options": {"people": opts.n_people, "forget_people": opts.n_forget, "seed": opts.seed,
-                               "lora_rank": opts.lora_rank},
+                               "holdout_people": opts.holdout_people, "lora_rank": opts.lora_rank, "lam": opts.lam},
                    "sweep": curves, "sweep_table": format_sweep(curves),
-                   "n_forget_rows": len(forget), "n_retain_rows": len(retain),
+                   "n_forget_rows": len(forget), "n_retain_rows": len(retain), "n_holdout_rows": len(holdout),
                    "seconds": round(time.perf_counter() - t0, 1)}
         (work / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         summary["plot"] = str(Path(out) / "demo.png") if _plot(results, curves, work / "demo.png") else None

@@ -208,23 +208,43 @@ def test_console_script_exit_code_and_one_line_error(tmp_path):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_demo_pipeline_on_the_tiny_model(tmp_path, tiny_dir, capsys, lora):
-    """The demo's code path (not its quality, which needs the real model) end to end."""
+    """The demo's code path (not its quality, which needs the real model) end to end: by default each method's λ
+    chosen by the audit against unseen people; with --lora-rank at a fixed --lam 1."""
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(tiny_dir), "--out", str(out), "--people", "3", "--forget-people", "1",
-                 "--epochs", "1"] + (["--lora-rank", "4"] if lora else [])) == 0
+                 "--epochs", "1"] + (["--lora-rank", "4", "--lam", "1"] if lora else [])) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     methods = ["TV", "PerTA-grad", "PerTA-fisher"] + (["TV (LoRA)", "PerTA-grad (LoRA)", "PerTA-fisher (LoRA)"]
                                                       if lora else [])
-    assert set(results["results"]) == {"base", "θ_full", *methods}
+    assert set(results["results"]) == {"base", "θ_full", *methods} and set(results["lam"]) == set(methods)
     assert [p["lam"] for p in results["sweep"]["TV"]] == [0.25, 0.5, 1.0, 2.0, 4.0]
-    assert results["n_forget_rows"] == 4 and results["n_retain_rows"] == 8
-    # the in-memory λ=1 point of the sweep equals the streamed λ=1 merge evaluated from disk (for LoRA:
-    # τ formed whole in memory vs block by block in the merge kernels)
+    assert results["n_forget_rows"] == 4 and results["n_retain_rows"] == 8 and results["n_holdout_rows"] == 12
+    # facts of people the demo never trained on: none of theirs is among the trained ones
+    trained = {r["question"] for name in ("forget", "retain") for r in json.loads((out / f"{name}.json").read_text())}
+    assert not trained & {r["question"] for r in json.loads((out / "holdout.json").read_text())}
+    # a fact counts as given when the greedy answer holds its value (the people's own field, read here)
+    from perta_fast.facts import make_people
+    people = {p["name"]: p for p in make_people(3)}
+    for m in results["results"]:
+        for name, rows in (("forget", json.loads((out / "forget.json").read_text())),
+                           ("retain", json.loads((out / "retain.json").read_text()))):
+            for row, answer, given in zip(rows, results["results"][m][name]["generations"],
+                                          results["facts_given"][m][name], strict=True):
+                person = next(p for n, p in people.items() if n in row["question"])
+                field = {"Where": "city", "What": "profession", "Which": "book", "In": "year"}[row["question"].split()[0]]
+                assert given == (str(person[field]).lower() in answer.lower())
+    assert set(results["audit"]) == {"θ_full", *methods}
     for method in methods:
-        at_one = next(p for p in results["sweep"][method] if p["lam"] == 1.0)
-        assert abs(at_one["forget"] - results["results"][method]["forget"]["answer_prob"]) < 1e-5
-    assert (out / "demo.png").stat().st_size > 10_000 and "PerTA-fisher" in printed
+        if lora:  # the in-memory λ=1 point of the sweep equals the streamed λ=1 merge evaluated from disk (for
+            # LoRA: τ formed whole in memory vs block by block in the merge kernels)
+            at_one = next(p for p in results["sweep"][method] if p["lam"] == 1.0)
+            assert abs(at_one["forget"] - results["results"][method]["forget"]["answer_prob"]) < 1e-5
+        else:  # the calibrated point, scored in memory, is the merge written at that λ and evaluated from disk
+            chosen = results["calibration"][method]["chosen"]
+            assert chosen["lam"] == results["lam"][method]
+            assert abs(chosen["forget_prob"] - results["results"][method]["forget"]["answer_prob"]) < 1e-5
+    assert (out / "demo.png").stat().st_size > 10_000 and "PerTA-fisher" in printed and "Min-K++ AUC" in printed
 
 
 def _info_line(capsys, name):
