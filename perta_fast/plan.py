@@ -23,6 +23,7 @@ CHUNK_ELEMENTS = 1 << 25  # perta_fast.ops.CHUNK_ELEMENTS: per-sample gradients 
 ANSWER_TOKENS_PER_FORWARD, CONTEXT_TOKENS_PER_FORWARD, GENERATE_BATCH, DECODE_ROOM = 1024, 4096, 128, 64
 MAX_NEW_TOKENS = 200
 EXACT_MATCH_TOKENS = 32  # perta_fast.calibration.CalibrateOptions' max_new_tokens
+POSITIONS_PER_SOFTMAX = 512  # perta_fast.audit's: positions × vocabulary in fp32 at once
 
 
 def _size(config: dict, *keys, default=None):
@@ -227,6 +228,19 @@ def tofu_eval_bytes(s: Shapes, b: int, context: int, batch: int = GENERATE_BATCH
     return max(scoring, decoding_bytes(s, b, context, batch, max_new_tokens, device))
 
 
+def audit_bytes(s: Shapes, b: int, batch: int, length: int, widest_scored: tuple[int, int]) -> tuple[int, int]:
+    """`perta-fast audit`'s peak above the weights in each of its two phases. Token attacks: a no-grad
+    forward's logits in the model dtype and, for one row's positions at a time, log p, p and the two
+    temporaries of the two-pass variance in fp32 (four copies). GradNorm: the exact Fisher's backward
+    (importance_working_bytes) without its accumulator, plus its Gram trick's three samples × tokens × tokens
+    fp32 products."""
+    tokens = batch * length
+    scoring = tokens * s.vocab * b + 4 * 4 * min(length, POSITIONS_PER_SOFTMAX) * s.vocab
+    gradnorm = (importance_working_bytes(s, batch, length, b, "fisher", False, widest_scored)
+                + 3 * 4 * batch * length * length)
+    return scoring, gradnorm
+
+
 def cpu_matmul_writes_fp32(b: int, device: str) -> bool:
     """A CPU matmul in bf16/fp16 writes an fp32 result, then casts it (measured: a 1024 x 49152 bf16 linear
     holds 301 MB, its output 101 MB): logits cost 4 more bytes an entry while they are formed."""
@@ -343,6 +357,11 @@ def plan_steps(config_path: str | Path, lora_rank: int | None = None, lora_targe
                             f"weights {b}·P{cast_note} + scoring or decoding ({eval_batch} questions, {max_new_tokens} new tokens)"
                             + _batch_that_fits(lambda n: tofu_eval_bytes(s, b, max_length, n, max_new_tokens, device),
                                                eval_batch, room, "eval"))
+    token_attacks, gradnorm = audit_bytes(s, b, batch_size, max_length, widest_shape)
+    steps["audit"] = (weights + max(token_attacks, gradnorm),
+                      f"weights {b}·P{cast_note} + the larger of a scoring forward's logits (token attacks) and the "
+                      f"exact Fisher's backward (gradnorm), {batch_size} samples; without gradnorm "
+                      f"{(weights + token_attacks) / GB:.2f} GB; --reference adds {b}·P")
     # calibrate (and unlearn --lam auto): one model moved over λ in place, scored and decoded at each point
     def calibrate_bytes(questions: int) -> int:
         decoding = decoding_bytes(s, b, prompt_length or max_length, questions, EXACT_MATCH_TOKENS, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from .audit import audit
 from .calibration import calibrate
 from .dtypes import autocast_for
 from .eval import answer_probabilities
@@ -13,7 +14,7 @@ from .importance import importance_file
 from .memory import TENSORS_ONLY_THRESHOLD, PeakRssAnon, map_allocations_above
 from .merge import merge
 from .models import load_model, load_tokenizer
-from .options import CalibrateOptions, FinetuneOptions, ImportanceOptions, MergeOptions
+from .options import AuditOptions, CalibrateOptions, FinetuneOptions, ImportanceOptions, MergeOptions
 from .scoring import score_questions
 from .train import finetune
 
@@ -60,6 +61,11 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
             calibrate(model_dir, options["finetuned"], rows[:half], rows[half:], None, MergeOptions(method="tv"),
                       CalibrateOptions(lams=(0.5, 1.0), bisect=1, keep_retain=1.0, batch_size=bs, dtype=dtype,
                                        generate=options.get("generate", True)))
+        elif step == "audit":  # half the rows against the other half, options["attacks"] of perta-fast audit
+            model, tok = load_model(model_dir, None, dtype)
+            half = len(rows) // 2
+            audit(model, tok, rows[:half], rows[half:], AuditOptions(attacks=options.get("attacks", "auto"),
+                                                                     batch_size=bs, max_length=length, bootstrap=10))
         elif step == "merge":
             merge(model_dir, options["finetuned"], out, None, MergeOptions(method="tv"), progress=False)
         else:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from perta_fast.cli import main
-from perta_fast.plan import RUNTIME_HOST_BYTES, Shapes, activations, logits_bytes, plan_steps
+from perta_fast.plan import RUNTIME_HOST_BYTES, Shapes, activations, audit_bytes, logits_bytes, plan_steps
 
 
 def llama(tmp_path, tokenizer, name="m", **overrides):
@@ -44,7 +44,10 @@ CASES = [("finetune", "fp32", {}), ("finetune", "fp32", {"lora_rank": 8}), ("fin
          # 64 rows at once: activations are over a third of the peak, so the plan cannot drop them and pass
          ("importance", "fp32", {"method": "fisher", "rows": 64, "batch_size": 64}),
          # 128 rows fill a forward's answer-token bound, the plan's
-         ("quick-eval", "fp32", {"rows": 128}), ("quick-eval", "bf16", {"rows": 128})]
+         ("quick-eval", "fp32", {"rows": 128}), ("quick-eval", "bf16", {"rows": 128}),
+         # 64 samples a batch: the logits (token attacks) or the backward (gradnorm) outweigh the weights
+         ("audit", "fp32", {"attacks": "loss,minkpp", "rows": 128, "batch_size": 64}),
+         ("audit", "fp32", {"attacks": "gradnorm", "rows": 128, "batch_size": 64})]
 
 
 @pytest.mark.parametrize("step,dtype,opts", CASES)
@@ -69,8 +72,11 @@ def test_plan_within_25_percent_of_measured_peak(tmp_path, tiny_tokenizer, facts
     plan = plan_steps(folder, opts.get("lora_rank"), "all-linear", "auto", opts.get("method", "fisher"),
                       options["batch_size"], length)
     key = {"finetune": "finetune (LoRA)" if "lora_rank" in opts else "finetune (full)",
-           "importance": f"importance ({opts.get('method')})", "quick-eval": "quick eval"}[step]
+           "importance": f"importance ({opts.get('method')})", "quick-eval": "quick eval", "audit": "audit"}[step]
     predicted = plan["steps"][key][0]
+    if step == "audit" and "gradnorm" not in opts["attacks"]:  # the token attacks' phase alone
+        predicted = 4 * plan["params"] + audit_bytes(plan["shapes"], 4, options["batch_size"], length,
+                                                     plan["shapes"].widest(None, False))[0]
     assert 0.75 <= predicted / measured <= 1.25, (predicted / 1e6, measured / 1e6)
 
 
@@ -215,6 +221,9 @@ def test_plan_constants_mirror_the_code():
     assert plan.MAX_NEW_TOKENS == ev.EvalOptions().max_new_tokens
     assert plan.EXACT_MATCH_TOKENS == CalibrateOptions().max_new_tokens
     assert plan.GENERATE_BATCH == CalibrateOptions().batch_size
+    from perta_fast import audit
+
+    assert plan.POSITIONS_PER_SOFTMAX == audit.POSITIONS_PER_SOFTMAX
 
 
 def test_plan_offers_host_accumulators_where_a_gpu_needs_groups(tmp_path):
