@@ -71,9 +71,9 @@ class Size:
 
 SIZES = {"smoke": Size(verbmem=1, privleak=2, knowmem=3, retain=6, retain_verbmem=1, world_facts=4, epochs=1,
                        unlearn_epochs=1, retain_chars=4000),
-         # sized for the 90-minute budget on 2 cores: with LoRA τ, uncut retain articles and world facts decoded to
-         # 200 tokens one seed took 1,773 s, 940 s of it in 12 evaluations (MUSE's ~1,000-token prompts and
-         # ~1,800-token excerpts), and the target 145 steps of ~8 s
+         # sized for the 90-minute budget on 2 cores (measured: 72 min, RESULTS.md); with LoRA τ, uncut retain
+         # articles and world facts decoded to 200 tokens one seed took 1,773 s, 940 s of it in 12 evaluations
+         # (MUSE's ~1,000-token prompts and ~1,800-token excerpts)
          "cpu": Size(verbmem=3, privleak=4, knowmem=4, retain=8, retain_verbmem=3, world_facts=20, epochs=5,
                      unlearn_epochs=1, retain_chars=4000),
          "full": Size(verbmem=100, privleak=100, knowmem=100, retain=400, retain_verbmem=50, world_facts=117, epochs=5,
