@@ -422,6 +422,7 @@ def _demo(a):
     print(f"\nperta-fast demo: {s['n_forget_rows']} forget / {s['n_retain_rows']} retain facts; the audit against "
           f"{s['n_holdout_rows']} facts of people never trained on; {s['seconds']} s\n")
     print(s["table"])
+    print("\n" + "\n".join(s["in_plain_words"]))
     for m, cal in s["calibration"].items():
         if not cal["reached_target"]:
             print(f"  {m}: {cal['note']}")

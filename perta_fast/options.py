@@ -234,7 +234,7 @@ class DemoOptions:
     seed: int = opt(0, "the facts, the data order")
     lam: float | str = opt("auto", "λ of the merges the table shows; auto: each method's own, as `unlearn --lam auto "
                            "--forget-target audit` chooses it against held-out invented people", type=lam_value)
-    holdout_people: int = opt(3, "invented people never trained on: the audit's holdout facts", type=positive)
+    holdout_people: int = opt(8, "invented people never trained on: the audit's holdout facts", type=positive)
     sweep: tuple = opt((0.25, 0.5, 1.0, 2.0, 4.0), hidden=True)
     full: FinetuneOptions = opt(factory=lambda: FinetuneOptions(epochs=8, lr=3e-4, batch_size=8), hidden=True)
     forget_ft: FinetuneOptions = opt(factory=lambda: FinetuneOptions(epochs=5, lr=3e-4, batch_size=8), hidden=True)

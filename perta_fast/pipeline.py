@@ -362,6 +362,26 @@ def table_of_forgetting(results: dict, facts: dict, audits: dict, lams: dict) ->
     return "\n".join(lines)
 
 
+def in_plain_words(facts: dict, audits: dict, lams: dict, holdout_rows: int) -> list[str]:
+    """One line per unlearned model: forgotten only when no forget fact is still given; an audit that cannot
+    tell a few facts from unseen ones does not outweigh answers that still give them."""
+    lines = []
+    for m in lams:
+        given, n = sum(facts[m]["forget"]), len(facts[m]["forget"])
+        attack = audits[m]["attacks"]["minkpp"]
+        auc = f"Min-K++ AUC {attack['auc']:.2f}"
+        if not given:
+            lines.append(f"{m}: every forget fact gone (the audit: {attack['verdict']}, {auc})")
+        elif attack["verdict"] == "remembered":
+            lines.append(f"{m}: NOT forgotten: {given} of {n} forget facts still answered, and the audit still "
+                         f"tells them from unseen ones ({auc})")
+        else:
+            lines.append(f"{m}: NOT forgotten: {given} of {n} forget facts still answered, though the audit calls "
+                         f"them {attack['verdict']} ({auc}: {n} facts against {holdout_rows} unseen ones are too few "
+                         "for its interval to exclude 0.5)")
+    return lines
+
+
 def forgotten_sample(forget: list[QA], results: dict, facts: dict, lams: dict) -> dict:
     """A forget question whose fact the most unlearned models no longer give (the first such), each model's
     answer to it, and the unlearned models that still give every forget fact."""
@@ -428,6 +448,7 @@ def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, ove
                      for name, rows in sets.items()} for m, r in results.items()}
         summary = {"table": table_of_forgetting(results, facts, audits, lams), "results": results,
                    "facts_given": facts, "audit": audits, "lam": lams, "calibration": calibrations,
+                   "in_plain_words": in_plain_words(facts, audits, lams, len(holdout)),
                    "sample": forgotten_sample(forget, results, facts, lams), "table_by_probability": format_table(results),
                    "options": {"people": opts.n_people, "forget_people": opts.n_forget, "seed": opts.seed,
                                "holdout_people": opts.holdout_people, "lora_rank": opts.lora_rank, "lam": opts.lam},

@@ -212,7 +212,7 @@ def test_demo_pipeline_on_the_tiny_model(tmp_path, tiny_dir, capsys, lora):
     chosen by the audit against unseen people; with --lora-rank at a fixed --lam 1."""
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(tiny_dir), "--out", str(out), "--people", "3", "--forget-people", "1",
-                 "--epochs", "1"] + (["--lora-rank", "4", "--lam", "1"] if lora else [])) == 0
+                 "--epochs", "1", "--holdout-people", "3"] + (["--lora-rank", "4", "--lam", "1"] if lora else [])) == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     methods = ["TV", "PerTA-grad", "PerTA-fisher"] + (["TV (LoRA)", "PerTA-grad (LoRA)", "PerTA-fisher (LoRA)"]
@@ -235,6 +235,9 @@ def test_demo_pipeline_on_the_tiny_model(tmp_path, tiny_dir, capsys, lora):
                 field = {"Where": "city", "What": "profession", "Which": "book", "In": "year"}[row["question"].split()[0]]
                 assert given == (str(person[field]).lower() in answer.lower())
     assert set(results["audit"]) == {"θ_full", *methods}
+    # a method is called forgotten only when no forget fact is still given, whatever the audit says
+    for method, line in zip(methods, results["in_plain_words"], strict=True):
+        assert line.startswith(method) and ("NOT forgotten" in line) == any(results["facts_given"][method]["forget"])
     for method in methods:
         if lora:  # the in-memory λ=1 point of the sweep equals the streamed λ=1 merge evaluated from disk (for
             # LoRA: τ formed whole in memory vs block by block in the merge kernels)
