@@ -431,8 +431,6 @@ def _demo(a):
     print(f"\nsample (forget set): {sample['question']}\n  reference: {sample['reference']}")
     for m, ans in sample["answers"].items():
         print(f"  {m:>20}: {ans}  [{'gives the fact' if sample['gives_fact'][m] else 'fact gone'}]")
-    if sample["forgot_nothing"]:
-        print(f"still giving every forget fact: {', '.join(sample['forgot_nothing'])}")
     print(f"\nresults: {a.out}/results.json" + (f", plot: {s['plot']}" if s["plot"] else ""))
 
 

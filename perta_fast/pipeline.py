@@ -383,15 +383,14 @@ def in_plain_words(facts: dict, audits: dict, lams: dict, holdout_rows: int) -> 
 
 
 def forgotten_sample(forget: list[QA], results: dict, facts: dict, lams: dict) -> dict:
-    """A forget question whose fact the most unlearned models no longer give (the first such), each model's
-    answer to it, and the unlearned models that still give every forget fact."""
+    """A forget question whose fact the most unlearned models no longer give (the first such), and each model's
+    answer to it (in_plain_words says which models still give every forget fact)."""
     unlearned = list(lams)
     gone = [sum(not facts[m]["forget"][i] for m in unlearned) for i in range(len(forget))]
     i = gone.index(max(gone))
     return {"question": forget[i].question, "reference": forget[i].answer,
             "answers": {m: r["forget"]["generations"][i] for m, r in results.items()},
-            "gives_fact": {m: facts[m]["forget"][i] for m in results},
-            "forgot_nothing": [m for m in unlearned if all(facts[m]["forget"])]}
+            "gives_fact": {m: facts[m]["forget"][i] for m in results}}
 
 
 def demo(out: str | Path = "perta-demo", options: DemoOptions | None = None, overwrite: bool = False,
