@@ -343,9 +343,9 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     """Greedy continuations of token prompts (no answer to start from), decoded in batches of prompts of
     similar length, left-padded so every prompt ends where decoding starts; each stops at the end token or
     `max_new_tokens`."""
-    # autocast off: it re-casts every weight at every decoding step, which made greedy decoding 1.7x slower
-    # than fp32 on this repo's CPU (a news continuation, batch 3: 185 against 77 ms a token) and can only cost
-    # memory traffic on a GPU; the prompt's forward goes with it so that one dtype fills the KV cache
+    # autocast off: it re-casts every weight at every decoding step, which made greedy decoding 2.3x slower
+    # than fp32 on this repo's CPU (benchmarks/decode_autocast.py) and can only cost memory traffic on a GPU;
+    # the prompt's forward goes with it so that one dtype fills the KV cache
     with torch.autocast(next(model.parameters()).device.type, enabled=False):
         return _generate_tokens(model, tokenizer, prompts, max_new_tokens, batch_size)
 

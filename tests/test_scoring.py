@@ -180,8 +180,8 @@ def test_batched_greedy_answers_equal_transformers_one_question_at_a_time(memori
 
 
 def test_greedy_decoding_runs_in_fp32_under_autocast(memorised, eval_rows, transformers_greedy):
-    """Autocast would re-cast every weight at every step (1.7x slower decoding here): generation turns it off,
-    so it decodes as fp32 does."""
+    """Autocast would re-cast every weight at every step (2.3x slower decoding: benchmarks/decode_autocast.py):
+    generation turns it off, so it decodes as fp32 does."""
     model, tok = memorised
     questions = [r.question for r in eval_rows[:8] + eval_rows[-3:]]
     dtypes = set()
