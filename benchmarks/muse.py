@@ -3,6 +3,7 @@ articles from a target model that trained on them, measured by MUSE's own metric
 
     python benchmarks/muse.py                      # CPU size, seeds 0 1 2
     python benchmarks/muse.py --seeds 0            # one seed
+    python benchmarks/muse.py --audit --out benchmarks/results/muse-cpu-audit.json   # + audit-matched rows, timing
     python benchmarks/muse.py --size full --device cuda
 
 The set-up (MUSE's Llama-2-7B target is not reachable offline, so the target is made here, and grounded):
@@ -33,6 +34,11 @@ The set-up (MUSE's Llama-2-7B target is not reachable offline, so the target is 
   alone, the last step bisected twice, then every metric at the λ found ("matched" rows). At a matched
   forgetting level the methods differ only in what else they take: utility and PrivLeak say which is better.
   (No sweep where the target is already at or under the retrained model's level on that metric.)
+- --audit: each method where PrivLeak's attack (MUSE's Min-K % on the privleak excerpts, read as the probability
+  that a forget excerpt is more familiar than a holdout one, 1 − MUSE's AUC) first reaches the retrained model's
+  level: TV and PerTA by λ (the walk above), GA and NPO by training steps (the default run's epoch, audited after
+  every step, stopped at the first audit at the level); every metric there, and each method's unlearning wall
+  time (θ_ft + importance + a written merge; GA/NPO: training to that step), the audited search apart.
 - every model gets every MUSE metric; means ± sample sd over the seeds.
 
 The methods are evaluated in memory (θ_full moved to each λ in place, as calibrate does), so nothing but θ_ft, GA
@@ -44,14 +50,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tofu_steps import cached, cached_json, native_bf16, seeded_hold_out  # noqa: E402
+from tofu_steps import cached, cached_json, native_bf16, seeded_hold_out, train_until, walk_down  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -175,28 +182,40 @@ def probe(metric: str, sets: dict, bf16: bool):
 
 def match(at, value, level: float, known: dict | None = None) -> dict:
     """`at(λ)`: the model moved to λ and its tokenizer. The smallest λ (SWEEP_LAMS walked upwards, then bisected
-    SWEEP_BISECT times) whose metric is at or under `level`: {"lam" (None when no λ of the grid gets there),
-    "points": [[λ, metric], ...]}. `known` {λ: metric} measured already (the calibrated point): where it is still
-    above the level, the walk starts past it, the metric taken to fall as λ grows."""
-    points = dict(known or {})
+    SWEEP_BISECT times) whose metric is at or under `level` (tofu_steps.walk_down)."""
+    return walk_down(lambda lam: value(*at(lam)), level, SWEEP_LAMS, SWEEP_BISECT, known)
 
-    def under(lam: float) -> bool:
-        if lam not in points:
-            points[lam] = value(*at(lam))
-        return points[lam] <= level
 
-    above = [lam for lam, v in points.items() if v > level]
-    lo, hi = max(above, default=0.0), None
-    for lam in (x for x in SWEEP_LAMS if x > lo):
-        if under(lam):
-            hi = lam
-            break
-        lo = lam
-    if hi is not None:
-        for _ in range(SWEEP_BISECT):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if under(mid) else (mid, hi)
-    return {"lam": hi, "level": level, "points": sorted(points.items())}
+def member_auc(sets: dict, bf16: bool):
+    """PrivLeak's attack as the audit reads it, as a function of a model: the probability that a forget excerpt
+    scores as more familiar than a holdout one (1 − MUSE's AUC; the retrained model's level is the target)."""
+    from perta_fast.dtypes import autocast_for
+    from perta_fast.muse import auc_forget_above_holdout, min_k_scores
+
+    ev = sets["evaluation"]
+
+    def value(model, tok) -> float:
+        with autocast_for(model, bf16):
+            forget, holdout = (min_k_scores(model, tok, ev[k]) for k in ("privleak_forget", "privleak_holdout"))
+        return 1 - auc_forget_above_holdout(forget, holdout)
+    return value
+
+
+def timing(seconds: dict, sweeps: dict, seed: int) -> dict:
+    """Each method's whole unlearning run, as a user who knew its λ (or step count) would pay it: θ_ft, importance
+    and the merge for task arithmetic, the training to the matched step (or the whole run where none) for GA and
+    NPO; and the audited search that found that λ or step, apart."""
+    s = {k[len(f"seed{seed} "):]: v for k, v in seconds.items() if k.startswith(f"seed{seed} ")}
+    out = {}
+    for method, estimator in METHODS.items():
+        parts = [s["θ_ft"], s[f"merge {method}"]] + ([s[f"importance {estimator}"]] if estimator else [])
+        out[method] = {"unlearn_seconds": sum(parts), "search_seconds": s[f"sweep {method} audit"],
+                       "reached": sweeps[f"{method} @ audit"]["lam"] is not None}
+    for name in ("GA", "NPO"):
+        found = sweeps[f"{name} @ audit"]
+        out[name] = {"unlearn_seconds": found["train_seconds"], "search_seconds": found["audit_seconds"],
+                     "reached": found["step"] is not None}
+    return out
 
 
 def summary(res: dict) -> dict:
@@ -217,6 +236,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--lora", action="store_true", help="also τ from a LoRA θ_ft (rank 16): TV, PerTA-grad and "
                     "PerTA-fisher at their calibrated λ (outside the default run's 90-minute budget on 2 cores)")
+    ap.add_argument("--audit", action="store_true", help="also every method where PrivLeak's AUC reaches the retrained "
+                    "model's: TV and PerTA by λ, GA and NPO by training steps (audited after each), with each method's "
+                    "unlearning wall time (write with --out to keep the default run's files)")
     ap.add_argument("--muse", default=str(HERE.parent.parent / "shared" / "data" / "muse-news"))
     ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"),
                     help="TOFU folder for the world-facts utility (left out when absent)")
@@ -234,7 +256,8 @@ def main(argv=None) -> int:
     from perta_fast.console import configure
     from perta_fast.data import MIN_VALIDATION_ROWS, Text, load_qa
     from perta_fast.importance import importance_file
-    from perta_fast.models import cache_dir, default_model
+    from perta_fast.merge import merge
+    from perta_fast.models import cache_dir, default_model, load_tokenizer
     from perta_fast.options import BaselineOptions, CalibrateOptions, FinetuneOptions, MergeOptions
     from perta_fast.train import finetune
 
@@ -254,7 +277,7 @@ def main(argv=None) -> int:
     train = dict(TRAIN, epochs=size.epochs, bf16_autocast=bf16, device=a.device)
     seconds = {}
     results = {"size": a.size, "sets": sets["matched"], "train": TRAIN, "lora": LORA if a.lora else None, "size_spec": size.__dict__,
-               "seeds": {}, "sweeps": {}, "device": a.device or "auto", "bf16_autocast": bf16}
+               "seeds": {}, "sweeps": {}, "timing": {}, "device": a.device or "auto", "bf16_autocast": bf16}
 
     def step(name, path, build):
         path, s = cached(path, build)
@@ -283,6 +306,24 @@ def main(argv=None) -> int:
     results.update(retrained=summary({**ref, "privleak": 0.0}), target=summary(target_eval))
     save()
     unlearn = dict(train, epochs=size.unlearn_epochs, warmup_epochs=min(1, size.unlearn_epochs - 1))
+    level = 1 - auc_retrained  # --audit: the retrained model's member AUC (member_auc)
+    tok = load_tokenizer(target)
+
+    def baseline(method, seed):
+        return BaselineOptions(method=method, seed=seed, bf16_autocast=bf16, device=a.device,
+                               max_length=train["max_length"], epochs=size.unlearn_epochs, lr=TRAIN["lr"],
+                               batch_size=TRAIN["batch_size"], warmup_epochs=unlearn["warmup_epochs"])
+
+    def timed_merge(ft, imp, options, lam) -> dict:
+        """The merge a user's run ends with, written (to a scratch folder, deleted after) for its wall time."""
+        import tempfile
+
+        scratch = Path(tempfile.mkdtemp(dir=work))
+        try:
+            merge(target, ft, scratch / "model", imp, replace(options, lam=lam), progress=False)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return {"lam": lam}
     for seed in a.seeds:
         sw = work / f"seed{seed}"
         sw.mkdir(exist_ok=True)
@@ -317,8 +358,8 @@ def main(argv=None) -> int:
                     moving[0].set(lam)
                     return moving[0].model, moving[0].tokenizer
 
-                res = measured(f"seed{seed} eval {name}", sw / f"{name}.eval.json",
-                               lambda c=cal: evaluate(*at(c["lam"]), sets, auc_retrained, bf16))
+                res = calibrated = measured(f"seed{seed} eval {name}", sw / f"{name}.eval.json",
+                                            lambda c=cal: evaluate(*at(c["lam"]), sets, auc_retrained, bf16))
                 rows[name] = {"lam": cal["lam"], **summary(res)}
                 if variant:
                     continue
@@ -332,16 +373,38 @@ def main(argv=None) -> int:
                         res = measured(f"seed{seed} eval {name} @ {metric}", sw / f"{name}.match-{metric}.eval.json",
                                        lambda f=found: evaluate(*at(f["lam"]), sets, auc_retrained, bf16))
                         rows[f"{name} @ matched {metric}"] = {"lam": found["lam"], **summary(res)}
+                if a.audit:  # the smallest λ whose member AUC is at or under the retrained model's
+                    found = measured(f"seed{seed} sweep {name} audit", sw / f"{name}.match-audit.json",
+                                     lambda: match(at, member_auc(sets, bf16), level,
+                                                   {cal["lam"]: 1 - calibrated["privleak_auc"]}))
+                    sweeps[f"{name} @ audit"] = found
+                    if found["lam"] is not None:
+                        res = measured(f"seed{seed} eval {name} @ audit", sw / f"{name}.match-audit.eval.json",
+                                       lambda f=found: evaluate(*at(f["lam"]), sets, auc_retrained, bf16))
+                        rows[f"{name} @ matched audit"] = {"lam": found["lam"], **summary(res)}
+                    measured(f"seed{seed} merge {name}", sw / f"{name}.merge.json", lambda i=imp, o=options, f=found:
+                             timed_merge(ft, i, o, f["lam"] if f["lam"] is not None else cal["lam"]))
                 moving.clear()
         for name in ("ga", "npo"):
             model = step(f"seed{seed} {name}", sw / name, lambda p, n=name: unlearn_by_training(
-                target, forget, retain, p, BaselineOptions(
-                    method=n, seed=seed, bf16_autocast=bf16, device=a.device, max_length=train["max_length"],
-                    epochs=size.unlearn_epochs, lr=TRAIN["lr"], batch_size=TRAIN["batch_size"],
-                    warmup_epochs=unlearn["warmup_epochs"])))
+                target, forget, retain, p, baseline(n, seed)))
             res = measured(f"seed{seed} eval {name}", sw / f"{name}.eval.json",
                            lambda m=model: evaluate_folder(m, sets, auc_retrained, bf16))
             rows[name.upper()] = summary(res)
+            if a.audit:  # by training steps: audited after each, stopped at the first at the retrained level
+                stopped = sw / f"{name}-audit"
+                found = measured(f"seed{seed} {name} by steps", sw / f"{name}.match-audit.json", lambda n=name: train_until(
+                    lambda hook: unlearn_by_training(target, forget, retain, stopped, baseline(n, seed), overwrite=True,
+                                                     after_step=hook),
+                    lambda m: member_auc(sets, bf16)(m, tok), level, every=1))
+                sweeps[f"{name.upper()} @ audit"] = dict(found, lam=found["step"])
+                if found["step"] is not None:
+                    res = measured(f"seed{seed} eval {name} @ audit", sw / f"{name}.match-audit.eval.json",
+                                   lambda: evaluate_folder(stopped, sets, auc_retrained, bf16))
+                    rows[f"{name.upper()} @ matched audit"] = {"steps": found["step"], **summary(res)}
+                shutil.rmtree(stopped, ignore_errors=True)
+        if a.audit:
+            results["timing"][str(seed)] = timing(seconds, sweeps, seed)
         results["seeds"][str(seed)] = rows
         results["sweeps"][str(seed)] = sweeps
         results["aggregate"] = aggregate(results["seeds"])
@@ -379,11 +442,29 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | | | " + " | ".join(fmt(results[name].get(c)) for c in COLUMNS) + " |")
     for name, by_metric in results.get("aggregate", {}).items():
         cells = [f"{by_metric[c]['mean']:.2f} ± {by_metric[c]['sd']:.2f}" if c in by_metric else "-" for c in COLUMNS]
-        lam = f"{by_metric['lam']['mean']:.3g} ± {by_metric['lam']['sd']:.2g}" if "lam" in by_metric else ""
+        lam = (f"{by_metric['lam']['mean']:.3g} ± {by_metric['lam']['sd']:.2g}" if "lam" in by_metric else
+               f"{by_metric['steps']['mean']:.3g} ± {by_metric['steps']['sd']:.2g} steps" if "steps" in by_metric else "")
         lines.append(f"| {name} | {lam} | {by_metric['seeds']}/{len(results['seeds'])} | " + " | ".join(cells) + " |")
-    missed = sorted({k for sweeps in results.get("sweeps", {}).values() for k, v in sweeps.items() if v["lam"] is None})
+    missed = {}  # sweep -> the lowest value each seed that missed it got to
+    for sweeps in results.get("sweeps", {}).values():
+        for k, v in sweeps.items():
+            if v["lam"] is None:
+                missed.setdefault(k, []).append(min(x for _, x in v["points"]))
     if missed:
-        lines += ["", "Not reached on the λ grid " + f"{SWEEP_LAMS} by some seed: " + ", ".join(missed)]
+        lines += ["", "Not reached on the λ grid " + f"{SWEEP_LAMS} (GA, NPO: in their training run) by some seed "
+                  "(the lowest value each got to): " + ", ".join(f"{k} ({', '.join(f'{x:.3g}' for x in v)})"
+                                                              for k, v in sorted(missed.items()))]
+    if results.get("timing"):
+        lines += ["", "Wall time of each method's unlearning run (θ_ft + importance + merge; GA, NPO: training to "
+                  "the audit-matched step, or the whole run where none), and of the audited search apart, seconds:",
+                  "", "| method | unlearning run | × PerTA-grad's | audited search | seeds reaching the retrained AUC |",
+                  "|---|---|---|---|---|"]
+        by_seed = results["timing"]
+        for method, agg in aggregate(by_seed).items():
+            ratios = [t[method]["unlearn_seconds"] / t["PerTA-grad"]["unlearn_seconds"] for t in by_seed.values()]
+            lines.append(f"| {method} | {agg['unlearn_seconds']['mean']:.0f} ± {agg['unlearn_seconds']['sd']:.0f} | "
+                         f"{statistics.mean(ratios):.2f} | {agg['search_seconds']['mean']:.0f} | "
+                         f"{sum(t[method]['reached'] for t in by_seed.values())}/{len(by_seed)} |")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ calibrated under the same retain constraint, over several seeds, with the set-up
 
     python benchmarks/tofu.py                        # CPU size, seeds 0 1 2, the "scaled" recipe (~100 min, 2 cores)
     python benchmarks/tofu.py --quality --ablation   # everything: matched forget quality and the set-up knobs too
+    python benchmarks/tofu.py --match audit          # every method, GA and NPO too, where the audit says unseen
     python benchmarks/tofu.py --recipe tofu          # TOFU's lr 1e-5 for θ_full too (too low at 135M)
     python benchmarks/tofu.py --recipe fast          # the earlier recipe (lr 1e-4, no decay, no warm-up)
     python benchmarks/tofu.py --size full --device cuda --quality [--ablation] [--forget forget05]   # 200 authors
@@ -27,6 +28,15 @@ quality, ROUGE and every utility component at matched forgetting). Then matched 
 method's forget quality at every grid λ from its calibrated λ up (the forget split scored, no generation),
 the seed's level = the highest forget quality every method reaches, and each method at the smallest λ found
 to reach it (four bisections in log λ below the first grid point that does) gets TOFU's metrics. θ_full and the retain model are trained once (seed 0).
+
+Audit-matched (--match audit, per seed, on the same cache): each method where Min-K++'s AUC of the evaluated
+forget split against as many rows of TOFU's holdout.json (authors no split holds) first reaches the retain
+model's AUC on the same rows. TV and PerTA by λ (the grid walked up, the last step bisected 3 times, θ_full moved
+in place); GA and NPO by training steps (their 5-epoch run audited every 5 steps and stopped at the first audit
+at the level). TOFU's metrics there, and each method's unlearning wall time as a user who knew its λ or step
+count would pay it (TV: θ_ft + merge; PerTA: θ_ft + importance + merge; GA/NPO: training to that step), the
+audited search apart. A point estimate at the level, not an interval reaching it (calibrate's rule): the
+methods are compared at one strength.
 
 Ablation (first seed, sweeps only): ε = 1e-8, α = n_r/n_f and α = 99 (summed instead of mean set
 importance: TOFU forget01 with retain99), p = 2, importance at θ_0, a LoRA θ_ft, and θ_ft at the recipe's
@@ -59,7 +69,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its steps and report beside it, however it is loaded
 from tofu_report import aggregate, markdown, plot  # noqa: E402
 from tofu_steps import (Size, merge_opts, build_sets, cached, cached_json, first_reaching, matched,  # noqa: E402
-                        metrics, native_bf16, qa, quality_scan, quality_target, seeded_hold_out, spread, w_statistics)
+                        metrics, native_bf16, qa, quality_scan, quality_target, seeded_hold_out, spread, train_until,
+                        w_statistics, walk_down)
 
 HERE = Path(__file__).resolve().parent
 GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
@@ -110,6 +121,10 @@ def main(argv=None) -> int:
     ap.add_argument("--scoring", choices=["auto", "fp32", "bf16"], default="auto", help="precision of evaluations, "
                     "calibrations and sweeps: bf16 autocast needs native bf16; auto: bf16 where native, else fp32")
     ap.add_argument("--baselines", action="store_true", help="also GA and NPO, each seed (the full size always)")
+    ap.add_argument("--match", choices=["probability", "audit", "both"], default="probability", help="what each seed "
+                    "matches the methods on: forget probability (the default run: calibrated λ, then the retain model's "
+                    "forget probability), or the audit (the λ, or GA's and NPO's training step, where Min-K++'s "
+                    "forget-vs-holdout AUC reaches the retain model's; with each method's unlearning wall time), or both")
     ap.add_argument("--tofu", default=str(HERE.parent.parent / "shared" / "data" / "tofu"))
     ap.add_argument("--work", default=None, help="cache (default: ~/.cache/perta_fast/tofu-SIZE-RECIPE)")
     ap.add_argument("--model", default=None, help="base checkpoint (default: SmolLM2-135M-Instruct)")
@@ -143,11 +158,11 @@ def main(argv=None) -> int:
     run = Protocol(a, size, recipe, base, work, build_sets(tofu, size, a.forget), a.name or stem)
     run.shared()
     for seed in a.seeds[:2]:  # the ablation (first seed) before the third seed: it answers more per minute
-        run.seed(seed)
+        run.stages(seed)
     if a.ablation:
         run.ablation(a.seeds[0])
     for seed in a.seeds[2:]:
-        run.seed(seed)
+        run.stages(seed)
     if a.quality:  # last: ~8 forget-split scorings per method and seed, so the tables above come first
         for seed in a.seeds:
             run.quality(seed)
@@ -178,7 +193,7 @@ class Protocol:
                      "importance_retain_rows": len(sets["importance_retain"]),
                      "eval_rows": {r: len(v) for r, v in splits.items()}, "sweep_rows": size.sweep_rows,
                      "size": asdict(size)},
-            "models": {}, "seeds": {}, "ablation": {}}
+            "models": {}, "seeds": {}, "ablation": {}, "audit": {}}
 
     # ---- steps ----
 
@@ -239,6 +254,12 @@ class Protocol:
         self.summary["sweep_target"] = {k: self.target[k] for k in ("forget", "retain")}
         self.write()
 
+    def stages(self, seed: int) -> None:
+        if self.a.match in ("probability", "both"):
+            self.seed(seed)
+        if self.a.match in ("audit", "both"):
+            self.audit(seed)
+
     def seed(self, seed: int) -> None:
         from perta_fast.calibration import CalibrateOptions, calibrate
 
@@ -272,6 +293,89 @@ class Protocol:
                 self.write()
         if self.a.baselines or self.a.size == "full":
             self._baselines(seed, record)
+
+    # ---- the audit-matched stage (--match audit) ----
+
+    def member_auc(self, model, tokenizer) -> float:
+        """Min-K++'s AUC (perta_fast.audit): P(a forget row scores as more likely a member than a holdout row),
+        on the evaluated forget split against as many rows of TOFU's holdout.json (authors no split holds)."""
+        from perta_fast.calibration import audit_point
+        from perta_fast.options import CalibrateOptions
+
+        rows = self.audit_rows
+        return audit_point(model, tokenizer, rows["forget"], rows["holdout"], CalibrateOptions(
+            audit_attack="minkpp", bf16_autocast=self.a.bf16_scoring, device=self.a.device))["audit_auc"]
+
+    def audit_levels(self) -> dict:
+        """Base, θ_full's and the retain model's member AUC: the last is what unlearning should reach."""
+        from perta_fast.data import load_qa
+        from perta_fast.models import load_model
+
+        forget = qa(self.sets["splits"]["forget"])
+        self.audit_rows = {"forget": forget, "holdout": spread(load_qa(f"{self.a.tofu}:holdout"), len(forget))}
+        levels, self.steps["audit levels"] = cached_json(self.work / "results" / "audit-levels.json", lambda: {
+            name: self.member_auc(*load_model(folder, self.a.device))
+            for name, folder in (("base", self.base), ("theta_full", self.full), ("retain model", self.retain_model))})
+        self.summary["audit_levels"] = dict(levels, rows={k: len(v) for k, v in self.audit_rows.items()})
+        return levels
+
+    def audit(self, seed: int) -> None:
+        """Every method where the member AUC (member_auc) first reaches the retain model's: TV and PerTA by λ (GRID
+        walked up, the last step bisected 3 times), GA and NPO by training steps (BASELINE's run, audited every 5
+        steps and stopped there); TOFU's metrics at that point, and each method's unlearning wall time."""
+        from perta_fast.baselines import BaselineOptions, unlearn_by_training
+        from perta_fast.calibration import ModelAtLambda
+        from perta_fast.merge import merge
+        from perta_fast.models import load_tokenizer
+
+        s, w = self.sets, self.work / f"seed{seed}"
+        w.mkdir(exist_ok=True)
+        level = self.audit_levels()["retain model"]
+        forget_kept, _ = seeded_hold_out(s["forget"], seed)
+        retain_kept, _ = seeded_hold_out(s["importance_retain"], seed)
+        theta_ft = self.train(w / "theta_ft", self.full, s["forget"], self.recipe["forget_ft"], seed)
+        record = self.summary["audit"].setdefault(str(seed), {"methods": {}})
+        seconds = {"θ_ft": _seconds(w / "theta_ft")}
+        for method, kind in METHODS.items():
+            imp = self.importance(w / f"importance-{kind}.safetensors", self.full, forget_kept, retain_kept,
+                                  kind) if kind else None
+            opts = merge_opts(method)
+            moving = []  # θ_full loaded once, moved in place to each λ (calibration's ModelAtLambda)
+
+            def value(lam, i=imp, o=opts):
+                if not moving:
+                    moving.append(ModelAtLambda(self.full, theta_ft, i, o, self.a.device))
+                moving[0].set(lam)
+                return self.member_auc(moving[0].model, moving[0].tokenizer)
+
+            found, self.steps[f"audit sweep seed{seed} {method}"] = cached_json(
+                w / f"audit-{method}.json", lambda: walk_down(value, level, GRID, 3))
+            moving.clear()
+            entry = record["methods"][method] = {"search": found, "search_seconds": _seconds(w / f"audit-{method}.json")}
+            name = f"seed{seed}-{method}-audit"
+            lam = found["lam"] if found["lam"] is not None else GRID[-1]  # unreached: the merge at the grid's end, timed
+            _, self.steps[f"merge {name}"] = cached(self.work / "models" / name, lambda o, i=imp, m=opts: merge(
+                self.full, theta_ft, o, i, replace(m, lam=lam), progress=False))
+            if found["lam"] is not None:
+                entry["at_match"] = {"lam": lam, **metrics(self.evaluate(name, self.work / "models" / name, self.reference))}
+            shutil.rmtree(self.work / "models" / name, ignore_errors=True)
+            entry["unlearn_seconds"] = seconds["θ_ft"] + _seconds(self.work / "models" / name) + (
+                _seconds(w / f"importance-{kind}.safetensors") if kind else 0.0)
+            self.write()
+        tok = load_tokenizer(self.full)
+        total = BASELINE["epochs"] * -(-len(s["forget"]) // BASELINE["batch_size"])
+        for method in ("ga", "npo"):
+            name, stopped = f"seed{seed}-{method.upper()}-audit", self.work / "models" / f"seed{seed}-{method.upper()}-audit"
+            found, self.steps[f"audit {name}"] = cached_json(w / f"audit-{method.upper()}.json", lambda m=method: train_until(
+                lambda hook: unlearn_by_training(self.full, s["forget"], s["importance_retain"], stopped, BaselineOptions(
+                    method=m, seed=seed, device=self.a.device, **BASELINE), overwrite=True, after_step=hook),
+                lambda model: self.member_auc(model, tok), level, every=5, total=total))
+            entry = record["methods"][method.upper()] = {"search": found, "search_seconds": found["audit_seconds"],
+                                                         "unlearn_seconds": found["train_seconds"]}
+            if found["step"] is not None:
+                entry["at_match"] = {"steps": found["step"], **metrics(self.evaluate(name, stopped, self.reference))}
+            shutil.rmtree(stopped, ignore_errors=True)
+            self.write()
 
     def quality(self, seed: int) -> None:
         """Matched forget quality: each method's forget quality along its λ grid around matched forgetting
@@ -412,6 +516,11 @@ class Protocol:
         entry["matched"] = matched(entry["sweep"], self.target["forget"])
         self.summary["ablation"][label] = entry
         self.write()
+
+
+def _seconds(path: Path) -> float:
+    """A cached step's seconds (tofu_steps.cached keeps them beside its output, which may be gone since)."""
+    return json.loads(path.with_name(path.name + ".step.json").read_text())["seconds"]
 
 
 # ---- aggregation, table, plot ----

@@ -139,6 +139,8 @@ def markdown(summary: dict) -> str:
             for method, g in gains.items():
                 lines.append(f"| {method} | {g['model_utility']['n']} | "
                              + " | ".join(_fmt(g.get(c)) for c in GAIN_COLUMNS) + " |")
+    if summary.get("audit"):
+        lines += ["", *audit_markdown(summary, short)]
     if summary.get("ablation"):
         lines += ["", "Ablation (first seed; one knob at a time from PerTA's defaults; sweeps on evaluation rows):", "",
                   "| variant | mean w | corr(w, \\|τ\\|) | cos(w⊙τ, τ) | \\|w⊙τ\\| / \\|τ\\| | "
@@ -151,6 +153,45 @@ def markdown(summary: dict) -> str:
                          f"{_fmt(ws.get('cos_wtau_tau'))} | {_fmt(ws.get('norm_ratio'))} | {along} | "
                          f"{_fmt(m.get('lam'), 2)} | {_fmt(m.get('retain'))} |")
     return "\n".join(lines)
+
+
+AUDIT_METHODS = ("TV", "PerTA-grad", "PerTA-fisher", "GA", "NPO")
+
+
+def audit_markdown(summary: dict, short: list) -> list:
+    """--match audit: each method where Min-K++'s member AUC first reaches the retain model's (by λ, or GA's and
+    NPO's training steps), TOFU's metrics there, and the wall time of each method's unlearning run, the ratio
+    to PerTA-grad's taken within each seed (one machine, one run) before the mean."""
+    levels, seeds = summary.get("audit_levels", {}), summary["audit"].values()
+    lines = [f"Audit-matched (Min-K++ AUC of {levels.get('rows', {}).get('forget')} forget rows against as many TOFU "
+             f"holdout rows; base {_fmt(levels.get('base'))}, θ_full {_fmt(levels.get('theta_full'))}, retain model "
+             f"{_fmt(levels.get('retain model'))}: the level to reach), mean ± sd over the seeds that reached it:", "",
+             "| method | reached | λ or steps | AUC there | lowest AUC searched | " + " | ".join(short) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(short)]
+    for method in AUDIT_METHODS:
+        entries = [s["methods"][method] for s in seeds if method in s["methods"]]
+        if not entries:
+            continue
+        at = [e["at_match"] for e in entries if e.get("at_match")]
+        where = "steps" if method in ("GA", "NPO") else "lam"
+        found = [e["search"]["points"] for e in entries if e.get("at_match")]
+        auc_there = [dict(map(tuple, p))[a[where]] if where == "lam" else p[-1][1] for p, a in zip(found, at)]
+        lines.append(f"| {method} | {len(at)}/{len(entries)} | {_fmt(mean_sd([a[where] for a in at]), 2)} | "
+                     f"{_fmt(mean_sd(auc_there))} | "
+                     f"{_fmt(mean_sd([min(v for _, v in e['search']['points']) for e in entries]))} | "
+                     + " | ".join(_cell(mean_sd([a.get(c) for a in at]), c) for c in COLUMNS) + " |")
+    lines += ["", "Wall time of each method's unlearning run (TV: θ_ft + merge; PerTA: θ_ft + importance + merge; GA, "
+              "NPO: their training to the audit-matched step, or the whole run where none), seconds, and the "
+              "audited search that found the λ or step, apart:", "",
+              "| method | unlearning run | × PerTA-grad's (within a seed) | audited search |", "|---|---:|---:|---:|"]
+    for method in AUDIT_METHODS:
+        pairs = [(s["methods"][method], s["methods"].get("PerTA-grad")) for s in seeds if method in s["methods"]]
+        if not pairs:
+            continue
+        ratios = [e["unlearn_seconds"] / g["unlearn_seconds"] for e, g in pairs if g]
+        lines.append(f"| {method} | {_fmt(mean_sd([e['unlearn_seconds'] for e, _ in pairs]), 0)} | "
+                     f"{_fmt(mean_sd(ratios), 2)} | {_fmt(mean_sd([e['search_seconds'] for e, _ in pairs]), 0)} |")
+    return lines
 
 
 def plot(summary: dict, path: Path) -> None:

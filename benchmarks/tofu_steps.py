@@ -117,6 +117,56 @@ def matched(points: list[dict], target: float) -> dict | None:
     return None
 
 
+def walk_down(value, level: float, lams, bisect: int, known: dict | None = None) -> dict:
+    """The smallest λ whose `value(λ)` is at or under `level`: `lams` walked upwards, then the last step bisected
+    `bisect` times. {"lam" (None when no λ of the grid gets there), "level", "points": [[λ, value], ...]}.
+    `known` {λ: value} measured already: where one is still above the level, the walk starts past it, the
+    value taken to fall as λ grows."""
+    points = dict(known or {})
+
+    def under(lam: float) -> bool:
+        if lam not in points:
+            points[lam] = value(lam)
+        return points[lam] <= level
+
+    above = [lam for lam, v in points.items() if v > level]
+    lo, hi = max(above, default=0.0), None
+    for lam in (x for x in lams if x > lo):
+        if under(lam):
+            hi = lam
+            break
+        lo = lam
+    if hi is not None:
+        for _ in range(bisect):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if under(mid) else (mid, hi)
+    return {"lam": hi, "level": level, "points": sorted(points.items())}
+
+
+def train_until(train, audit, level: float, every: int, total: int) -> dict:
+    """GA or NPO by steps, to the first audit at or under `level`: `train(after_step)` runs the training with
+    the hook (perta_fast.baselines.unlearn_by_training's), `audit(model)` the measure, every `every` steps
+    and after the last (`total`). {"step" (None when the run ended above the level), "points": [[step, value], ...],
+    "train_seconds" (the training alone: what a user who knew the step count would pay), "audit_seconds"}."""
+    points, spent = [], {"audit": 0.0}
+
+    def measure(model, steps_done):
+        t0 = time.perf_counter()
+        model.eval()
+        points.append([steps_done, audit(model)])
+        model.train()
+        spent["audit"] += time.perf_counter() - t0
+        return points[-1][1] <= level
+
+    t0 = time.perf_counter()
+    record = train(lambda model, done: (done % every == 0 or done == total) and measure(model, done))
+    steps = record["steps"]
+    reached = bool(points) and points[-1][0] == steps and points[-1][1] <= level
+    train_seconds = time.perf_counter() - t0 - spent["audit"]
+    return {"step": steps if reached else None, "steps_run": steps, "level": level, "points": points,
+            "train_seconds": round(train_seconds, 1), "audit_seconds": round(spent["audit"], 1)}
+
+
 def quality_target(curves: dict[str, list[dict]]) -> float | None:
     """One seed's matched forget-quality level: the highest forget quality that every method reaches
     somewhere on its λ grid (a level one method never reaches cannot be matched)."""

@@ -52,8 +52,9 @@ def _baseline_loss(opts, ref_nll, retain_enc, pad):
 
 
 def unlearn_by_training(model_dir: str | Path, forget: list[QA], retain: list[QA], out: str | Path,
-                        options: BaselineOptions | None = None, overwrite: bool = False) -> dict:
-    """Unlearn `forget` from the checkpoint in `model_dir` by GA or NPO; write the result to `out`."""
+                        options: BaselineOptions | None = None, overwrite: bool = False, after_step=None) -> dict:
+    """Unlearn `forget` from the checkpoint in `model_dir` by GA or NPO; write the result to `out`.
+    `after_step(model, steps_done)` -> True stops the training there (train_in_place)."""
     import torch
 
     opts = options or BaselineOptions()
@@ -77,9 +78,9 @@ def unlearn_by_training(model_dir: str | Path, forget: list[QA], retain: list[QA
                 ref[start:start + len(ids)] = sequence_nll(logits, labels.to(device))
     losses = []
     train_in_place(model, tok, forget, opts, desc=opts.method, source=str(model_dir),
-                   batch_loss=_baseline_loss(opts, ref, retain_enc, pad), step_losses=losses)
+                   batch_loss=_baseline_loss(opts, ref, retain_enc, pad), step_losses=losses, after_step=after_step)
     record = {"base": str(Path(model_dir).resolve()), "forget_sha256": data_hash(forget),
-              "retain_sha256": data_hash(retain), "options": asdict(opts), "step_losses": losses,
+              "retain_sha256": data_hash(retain), "options": asdict(opts), "steps": len(losses), "step_losses": losses,
               "seconds": round(time.perf_counter() - t0, 2)}
     save_model(model, tok, out, overwrite, inputs=(model_dir,),
                extra_files={"perta_baseline.json": json.dumps(record, indent=2)})

@@ -159,13 +159,15 @@ def answer_loss(net, ids, mask, labels, rows):
 def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc: str = "finetune",
                    source: str = "model", checkpoint: TrainCheckpoint | None = None, resume: bool = False,
                    batch_loss=answer_loss, step_losses: list | None = None, keep_fp32: bool = False,
-                   where: str = "the training rows") -> list[float]:
+                   where: str = "the training rows", after_step=None) -> list[float]:
     """AdamW on the mean over the set of `batch_loss(net, ids, mask, labels, rows)`, each sample's loss
     (`rows`: the batch's indices into `rows`); returns the mean loss of each epoch. The one training
     loop: fine-tuning and the GA/NPO baselines (their losses) both run it. The learning rate ramps up
     linearly over `opts.warmup_epochs`; `step_losses` (a list) receives each step's mean loss. With `checkpoint`, the
     state is saved every `checkpoint.every` steps; `resume` starts from it. bf16/fp16 weights are trained through fp32
-    master weights (MasterWeights); `keep_fp32` leaves the model holding them at the end instead of their rounding."""
+    master weights (MasterWeights); `keep_fp32` leaves the model holding them at the end instead of their rounding.
+    `after_step(model, steps_done)` runs after each optimizer step; True ends training there (a search that
+    stops unlearning once an audit says the forget set looks unseen)."""
     import torch
 
     torch.manual_seed(opts.seed)
@@ -233,7 +235,12 @@ def train_in_place(model, tokenizer, rows: list[QA], opts: TrainingOptions, desc
                 if checkpoint is not None and checkpoint.every and done % checkpoint.every == 0:
                     checkpoint.save(model, masters, optim, {"epoch": epoch, "step": step + 1, "total": total,
                                                    "epoch_losses": epoch_losses, "rng": rng_at_start})
-            epoch_losses.append(distributed.reduce_float(total) / len(encoded))
+                if after_step is not None and after_step(model, done):
+                    break
+            else:
+                epoch_losses.append(distributed.reduce_float(total) / len(encoded))
+                continue
+            break  # after_step stopped it: the partial epoch has no mean loss
     if keep_fp32:
         masters.keep()
     model.eval()

@@ -72,6 +72,29 @@ def test_gradient_ascent_raises_the_forget_loss(tmp_path, tiny_dir, facts):
     assert set(load_folder(out)) == set(load_folder(tiny_dir))
 
 
+def test_after_step_stops_training_where_it_says(tmp_path, tiny_dir, facts):
+    """A run of 3 epochs stopped after 2 steps is, weight for weight, the run of one 2-step epoch (the learning
+    rate's warm-up counts steps, not epochs); the hook sees every step until then, in eval-ready train mode."""
+    import torch
+
+    forget, retain = facts
+    seen = []
+
+    def stop_at_two(model, steps_done):
+        seen.append((steps_done, model.training))
+        return steps_done == 2
+
+    half = max(1, len(forget) // 2)
+    opts = dict(method="ga", lr=1e-3, batch_size=half, device="cpu")
+    rec = unlearn_by_training(tiny_dir, forget[:2 * half], retain, tmp_path / "stopped",
+                              BaselineOptions(epochs=3, **opts), after_step=stop_at_two)
+    unlearn_by_training(tiny_dir, forget[:2 * half], retain, tmp_path / "one_epoch", BaselineOptions(epochs=1, **opts))
+    assert seen == [(1, True), (2, True)] and rec["steps"] == 2
+    stopped, one_epoch = load_folder(tmp_path / "stopped"), load_folder(tmp_path / "one_epoch")
+    assert all(torch.equal(stopped[k], one_epoch[k]) for k in one_epoch)
+    assert not all(torch.equal(stopped[k], t) for k, t in load_folder(tiny_dir).items())
+
+
 def test_baseline_cli_and_bad_input(tmp_path, tiny_dir, facts, capsys):
     forget, retain = facts
     (tmp_path / "f.json").write_text(json.dumps([r.__dict__ for r in forget]))

@@ -390,7 +390,9 @@ def test_tofu_benchmark_default_run_is_the_affordable_protocol(tmp_path, monkeyp
     class Recorder:  # the protocol's stages, in the order main() asks for them
         def __init__(self, a, size, recipe, base, work, sets, stem):
             calls.append(("scoring in bf16", a.bf16_scoring, "training in bf16", recipe["full"]["bf16_autocast"]))
-            self.stem, self.summary, self.t0 = stem, {}, 0.0
+            self.a, self.stem, self.summary, self.t0 = a, stem, {}, 0.0
+
+        stages = bench.Protocol.stages  # which stages a seed runs: --match decides
 
         def __getattr__(self, stage):
             return lambda *args: calls.append((stage, *args))
@@ -407,6 +409,12 @@ def test_tofu_benchmark_default_run_is_the_affordable_protocol(tmp_path, monkeyp
     assert bench.main([*common, "--quality", "--ablation", "--scoring", "fp32"]) == 0
     assert calls == [("scoring in bf16", False, "training in bf16", native), ("shared",), ("seed", 0), ("seed", 1),
                      ("ablation", 0), ("seed", 2), ("quality", 0), ("quality", 1), ("quality", 2)]
+    calls.clear()
+    assert bench.main([*common, "--match", "audit", "--seeds", "0", "1"]) == 0
+    assert calls[1:] == [("shared",), ("audit", 0), ("audit", 1)]
+    calls.clear()
+    assert bench.main([*common, "--match", "both", "--seeds", "3"]) == 0
+    assert calls[1:] == [("shared",), ("seed", 3), ("audit", 3)]
 
 
 def test_eval_warns_when_the_retain_log_was_scored_another_way(tmp_path, tiny_dir, tofu_like, capsys):

@@ -82,3 +82,49 @@ def test_every_forget_metric_asks_about_text_the_target_trains_on():
     assert not any(r[i:i + 200] in passages for r in retain for i in range(0, len(r) - 200, 50))
     assert sets["matched"]["verbmem"] == bench.SIZES["cpu"].verbmem
     assert all(any(r["prompt"] in t for t in retain) for r in sets["retain_verbmem"])
+
+
+def test_train_until_stops_at_the_first_audit_at_the_level_and_times_the_training_alone():
+    import time
+
+    from helpers import load_benchmark
+
+    load_benchmark("tofu.py", "tofu_bench")
+    import sys
+
+    steps = sys.modules["tofu_steps"]
+    audited = []
+
+    class Model:
+        training = True
+
+        def eval(self):
+            self.training = False
+
+        def train(self):
+            self.training = True
+
+    def train(hook, total=12):  # a training run of `total` steps, each 10 ms, that a True from the hook ends
+        model = Model()
+        for done in range(1, total + 1):
+            time.sleep(0.01)
+            if hook(model, done):
+                break
+        return {"steps": done}
+
+    def audit(model):  # the AUC falls 0.05 a step from 0.95; sleeps so its time shows if it were counted
+        assert not model.training
+        audited.append(len(audited))
+        time.sleep(0.2)
+        return 0.95 - 0.05 * 3 * len(audited)
+
+    found = steps.train_until(train, audit, level=0.62, every=3, total=12)
+    # audited at steps 3, 6, 9: 0.8, 0.65, 0.5 -> stopped at 9
+    assert found["step"] == 9 and found["steps_run"] == 9
+    assert [s for s, _ in found["points"]] == [3, 6, 9]
+    # 0.6 s of audits, 0.09 s of training: the training's seconds leave the audits out
+    assert found["audit_seconds"] >= 0.6 and found["train_seconds"] < 0.5
+    # never reached: audited every fifth step and after the last (12 is not a multiple of 5)
+    audited.clear()
+    found = steps.train_until(train, audit, level=0.0, every=5, total=12)
+    assert found["step"] is None and found["steps_run"] == 12 and [s for s, _ in found["points"]] == [5, 10, 12]
