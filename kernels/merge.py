@@ -1,11 +1,12 @@
 """Fused merge: out = base − λ·(w ⊙ (ft − base)) (or, with DELTA, base − λ·(w ⊙ τ)) in base's dtype, w given, formed from (s_f, s_r) on the
-fly, or 1 (TV); one read of each input, one write, fp32 math. Also returns Σw and the number of
+fly, or 1 (TV); one read of each input, one write, fp32 math: b − λ·(w·d) rounded at each step as the torch
+reference rounds it (compiled without fused multiply-add, which would round once where the reference rounds twice). Also returns Σw and the number of
 elements with a non-finite input (read as 0 when asked), from per-program partials, so no second pass is needed."""
 import torch
 import triton
 import triton.language as tl
 
-from .ratio import _ratio
+from .ratio import _ratio, pow_mode
 
 TV, WEIGHTS, SCORES = 0, 1, 2
 
@@ -58,6 +59,6 @@ def merge(base, ft, w, s_f, s_r, out, lam, alpha, power, eps, nan_to_zero, delta
     dummy = base  # never read: the constexpr MODE removes those loads
     _merge_kernel[(grid,)](base.contiguous(), ft.contiguous(), dummy if w is None else w.contiguous(),
                            dummy if s_f is None else s_f.contiguous(), dummy if s_r is None else s_r.contiguous(),
-                           out, wsum, bad, n, lam, alpha, power, eps, MODE=mode, POW=power != 1.0,
-                           ZERO=nan_to_zero, DELTA=delta, BLOCK=block)
+                           out, wsum, bad, n, lam, alpha, power, eps, MODE=mode, POW=pow_mode(power),
+                           ZERO=nan_to_zero, DELTA=delta, BLOCK=block, enable_fp_fusion=False)
     return out, float(wsum.sum(dtype=torch.float64)), int(bad.sum())

@@ -1,15 +1,41 @@
-"""w = s_f^p / (s_f^p + α·s_r^p + ε), written over s_f or into a (compact) output."""
+"""w = s_f^p / (s_f^p + α·s_r^p + ε), written over s_f or into a (compact) output.
+
+Numerics pinned to the torch reference (perta_fast.ops.ratio_weights): the same fp32 operations in the same
+order, the division correctly rounded (`div_rn`; Triton's `/` is the approximate div.full.f32) and no fused
+multiply-add (the launchers compile with enable_fp_fusion=False), so for p = 1 the result equals the reference to
+the bit on a GPU as on the CPU. p ≠ 1 takes libdevice's powf (within 2 ulp, subnormal inputs and results kept as
+torch keeps them; exp2/log2 would compile to ex2.approx.ftz and flush scores below 2^-126 to 0); the CPU
+interpreter, which runs no libdevice, computes exp2(p·log2 s) in numpy instead."""
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+NO_POW, LIBDEVICE_POW, NUMPY_POW = 0, 1, 2
+
+
+def pow_mode(power: float) -> int:
+    if power == 1.0:
+        return NO_POW
+    return NUMPY_POW if os.environ.get("TRITON_INTERPRET") == "1" else LIBDEVICE_POW
+
+
+@triton.jit
+def _pow(x, power, POW: tl.constexpr):
+    if POW == 1:
+        x = libdevice.pow(x, power)
+    if POW == 2:
+        x = tl.exp2(power * tl.log2(x))
+    return x
 
 
 @triton.jit
 def _ratio(sf, sr, alpha, power, eps, POW: tl.constexpr):
-    if POW:  # p ≠ 1; p = 1 is a compile-time case without the pow
-        sf = tl.exp2(power * tl.log2(sf))
-        sr = tl.exp2(power * tl.log2(sr))
-    w = sf / (sr * alpha + sf + eps)
+    sf = _pow(sf, power, POW)
+    sr = _pow(sr, power, POW)
+    w = tl.div_rn(sf, sr * alpha + sf + eps)
     return tl.where(w == w, w, 0.0)  # 0/0: no evidence the parameter serves the forget set
 
 
@@ -31,5 +57,5 @@ def ratio(s_f: torch.Tensor, s_r: torch.Tensor, alpha: float, power: float, eps:
     n = s_f.numel()
     if n:
         _ratio_kernel[(triton.cdiv(n, block),)](s_f.contiguous(), s_r.contiguous(), out, n, alpha, power, eps,
-                                                POW=power != 1.0, BLOCK=block)
+                                                POW=pow_mode(power), BLOCK=block, enable_fp_fusion=False)
     return out

@@ -263,11 +263,16 @@ def linear_fisher_(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch
         from .kernels.fisher import per_sample_sq_
 
         return per_sample_sq_(acc, x, g)
-    x = x.float()
+    # on CUDA, 16-bit inputs multiply in their own dtype with fp32 output (exact products, fp32 sums, tensor cores);
+    # elsewhere in fp32 (CPU bmm has no fp32 output for 16-bit inputs)
+    native = x.is_cuda and x.dtype == g.dtype and x.dtype in (torch.bfloat16, torch.float16)
+    x = x if native else x.float()
     for o0, o1, chunk in per_sample_tiles(n_out, n_in, b):
         for s in range(0, b, chunk):
-            g_tile = g[s:s + chunk, :, o0:o1].float()
-            add_squares_(acc[o0:o1], torch.bmm(g_tile.transpose(1, 2), x[s:s + chunk]))
+            g_tile = g[s:s + chunk, :, o0:o1].transpose(1, 2)
+            per_sample = (torch.bmm(g_tile, x[s:s + chunk], out_dtype=torch.float32) if native
+                          else torch.bmm(g_tile.float(), x[s:s + chunk]))
+            add_squares_(acc[o0:o1], per_sample)
     return acc
 
 

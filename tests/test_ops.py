@@ -235,3 +235,23 @@ def test_cpu_tensors_of_every_kernel_dtype_go_to_cpp(monkeypatch, dtype):
     ops.set_backend(None)
     assert ops.pick_backend(torch.zeros(3, dtype=dtype), torch.zeros(3)) == "cpp"
     assert ops.pick_backend(torch.zeros(3, dtype=torch.float64)) == "torch"
+
+
+@pytest.mark.skipif("triton" not in AVAILABLE, reason="triton not installed")
+def test_fisher_offsets_past_two_to_the_31_do_not_wrap(tmp_path):
+    """A sample at element offset 2·(2^31 − 32) of its input: past 2^31, so a 32-bit b·stride wraps to −64 and
+    reads the zeros before the tensor instead. The input is a view of a sparse file (8 GB of address space, a few
+    pages touched), so no memory is allocated for it."""
+    from perta_fast.kernels.fisher import per_sample_sq_
+
+    stride, start, n = 2**31 - 32, 1024, 16
+    path = tmp_path / "sparse.bin"
+    with open(path, "wb") as f:
+        f.truncate(2 * (start + 2 * stride + n))
+    flat = torch.from_file(str(path), shared=True, size=start + 2 * stride + n, dtype=torch.float16)
+    x = flat[start:].as_strided((3, 1, n), (stride, n, 1))
+    x.copy_(make((3, 1, n), torch.float16, 40) + 3)  # no zero: a read of the zeros before the view shows
+    g = make((3, 1, n), torch.float16, 41)
+    want = sum((g[i].double().T @ x[i].double()) ** 2 for i in range(3))
+    acc = per_sample_sq_(torch.zeros(n, n), x, g, config=(16, 16, 16, 1, 1, 1))
+    torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-6)
