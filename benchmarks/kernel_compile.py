@@ -8,7 +8,7 @@ should take on an H100 at Llama-3.1-8B and -70B shapes, so the first GPU run has
     python benchmarks/kernel_compile.py --time                   # on a GPU: each kernel timed beside its floor
 
 Each variant goes through triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)) with the launch options
-its launcher uses (warps, stages, enable_fp_fusion); ptxas from the triton wheel (-v) reports registers, spill
+its launcher uses (warps, stages, the pinned kernels' enable_fp_fusion and enable_reflect_ftz); ptxas from the triton wheel (-v) reports registers, spill
 bytes and static shared memory; Triton's metadata the dynamic shared memory. Tensor cores: `wgmma` (sm_90) or
 `mma.sync` (sm_80) in the PTX. Numerics: whether the PTX divides with div.rn (correctly rounded) or an approximate
 division, and whether any fma.rn.f32 remains where the kernel pins the reference's two roundings. Writes
@@ -64,30 +64,29 @@ def variants(quick: bool = False) -> list[dict]:
         for bo, bi, bt, group, warps, stages in configs[:1] if quick else configs:
             out.append(dict(
                 kernel="fisher", dtype=dtype, config=f"{bo}x{bi}x{bt}-g{group}-w{warps}-s{stages}",
-                fn=fisher._per_sample_sq_kernel, warps=warps, stages=stages, fp_fusion=True,
+                fn=fisher._per_sample_sq_kernel, warps=warps, stages=stages, options={},
                 signature={"x_ptr": ptr, "g_ptr": ptr, "acc_ptr": "*fp32", **dict.fromkeys(
                     ("B", "T", "IN", "OUT", "sxb", "sxt", "sxi", "sgb", "sgt", "sgo"), "i32")},
                 constexprs={"BO": bo, "BI": bi, "BT": bt, "GROUP": group,
                             "PRECISION": fisher.PRECISION[torch_dtype[dtype]], "UPCAST": False},
                 aligned=["x_ptr", "g_ptr", "acc_ptr", "T", "IN", "OUT", "sxb", "sxt", "sgb", "sgt"]))
-        pows = (ratio.NO_POW,) if quick else (ratio.NO_POW, ratio.LIBDEVICE_POW)
-        for pow_mode in pows:
+        for pow_mode in (ratio.NO_POW, ratio.LIBDEVICE_POW):
             suffix = "" if pow_mode == ratio.NO_POW else "-pow"
             out.append(dict(
                 kernel="ratio", dtype=dtype, config=f"1024{suffix}", fn=ratio._ratio_kernel, warps=4, stages=3,
-                fp_fusion=False, pinned=pow_mode == ratio.NO_POW,
+                options=ratio.PINNED, pinned=pow_mode == ratio.NO_POW,
                 signature={"sf_ptr": ptr, "sr_ptr": ptr, "out_ptr": ptr, "n": "i32", "alpha": "fp32",
                            "power": "fp32", "eps": "fp32"}, aligned=["sf_ptr", "sr_ptr", "out_ptr", "n"],
                 constexprs={"POW": pow_mode, "BLOCK": 1024}))
             for mode, name in ((merge.TV, "tv"), (merge.WEIGHTS, "w"), (merge.SCORES, "scores")):
-                if pow_mode != ratio.NO_POW and mode != merge.SCORES:
+                if pow_mode != ratio.NO_POW and (mode != merge.SCORES or quick):
                     continue
                 for zero in ((False,) if quick else (False, True)):
                     for delta in ((False,) if quick else (False, True)):
                         cfg = f"{name}{suffix}" + ("-zero" if zero else "") + ("-delta" if delta else "")
                         out.append(dict(
                             kernel="merge", dtype=dtype, config=cfg, fn=merge._merge_kernel, warps=4, stages=3,
-                            fp_fusion=False, pinned=pow_mode == ratio.NO_POW,
+                            options=ratio.PINNED, pinned=pow_mode == ratio.NO_POW,
                             signature={"base_ptr": ptr, "ft_ptr": ptr, "w_ptr": "*fp16" if mode == merge.WEIGHTS else ptr,
                                        "sf_ptr": "*fp32", "sr_ptr": "*fp32", "out_ptr": ptr, "wsum_ptr": "*fp32",
                                        "bad_ptr": "*i32", "n": "i32", "lam": "fp32", "alpha": "fp32", "power": "fp32",
@@ -96,11 +95,12 @@ def variants(quick: bool = False) -> list[dict]:
                             aligned=["base_ptr", "ft_ptr", "w_ptr", "sf_ptr", "sr_ptr", "out_ptr", "wsum_ptr",
                                      "bad_ptr", "n"]))
         for square in (True, False):
-            out.append(dict(
-                kernel="accumulate", dtype=dtype, config="square" if square else "sum", fn=accumulate._accumulate_kernel,
-                warps=4, stages=3, fp_fusion=True,
-                signature={"acc_ptr": "*fp32", "g_ptr": ptr, "n": "i32"},
-                constexprs={"SQUARE": square, "BLOCK": 1024}, aligned=["acc_ptr", "g_ptr", "n"]))
+            for n_aligned in ((True,) if quick else (True, False)):  # the launcher's bulk launch, and a size % 16 ≠ 0
+                out.append(dict(
+                    kernel="accumulate", dtype=dtype, config=("square" if square else "sum") + ("" if n_aligned else "-odd-n"),
+                    fn=accumulate._accumulate_kernel, warps=4, stages=3, options={},
+                    signature={"acc_ptr": "*fp32", "g_ptr": ptr, "n": "i32"}, constexprs={"SQUARE": square, "BLOCK": 1024},
+                    aligned=["acc_ptr", "g_ptr"] + (["n"] if n_aligned else [])))
     return out
 
 
@@ -121,8 +121,7 @@ def compile_one(v: dict, cc: int) -> dict:
     # what the JIT assumes of a launch with 16-byte aligned tensors and sizes and strides divisible by 16
     attrs = {(v["fn"].arg_names.index(k),): [["tt.divisibility", 16]] for k in v["aligned"]}
     compiled = triton.compile(ASTSource(v["fn"], signature, v["constexprs"], attrs), target=GPUTarget("cuda", cc, 32),
-                              options={"num_warps": v["warps"], "num_stages": v["stages"],
-                                       "enable_fp_fusion": v["fp_fusion"]})
+                              options={"num_warps": v["warps"], "num_stages": v["stages"], **v["options"]})
     ptx = compiled.asm["ptx"]
     arch = re.search(r"\.target\s+(\S+)", ptx).group(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +135,7 @@ def compile_one(v: dict, cc: int) -> dict:
         return int(m.group(1)) if m else 0
 
     return {"kernel": v["kernel"], "dtype": v["dtype"], "config": v["config"], "arch": arch,
-            "warps": v["warps"], "stages": v["stages"], "fp_fusion": v["fp_fusion"],
+            "warps": v["warps"], "stages": v["stages"], "options": v["options"],
             "registers": number(r"Used (\d+) registers"), "spill_stores": number(r"(\d+) bytes spill stores"),
             "spill_loads": number(r"(\d+) bytes spill loads"), "stack_bytes": number(r"(\d+) bytes stack frame"),
             "static_smem": number(r"(\d+) bytes smem"), "dynamic_smem": compiled.metadata.shared,
@@ -145,7 +144,11 @@ def compile_one(v: dict, cc: int) -> dict:
             "div_rn": len(re.findall(r"\bdiv\.rn\.f32", ptx)),
             "div_approx": len(re.findall(r"\bdiv\.(full|approx)\.f32", ptx)),
             "ex2_approx_ftz": len(re.findall(r"\bex2\.approx\.ftz", ptx)),
+            # flush-to-zero arithmetic, less the rcp.approx.ftz libdevice's powf keeps even without ftz (inside its
+            # own range reduction; tests/test_gpu.py checks subnormal scores end to end on a GPU)
+            "ftz": len(re.findall(r"\.ftz\b", ptx)) - len(re.findall(r"\brcp\.approx\.ftz\b", ptx)),
             "shared_stores": len(re.findall(r"\bst\.shared", ptx)),
+            "vector_loads": len(re.findall(r"\bld\.global(?:\.\w+)*\.v[248]\b", ptx)),
             "pinned": v.get("pinned", False), "ptx": ptx}
 
 
@@ -194,14 +197,14 @@ def roofline(tokens: int = 8 * 512, dtype: str = "bf16") -> dict:
 
 def markdown(facts: list[dict], arch: str, lines_per_kernel: dict, accuracy: list | None = None) -> str:
     head = ["| kernel | dtype | configuration | registers | spills (st/ld bytes) | smem (static + dynamic) | "
-            "tensor cores | fma.rn.f32 | division |", "|---|---|---|---:|---:|---:|---|---:|---|"]
+            "tensor cores | fma.rn.f32 | division | vector loads |", "|---|---|---|---:|---:|---:|---|---:|---|---:|"]
     rows = []
     for f in facts:
         cores = "wgmma" if f["wgmma"] else "mma.sync" if f["mma_sync"] else "none"
         div = "-" if not (f["div_rn"] or f["div_approx"]) else "rn" if not f["div_approx"] else "approximate"
         rows.append(f"| {f['kernel']} | {f['dtype']} | {f['config']} | {f['registers']} | "
                     f"{f['spill_stores']}/{f['spill_loads']} | {f['static_smem']} + {f['dynamic_smem']} | {cores} | "
-                    f"{f['ffma']} | {div} |")
+                    f"{f['ffma']} | {div} | {f['vector_loads']} |")
     roof = roofline()
     pred = ["| model | params | Fisher floor | weight-grad floor | Fisher on fp32 CUDA cores (old kernel's floor) | "
             "ratio | merge | accumulate |", "|---|---:|---:|---:|---:|---:|---:|---:|"]

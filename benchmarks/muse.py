@@ -36,8 +36,8 @@ The set-up (MUSE's Llama-2-7B target is not reachable offline, so the target is 
   (No sweep where the target is already at or under the retrained model's level on that metric.)
 - --audit: each method where PrivLeak's attack (MUSE's Min-K % on the privleak excerpts, read as the probability
   that a forget excerpt is more familiar than a holdout one, 1 − MUSE's AUC) first reaches the retrained model's
-  level: TV and PerTA by λ (the walk above), GA and NPO by training steps (the default run's epoch, audited after
-  every step, stopped at the first audit at the level); every metric there, and each method's unlearning wall
+  level: TV and PerTA by λ (the walk above), GA and NPO by training steps (the default run's epoch, audited every
+  AUDIT_EVERY steps and after the last, stopped at the first audit at the level); every metric there, and each method's unlearning wall
   time (θ_ft + importance + a written merge; GA/NPO: training to that step), the audited search apart.
 - every model gets every MUSE metric; means ± sample sd over the seeds.
 
@@ -97,6 +97,9 @@ SWEEP_LAMS, SWEEP_BISECT = (1.0, 2.0, 4.0, 8.0, 16.0), 2
 # TOFU's 200 (measured), at a sixth of the time
 FACT_TOKENS = 32
 VALIDATION_CHARS = 1200  # a held-back text's first ~256 tokens: calibration scores it at every λ tried
+# --audit: GA and NPO audited every 4th of their 17 steps (at --size cpu) and after the last: an audit of the 8
+# long privleak excerpts costs ~20 s, four of GA's steps
+AUDIT_EVERY = 4
 
 
 def _words(text: str) -> set:
@@ -254,7 +257,7 @@ def main(argv=None) -> int:
     from perta_fast.baselines import unlearn_by_training
     from perta_fast.calibration import ModelAtLambda, calibrate
     from perta_fast.console import configure
-    from perta_fast.data import MIN_VALIDATION_ROWS, Text, load_qa
+    from perta_fast.data import MIN_VALIDATION_ROWS, Text, encode, load_qa
     from perta_fast.importance import importance_file
     from perta_fast.merge import merge
     from perta_fast.models import cache_dir, default_model, load_tokenizer
@@ -308,6 +311,8 @@ def main(argv=None) -> int:
     unlearn = dict(train, epochs=size.unlearn_epochs, warmup_epochs=min(1, size.unlearn_epochs - 1))
     level = 1 - auc_retrained  # --audit: the retrained model's member AUC (member_auc)
     tok = load_tokenizer(target)
+    # GA's and NPO's steps in the default run's epoch; audited every AUDIT_EVERY and after the last
+    total_steps = size.unlearn_epochs * -(-len(encode(tok, forget, train["max_length"])) // TRAIN["batch_size"])
 
     def baseline(method, seed):
         return BaselineOptions(method=method, seed=seed, bf16_autocast=bf16, device=a.device,
@@ -396,7 +401,7 @@ def main(argv=None) -> int:
                 found = measured(f"seed{seed} {name} by steps", sw / f"{name}.match-audit.json", lambda n=name: train_until(
                     lambda hook: unlearn_by_training(target, forget, retain, stopped, baseline(n, seed), overwrite=True,
                                                      after_step=hook),
-                    lambda m: member_auc(sets, bf16)(m, tok), level, every=1))
+                    lambda m: member_auc(sets, bf16)(m, tok), level, every=AUDIT_EVERY, total=total_steps))
                 sweeps[f"{name.upper()} @ audit"] = dict(found, lam=found["step"])
                 if found["step"] is not None:
                     res = measured(f"seed{seed} eval {name} @ audit", sw / f"{name}.match-audit.eval.json",

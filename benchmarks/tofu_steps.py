@@ -143,10 +143,10 @@ def walk_down(value, level: float, lams, bisect: int, known: dict | None = None)
     return {"lam": hi, "level": level, "points": sorted(points.items())}
 
 
-def train_until(train, audit, level: float, every: int, total: int) -> dict:
+def train_until(train, audit, level: float, every: int, total: int | None = None) -> dict:
     """GA or NPO by steps, to the first audit at or under `level`: `train(after_step)` runs the training with
     the hook (perta_fast.baselines.unlearn_by_training's), `audit(model)` the measure, every `every` steps
-    and after the last (`total`). {"step" (None when the run ended above the level), "points": [[step, value], ...],
+    and after the last (`total`, when every step is not audited anyway). {"step" (None when the run ended above the level), "points": [[step, value], ...],
     "train_seconds" (the training alone: what a user who knew the step count would pay), "audit_seconds"}."""
     points, spent = [], {"audit": 0.0}
 

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ratio import _ratio, pow_mode
+from .ratio import PINNED, _ratio, pow_mode
 
 TV, WEIGHTS, SCORES = 0, 1, 2
 
@@ -60,5 +60,5 @@ def merge(base, ft, w, s_f, s_r, out, lam, alpha, power, eps, nan_to_zero, delta
     _merge_kernel[(grid,)](base.contiguous(), ft.contiguous(), dummy if w is None else w.contiguous(),
                            dummy if s_f is None else s_f.contiguous(), dummy if s_r is None else s_r.contiguous(),
                            out, wsum, bad, n, lam, alpha, power, eps, MODE=mode, POW=pow_mode(power),
-                           ZERO=nan_to_zero, DELTA=delta, BLOCK=block, enable_fp_fusion=False)
+                           ZERO=nan_to_zero, DELTA=delta, BLOCK=block, **PINNED)
     return out, float(wsum.sum(dtype=torch.float64)), int(bad.sum())

@@ -2,7 +2,7 @@
 
 Numerics pinned to the torch reference (perta_fast.ops.ratio_weights): the same fp32 operations in the same
 order, the division correctly rounded (`div_rn`; Triton's `/` is the approximate div.full.f32) and no fused
-multiply-add (the launchers compile with enable_fp_fusion=False), so for p = 1 the result equals the reference to
+multiply-add (the launchers compile with enable_fp_fusion=False, and libdevice without ftz), so for p = 1 the result equals the reference to
 the bit on a GPU as on the CPU. p ≠ 1 takes libdevice's powf (within 2 ulp, subnormal inputs and results kept as
 torch keeps them; exp2/log2 would compile to ex2.approx.ftz and flush scores below 2^-126 to 0); the CPU
 interpreter, which runs no libdevice, computes exp2(p·log2 s) in numpy instead."""
@@ -14,6 +14,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 NO_POW, LIBDEVICE_POW, NUMPY_POW = 0, 1, 2
+# launch options: no fp contraction, and libdevice without flush-to-zero (Triton compiles it with ftz by default)
+PINNED = dict(enable_fp_fusion=False, enable_reflect_ftz=False)
 
 
 def pow_mode(power: float) -> int:
@@ -57,5 +59,5 @@ def ratio(s_f: torch.Tensor, s_r: torch.Tensor, alpha: float, power: float, eps:
     n = s_f.numel()
     if n:
         _ratio_kernel[(triton.cdiv(n, block),)](s_f.contiguous(), s_r.contiguous(), out, n, alpha, power, eps,
-                                                POW=pow_mode(power), BLOCK=block, enable_fp_fusion=False)
+                                                POW=pow_mode(power), BLOCK=block, **PINNED)
     return out

@@ -38,3 +38,6 @@ def test_pinned_kernels_round_as_the_reference_does(compiled):
     assert all(f["ffma"] == 0 and f["div_approx"] == 0 for f in pinned)
     ratio = [f for f in pinned if f["kernel"] == "ratio"]
     assert all(f["div_rn"] > 0 for f in ratio)
+    # p ≠ 1: libdevice's powf, compiled without flush-to-zero (Triton's default would flush subnormal scores)
+    powered = [f for f in compiled if f["kernel"] == "ratio" and not f["pinned"]]
+    assert powered and all(f["ftz"] == 0 and f["ex2_approx_ftz"] == 0 for f in powered)
