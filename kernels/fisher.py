@@ -84,6 +84,9 @@ def per_sample_sq_(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor, config: 
         x, g = x.float(), g.float()
     if acc.dtype != torch.float32 or not acc.is_contiguous() or acc.shape != (g.shape[2], x.shape[2]):
         raise ValueError(f"acc must be a contiguous float32 ({g.shape[2]}, {x.shape[2]}) tensor")
+    # a unit innermost stride is what lets the JIT see contiguous rows (an int argument equal to 1 becomes a
+    # constant): vector loads, and cp.async pipelining of 16-bit tiles; another stride would still be correct
+    x, g = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, g))
     b, t, n_in = x.shape
     n_out = g.shape[2]
     if not (acc.numel() and b and t):

@@ -28,6 +28,8 @@ def test_every_kernel_compiles_for_sm_90_without_spills(compiled):
 def test_the_fisher_multiplies_on_tensor_cores(compiled):
     fisher = {f["dtype"]: f for f in compiled if f["kernel"] == "fisher"}
     assert fisher["bf16"]["wgmma"] and fisher["fp16"]["wgmma"] and fisher["fp32"]["wgmma"]  # fp32: tf32x3
+    # the tiles of the next token steps load while these multiply (cp.async: the software pipeline is there)
+    assert all(f["async_copies"] > 0 for f in fisher.values())
     # the elementwise kernels have no dot
     assert not any(f["wgmma"] or f["mma_sync"] for f in compiled if f["kernel"] != "fisher")
 
