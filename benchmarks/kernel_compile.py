@@ -51,8 +51,8 @@ def compiled_kernels():
             os.environ["TRITON_INTERPRET"] = saved
 
 
-def variants(quick: bool = False) -> list[dict]:
-    """Every (kernel, dtype, configuration) a launcher can pick on a GPU."""
+def variants(quick: bool = False, major: int = 9) -> list[dict]:
+    """Every (kernel, dtype, configuration) a launcher can pick on a GPU of compute capability `major`.x."""
     import torch
 
     accumulate, fisher, merge, ratio = compiled_kernels()
@@ -60,7 +60,7 @@ def variants(quick: bool = False) -> list[dict]:
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     out = []
     for dtype, ptr in DTYPES.items():
-        configs = fisher.CONFIGS[torch_dtype[dtype]]
+        configs = fisher.configs(torch_dtype[dtype], major)
         for bo, bi, bt, group, warps, stages in configs[:1] if quick else configs:
             out.append(dict(
                 kernel="fisher", dtype=dtype, config=f"{bo}x{bi}x{bt}-g{group}-w{warps}-s{stages}",
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="kernel-compile-"))
     out.mkdir(parents=True, exist_ok=True)
     facts = []
-    for v in variants(a.quick):
+    for v in variants(a.quick, cc // 10):
         f = compile_one(v, cc)
         (out / f"{f['kernel']}-{f['dtype']}-{f['config']}.ptx").write_text(f.pop("ptx"))
         facts.append(f)

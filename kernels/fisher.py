@@ -25,6 +25,14 @@ import triton.language as tl
 CONFIGS = {torch.bfloat16: [(128, 128, 64, 8, 8, 3), (128, 64, 64, 8, 8, 3), (64, 128, 64, 8, 8, 3), (64, 64, 64, 8, 4, 4)],
            torch.float32: [(128, 128, 32, 8, 8, 3), (128, 64, 64, 8, 8, 3), (64, 128, 64, 8, 8, 3), (64, 64, 64, 8, 4, 4)]}
 CONFIGS[torch.float16] = CONFIGS[torch.bfloat16]
+# sm_80's mma.sync holds its accumulators in registers beside the two tiles: there fp32's tf32x3 spills at 128×128
+# (104 bytes) and at 64-token steps (4-556 bytes), so fp32 takes 32-token steps of at most 128×64 (none spills)
+SM80_FP32 = [(128, 64, 32, 8, 8, 3), (64, 128, 32, 8, 8, 3), (128, 64, 32, 8, 8, 4), (64, 64, 32, 8, 4, 3)]
+
+
+def configs(dtype: torch.dtype, major: int) -> list:
+    """The configurations the autotuner tries for `dtype` on a GPU of compute capability `major`.x."""
+    return SM80_FP32 if dtype == torch.float32 and major < 9 else CONFIGS[dtype]
 INTERPRETED = (64, 64, 16, 8, 4, 1)
 PRECISION = {torch.float32: "tf32x3", torch.bfloat16: "ieee", torch.float16: "ieee"}  # ieee: exact 16-bit products
 
@@ -69,8 +77,14 @@ def _config(bo, bi, bt, group, warps, stages):
     return triton.Config({"BO": bo, "BI": bi, "BT": bt, "GROUP": group}, num_warps=warps, num_stages=stages)
 
 
-_tuned = {dtype: triton.autotune([_config(*c) for c in configs], key=["IN", "OUT", "T"], restore_value=["acc_ptr"])(
-    _per_sample_sq_kernel) for dtype, configs in CONFIGS.items()}
+_tuned: dict = {}  # (dtype, major) -> its autotuner, made on first use
+
+
+def _autotuned(dtype: torch.dtype, major: int):
+    if (dtype, major) not in _tuned:
+        _tuned[dtype, major] = triton.autotune([_config(*c) for c in configs(dtype, major)], key=["IN", "OUT", "T"],
+                                               restore_value=["acc_ptr"])(_per_sample_sq_kernel)
+    return _tuned[dtype, major]
 
 
 def per_sample_sq_(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
@@ -97,7 +111,8 @@ def per_sample_sq_(acc: torch.Tensor, x: torch.Tensor, g: torch.Tensor, config: 
         config = INTERPRETED
     if config is None:
         grid = lambda meta: (triton.cdiv(n_out, meta["BO"]) * triton.cdiv(n_in, meta["BI"]),)  # noqa: E731
-        _tuned[x.dtype][grid](*args, PRECISION=PRECISION[x.dtype], UPCAST=False)
+        major = torch.cuda.get_device_capability(x.device)[0]
+        _autotuned(x.dtype, major)[grid](*args, PRECISION=PRECISION[x.dtype], UPCAST=False)
     else:
         bo, bi, bt, group, warps, stages = config
         grid = (triton.cdiv(n_out, bo) * triton.cdiv(n_in, bi),)

@@ -1,4 +1,4 @@
-"""Every Triton kernel compiled for sm_90 ahead of time, without a GPU (benchmarks/kernel_compile.py --quick: each
+"""Every Triton kernel compiled for sm_90 (and the Fisher for sm_80) ahead of time, without a GPU (benchmarks/kernel_compile.py --quick: each
 kernel and dtype at the launcher's first configuration): it compiles, nothing spills, the Fisher's 16-bit dots run
 on tensor cores (wgmma), and the kernels whose numerics are pinned to the torch reference carry no fused
 multiply-add and no approximate division in their PTX."""
@@ -23,6 +23,16 @@ def test_every_kernel_compiles_for_sm_90_without_spills(compiled):
     assert all(f["arch"] == "sm_90a" for f in compiled)
     spilled = [(f["kernel"], f["dtype"], f["config"]) for f in compiled if f["spill_stores"] or f["spill_loads"]]
     assert not spilled
+
+
+def test_the_fisher_compiles_for_sm_80_without_spills():
+    """sm_80's configurations (fp32 has its own there: mma.sync's register accumulators) at their first choice."""
+    from helpers import load_benchmark
+
+    bench = load_benchmark("kernel_compile.py", "kernel_compile_bench")
+    facts = [bench.compile_one(v, 80) for v in bench.variants(quick=True, major=8) if v["kernel"] == "fisher"]
+    assert {f["dtype"] for f in facts} == {"fp32", "bf16", "fp16"}
+    assert all(f["mma_sync"] and not (f["spill_stores"] or f["spill_loads"]) for f in facts)
 
 
 def test_the_fisher_multiplies_on_tensor_cores(compiled):
