@@ -19,22 +19,22 @@ import triton.language as tl
 
 # (BO, BI, BT, GROUP, warps, stages): 128×128 tiles feed wgmma on sm_90 and mma on sm_80; the smaller ones serve
 # narrow layers. Two fp32 tiles (the sample's dot and the running sum of squares) live in registers: a 128-row tile
-# needs 8 warps not to spill (ptxas: 255 registers and 12 bytes of spills for 128×64 at 4 warps), and tf32x3's
-# split operands a 32-token step at 128×128 (at 64 tokens: 212 bytes of spills, 192 KiB of shared memory). Chosen by triton.autotune per (IN, OUT, T, dtype) on a GPU; the interpreter takes the first that
-# fits (it has no clock to tune by, and small tiles run faster there).
+# needs 8 warps not to spill, and fp32's tf32x3 split operands a 32-token step at 128×128 (benchmarks/RESULTS.md,
+# "Kernels compiled"). triton.autotune picks per (IN, OUT, T) and dtype on a GPU; the interpreter, which has no
+# clock to tune by and runs small tiles faster, takes INTERPRETED.
 CONFIGS = {torch.bfloat16: [(128, 128, 64, 8, 8, 3), (128, 64, 64, 8, 8, 3), (64, 128, 64, 8, 8, 3), (64, 64, 64, 8, 4, 4)],
            torch.float32: [(128, 128, 32, 8, 8, 3), (128, 64, 64, 8, 8, 3), (64, 128, 64, 8, 8, 3), (64, 64, 64, 8, 4, 4)]}
 CONFIGS[torch.float16] = CONFIGS[torch.bfloat16]
-# sm_80's mma.sync holds its accumulators in registers beside the two tiles: there fp32's tf32x3 spills at 128×128
-# (104 bytes) and at 64-token steps (4-556 bytes), so fp32 takes 32-token steps of at most 128×64 (none spills)
+# sm_80's mma.sync holds its accumulators in registers beside the two tiles: there sm_90's fp32 configurations
+# spill 4-556 bytes, so fp32 takes 32-token steps of at most 128×64 (none spills)
 SM80_FP32 = [(128, 64, 32, 8, 8, 3), (64, 128, 32, 8, 8, 3), (128, 64, 32, 8, 8, 4), (64, 64, 32, 8, 4, 3)]
+INTERPRETED = (64, 64, 16, 8, 4, 1)
+PRECISION = {torch.float32: "tf32x3", torch.bfloat16: "ieee", torch.float16: "ieee"}  # ieee: exact 16-bit products
 
 
 def configs(dtype: torch.dtype, major: int) -> list:
     """The configurations the autotuner tries for `dtype` on a GPU of compute capability `major`.x."""
     return SM80_FP32 if dtype == torch.float32 and major < 9 else CONFIGS[dtype]
-INTERPRETED = (64, 64, 16, 8, 4, 1)
-PRECISION = {torch.float32: "tf32x3", torch.bfloat16: "ieee", torch.float16: "ieee"}  # ieee: exact 16-bit products
 
 
 @triton.jit
