@@ -17,14 +17,12 @@ DIR/<kernel>-<dtype>-<config>.ptx, DIR/kernels.json, and benchmarks/results/kern
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -32,30 +30,13 @@ DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def compiled_kernels():
-    """perta_fast's kernel modules loaded afresh as compilable @triton.jit functions, whatever TRITON_INTERPRET says
-    (under it, as in the test suite on CPU, the installed ones are interpreter objects that cannot be compiled)."""
-    import perta_fast.kernels as installed
-
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        package = types.ModuleType("perta_fast_compiled_kernels")
-        package.__path__ = list(installed.__path__)  # a namespace package, as perta_fast.kernels is
-        sys.modules[package.__name__] = package
-        return [importlib.import_module(f"{package.__name__}.{name}") for name in ("accumulate", "fisher", "merge", "ratio")]
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-
-
 def variants(quick: bool = False, major: int = 9) -> list[dict]:
     """Every (kernel, dtype, configuration) a launcher can pick on a GPU of compute capability `major`.x."""
     import torch
 
-    accumulate, fisher, merge, ratio = compiled_kernels()
+    # @triton.jit makes interpreter objects under TRITON_INTERPRET=1, triton.language's own helpers at its import:
+    # main() clears it before triton is imported, and the compile test runs this file in a process of its own
+    from perta_fast.kernels import accumulate, fisher, merge, ratio
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     out = []
