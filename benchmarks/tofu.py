@@ -31,9 +31,9 @@ to reach it (four bisections in log λ below the first grid point that does) get
 
 Audit-matched (--match audit, per seed, on the same cache): each method where Min-K++'s AUC of the evaluated
 forget split against as many rows of TOFU's holdout.json (authors no split holds) first reaches the retain
-model's AUC on the same rows. TV and PerTA by λ (the grid walked up, the last step bisected 3 times, θ_full moved
-in place); GA and NPO by training steps (their 5-epoch run audited every 5 steps and stopped at the first audit
-at the level). TOFU's metrics there, and each method's unlearning wall time as a user who knew its λ or step
+model's AUC on the same rows. TV and PerTA by λ (the grid and 48, 64 walked up, the last step bisected 3 times,
+θ_full moved in place); GA and NPO by training steps (audited every 5 steps and stopped at the first audit at the
+level; GA up to 10 epochs, NPO TOFU's 5: AUDIT_EPOCHS says why). TOFU's metrics there, and each method's unlearning wall time as a user who knew its λ or step
 count would pay it (TV: θ_ft + merge; PerTA: θ_ft + importance + merge; GA/NPO: training to that step), the
 audited search apart. A point estimate at the level, not an interval reaching it (calibrate's rule): the
 methods are compared at one strength.
@@ -68,12 +68,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its steps and report beside it, however it is loaded
 from tofu_report import aggregate, markdown, plot  # noqa: E402
-from tofu_steps import (Size, merge_opts, build_sets, cached, cached_json, first_reaching, matched,  # noqa: E402
+from tofu_steps import (Size, merge_opts, build_sets, cached, cached_json, continue_cached, first_reaching, matched,  # noqa: E402
                         metrics, native_bf16, qa, quality_scan, quality_target, seeded_hold_out, spread, train_until,
                         w_statistics, walk_down)
 
 HERE = Path(__file__).resolve().parent
 GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+AUDIT_GRID = GRID + (48.0, 64.0)  # PerTA was still at AUC 0.49-0.57 at λ 32 in some seeds
 # bf16 matmuls, fp32 weights and optimizer state, where bf16 is native (main() turns it off elsewhere: a CPU
 # without AVX-512 BF16 or AMX emulates bf16 matmuls ~40x slower than fp32)
 TRAIN = dict(batch_size=8, bf16_autocast=True)
@@ -96,6 +97,9 @@ RECIPES = {  # θ_full and the retain model; θ_ft; a LoRA θ_ft (10× the full 
              "forget_ft_other": dict(epochs=5, lr=1e-5, **TRAIN)},
 }
 BASELINE = dict(epochs=5, lr=1e-5, **TRAIN)  # GA/NPO: weight decay 0.01 and one warm-up epoch by default
+# the audit-matched search's budget: GA was still falling fast after TOFU's 5 epochs (0.70 -> 0.53 over its last 5
+# steps, seed 0), NPO slowly (0.87 -> 0.83), and another 5 epochs of NPO cost ~15 CPU minutes a seed
+AUDIT_EPOCHS = {"ga": 10, "npo": 5}
 METHODS = {"TV": None, "PerTA-grad": "grad", "PerTA-fisher": "fisher"}
 
 
@@ -189,6 +193,7 @@ class Protocol:
             "model": str(base), "device": a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             "recipe": {a.recipe: recipe}, "scoring": "bf16 autocast" if a.bf16_scoring else "fp32",
             "keep_retain": a.keep_retain, "grid": GRID,
+            "audit_search": {"grid": AUDIT_GRID, "epochs": AUDIT_EPOCHS},
             "sets": {"forget_rows": len(sets["forget"]), "train_retain_rows": len(sets["train_retain"]),
                      "importance_retain_rows": len(sets["importance_retain"]),
                      "eval_rows": {r: len(v) for r, v in splits.items()}, "sweep_rows": size.sweep_rows,
@@ -320,9 +325,10 @@ class Protocol:
         return levels
 
     def audit(self, seed: int) -> None:
-        """Every method where the member AUC (member_auc) first reaches the retain model's: TV and PerTA by λ (GRID
-        walked up, the last step bisected 3 times), GA and NPO by training steps (BASELINE's run, audited every 5
-        steps and stopped there); TOFU's metrics at that point, and each method's unlearning wall time."""
+        """Every method where the member AUC (member_auc) first reaches the retain model's: TV and PerTA by λ
+        (AUDIT_GRID walked up, the last step bisected 3 times), GA and NPO by training steps (BASELINE's run for
+        AUDIT_EPOCHS, audited every 5 steps and stopped there); a search cached with a shorter grid or budget is
+        continued from its points; TOFU's metrics at that point, and each method's unlearning wall time."""
         from perta_fast.baselines import BaselineOptions, unlearn_by_training
         from perta_fast.calibration import ModelAtLambda
         from perta_fast.merge import merge
@@ -348,12 +354,15 @@ class Protocol:
                 moving[0].set(lam)
                 return self.member_auc(moving[0].model, moving[0].tokenizer)
 
+            path = w / f"audit-{method}.json"
             found, self.steps[f"audit sweep seed{seed} {method}"] = cached_json(
-                w / f"audit-{method}.json", lambda: walk_down(value, level, GRID, 3))
+                path, lambda: walk_down(value, level, AUDIT_GRID, 3))
+            found = continue_cached(path, found, lambda f: f["lam"] is not None or f["points"][-1][0] >= AUDIT_GRID[-1],
+                                    lambda f: walk_down(value, level, AUDIT_GRID, 3, known=dict(f["points"])))
             moving.clear()
             entry = record["methods"][method] = {"search": found, "search_seconds": _seconds(w / f"audit-{method}.json")}
             name = f"seed{seed}-{method}-audit"
-            lam = found["lam"] if found["lam"] is not None else GRID[-1]  # unreached: the merge at the grid's end, timed
+            lam = found["lam"] if found["lam"] is not None else AUDIT_GRID[-1]  # unreached: the merge at the grid's end, timed
             _, self.steps[f"merge {name}"] = cached(self.work / "models" / name, lambda o, i=imp, m=opts: merge(
                 self.full, theta_ft, o, i, replace(m, lam=lam), progress=False))
             if found["lam"] is not None:
@@ -363,13 +372,24 @@ class Protocol:
                 _seconds(w / f"importance-{kind}.safetensors") if kind else 0.0)
             self.write()
         tok = load_tokenizer(self.full)
-        total = BASELINE["epochs"] * -(-len(s["forget"]) // BASELINE["batch_size"])
         for method in ("ga", "npo"):
             name, stopped = f"seed{seed}-{method.upper()}-audit", self.work / "models" / f"seed{seed}-{method.upper()}-audit"
-            found, self.steps[f"audit {name}"] = cached_json(w / f"audit-{method.upper()}.json", lambda m=method: train_until(
-                lambda hook: unlearn_by_training(self.full, s["forget"], s["importance_retain"], stopped, BaselineOptions(
-                    method=m, seed=seed, device=self.a.device, **BASELINE), overwrite=True, after_step=hook),
-                lambda model: self.member_auc(model, tok), level, every=5, total=total))
+            epochs = AUDIT_EPOCHS[method]
+            total = epochs * -(-len(s["forget"]) // BASELINE["batch_size"])
+
+            def search(known=None, m=method, n=epochs, t=total):
+                return train_until(
+                    lambda hook: unlearn_by_training(self.full, s["forget"], s["importance_retain"], stopped, BaselineOptions(
+                        method=m, seed=seed, device=self.a.device, **{**BASELINE, "epochs": n}), overwrite=True,
+                        after_step=hook), lambda model: self.member_auc(model, tok), level, every=5, total=t, known=known)
+
+            def longer(shorter, go=search):  # the schedule is flat after warm-up: a longer run's first steps are
+                found = go(dict(shorter["points"]))  # the shorter one's, so its audits are taken, not redone
+                return {**found, "audit_seconds": round(found["audit_seconds"] + shorter["audit_seconds"], 1)}
+
+            path = w / f"audit-{method.upper()}.json"
+            found, self.steps[f"audit {name}"] = cached_json(path, search)
+            found = continue_cached(path, found, lambda f, t=total: f["step"] is not None or f["steps_run"] >= t, longer)
             entry = record["methods"][method.upper()] = {"search": found, "search_seconds": found["audit_seconds"],
                                                          "unlearn_seconds": found["train_seconds"]}
             if found["step"] is not None:

@@ -143,14 +143,35 @@ def walk_down(value, level: float, lams, bisect: int, known: dict | None = None)
     return {"lam": hi, "level": level, "points": sorted(points.items())}
 
 
-def train_until(train, audit, level: float, every: int, total: int | None = None) -> dict:
+def continue_cached(path: Path, found: dict, finished, compute) -> dict:
+    """A search cached at `path` (cached_json's) that a shorter grid or budget left unfinished, as
+    `finished(found)` judges, continued by `compute(found)` from its points; the step's seconds add up."""
+    from perta_fast.outputs import atomic_file
+
+    if finished(found):
+        return found
+    record = path.with_name(path.name + ".step.json")
+    t0 = time.perf_counter()
+    found = compute(found)
+    seconds = json.loads(record.read_text())["seconds"] + time.perf_counter() - t0
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(found))
+    record.write_text(json.dumps({"seconds": seconds}))
+    return found
+
+
+def train_until(train, audit, level: float, every: int, total: int | None = None, known: dict | None = None) -> dict:
     """GA or NPO by steps, to the first audit at or under `level`: `train(after_step)` runs the training with
     the hook (perta_fast.baselines.unlearn_by_training's), `audit(model)` the measure, every `every` steps
     and after the last (`total`, when every step is not audited anyway). {"step" (None when the run ended above the level), "points": [[step, value], ...],
-    "train_seconds" (the training alone: what a user who knew the step count would pay), "audit_seconds"}."""
+    "train_seconds" (the training alone: what a user who knew the step count would pay), "audit_seconds"}.
+    `known` {step: value}: audits of the same training measured already (a shorter run's), taken, not redone."""
     points, spent = [], {"audit": 0.0}
 
     def measure(model, steps_done):
+        if steps_done in (known or {}):
+            points.append([steps_done, known[steps_done]])
+            return points[-1][1] <= level
         t0 = time.perf_counter()
         model.eval()
         points.append([steps_done, audit(model)])

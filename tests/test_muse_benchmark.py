@@ -128,3 +128,45 @@ def test_train_until_stops_at_the_first_audit_at_the_level_and_times_the_trainin
     audited.clear()
     found = steps.train_until(train, audit, level=0.0, every=5, total=12)
     assert found["step"] is None and found["steps_run"] == 12 and [s for s, _ in found["points"]] == [5, 10, 12]
+
+
+def test_a_longer_search_takes_the_shorter_ones_audits_and_adds_its_seconds(tmp_path):
+    """The TOFU audit search continued past a cached budget (benchmarks/tofu.py's AUDIT_EPOCHS, AUDIT_GRID): the
+    steps the shorter run audited are not audited again, the new ones are, and the cache holds the longer search
+    with both runs' seconds."""
+    import json
+
+    from helpers import load_benchmark
+
+    load_benchmark("tofu.py", "tofu_bench")
+    import sys
+
+    steps = sys.modules["tofu_steps"]
+
+    class Model:
+        def eval(self):
+            pass
+
+        def train(self):
+            pass
+
+    def train(hook, total=30):
+        for done in range(1, total + 1):
+            if hook(Model(), done):
+                break
+        return {"steps": done}
+
+    fresh = iter([0.8, 0.7, 0.6, 0.5])  # steps 15, 20, 25, ...: only what the shorter run did not audit
+    known = {5: 0.95, 10: 0.85}  # the shorter run's audits, both above the level
+    found = steps.train_until(train, lambda model: next(fresh), level=0.65, every=5, total=30, known=known)
+    assert found["points"] == [[5, 0.95], [10, 0.85], [15, 0.8], [20, 0.7], [25, 0.6]] and found["step"] == 25
+
+    path = tmp_path / "audit-GA.json"
+    path.write_text(json.dumps({"step": None, "steps_run": 10}))
+    path.with_name(path.name + ".step.json").write_text(json.dumps({"seconds": 4.0}))
+    done = steps.continue_cached(path, json.loads(path.read_text()), lambda f: f["steps_run"] >= 30,
+                                 lambda f: {"step": 25, "steps_run": 25})
+    assert done == {"step": 25, "steps_run": 25} == json.loads(path.read_text())
+    assert json.loads(path.with_name(path.name + ".step.json").read_text())["seconds"] >= 4.0
+    # finished already: returned as cached, nothing computed
+    assert steps.continue_cached(path, done, lambda f: True, lambda f: 1 / 0) == done
