@@ -56,10 +56,11 @@ def measure_step(step: str, model_dir: str, out: str, options: dict) -> dict:
             with autocast_for(model, options.get("bf16_autocast", False)):  # as evaluate_splits scores
                 score_questions(model, tok, [(r.question, [r.answer]) for r in rows], length,
                                 options.get("max_new_tokens", 200), bs)
-        elif step == "calibrate":  # θ_full moved over two λ and one bisection, half the rows for each set
+        elif step == "calibrate":  # θ_full moved over options["lams"] and bisections, half the rows for each set
             half = len(rows) // 2
             calibrate(model_dir, options["finetuned"], rows[:half], rows[half:], None, MergeOptions(method="tv"),
-                      CalibrateOptions(lams=(0.5, 1.0), bisect=1, keep_retain=1.0, batch_size=bs, dtype=dtype,
+                      CalibrateOptions(lams=tuple(options.get("lams", (0.5, 1.0))), bisect=options.get("bisect", 1),
+                                       keep_retain=1.0, batch_size=bs, dtype=dtype,
                                        generate=options.get("generate", True)))
         elif step == "audit":  # half the rows against the other half, options["attacks"] of perta-fast audit
             model, tok = load_model(model_dir, None, dtype)

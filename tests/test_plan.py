@@ -158,9 +158,9 @@ def test_calibrate_plan_within_25_percent_of_measured_private_peak(tmp_path, tin
     del model
     encoded = encode(tiny_tokenizer, (facts[0] + facts[1])[:16])
     length, prompts = max(len(e.input_ids) for e in encoded), max(e.n_prompt for e in encoded)
-    measured = measure_step_in_subprocess("calibrate", folder, tmp_path / "out",
+    measured = measure_step_in_subprocess("calibrate", folder, tmp_path / "out",  # every λ peaks alike: one
                                           {"batch_size": batch, "rows": rows, "finetuned": str(finetuned),
-                                           "generate": generate})
+                                           "generate": generate, "lams": [1.0], "bisect": 0})
     plan = plan_steps(folder, None, "all-linear", "auto", "fisher", 8, length, calibrate_batch=batch,
                       exact_match=generate, prompt_length=prompts)
     scoring = plan["steps"]["quick eval"][0] - 4 * plan["params"]
