@@ -33,9 +33,9 @@ Audit-matched (--match audit, per seed, on the same cache): each method where Mi
 forget split against as many rows of TOFU's holdout.json (authors no split holds) first reaches the retain
 model's AUC on the same rows. TV and PerTA by λ (the grid and 48, 64 walked up, the last step bisected 3 times,
 θ_full moved in place); GA and NPO by training steps (audited every 5 steps and stopped at the first audit at the
-level; GA up to 10 epochs, NPO TOFU's 5: AUDIT_EPOCHS says why). TOFU's metrics there, and each method's unlearning wall time as a user who knew its λ or step
-count would pay it (TV: θ_ft + merge; PerTA: θ_ft + importance + merge; GA/NPO: training to that step), the
-audited search apart. A point estimate at the level, not an interval reaching it (calibrate's rule): the
+level; GA up to 10 epochs, NPO TOFU's 5: AUDIT_EPOCHS says why). TOFU's metrics there, and each method's
+unlearning wall time as a user who knew its λ or step count would pay it (TV: θ_ft + merge; PerTA: θ_ft +
+importance + merge; GA/NPO: training to that step), the audited search apart. A point estimate at the level, not an interval reaching it (calibrate's rule): the
 methods are compared at one strength.
 
 Ablation (first seed, sweeps only): ε = 1e-8, α = n_r/n_f and α = 99 (summed instead of mean set
@@ -355,12 +355,13 @@ class Protocol:
                 return self.member_auc(moving[0].model, moving[0].tokenizer)
 
             path = w / f"audit-{method}.json"
-            found, self.steps[f"audit sweep seed{seed} {method}"] = cached_json(
-                path, lambda: walk_down(value, level, AUDIT_GRID, 3))
-            found = continue_cached(path, found, lambda f: f["lam"] is not None or f["points"][-1][0] >= AUDIT_GRID[-1],
-                                    lambda f: walk_down(value, level, AUDIT_GRID, 3, known=dict(f["points"])))
+            found, searched = continue_cached(
+                path, cached_json(path, lambda: walk_down(value, level, AUDIT_GRID, 3)),
+                lambda f: f["lam"] is not None or f["points"][-1][0] >= AUDIT_GRID[-1],
+                lambda f: walk_down(value, level, AUDIT_GRID, 3, known=dict(f["points"])))
+            self.steps[f"audit sweep seed{seed} {method}"] = searched
             moving.clear()
-            entry = record["methods"][method] = {"search": found, "search_seconds": _seconds(w / f"audit-{method}.json")}
+            entry = record["methods"][method] = {"search": found, "search_seconds": searched}
             name = f"seed{seed}-{method}-audit"
             lam = found["lam"] if found["lam"] is not None else AUDIT_GRID[-1]  # unreached: the merge at the grid's end, timed
             _, self.steps[f"merge {name}"] = cached(self.work / "models" / name, lambda o, i=imp, m=opts: merge(
@@ -388,8 +389,8 @@ class Protocol:
                 return {**found, "audit_seconds": round(found["audit_seconds"] + shorter["audit_seconds"], 1)}
 
             path = w / f"audit-{method.upper()}.json"
-            found, self.steps[f"audit {name}"] = cached_json(path, search)
-            found = continue_cached(path, found, lambda f, t=total: f["step"] is not None or f["steps_run"] >= t, longer)
+            found, self.steps[f"audit {name}"] = continue_cached(
+                path, cached_json(path, search), lambda f, t=total: f["step"] is not None or f["steps_run"] >= t, longer)
             entry = record["methods"][method.upper()] = {"search": found, "search_seconds": found["audit_seconds"],
                                                          "unlearn_seconds": found["train_seconds"]}
             if found["step"] is not None:

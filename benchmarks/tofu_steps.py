@@ -143,21 +143,21 @@ def walk_down(value, level: float, lams, bisect: int, known: dict | None = None)
     return {"lam": hi, "level": level, "points": sorted(points.items())}
 
 
-def continue_cached(path: Path, found: dict, finished, compute) -> dict:
-    """A search cached at `path` (cached_json's) that a shorter grid or budget left unfinished, as
-    `finished(found)` judges, continued by `compute(found)` from its points; the step's seconds add up."""
+def continue_cached(path: Path, stored: tuple[dict, float], finished, compute) -> tuple[dict, float]:
+    """cached_json(path, ...)'s (search, seconds) that a shorter grid or budget left unfinished, as
+    `finished(search)` judges, continued by `compute(search)` from its points and stored again; the seconds add up."""
     from perta_fast.outputs import atomic_file
 
+    found, seconds = stored
     if finished(found):
-        return found
-    record = path.with_name(path.name + ".step.json")
+        return stored
     t0 = time.perf_counter()
     found = compute(found)
-    seconds = json.loads(record.read_text())["seconds"] + time.perf_counter() - t0
+    seconds += time.perf_counter() - t0
     with atomic_file(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(found))
-    record.write_text(json.dumps({"seconds": seconds}))
-    return found
+    path.with_name(path.name + ".step.json").write_text(json.dumps({"seconds": seconds}))
+    return found, seconds
 
 
 def train_until(train, audit, level: float, every: int, total: int | None = None, known: dict | None = None) -> dict:

@@ -164,9 +164,9 @@ def test_a_longer_search_takes_the_shorter_ones_audits_and_adds_its_seconds(tmp_
     path = tmp_path / "audit-GA.json"
     path.write_text(json.dumps({"step": None, "steps_run": 10}))
     path.with_name(path.name + ".step.json").write_text(json.dumps({"seconds": 4.0}))
-    done = steps.continue_cached(path, json.loads(path.read_text()), lambda f: f["steps_run"] >= 30,
-                                 lambda f: {"step": 25, "steps_run": 25})
+    done, seconds = steps.continue_cached(path, (json.loads(path.read_text()), 4.0), lambda f: f["steps_run"] >= 30,
+                                          lambda f: {"step": 25, "steps_run": 25})
     assert done == {"step": 25, "steps_run": 25} == json.loads(path.read_text())
-    assert json.loads(path.with_name(path.name + ".step.json").read_text())["seconds"] >= 4.0
+    assert seconds >= 4.0 and json.loads(path.with_name(path.name + ".step.json").read_text())["seconds"] == seconds
     # finished already: returned as cached, nothing computed
-    assert steps.continue_cached(path, done, lambda f: True, lambda f: 1 / 0) == done
+    assert steps.continue_cached(path, (done, seconds), lambda f: True, lambda f: 1 / 0) == (done, seconds)
